@@ -1,0 +1,3 @@
+from adkit.cli import main
+
+main()

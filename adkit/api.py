@@ -1,0 +1,532 @@
+"""Everything the CLI does, callable from Python: ``run``, ``train``, ``test``, ``predict``, ``bench``, ``synth``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from adkit import metrics, report
+from adkit.components import Detector, DetectorContext, Pipeline
+from adkit.config import RunConfig
+from adkit.data.datasets import AnomalyDataset, CategorySplits, LoadedSplit, load_split
+from adkit.data.io import is_image_file, list_images, load_image
+from adkit.engine import (TrainSettings, load_checkpoint, predict as run_pipeline, resolve_device, seed_everything,
+                          train_detector, upsample)
+from adkit.errors import AdkitError
+from adkit.plugins import Catalog, get_catalog
+from adkit.registry import ComponentSpec, split_spec
+
+console = Console(stderr=True)
+log = logging.getLogger("adkit")
+
+ENGINE_DEFAULTS = {"image_size": 256, "batch_size": 8, "steps": 1000}
+OVERLAY_SAMPLES = 8
+
+
+@dataclass
+class RunPlan:
+    """A configuration resolved against the catalog: specs checked, preset applied."""
+
+    config: RunConfig
+    catalog: Catalog
+    detector: ComponentSpec
+    preset: dict[str, Any]
+    image_size: int
+    batch_size: int
+    steps: int | None  # None: derived from epochs and the training-set size
+    epochs: int | None
+    posts: list[str]
+    scorer: str
+    dataset: AnomalyDataset
+    categories: list[str]
+    device: torch.device
+
+    def steps_for(self, n_train: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, self.epochs * max(1, n_train // self.batch_size))
+
+
+def print_plugins(show_all: bool = False, catalog: Catalog | None = None) -> None:
+    """A rich table of plugins, then one of every registered component (with parameters when ``show_all``)."""
+    catalog = catalog or get_catalog()
+    out = Console()
+    table = Table(title="adkit plugins")
+    for column in ("plugin", "version", "source", "status"):
+        table.add_column(column)
+    for record in sorted(catalog.plugins.values(), key=lambda r: r.name):
+        status = record.status if record.status != "broken" else f"[red]broken[/red]: {record.error}"
+        table.add_row(record.name, record.version, record.source, status)
+    out.print(table)
+    components = Table(title="components")
+    for column in ("kind", "name", "plugin", "help") + (("parameters",) if show_all else ()):
+        components.add_column(column, overflow="fold")
+    for kind, registry in catalog.registries.items():
+        for info in registry:
+            row = [kind, info.name, info.plugin, info.help]
+            if show_all:
+                row.append(", ".join(f"{p.name}: {p.type_name}" + ("" if p.required else f" = {p.default!r}")
+                                     for p in info.params.values()))
+            components.add_row(*row)
+    out.print(components)
+
+
+def _detector_class(catalog: Catalog, name: str) -> Any:
+    return catalog["detector"].get(name).factory
+
+
+def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
+    """Check every spec of ``config`` against the catalog and apply the preset."""
+    catalog = catalog or get_catalog()
+    if not config.detector:
+        raise AdkitError(f"give a detector with --detector NAME (available: {', '.join(catalog['detector'].names()) or 'none'})")
+    if len(config.detector) > 1:
+        raise AdkitError("several --detector values form an ensemble, which needs the ensemble scorers; "
+                         "run one --detector at a time for now")
+    name, raw = split_spec(config.detector[0], "detector")
+    cls = _detector_class(catalog, name)
+    presets: dict[str, dict[str, Any]] = getattr(cls, "presets", {})
+    preset_name = config.preset or ("quick" if config.data == "synthetic" and "quick" in presets else None)
+    if preset_name is not None and preset_name not in presets:
+        raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(presets) or 'none'}")
+    preset = presets.get(preset_name, {}) if preset_name else {}
+    detector = catalog["detector"].parse(name, overrides={**preset.get("params", {}), **raw})
+    for spec in config.loss:
+        catalog["loss"].parse(spec)
+    posts = list(config.post) or list(getattr(cls, "default_postprocessors", ()))
+    for spec in posts:
+        catalog["postprocessor"].parse(spec)
+    scorer = config.scorer or getattr(cls, "default_scorer", "max")
+    catalog["scorer"].parse(scorer)
+    if config.sampler:
+        catalog["sampler"].parse(config.sampler)
+    if config.pixel_map not in ("raw", "post"):
+        raise AdkitError("--pixel-map must be raw or post")
+    dataset = make_dataset(catalog, config)
+    categories = dataset.resolve_categories(list(config.category))
+    steps = config.steps or preset.get("steps")
+    epochs = preset.get("epochs") if steps is None else None
+    if steps is None and epochs is None:
+        steps = ENGINE_DEFAULTS["steps"]
+    image_size = config.image_size or preset.get("image_size") or ENGINE_DEFAULTS["image_size"]
+    batch_size = config.batch_size or preset.get("batch_size") or ENGINE_DEFAULTS["batch_size"]
+    for option, value in (("--image-size", image_size), ("--batch-size", batch_size), ("--steps", steps or 1)):
+        if value < 1:
+            raise AdkitError(f"{option} must be >= 1")
+    resolved = config.replace(preset=preset_name, image_size=image_size, batch_size=batch_size, steps=steps,
+                              post=posts, scorer=scorer, category=categories)
+    return RunPlan(resolved, catalog, detector, preset, image_size, batch_size, steps, epochs, posts, scorer,
+                   dataset, categories, resolve_device(config.device))
+
+
+def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:
+    name, raw = split_spec(config.data, "dataset")
+    info = catalog["dataset"].get(name)
+    if config.root and "root" in info.params and "root" not in raw:
+        raw["root"] = config.root
+    return catalog["dataset"].create(name, **raw)
+
+
+def _output_dir(config: RunConfig, detector: str) -> Path:
+    if config.out:
+        return Path(config.out)
+    cats = "-".join(config.category) if len(config.category) <= 2 else f"{len(config.category)}cats"
+    data = split_spec(config.data)[0]
+    return Path("runs") / f"{detector}-{data}-{cats}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = None) -> Detector:
+    detector = plan_.catalog["detector"].create(detector_spec or plan_.detector)
+    if not isinstance(detector, Detector):
+        raise TypeError(f"detector {plan_.detector.name!r} must return an adkit.components.Detector")
+    cfg = plan_.config
+    detector.setup(DetectorContext(
+        catalog=plan_.catalog, image_size=plan_.image_size, device=plan_.device, seed=cfg.seed,
+        losses=list(cfg.loss), replace_losses=cfg.loss_only, sampler=cfg.sampler,
+        anomaly_source=Path(cfg.anomaly_source) if cfg.anomaly_source else None))
+    return detector
+
+
+def build_pipeline(plan_: RunPlan, detector: Detector, posts: list[str] | None = None,
+                   scorer: str | None = None) -> Pipeline:
+    catalog = plan_.catalog
+    return Pipeline(detector, [catalog["postprocessor"].create(p) for p in (plan_.posts if posts is None else posts)],
+                    catalog["scorer"].create(scorer or plan_.scorer))
+
+
+@dataclass
+class CategoryRun:
+    """A trained detector for one category with its loaded splits."""
+
+    category: str
+    detector: Detector
+    splits: CategorySplits
+    train: LoadedSplit
+    val: LoadedSplit
+    test: LoadedSplit
+    train_seconds: float
+    folder: Path
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = False,
+                   load_test: bool = True) -> CategoryRun:
+    """Load one category's data and train a fresh detector on it (checkpoint in ``folder``)."""
+    cfg = plan_.config
+    seed_everything(cfg.seed)
+    splits = plan_.dataset.load(category)
+    train = load_split(splits.train, plan_.image_size, cfg.skip_bad)
+    val = load_split(splits.val, plan_.image_size, cfg.skip_bad)
+    test = load_split(splits.test, plan_.image_size, cfg.skip_bad) if load_test else load_split([], plan_.image_size)
+    if len(train.samples) == 0:
+        raise AdkitError(f"{category}: no readable training images")
+    detector = build_detector(plan_)
+    steps = plan_.steps_for(len(train.samples))
+    settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
+                             checkpoint_every=cfg.checkpoint_every or 0)
+    meta = {"detector": str(plan_.detector), "category": category, "image_size": plan_.image_size,
+            "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer}
+    with _progress() as progress:
+        task = progress.add_task(f"train {plan_.detector.name} {category}", total=steps, info="")
+        started = time.perf_counter()
+
+        def on_step(step: int, total: int, losses: dict[str, float] | None) -> None:
+            rate = (step * plan_.batch_size) / max(time.perf_counter() - started, 1e-9)
+            info = f"loss {losses['loss']:.4f} | {rate:.1f} img/s" if losses else ""
+            progress.update(task, completed=step, info=info if info else progress.tasks[task].fields["info"])
+
+        result = train_detector(detector, train.images, settings, plan_.device, folder / "checkpoint.pt", meta,
+                                resume=resume, on_step=on_step)
+    log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)
+    skipped = train.skipped + val.skipped + test.skipped
+    return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
+
+
+def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path,
+             write_files: bool = True) -> dict[str, Any]:
+    """Test metrics for one category and pipeline; the threshold is fitted on the validation split."""
+    device, batch = plan_.device, max(plan_.batch_size, 8)
+    test = run_pipeline(pipeline, run_.test.images, batch, device)
+    val_source = run_.val if len(run_.val.samples) else run_.train
+    val = run_pipeline(pipeline, val_source.images, batch, device)
+    threshold = metrics.fit_threshold(val.scores.numpy())
+    labels = run_.test.labels.numpy()
+    result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
+                              "n_anomalous": int(labels.sum()), "threshold": threshold}
+    result.update(metrics.image_metrics(labels, test.scores.numpy()))
+    pixel_maps = test.raw if plan_.config.pixel_map == "raw" else upsample(test.processed, test.raw.shape[-2:])
+    masks = run_.test.masks[:, 0].numpy()
+    if masks.any():
+        result.update(metrics.pixel_metrics(pixel_maps[:, 0].numpy(), masks))
+    result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
+    result["train_s"] = run_.train_seconds
+    result["skipped"] = [str(p) for p, _ in run_.skipped]
+    if write_files:
+        _write_category_files(run_, test.scores, pixel_maps, threshold, result, folder)
+    return result
+
+
+def _write_category_files(run_: CategoryRun, scores: torch.Tensor, maps: torch.Tensor, threshold: float,
+                          result: dict[str, Any], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    report.write_json(folder / "metrics.json", result)
+    rows = [{"path": str(s.path), "label": s.label, "score": f"{float(v):.6g}", "prediction": int(float(v) > threshold)}
+            for s, v in zip(run_.test.samples, scores)]
+    report.write_scores_csv(folder / "scores.csv", rows)
+    pixel_threshold = float(np.quantile(maps[run_.test.labels == 0].numpy(), 0.99)) if (run_.test.labels == 0).any() else 0.5
+    vmax = float(maps.max()) if maps.numel() else 1.0
+    order = sorted(range(len(run_.test.samples)), key=lambda i: -run_.test.samples[i].label)[:OVERLAY_SAMPLES]
+    for i in order:
+        sample = run_.test.samples[i]
+        panel = report.overlay_panel(run_.test.images[i], maps[i], pixel_threshold, vmax, run_.test.masks[i])
+        report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
+
+
+def _configure_log(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers = [handler]
+    log.setLevel(logging.INFO)
+
+
+METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
+
+
+def _summary_table(results: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("category")
+    for column in METRIC_COLUMNS:
+        table.add_column(column, justify="right")
+    table.add_column("train s", justify="right")
+    table.add_column("img/s", justify="right")
+    for row in results + [_mean_row(results)]:
+        table.add_row(row["category"], *[_fmt(row.get(c)) for c in METRIC_COLUMNS],
+                      _fmt(row.get("train_s"), 1), _fmt(row.get("infer_img_s"), 1))
+    return table
+
+
+def _mean_row(results: list[dict[str, Any]]) -> dict[str, Any]:
+    mean: dict[str, Any] = {"category": "mean"}
+    for column in (*METRIC_COLUMNS, "train_s", "infer_img_s"):
+        values = [r[column] for r in results if isinstance(r.get(column), float) and not np.isnan(r[column])]
+        mean[column] = float(np.mean(values)) if values else float("nan")
+    return mean
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _markdown(results: list[dict[str, Any]]) -> str:
+    header = "| category | " + " | ".join(METRIC_COLUMNS) + " | train s | img/s |"
+    lines = [header, "|" + "---|" * (len(METRIC_COLUMNS) + 3)]
+    for row in results + [_mean_row(results)]:
+        cells = [row["category"], *[_fmt(row.get(c)) for c in METRIC_COLUMNS], _fmt(row.get("train_s"), 1),
+                 _fmt(row.get("infer_img_s"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Train then test per category; writes everything under the output folder and prints the table."""
+    plan_ = plan(config)
+    out = _output_dir(plan_.config, plan_.detector.name)
+    _configure_log(out)
+    report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    results = []
+    for category in plan_.categories:
+        folder = out / category
+        run_ = train_category(plan_, category, folder, resume=resume)
+        pipeline = build_pipeline(plan_, run_.detector)
+        results.append(evaluate(plan_, run_, pipeline, folder))
+    report.write_json(out / "summary.json", {"config": plan_.config.__dict__, "results": results})
+    report.write_text_atomic(out / "summary.md", _markdown(results))
+    Console().print(_summary_table(results, f"{plan_.detector} on {plan_.config.data}"))
+    console.print(f"results in {out}")
+    return results
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """Train per category; checkpoints in <out>/<category>/checkpoint.pt. Returns the output folder."""
+    plan_ = plan(config)
+    out = _output_dir(plan_.config, plan_.detector.name)
+    _configure_log(out)
+    report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    for category in plan_.categories:
+        train_category(plan_, category, out / category, resume=resume, load_test=False)
+    console.print(f"checkpoints in {out}")
+    return out
+
+
+def _plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
+    meta = payload["meta"]
+    posts = list(config.post) or meta.get("posts", [])
+    return plan(config.replace(detector=[meta["detector"]], image_size=meta["image_size"], post=posts,
+                               scorer=config.scorer or meta.get("scorer"),
+                               category=list(config.category) or [meta["category"]]))
+
+
+def _restore(plan_: RunPlan, payload: dict[str, Any]) -> Detector:
+    detector = build_detector(plan_)
+    detector.load_state_dict(payload["model"])
+    return detector
+
+
+def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint on the test split of the configured dataset (its own category by default)."""
+    payload = load_checkpoint(checkpoint)
+    plan_ = _plan_from_checkpoint(config, payload)
+    out = Path(config.out) if config.out else checkpoint.parent / "test"
+    _configure_log(out)
+    detector = _restore(plan_, payload)
+    results = []
+    for category in plan_.categories:
+        splits = plan_.dataset.load(category)
+        size, skip = plan_.image_size, plan_.config.skip_bad
+        run_ = CategoryRun(category, detector, splits, load_split([], size), load_split(splits.val, size, skip),
+                           load_split(splits.test, size, skip), 0.0, out)
+        if not run_.val.samples:
+            run_.train = load_split(splits.train, size, skip)
+        results.append(evaluate(plan_, run_, build_pipeline(plan_, detector), out / category))
+    Console().print(_summary_table(results, f"{plan_.detector} from {checkpoint}"))
+    return results
+
+
+def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
+    """Score images without labels; writes scores.csv and overlays to --out (default: beside the checkpoint)."""
+    payload = load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise AdkitError(f"{item} holds no images (png, jpg, bmp, tif)")
+            paths += found
+        elif is_image_file(item):
+            paths.append(item)
+        else:
+            raise AdkitError(f"{item} is neither an image file nor a folder")
+    catalog = get_catalog()
+    device = resolve_device(config.device)
+    size = meta["image_size"]
+    detector = catalog["detector"].create(meta["detector"])
+    detector.setup(DetectorContext(catalog=catalog, image_size=size, device=device, seed=config.seed))
+    detector.load_state_dict(payload["model"])
+    posts = list(config.post) or meta.get("posts", [])
+    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
+                        catalog["scorer"].create(config.scorer or meta.get("scorer", "max")))
+    fitted = checkpoint.parent / "metrics.json"  # written by run/test: the threshold fitted on validation data
+    threshold = json.loads(fitted.read_text()).get("threshold") if fitted.is_file() else None
+    out = Path(config.out) if config.out else checkpoint.parent / "predict"
+    images, kept, skipped = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, size))
+            kept.append(path)
+        except AdkitError as exc:
+            if not config.skip_bad:
+                raise
+            skipped.append((path, exc.message))
+    if not images:
+        raise AdkitError("no readable images to score")
+    result = run_pipeline(pipeline, torch.stack(images), config.batch_size or 8, device)
+    rows = [{"path": str(p), "label": "", "score": f"{float(s):.6g}",
+             "prediction": "" if threshold is None else int(float(s) > threshold)} for p, s in zip(kept, result.scores)]
+    report.write_scores_csv(out / "scores.csv", rows)
+    vmax = float(result.raw.max())
+    for i, path in enumerate(kept[:OVERLAY_SAMPLES * 4]):
+        panel = report.overlay_panel(images[i], result.raw[i], float(np.quantile(result.raw.numpy(), 0.99)), vmax)
+        report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
+    console.print(f"scored {len(kept)} images ({len(skipped)} skipped); results in {out}")
+    return out
+
+
+def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
+    """Run a configuration over categories; with ``grid`` axes (key=v1,v2) run every combination, training
+    once per detector/loss setting and re-scoring for post/scorer changes."""
+    axes = _parse_grid(grid)
+    train_keys = [k for k in axes if k in ("detector", "loss", "preset")]
+    score_keys = [k for k in axes if k in ("post", "scorer")]
+    base = plan(config)
+    out = _output_dir(base.config, "bench")
+    _configure_log(out)
+    rows: list[dict[str, Any]] = []
+    for train_values in itertools.product(*(axes[k] for k in train_keys)):
+        train_cfg = config
+        for key, value in zip(train_keys, train_values):
+            train_cfg = _apply_axis(train_cfg, key, value)
+        plan_ = plan(train_cfg)
+        for category in plan_.categories:
+            name = "-".join(str(v).replace(":", "_").replace("+", "_") for v in train_values) or "base"
+            run_ = train_category(plan_, category, out / name / category)
+            for score_values in itertools.product(*(axes[k] for k in score_keys)):
+                posts, scorer = plan_.posts, plan_.scorer
+                for key, value in zip(score_keys, score_values):
+                    if key == "post":
+                        posts = [] if value == "none" else value.split("+")
+                    else:
+                        scorer = value
+                label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
+                result = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, posts, scorer),
+                                  out / name / category, write_files=not score_keys)
+                rows.append({"configuration": label or str(plan_.detector), **result})
+    _print_bench(rows, out)
+    return rows
+
+
+def _parse_grid(grid: list[str]) -> dict[str, list[str]]:
+    axes: dict[str, list[str]] = {}
+    for item in grid:
+        key, eq, values = item.partition("=")
+        key = key.strip()
+        if not eq or key not in ("detector", "loss", "preset", "post", "scorer"):
+            raise AdkitError(f"--grid {item!r}: write KEY=v1,v2 with KEY one of detector, loss, preset, post, scorer")
+        axes[key] = [v.strip() for v in values.split(",") if v.strip()]
+        if not axes[key]:
+            raise AdkitError(f"--grid {item!r} has no values")
+    return axes
+
+
+def _apply_axis(config: RunConfig, key: str, value: str) -> RunConfig:
+    if key == "detector":
+        return config.replace(detector=[value])
+    if key == "preset":
+        return config.replace(preset=value)
+    # loss: "default" keeps the detector's losses; "default+color+psnr" adds; names without "default" replace
+    parts = [p for p in value.split("+") if p]
+    if "default" in parts:
+        return config.replace(loss=[p for p in parts if p != "default"], loss_only=False)
+    return config.replace(loss=parts, loss_only=True)
+
+
+def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
+    configurations = list(dict.fromkeys(r["configuration"] for r in rows))
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    table = Table(title="image AUROC (pixel AUROC) per category and configuration")
+    table.add_column("category")
+    for c in configurations:
+        table.add_column(c, justify="right")
+    lookup = {(r["category"], r["configuration"]): r for r in rows}
+    md = ["| category | " + " | ".join(configurations) + " |", "|---" * (len(configurations) + 1) + "|"]
+    means = {c: float(np.nanmean([lookup[(k, c)]["image_auroc"] for k in categories if (k, c) in lookup]))
+             for c in configurations}
+    for category in categories:
+        cells = []
+        for c in configurations:
+            r = lookup.get((category, c), {})
+            cells.append(f"{_fmt(r.get('image_auroc'))} ({_fmt(r.get('pixel_auroc'))})")
+        table.add_row(category, *cells)
+        md.append(f"| {category} | " + " | ".join(cells) + " |")
+    mean_cells = [_fmt(means[c]) for c in configurations]
+    delta_cells = [f"{means[c] - means[configurations[0]]:+.3f}" for c in configurations]
+    table.add_row("mean", *mean_cells)
+    table.add_row("delta", *delta_cells)
+    md += [f"| mean | " + " | ".join(mean_cells) + " |", f"| delta | " + " | ".join(delta_cells) + " |"]
+    Console().print(table)
+    report.write_text_atomic(out / "bench.md", "\n".join(md) + "\n")
+    report.write_json(out / "bench.json", rows)
+    buffer = io.StringIO()
+    keys = ["configuration", "category", *METRIC_COLUMNS, "train_s", "infer_img_s"]
+    writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    report.write_text_atomic(out / "bench.csv", buffer.getvalue())
+    console.print(f"bench results in {out}")
+
+
+def synth(out: Path, categories: list[str], seed: int = 0, size: int = 256, n_train: int = 60,
+          n_test: int = 40) -> Path:
+    """Write the synthetic textures to ``out`` in the MVTec AD layout."""
+    from adkit.data.synthetic import TEXTURES, write_dataset
+
+    unknown = [c for c in categories if c not in TEXTURES]
+    if unknown:
+        raise AdkitError(f"synth: unknown category {unknown[0]!r}; available: {', '.join(TEXTURES)}")
+    if size < 16 or n_train < 1 or n_test < 2:
+        raise AdkitError("synth: --size must be >= 16, --train >= 1 and --test >= 2")
+    write_dataset(out, categories or list(TEXTURES), size, seed, n_train, n_test)
+    console.print(f"wrote {', '.join(categories or TEXTURES)} to {out}")
+    return out

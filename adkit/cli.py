@@ -1,0 +1,175 @@
+"""The ``adkit`` command line: a thin click layer over :mod:`adkit.api`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adkit import api
+from adkit.config import RunConfig, build_config, load_config_file
+from adkit.errors import AdkitError
+from adkit.plugins import get_catalog
+
+
+def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The grammar shared by run, train, test, predict and bench."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of these options."),
+        click.option("--detector", "-d", multiple=True, help="Detector spec, name[:key=value,...]; repeat for an ensemble."),
+        click.option("--loss", multiple=True, help="Loss spec added to the detector's defaults, e.g. color:weight=0.1."),
+        click.option("--loss-only", is_flag=True, default=None, help="The --loss specs replace the detector's default losses."),
+        click.option("--post", multiple=True, help="Post-processor spec; repeat to chain them in order."),
+        click.option("--scorer", help="Scorer spec (map -> image score)."),
+        click.option("--sampler", help="Sampler spec for energy-based detectors."),
+        click.option("--ensemble", help="Ensemble scorer spec combining several detectors."),
+        click.option("--data", help="Dataset name (default: synthetic)."),
+        click.option("--category", multiple=True, help="Category or group (e.g. textures); repeatable."),
+        click.option("--root", type=click.Path(), help="Dataset root folder."),
+        click.option("--preset", help="Preset: quick (CPU minutes) or paper (the paper's settings)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run (auto: CUDA if present)."),
+        click.option("--seed", type=int, help="Random seed (default 0)."),
+        click.option("--out", type=click.Path(), help="Output folder (default runs/<detector>-<data>-<category>-<time>)."),
+        click.option("--image-size", type=int, help="Override the preset's image size."),
+        click.option("--batch-size", type=int, help="Override the preset's batch size."),
+        click.option("--steps", type=int, help="Override the preset's number of training steps."),
+        click.option("--checkpoint-every", type=int, help="Write a checkpoint every N steps."),
+        click.option("--anomaly-source", type=click.Path(), help="Texture folder (DTD layout) for anomaly synthesis."),
+        click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images (counted in the report)."),
+        click.option("--pixel-map", type=click.Choice(["raw", "post"]), help="Pixel metrics on the raw or post-processed map."),
+        click.option("--compile", is_flag=True, default=None, help="torch.compile the detector where supported."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+
+    @functools.wraps(func)
+    def wrapper(config_file: str | None, **flags: Any) -> Any:
+        file_values = load_config_file(config_file) if config_file else {}
+        names = set(RunConfig.__dataclass_fields__)
+        config = build_config(file_values, {k: v for k, v in flags.items() if k in names})
+        rest = {k: v for k, v in flags.items() if k not in names}
+        return func(config=config, **rest)
+
+    return wrapper
+
+
+class AdkitGroup(click.Group):
+    """The root group: plugins' commands are added the first time the command list is needed."""
+
+    _plugin_commands_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if not self._plugin_commands_added:
+            self._plugin_commands_added = True
+            get_catalog().register_commands(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._add_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+
+@click.group(cls=AdkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="adkit")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """adkit: plugin-based industrial image anomaly detection."""
+    ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand != "plugins":
+        for record in get_catalog().broken():
+            click.echo(f"warning: plugin {record.name} is broken ({record.error}); see `adkit plugins`", err=True)
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Also list every component's parameters.")
+def plugins(show_all: bool) -> None:
+    """List plugins and the components they register."""
+    api.print_plugins(show_all=show_all)
+
+
+@cli.command()
+@run_options
+def run(config: RunConfig) -> None:
+    """Train, then test, a detector (or an ensemble) on a dataset."""
+    api.run(config)
+
+
+@cli.command()
+@run_options
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def train(config: RunConfig, resume: bool) -> None:
+    """Train a detector; writes checkpoints to --out."""
+    api.train(config, resume=resume)
+
+
+@cli.command()
+@run_options
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `adkit train`.")
+def test(config: RunConfig, checkpoint: str) -> None:
+    """Evaluate a trained checkpoint on a dataset's test split."""
+    api.test(config, checkpoint=Path(checkpoint))
+
+
+@cli.command()
+@run_options
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `adkit train`.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+def predict(config: RunConfig, checkpoint: str, inputs: tuple[str, ...]) -> None:
+    """Score images (files or folders) without labels: scores.csv and heatmap overlays."""
+    api.predict(config, checkpoint=Path(checkpoint), inputs=[Path(p) for p in inputs])
+
+
+@cli.command()
+@click.argument("dataset")
+@run_options
+@click.option("--categories", "categories", multiple=True, help="Categories or groups (comma-separated or repeated).")
+@click.option("--grid", multiple=True, help="Ablation axis, e.g. post=avgpool,freqmask (repeatable).")
+def bench(config: RunConfig, dataset: str, categories: tuple[str, ...], grid: tuple[str, ...]) -> None:
+    """Run a configuration (or a grid) over the categories of a dataset and print the table."""
+    cats = [c for item in categories for c in item.split(",") if c]
+    api.bench(config.replace(data=dataset, category=list(config.category) + cats), grid=list(grid))
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (MVTec layout).")
+@click.option("--category", multiple=True, help="Categories (default: all).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--size", default=256, show_default=True, type=int, help="Image side in pixels.")
+@click.option("--train", "n_train", default=60, show_default=True, type=int, help="Normal training images per category.")
+@click.option("--test", "n_test", default=40, show_default=True, type=int, help="Test images per category (half defective).")
+def synth(out: str, category: tuple[str, ...], seed: int, size: int, n_train: int, n_test: int) -> None:
+    """Write the built-in synthetic textures to disk in the MVTec AD layout."""
+    api.synth(Path(out), categories=list(category), seed=seed, size=size, n_train=n_train, n_test=n_test)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors print one line and exit non-zero; --debug shows the traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="adkit", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            traceback.print_exc()
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

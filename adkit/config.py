@@ -1,0 +1,89 @@
+"""The run configuration shared by ``adkit run``, ``train``, ``test``, ``predict`` and ``bench``.
+
+A TOML file (``--config``) and the command-line flags set the same fields; flags win. The fully resolved
+configuration is written beside every result as ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from adkit.errors import AdkitError
+
+LIST_FIELDS = ("detector", "loss", "post", "category")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``None`` means "the detector's or preset's default"."""
+
+    detector: list[str] = field(default_factory=list)
+    loss: list[str] = field(default_factory=list)
+    loss_only: bool = False
+    post: list[str] = field(default_factory=list)
+    scorer: str | None = None
+    sampler: str | None = None
+    ensemble: str | None = None
+    data: str = "synthetic"
+    category: list[str] = field(default_factory=list)
+    root: str | None = None
+    preset: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    steps: int | None = None
+    checkpoint_every: int | None = None
+    anomaly_source: str | None = None
+    skip_bad: bool = False
+    pixel_map: str = "raw"
+    compile: bool = False
+
+    def to_toml(self) -> str:
+        values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return tomli_w.dumps(values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into RunConfig field values, with clear errors for bad files and keys."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdkitError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise AdkitError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name: f for f in fields(RunConfig)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise AdkitError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        if name in LIST_FIELDS and isinstance(value, str):
+            value = [value]
+        values[name] = value
+    return values
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConfig:
+    """Merge config-file values with flags (flags given on the command line win)."""
+    merged = dict(file_values)
+    for key, value in flag_values.items():
+        if value is None or (key in LIST_FIELDS and not value) or (isinstance(value, bool) and not value
+                                                                    and key in merged):
+            continue
+        merged[key] = list(value) if key in LIST_FIELDS else value
+    try:
+        return RunConfig(**merged)
+    except TypeError as exc:
+        raise AdkitError(f"bad configuration: {exc}") from None

@@ -1,0 +1,251 @@
+"""Dataset layouts: MVTec AD (and anything in its layout) and a user's own folders.
+
+A dataset yields, per category, a train split (normal images), a validation split (normal images held out from
+training, for thresholds and ensemble normalisation; never test images) and a labelled test split.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adkit.data.io import ImageReadError, list_images, load_image, load_mask
+from adkit.errors import AdkitError
+
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
+                 "transistor", "zipper")
+MVTEC_CATEGORIES = MVTEC_TEXTURES + MVTEC_OBJECTS
+MVTEC_GROUPS = {"textures": MVTEC_TEXTURES, "objects": MVTEC_OBJECTS, "all": MVTEC_CATEGORIES}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split: label 0 normal, 1 anomalous; ``mask`` None for normal images or unknown masks."""
+
+    path: Path
+    label: int
+    mask: Path | None = None
+    defect: str = "good"
+
+
+@dataclass
+class CategorySplits:
+    name: str
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+
+@dataclass
+class LoadedSplit:
+    """A split decoded once into tensors: images (N, 3, H, W), masks (N, 1, H, W), labels (N,)."""
+
+    samples: list[Sample]
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class AnomalyDataset(ABC):
+    """A source of categories. Subclasses list their categories and build each one's splits."""
+
+    name = "dataset"
+
+    @abstractmethod
+    def categories(self) -> list[str]:
+        """The categories available (for a root on disk: those present)."""
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Named groups of categories (e.g. ``textures``)."""
+        return {}
+
+    def default_categories(self) -> list[str]:
+        return self.categories()
+
+    @abstractmethod
+    def load(self, category: str) -> CategorySplits:
+        """The splits of one category; user errors (missing folders, orphan masks) raise AdkitError."""
+
+    def resolve_categories(self, requested: list[str]) -> list[str]:
+        """Expand groups, check names, keep order without duplicates."""
+        if not requested:
+            return self.default_categories()
+        available = self.categories()
+        out: list[str] = []
+        for item in requested:
+            names = self.groups().get(item, (item,))
+            for name in names:
+                if name not in available:
+                    hint = f"; available: {', '.join(available) or 'none'}"
+                    groups = ", ".join(self.groups())
+                    raise AdkitError(f"{self.name}: category {name!r} not found{hint}" + (f" (groups: {groups})" if groups else ""))
+                if name not in out:
+                    out.append(name)
+        return out
+
+
+def split_validation(normal: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``fraction`` of the normal training images (at least one when there are two or more)."""
+    if fraction <= 0 or len(normal) < 2:
+        return list(normal), []
+    order = list(range(len(normal)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(normal) - 1, max(1, round(fraction * len(normal))))
+    val_idx = set(order[:n_val])
+    train = [s for i, s in enumerate(normal) if i not in val_idx]
+    val = [s for i, s in enumerate(normal) if i in val_idx]
+    return train, val
+
+
+class MVTecDataset(AnomalyDataset):
+    """``<root>/<category>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}``."""
+
+    name = "mvtec"
+
+    def __init__(self, root: str = "", val_fraction: float = 0.1, seed: int = 0):
+        if not root:
+            raise AdkitError("mvtec: give the dataset folder with --root DIR (it holds one folder per category)")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise AdkitError(f"mvtec: --root {self.root} is not a folder")
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def categories(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / "train" / "good").is_dir())
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        return dict(MVTEC_GROUPS)
+
+    def resolve_categories(self, requested: list[str]) -> list[str]:
+        available = set(self.categories())
+        expanded: list[str] = []
+        for item in requested:
+            if item in MVTEC_GROUPS:
+                present = [c for c in MVTEC_GROUPS[item] if c in available]
+                if not present:
+                    raise AdkitError(f"mvtec: none of the {item} categories is under {self.root}")
+                expanded += present
+            else:
+                expanded.append(item)
+        for name in expanded:
+            if name not in available:
+                raise AdkitError(f"mvtec: category folder {self.root / name / 'train' / 'good'} does not exist")
+        return super().resolve_categories(expanded) if expanded else self.default_categories()
+
+    def load(self, category: str) -> CategorySplits:
+        base = self.root / category
+        good = base / "train" / "good"
+        if not good.is_dir():
+            raise AdkitError(f"mvtec: category folder {good} does not exist")
+        normal = [Sample(p, 0) for p in list_images(good)]
+        if not normal:
+            raise AdkitError(f"mvtec: {good} holds no images (png, jpg, bmp, tif)")
+        test_dir, gt_dir = base / "test", base / "ground_truth"
+        if not test_dir.is_dir():
+            raise AdkitError(f"mvtec: test folder {test_dir} does not exist")
+        test: list[Sample] = []
+        used_masks: set[Path] = set()
+        for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            for image in list_images(defect_dir):
+                if defect == "good":
+                    test.append(Sample(image, 0))
+                    continue
+                mask = _find_mask(gt_dir / defect, image.stem)
+                if mask is None:
+                    raise AdkitError(f"mvtec: test image {image} has no mask {gt_dir / defect / (image.stem + '_mask.png')}")
+                used_masks.add(mask)
+                test.append(Sample(image, 1, mask, defect))
+        if gt_dir.is_dir():
+            for defect_dir in sorted(p for p in gt_dir.iterdir() if p.is_dir()):
+                for mask in list_images(defect_dir):
+                    if mask not in used_masks:
+                        raise AdkitError(f"mvtec: orphan mask {mask} has no test image in {test_dir / defect_dir.name}")
+        if not test:
+            raise AdkitError(f"mvtec: {test_dir} holds no test images")
+        train, val = split_validation(normal, self.val_fraction, self.seed)
+        return CategorySplits(category, train, val, test)
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    for suffix in (".png", ".PNG", ".bmp", ".tif", ".tiff", ".jpg"):
+        for name in (f"{stem}_mask{suffix}", f"{stem}{suffix}"):
+            candidate = folder / name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+class FolderDataset(AnomalyDataset):
+    """A user's own images: a folder of normal images, optional folders of anomalous images and their masks."""
+
+    name = "folder"
+
+    def __init__(self, normal: str = "", abnormal: str = "", masks: str = "", test_fraction: float = 0.2,
+                 val_fraction: float = 0.1, seed: int = 0):
+        if not normal:
+            raise AdkitError("folder: give the normal images with --data folder:normal=DIR[,abnormal=DIR,masks=DIR]")
+        self.normal = Path(normal).expanduser()
+        self.abnormal = Path(abnormal).expanduser() if abnormal else None
+        self.masks = Path(masks).expanduser() if masks else None
+        for label, folder in (("normal", self.normal), ("abnormal", self.abnormal), ("masks", self.masks)):
+            if folder is not None and not folder.is_dir():
+                raise AdkitError(f"folder: {label}={folder} is not a folder")
+        if self.masks is not None and self.abnormal is None:
+            raise AdkitError("folder: masks= needs abnormal= (the masks belong to the anomalous images)")
+        self.test_fraction = test_fraction
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def categories(self) -> list[str]:
+        return [self.normal.name]
+
+    def load(self, category: str) -> CategorySplits:
+        normal = [Sample(p, 0) for p in list_images(self.normal)]
+        if len(normal) < 2:
+            raise AdkitError(f"folder: {self.normal} needs at least two normal images")
+        abnormal: list[Sample] = []
+        if self.abnormal is not None:
+            for image in list_images(self.abnormal):
+                mask = _find_mask(self.masks, image.stem) if self.masks is not None else None
+                if self.masks is not None and mask is None:
+                    raise AdkitError(f"folder: anomalous image {image} has no mask in {self.masks}")
+                abnormal.append(Sample(image, 1, mask, "anomaly"))
+        # Normal test images are held out only when there is something to compare them with.
+        test_normal: list[Sample] = []
+        if abnormal:
+            rest, test_normal = split_validation(normal, self.test_fraction, self.seed + 1)
+            normal = rest
+        train, val = split_validation(normal, self.val_fraction, self.seed)
+        return CategorySplits(category, train, val, test_normal + abnormal)
+
+
+def load_split(samples: list[Sample], size: int, skip_bad: bool = False) -> LoadedSplit:
+    """Decode and resize a split once. Unreadable files raise, or with ``skip_bad`` are skipped and counted."""
+    kept: list[Sample] = []
+    images, masks = [], []
+    skipped: list[tuple[Path, str]] = []
+    for sample in samples:
+        try:
+            image = load_image(sample.path, size)
+            mask = load_mask(sample.mask, size) if sample.mask is not None else torch.zeros(1, size, size)
+        except ImageReadError as exc:
+            if not skip_bad:
+                raise
+            skipped.append((sample.path, exc.message))
+            continue
+        kept.append(sample)
+        images.append(image)
+        masks.append(mask)
+    if not kept:
+        return LoadedSplit([], torch.zeros(0, 3, size, size), torch.zeros(0, 1, size, size),
+                           torch.zeros(0, dtype=torch.long), skipped)
+    labels = torch.tensor([s.label for s in kept], dtype=torch.long)
+    return LoadedSplit(kept, torch.stack(images), torch.stack(masks), labels, skipped)

@@ -1,0 +1,242 @@
+"""Detector-agnostic training and inference.
+
+Every random draw of training step ``s`` comes from a generator seeded by (seed, s), and batch ``s`` is a slice of
+a permutation seeded by (seed, epoch): a run resumed from any checkpoint reaches the same weights as an
+uninterrupted one. Checkpoints are written to a temporary file and renamed, so a run killed at any moment leaves
+the previous checkpoint intact; a non-finite loss stops training before anything is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adkit.components import Detector, Pipeline
+from adkit.errors import AdkitError
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AdkitError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise AdkitError(f"--device {name}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*key: object) -> int:
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Indices of training batch ``step``: epoch-wise shuffles, deterministic from (seed, epoch)."""
+    if n >= batch_size:
+        per_epoch = n // batch_size
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch)))
+        return perm[i * batch_size:(i + 1) * batch_size]
+    return torch.randint(0, n, (batch_size,), generator=torch.Generator().manual_seed(derived_seed(seed, "step", step)))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AdkitError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise AdkitError(f"checkpoint {path} cannot be read ({type(exc).__name__}); is it an adkit checkpoint?") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise AdkitError(f"checkpoint {path} is not an adkit checkpoint of format {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> dict[str, float]:
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if not math.isfinite(values["loss"]):
+        kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
+        raise AdkitError(f"training stopped: non-finite loss ({values['loss']}) at step {step + 1}; {kept}. "
+                         "Lower the learning rate or check the data.")
+    return values
+
+
+def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, device: torch.device,
+                   checkpoint: Path, meta: dict[str, Any], resume: bool = False,
+                   on_step: Callable[[int, int, dict[str, float] | None], None] | None = None) -> TrainResult:
+    """Train ``detector`` on normal ``images`` (N, 3, H, W) in [0, 1]; writes ``checkpoint`` every
+    ``settings.checkpoint_every`` steps and at the end. ``meta`` is stored in the checkpoint to rebuild the run."""
+    detector.to(device)
+    if device.type == "cuda":
+        detector.to(memory_format=torch.channels_last)
+    detector.train()
+    start = time.perf_counter()
+    if not detector.trainable:
+        detector.fit(_batches(images, settings.batch_size, device))
+        save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
+        return TrainResult(steps=0, seconds=time.perf_counter() - start)
+
+    optimizer, scheduler = detector.configure_optimizer(settings.steps)
+    first_step, history = 0, []
+    if checkpoint.exists():
+        if not resume:
+            raise AdkitError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+        payload = load_checkpoint(checkpoint)
+        detector.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler") is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        first_step, history = payload["step"], payload.get("history", [])
+    n = images.shape[0]
+    if n == 0:
+        raise AdkitError("no training images")
+    for step in range(first_step, settings.steps):
+        idx = batch_indices(step, n, settings.batch_size, settings.seed)
+        x = images[idx].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        generator = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "train", step))
+        with autocast(device):
+            losses = detector.training_step(x, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        logged = None
+        # On CPU a check costs nothing; on a GPU only every log_every steps, to avoid host-device syncs.
+        if device.type == "cpu" or (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+            logged = _finite_or_stop(losses, step, checkpoint)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if logged is not None and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
+            history.append({"step": step + 1, **logged})
+        if on_step is not None:
+            on_step(step + 1, settings.steps, logged)
+        at_checkpoint = settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
+        if at_checkpoint or step + 1 == settings.steps:
+            if logged is None:
+                _finite_or_stop(losses, step, checkpoint)
+            save_checkpoint(checkpoint, _payload(detector, optimizer, scheduler, step + 1, settings, meta, history))
+    return TrainResult(steps=settings.steps - first_step, seconds=time.perf_counter() - start, history=history)
+
+
+def _payload(detector: Detector, optimizer: Any, scheduler: Any, step: int, settings: TrainSettings,
+             meta: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "total_steps": settings.steps,
+        "model": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": history,
+        "meta": meta,
+    }
+
+
+def _batches(images: Tensor, batch_size: int, device: torch.device):
+    for i in range(0, images.shape[0], batch_size):
+        yield images[i:i + batch_size].to(device)
+
+
+@dataclass
+class Predictions:
+    """raw: detector maps at image size (N, 1, H, W); processed: post-processed maps (N, 1, h, w);
+    scores: image scores (N,). All on the CPU."""
+
+    raw: Tensor
+    processed: Tensor
+    scores: Tensor
+    seconds: float
+
+
+@torch.inference_mode()
+def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.device) -> Predictions:
+    """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches."""
+    detector = pipeline.detector.to(device).eval()
+    for module in (*pipeline.postprocessors, pipeline.scorer):
+        module.to(device)
+    raw_maps, processed_maps, scores = [], [], []
+    start = time.perf_counter()
+    for x in _batches(images, batch_size, device):
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            raw = pipeline.raw_maps(x)
+        raw = upsample(raw, x.shape[-2:])
+        processed = pipeline.postprocess(raw)
+        scores.append(pipeline.score(processed).float().cpu())
+        raw_maps.append(raw.cpu())
+        processed_maps.append(processed.float().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if not raw_maps:
+        empty = torch.zeros(0, 1, *images.shape[-2:])
+        return Predictions(empty, empty, torch.zeros(0), seconds)
+    return Predictions(torch.cat(raw_maps), torch.cat(processed_maps), torch.cat(scores), seconds)
+
+
+def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear resize of anomaly maps (N, 1, h, w) to ``size`` (no-op when already there)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)

@@ -1,0 +1,156 @@
+"""The plugin manager: built-in and third-party plugins load the same way, through the ``adkit`` entry-point group.
+
+``ADKIT_LOAD_PLUGINS=a,b`` loads only the named plugins; ``ADKIT_DISABLE_PLUGINS=a,b`` blocks the named ones. A
+plugin that fails to import or to register is recorded as broken with its error; the others keep working.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from adkit import hookspecs
+from adkit.registry import KINDS, Register, Registry
+
+ENTRY_POINT_GROUP = "adkit"
+CORE_DISTRIBUTION = "adkit"
+
+# kind -> the hook that registers it
+KIND_HOOKS = {
+    "detector": "register_detectors",
+    "loss": "register_losses",
+    "sampler": "register_samplers",
+    "postprocessor": "register_postprocessors",
+    "scorer": "register_scorers",
+    "dataset": "register_datasets",
+}
+
+
+@dataclass
+class PluginRecord:
+    """What ``adkit plugins`` shows about one plugin."""
+
+    name: str
+    version: str
+    source: str  # "built-in" or "package <distribution>" or "python"
+    status: str = "ok"  # ok | broken | disabled
+    error: str = ""
+    detail: str = field(default="", repr=False)  # full traceback of a broken plugin, for --debug
+
+
+class Catalog:
+    """The loaded plugins and, per kind, the registry of their components."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("adkit")
+        self.pm.add_hookspecs(hookspecs)
+        self.registries: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
+        self.plugins: dict[str, PluginRecord] = {}
+
+    def __getitem__(self, kind: str) -> Registry:
+        return self.registries[kind]
+
+    def add_plugin(self, plugin: Any, name: str, version: str = "", source: str = "python") -> PluginRecord:
+        """Register a plugin object (module or instance) and its components; failures mark it broken."""
+        record = PluginRecord(name=name, version=version, source=source)
+        self.plugins[name] = record
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # a malformed hookimpl: report, keep going
+            return _mark_broken(record, exc)
+        for kind, hook_name in KIND_HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                if impl.plugin_name != name:
+                    continue
+                try:
+                    impl.function(register=Register(self.registries[kind], name))
+                except Exception as exc:
+                    self.remove_plugin(name)
+                    self.plugins[name] = record
+                    return _mark_broken(record, exc)
+        return record
+
+    def remove_plugin(self, name: str) -> None:
+        for registry in self.registries.values():
+            registry.remove_plugin(name)
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        self.plugins.pop(name, None)
+
+    def register_commands(self, cli: Any) -> None:
+        """Let every working plugin add its click commands; a failure marks that plugin broken."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            record = self.plugins.get(impl.plugin_name)
+            try:
+                impl.function(cli=cli)
+            except Exception as exc:
+                if record is not None:
+                    _mark_broken(record, exc)
+
+    def broken(self) -> list[PluginRecord]:
+        return [r for r in self.plugins.values() if r.status == "broken"]
+
+
+def _mark_broken(record: PluginRecord, exc: BaseException) -> PluginRecord:
+    record.status = "broken"
+    record.error = f"{type(exc).__name__}: {exc}"
+    record.detail = "".join(traceback.format_exception(exc))
+    return record
+
+
+def _env_names(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def load_catalog() -> Catalog:
+    """Load every plugin of the ``adkit`` entry-point group, honouring the environment filters."""
+    catalog = Catalog()
+    only = _env_names("ADKIT_LOAD_PLUGINS")
+    blocked = _env_names("ADKIT_DISABLE_PLUGINS") or set()
+    entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    for ep in entry_points:
+        dist = ep.dist.name if ep.dist is not None else ""
+        version = ep.dist.version if ep.dist is not None else ""
+        source = "built-in" if dist == CORE_DISTRIBUTION else f"package {dist}"
+        if ep.name in catalog.plugins:
+            # a second distribution claiming the same plugin name: keep the first, report the second
+            record = PluginRecord(ep.name + f" ({dist})", version, source, status="broken",
+                                  error=f"plugin name {ep.name!r} is already used by {catalog.plugins[ep.name].source}")
+            catalog.plugins[record.name] = record
+            continue
+        if (only is not None and ep.name not in only) or ep.name in blocked:
+            catalog.plugins[ep.name] = PluginRecord(ep.name, version, source, status="disabled")
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            catalog.plugins[ep.name] = _mark_broken(PluginRecord(ep.name, version, source), exc)
+            continue
+        catalog.add_plugin(plugin, name=ep.name, version=version, source=source)
+    return catalog
+
+
+_catalog: Catalog | None = None
+
+
+def get_catalog() -> Catalog:
+    """The process-wide catalog, loaded on first use."""
+    global _catalog
+    if _catalog is None:
+        _catalog = load_catalog()
+    return _catalog
+
+
+def reset_catalog() -> None:
+    """Forget the loaded catalog (tests and environment changes)."""
+    global _catalog
+    _catalog = None

@@ -1,0 +1,302 @@
+"""Name -> factory, per component kind, and the ``name:key=value,...`` spec grammar.
+
+A factory's keyword parameters, with their annotations and defaults, are its typed parameters. Values in a spec
+are parsed to the parameter's type: ``int``, ``float``, ``bool`` (true/false/1/0/yes/no), ``str``, ``Literal``
+choices, optional types (``none``), and tuples written with ``+`` (``kernels=3+5``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from adkit.errors import AdkitError
+
+KINDS = ("detector", "loss", "sampler", "postprocessor", "scorer", "dataset")
+
+# Parameters every component of a kind accepts, consumed by the caller rather than the factory.
+KIND_EXTRAS: dict[str, dict[str, tuple[type, Any]]] = {"loss": {"weight": (float, 1.0)}}
+
+_MISSING = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed parameter of a component factory."""
+
+    name: str
+    annotation: Any
+    default: Any = _MISSING
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.annotation)
+
+    def parse(self, raw: Any) -> Any:
+        """Convert ``raw`` (a spec string or an already typed config value) to this parameter's type."""
+        try:
+            return _convert(raw, self.annotation)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"expects {self.type_name}, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A registered component: what the registry knows of it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    help: str
+    plugin: str
+    params: dict[str, Param] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A parsed, type-checked spec: the component's name and its parameter values (factory params + extras)."""
+
+    kind: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        values = {**self.params, **self.extras}
+        if not values:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in values.items())
+
+
+class Register:
+    """The ``register`` callable a hook receives: ``register(name, factory, help=...)``."""
+
+    def __init__(self, registry: Registry, plugin: str):
+        self._registry = registry
+        self._plugin = plugin
+
+    def __call__(self, name: str, factory: Callable[..., Any], help: str | None = None) -> None:
+        self._registry.add(name, factory, help=help, plugin=self._plugin)
+
+
+class DuplicateComponentError(Exception):
+    """Two plugins registered the same name for one kind."""
+
+
+class Registry:
+    """The components of one kind, by name."""
+
+    def __init__(self, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown component kind {kind!r}")
+        self.kind = kind
+        self._items: dict[str, ComponentInfo] = {}
+
+    def add(self, name: str, factory: Callable[..., Any], help: str | None, plugin: str) -> None:
+        if not name or any(c in name for c in ":,= "):
+            raise ValueError(f"{self.kind} name {name!r} must be non-empty without ':', ',', '=' or spaces")
+        if name in self._items:
+            first = self._items[name].plugin
+            raise DuplicateComponentError(
+                f"{self.kind} {name!r} is registered by both plugin {first!r} and plugin {plugin!r}"
+            )
+        self._items[name] = ComponentInfo(
+            kind=self.kind,
+            name=name,
+            factory=factory,
+            help=help or _first_line(factory.__doc__),
+            plugin=plugin,
+            params=_signature_params(factory),
+        )
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Forget every component a plugin registered (used when its registration fails half-way)."""
+        self._items = {k: v for k, v in self._items.items() if v.plugin != plugin}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[ComponentInfo]:
+        return iter(sorted(self._items.values(), key=lambda info: info.name))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def get(self, name: str) -> ComponentInfo:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise AdkitError(self._unknown_message(name)) from None
+
+    def parse(self, spec: str | ComponentSpec, overrides: dict[str, Any] | None = None) -> ComponentSpec:
+        """Parse ``name`` or ``name:key=value,...`` into a checked spec; ``overrides`` win over the text."""
+        if isinstance(spec, ComponentSpec):
+            name, raw = spec.name, {**spec.params, **spec.extras}
+        else:
+            name, raw = split_spec(spec, self.kind)
+        raw.update(overrides or {})
+        info = self.get(name)
+        extras_decl = KIND_EXTRAS.get(self.kind, {})
+        params: dict[str, Any] = {}
+        extras: dict[str, Any] = {k: default for k, (_, default) in extras_decl.items()}
+        for key, value in raw.items():
+            if key in extras_decl:
+                extras[key] = _parse_extra(self.kind, name, key, value, extras_decl[key][0])
+                continue
+            if key not in info.params:
+                known = ", ".join(f"{p.name}: {p.type_name}" for p in info.params.values()) or "none"
+                extra = ", ".join(f"{k}: {t.__name__}" for k, (t, _) in extras_decl.items())
+                raise AdkitError(
+                    f"{self.kind} {name!r} has no parameter {key!r}; its parameters: {known}"
+                    + (f" (and {extra})" if extra else "")
+                )
+            try:
+                params[key] = info.params[key].parse(value)
+            except ValueError as exc:
+                raise AdkitError(f"{self.kind} {name!r} parameter {key!r} {exc}") from None
+        missing = [p.name for p in info.params.values() if p.required and p.name not in params]
+        if missing:
+            raise AdkitError(f"{self.kind} {name!r} needs parameter(s) {', '.join(missing)}: write {name}:{missing[0]}=...")
+        return ComponentSpec(kind=self.kind, name=name, params=params, extras=extras)
+
+    def create(self, spec: str | ComponentSpec, **overrides: Any) -> Any:
+        """Build the component a spec names (extras such as a loss weight are not passed to the factory)."""
+        parsed = self.parse(spec, overrides)
+        try:
+            return self.get(parsed.name).factory(**parsed.params)
+        except ValueError as exc:  # factories reject out-of-range values with ValueError
+            raise AdkitError(f"{self.kind} {str(parsed)!r}: {exc}") from None
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        available = ", ".join(self.names()) or "none registered"
+        return f"unknown {self.kind} {name!r}{hint} (available: {available}; `adkit plugins` lists them)"
+
+
+def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]:
+    """Split ``name:key=value,key=value`` into the name and raw string values."""
+    text = spec.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise AdkitError(f"empty {kind} spec {spec!r}: write name or name:key=value,...")
+    raw: dict[str, str] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise AdkitError(f"{kind} spec {spec!r}: {item!r} is not key=value")
+            raw[key.strip()] = value.strip()
+    return name, raw
+
+
+def _parse_extra(kind: str, name: str, key: str, value: Any, typ: type) -> Any:
+    try:
+        return _convert(value, typ)
+    except (ValueError, TypeError):
+        raise AdkitError(f"{kind} {name!r} parameter {key!r} expects {typ.__name__}, got {value!r}") from None
+
+
+def _signature_params(factory: Callable[..., Any]) -> dict[str, Param]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable forward references: fall back to raw annotations
+        hints = {}
+    params: dict[str, Param] = {}
+    for p in inspect.signature(factory).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        annotation = hints.get(p.name, p.annotation)
+        if annotation is _MISSING:
+            annotation = type(p.default) if p.default not in (_MISSING, None) else str
+        params[p.name] = Param(p.name, annotation, p.default)
+    return params
+
+
+def _convert(raw: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(raw, arg)
+            except (ValueError, TypeError) as exc:
+                errors.append(exc)
+        raise ValueError(str(errors))
+    if origin is typing.Literal:
+        for choice in args:
+            if raw == choice or str(raw) == str(choice):
+                return choice
+        raise ValueError(f"not one of {args}")
+    if origin in (tuple, list):
+        items = raw.split("+") if isinstance(raw, str) else list(raw)
+        item_type = args[0] if args else str
+        return tuple(_convert(item, item_type) for item in items)
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("not a boolean")
+    if annotation is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError("not an integer")
+        return int(raw)
+    if annotation is float:
+        if isinstance(raw, bool):
+            raise ValueError("not a number")
+        return float(raw)
+    if annotation is str:
+        return str(raw)
+    if annotation is Any:
+        return raw
+    return annotation(raw)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (tuple, list):
+        return f"{_type_name(args[0]) if args else 'str'}+..."
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(_format(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""

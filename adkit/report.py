@@ -1,0 +1,87 @@
+"""Writing results: resolved config, metrics.json, scores.csv, heatmap overlays. Files are written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_scores_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per image: path, label (empty without labels), score, prediction (0/1)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["path", "label", "score", "prediction"])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """A perceptually ordered blue -> green -> yellow -> red map for values in [0, 1]: (H, W) -> (H, W, 3)."""
+    stops = np.array([[0.0, 0.0, 0.5], [0.0, 0.4, 1.0], [0.0, 0.9, 0.6], [1.0, 0.9, 0.0], [0.9, 0.0, 0.0]])
+    x = np.clip(values, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    t = (x - i)[..., None]
+    return stops[i] * (1 - t) + stops[i + 1] * t
+
+
+def overlay_panel(image: torch.Tensor, anomaly_map: torch.Tensor, threshold: float, vmax: float,
+                  mask: torch.Tensor | None = None) -> Image.Image:
+    """Side by side: input | ground truth (if any) | heatmap over the input | thresholded prediction.
+    image (3, H, W) in [0, 1]; anomaly_map (1, H, W); mask (1, H, W)."""
+    img = image.permute(1, 2, 0).numpy()
+    values = anomaly_map[0].numpy()
+    heat = 0.5 * img + 0.5 * heat_colours(values / max(vmax, 1e-12))
+    predicted = np.repeat((values > threshold)[..., None], 3, axis=2).astype(np.float32)
+    panels = [img]
+    if mask is not None:
+        panels.append(np.repeat(mask[0].numpy()[..., None], 3, axis=2))
+    panels += [heat, predicted]
+    gap = np.ones((img.shape[0], 4, 3))
+    row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+    return Image.fromarray((np.clip(row, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def save_png_atomic(picture: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

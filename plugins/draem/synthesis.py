@@ -1,0 +1,185 @@
+"""DRAEM's anomaly synthesis, batched on the model's device (spec §1).
+
+Per sample: with p = 0.3 the normal image is rotated by U(-90, 90) degrees; a Perlin mask at resolution
+(2^a, 2^b), a, b ~ U{0..5}, rotated by U(-90, 90) degrees and thresholded at 0.5; an anomaly source (a texture
+with 3 of 10 augmentations, or the Perlin noise itself scaled to noise * 0.5 + 0.25 when no texture folder is
+given); blend with beta ~ U[0, 0.8): x_aug = x (1 - M) + (1 - beta) src M + beta x M; with p = 0.5 no anomaly.
+
+Everything is tensor code over the batch. The only Python loops are over the (at most 36) distinct Perlin
+resolutions in a batch and over the 10 augmenters, each applied to the whole batch and kept where drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import kornia
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adkit.data.io import ImageReadError, is_image_file, load_image
+from adkit.data.perlin import perlin_noise
+from adkit.errors import AdkitError
+
+AUGMENTERS = ("gamma", "brightness", "sharpness", "hue_saturation", "solarize", "posterize", "invert",
+              "autocontrast", "equalize", "rotate")
+
+
+@dataclass
+class SynthesisSettings:
+    rotate_p: float = 0.3
+    no_anomaly_p: float = 0.5
+    beta_max: float = 0.8
+    perlin_max_exponent: int = 5
+    threshold: float = 0.5
+
+
+@dataclass
+class SynthesisBatch:
+    """normal: the (possibly rotated) normal images, the reconstruction target (B, 3, H, W); augmented: with
+    anomalies (B, 3, H, W); mask (B, 1, H, W) in {0, 1}; beta (B,); has_anomaly (B,) bool."""
+
+    normal: Tensor
+    augmented: Tensor
+    mask: Tensor
+    beta: Tensor
+    has_anomaly: Tensor
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=g, device=device)
+
+
+def rotate(images: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate each image (B, C, H, W) about its centre by ``degrees`` (B,), zero fill, bilinear."""
+    return kornia.geometry.transform.rotate(images, degrees.to(images.dtype), mode="bilinear", padding_mode="zeros")
+
+
+def perlin_masks(batch: int, size: tuple[int, int], g: torch.Generator, settings: SynthesisSettings,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+    """(noise, mask), each (B, 1, H, W): rotated Perlin noise at random resolutions and its 0.5 threshold."""
+    top = settings.perlin_max_exponent + 1
+    exponents = torch.randint(0, top, (batch, 2), generator=g, device=device)
+    noise = torch.empty(batch, *size, device=device)
+    codes = exponents[:, 0] * top + exponents[:, 1]
+    for code in codes.unique().tolist():
+        index = (codes == code).nonzero().flatten()
+        ry, rx = 2 ** (code // top), 2 ** (code % top)
+        noise[index] = perlin_noise(len(index), size, (ry, rx), generator=g, device=device)
+    noise = rotate(noise[:, None], _uniform(batch, -90, 90, g, device))
+    mask = (noise > settings.threshold).to(noise.dtype)
+    return noise, mask
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def augment(images: Tensor, chosen: Tensor, g: torch.Generator) -> Tensor:
+    """Apply, per sample, the augmenters marked in ``chosen`` (B, 10) bool, in the order of AUGMENTERS.
+    Magnitudes follow DRAEM's imgaug ranges (0-255 values mapped to [0, 1])."""
+    b, device = images.shape[0], images.device
+    x = images
+    for k, name in enumerate(AUGMENTERS):
+        use = chosen[:, k]
+        if not bool(use.any()):
+            continue
+        if name == "gamma":
+            y = x.clamp_min(1e-6) ** _uniform(b * 3, 0.5, 2.0, g, device).view(b, 3, 1, 1)
+        elif name == "brightness":
+            y = x * _per_sample(_uniform(b, 0.8, 1.2, g, device)) + _per_sample(_uniform(b, -30, 30, g, device)) / 255
+        elif name == "sharpness":
+            y = kornia.enhance.sharpness(x.clamp(0, 1), _uniform(b, 0.0, 2.0, g, device))
+        elif name == "hue_saturation":
+            hue = _uniform(b, -50, 50, g, device) / 255 * 2 * math.pi
+            hsv = kornia.color.rgb_to_hsv(x.clamp(0, 1))
+            h = torch.remainder(hsv[:, :1] + _per_sample(hue), 2 * math.pi)
+            s = (hsv[:, 1:2] + _per_sample(_uniform(b, -50, 50, g, device)) / 255).clamp(0, 1)
+            y = kornia.color.hsv_to_rgb(torch.cat((h, s, hsv[:, 2:]), 1))
+        elif name == "solarize":
+            threshold = _per_sample(_uniform(b, 32, 128, g, device)) / 255
+            apply = _per_sample((torch.rand(b, generator=g, device=device) < 0.5).to(x.dtype))
+            y = torch.where((x >= threshold) & (apply > 0), 1 - x, x)
+        elif name == "posterize":
+            bits = torch.randint(1, 8, (b,), generator=g, device=device)
+            levels = _per_sample((2.0 ** bits).to(x.dtype))
+            y = torch.floor(x.clamp(0, 1) * 255 / (256 / levels)) * (256 / levels) / 255
+        elif name == "invert":
+            y = 1 - x
+        elif name == "autocontrast":
+            low = x.amin(dim=(2, 3), keepdim=True)
+            high = x.amax(dim=(2, 3), keepdim=True)
+            y = (x - low) / (high - low).clamp_min(1e-6)
+        elif name == "equalize":
+            y = kornia.enhance.equalize(x.clamp(0, 1))
+        else:  # rotate
+            y = rotate(x, _uniform(b, -45, 45, g, device))
+        x = torch.where(_per_sample(use), y, x)
+    return x.clamp(0, 1)
+
+
+def choose_augmenters(batch: int, count: int, g: torch.Generator, device: torch.device) -> Tensor:
+    """(B, 10) bool: ``count`` distinct augmenters per sample, drawn without replacement."""
+    order = torch.rand(batch, len(AUGMENTERS), generator=g, device=device).argsort(dim=1)
+    chosen = torch.zeros(batch, len(AUGMENTERS), dtype=torch.bool, device=device)
+    chosen.scatter_(1, order[:, :count], True)
+    return chosen
+
+
+class AnomalySource:
+    """Texture images (DTD layout: ``<dir>/<class>/*.jpg``, any depth) held on the device as uint8."""
+
+    def __init__(self, folder: Path, size: int, device: torch.device, max_images: int = 1000, seed: int = 0):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AdkitError(f"--anomaly-source {folder} is not a folder (expected DTD's images/<class>/*.jpg)")
+        paths = sorted(p for p in folder.rglob("*") if is_image_file(p))
+        if not paths:
+            raise AdkitError(f"--anomaly-source {folder} holds no images (png, jpg, bmp, tif)")
+        if len(paths) > max_images:
+            pick = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:max_images]
+            paths = [paths[i] for i in sorted(pick.tolist())]
+        textures = []
+        for path in paths:
+            try:
+                textures.append((load_image(path, size) * 255 + 0.5).to(torch.uint8))
+            except ImageReadError:
+                continue  # a broken texture is not worth stopping training for
+        if not textures:
+            raise AdkitError(f"--anomaly-source {folder}: no readable images")
+        self.textures = torch.stack(textures).to(device)
+        self.paths = paths
+
+    def draw(self, batch: int, g: torch.Generator) -> Tensor:
+        index = torch.randint(0, len(self.textures), (batch,), generator=g, device=g.device).to(self.textures.device)
+        return self.textures[index].float() / 255
+
+
+def synthesize(images: Tensor, g: torch.Generator, source: AnomalySource | None = None,
+               settings: SynthesisSettings | None = None) -> SynthesisBatch:
+    """DRAEM anomalies for a batch of normal images (B, 3, H, W) in [0, 1], on their device."""
+    settings = settings or SynthesisSettings()
+    b, device = images.shape[0], images.device
+    size = (images.shape[-2], images.shape[-1])
+    rotate_me = torch.rand(b, generator=g, device=device) < settings.rotate_p
+    angles = _uniform(b, -90, 90, g, device)
+    normal = torch.where(_per_sample(rotate_me), rotate(images, angles), images)
+    noise, mask = perlin_masks(b, size, g, settings, device)
+    if source is None:
+        texture = (noise * 0.5 + 0.25).expand(-1, 3, -1, -1)
+    else:
+        raw = source.draw(b, g)
+        if raw.shape[-2:] != images.shape[-2:]:
+            raw = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
+        texture = augment(raw, choose_augmenters(b, 3, g, device), g)
+    beta = _uniform(b, 0.0, settings.beta_max, g, device)
+    has_anomaly = torch.rand(b, generator=g, device=device) >= settings.no_anomaly_p
+    mask = mask * _per_sample(has_anomaly.to(mask.dtype))
+    beta4 = _per_sample(beta)
+    augmented = normal * (1 - mask) + (1 - beta4) * texture * mask + beta4 * normal * mask
+    has_anomaly = has_anomaly & (mask.flatten(1).amax(dim=1) > 0)
+    return SynthesisBatch(normal=normal, augmented=augmented.to(images.dtype), mask=mask, beta=beta,
+                          has_anomaly=has_anomaly)

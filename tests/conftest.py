@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adkit.plugins import get_catalog, reset_catalog
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ADKIT_CACHE", str(tmp_path_factory.mktemp("adkit-cache")))
+    mp.delenv("ADKIT_LOAD_PLUGINS", raising=False)
+    mp.delenv("ADKIT_DISABLE_PLUGINS", raising=False)
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def catalog():
+    reset_catalog()
+    yield get_catalog()
+    reset_catalog()
+
+
+@pytest.fixture
+def invoke():
+    """Run the real console entry point in-process; returns (exit code, stdout, stderr)."""
+    from adkit.cli import main
+
+    def run(*args: str):
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        reset_catalog()
+        return code, out.getvalue(), err.getvalue()
+
+    reset_catalog()
+    return run
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def mvtec_tree(tmp_path):
+    """A tiny MVTec-layout category 'widget': 6 normal train, 2 good test, 2 'scratch' test with masks."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mvtec"
+    base = root / "widget"
+    for i in range(6):
+        write_png(base / "train" / "good" / f"{i:03d}.png", rng.integers(100, 140, (20, 24, 3), dtype=np.uint8))
+    for i in range(2):
+        write_png(base / "test" / "good" / f"{i:03d}.png", rng.integers(100, 140, (20, 24, 3), dtype=np.uint8))
+        img = rng.integers(100, 140, (20, 24, 3), dtype=np.uint8)
+        img[5:10, 5:10] = 255
+        write_png(base / "test" / "scratch" / f"{i:03d}.png", img)
+        mask = np.zeros((20, 24), dtype=np.uint8)
+        mask[5:10, 5:10] = 255
+        write_png(base / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
+    return root

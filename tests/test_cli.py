@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+TINY = "synthetic:size=32,n_train=8,n_test=6"
+
+
+def test_plugins_command_lists_plugins_and_components(invoke):
+    code, out, _ = invoke("plugins", "--all")
+    assert code == 0
+    for name in ("draem", "freqmask", "hello", "pixel-gauss", "maxmin", "recon_width"):
+        assert name in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--detector", "dream"], "unknown detector 'dream'; did you mean draem"),
+    (["run", "--detector", "draem:widht=3"], "detector 'draem' has no parameter 'widht'"),
+    (["run", "--detector", "draem:recon_width=big"], "parameter 'recon_width' expects int, got 'big'"),
+    (["run", "--detector", "draem", "--post", "freqmask:kernels=4"], "odd sizes"),
+    (["run", "--detector", "draem", "--scorer", "maxx"], "unknown scorer 'maxx'; did you mean max"),
+    (["run", "--detector", "draem", "--loss", "colour"], "unknown loss 'colour'; did you mean color"),
+    (["run", "--detector", "draem", "--data", "mvtec"], "mvtec: give the dataset folder with --root"),
+    (["run", "--detector", "draem", "--preset", "fast"], "--preset fast: detector 'draem' has presets quick, paper"),
+    (["run", "--detector", "draem", "--category", "velvet"], "category 'velvet' not found"),
+    (["run"], "give a detector with --detector"),
+    (["run", "--detector", "draem", "--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
+])
+def test_user_errors_are_one_line_without_traceback(invoke, args, needle):
+    code, out, err = invoke(*args)
+    assert code != 0
+    assert needle in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("Error")]) == 1
+
+
+def test_debug_shows_traceback(invoke):
+    code, _, err = invoke("--debug", "run", "--detector", "dream")
+    assert code != 0 and "Traceback" in err
+
+
+def test_example_plugin_detector_runs_from_cli(invoke, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = invoke("run", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile",
+                               "--image-size", "32", "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads((out / "tile" / "metrics.json").read_text())
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["n_test"] == 6
+    assert (out / "tile" / "scores.csv").read_text().count("\n") == 7
+    assert (out / "config.toml").is_file() and "pixel-gauss" in (out / "config.toml").read_text()
+    assert any((out / "tile" / "overlays").iterdir())
+
+
+def test_config_file_and_flags_are_interchangeable(invoke, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'detector = "pixel-gauss"\ndata = "{TINY}"\ncategory = ["tile"]\nimage-size = 32\n')
+    code_a, *_ = invoke("run", "--config", str(config), "--out", str(tmp_path / "a"))
+    code_b, *_ = invoke("run", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile",
+                        "--image-size", "32", "--out", str(tmp_path / "b"))
+    assert code_a == code_b == 0
+    a = json.loads((tmp_path / "a" / "tile" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "tile" / "metrics.json").read_text())
+    assert a["image_auroc"] == b["image_auroc"]
+    assert (tmp_path / "a" / "config.toml").read_text() == (tmp_path / "b" / "config.toml").read_text().replace(
+        str(tmp_path / "b"), str(tmp_path / "a"))
+
+
+def test_bad_config_key(invoke, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('detectr = "draem"\n')
+    code, _, err = invoke("run", "--config", str(config))
+    assert code != 0 and "unknown key 'detectr'" in err
+
+
+def test_plugin_command(invoke):
+    code, out, _ = invoke("hello")
+    assert code == 0 and "pixel-gauss" in out
+
+
+def test_python_api_matches_cli(tmp_path):
+    from adkit import api
+    from adkit.config import RunConfig
+
+    results = api.run(RunConfig(detector=["pixel-gauss"], data=TINY, category=["wood"], image_size=32,
+                                out=str(tmp_path / "py")))
+    assert results[0]["category"] == "wood" and "image_auroc" in results[0]

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from adkit import hookimpl, hookspecs
+from adkit.plugins import Catalog, load_catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT_INS = {"datasets", "draem", "filters", "freqmask", "losses", "scorers"}
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
+
+
+def test_built_ins_load_through_entry_points(catalog):
+    records = {name: r for name, r in catalog.plugins.items() if r.source == "built-in"}
+    assert set(records) == BUILT_INS
+    assert all(r.status == "ok" for r in records.values())
+    assert "draem" in catalog["detector"] and "freqmask" in catalog["postprocessor"]
+    assert {"l2", "ssim", "focal", "color", "psnr"} <= set(catalog["loss"].names())
+    assert {"max", "maxmin", "topk-mean"} <= set(catalog["scorer"].names())
+    assert {"mvtec", "folder", "synthetic"} <= set(catalog["dataset"].names())
+
+
+def test_example_package_is_listed(catalog):
+    record = catalog.plugins["hello"]
+    assert record.source == "package adkit-hello-plugin" and record.status == "ok"
+    assert catalog["detector"].get("pixel-gauss").plugin == "hello"
+
+
+def test_load_and_disable_filters(monkeypatch):
+    monkeypatch.setenv("ADKIT_LOAD_PLUGINS", "losses,scorers")
+    catalog = load_catalog()
+    assert catalog.plugins["draem"].status == "disabled"
+    assert "draem" not in catalog["detector"] and "l2" in catalog["loss"]
+    monkeypatch.delenv("ADKIT_LOAD_PLUGINS")
+    monkeypatch.setenv("ADKIT_DISABLE_PLUGINS", "freqmask")
+    catalog = load_catalog()
+    assert catalog.plugins["freqmask"].status == "disabled" and "freqmask" not in catalog["postprocessor"]
+    assert "draem" in catalog["detector"]
+
+
+class RaisingPlugin:
+    @hookimpl
+    def register_losses(self, register):
+        register("half-registered", lambda: None)
+        raise RuntimeError("boom")
+
+
+class DuplicatePlugin:
+    @hookimpl
+    def register_detectors(self, register):
+        register("draem", lambda: None)
+
+
+def test_failing_registration_is_reported_and_rolled_back(catalog):
+    record = catalog.add_plugin(RaisingPlugin(), name="raiser")
+    assert record.status == "broken" and "RuntimeError: boom" in record.error
+    assert "half-registered" not in catalog["loss"]
+    assert "l2" in catalog["loss"]  # the others keep working
+
+
+def test_duplicate_component_names_both_plugins(catalog):
+    record = catalog.add_plugin(DuplicatePlugin(), name="copycat")
+    assert record.status == "broken"
+    assert "plugin 'draem' and plugin 'copycat'" in record.error
+    assert catalog["detector"].get("draem").plugin == "draem"
+
+
+def test_import_failure_is_reported(monkeypatch):
+    from importlib import metadata
+
+    class BrokenEntryPoint:
+        name = "broken"
+        dist = None
+
+        def load(self):
+            raise ImportError("No module named 'missing_dependency'")
+
+    real = metadata.entry_points
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [*real(group=group), BrokenEntryPoint()])
+    catalog = load_catalog()
+    assert catalog.plugins["broken"].status == "broken"
+    assert "missing_dependency" in catalog.plugins["broken"].error
+    assert "draem" in catalog["detector"]
+
+
+def test_every_hook_is_documented():
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    for hook in HOOKS:
+        assert re.search(rf"^#+ `?{hook}", docs, re.M), f"docs/plugins.md has no section for {hook}"
+        assert getattr(hookspecs, hook).__doc__, f"{hook} has no docstring"
+
+
+def test_every_hook_is_tested():
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_plugins.py")
+    for hook in HOOKS:
+        assert f"def {hook}" in tests or f"hook.{hook}" in tests, f"no test implements or calls {hook}"

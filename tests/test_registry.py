@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+
+from adkit.errors import AdkitError
+from adkit.registry import DuplicateComponentError, Register, Registry, split_spec
+
+
+def make(a: int = 1, b: float = 0.5, flag: bool = False, mode: Literal["x", "y"] = "x",
+         sizes: tuple[int, ...] = (3, 5), name: str | None = None):
+    """A factory for tests."""
+    return dict(a=a, b=b, flag=flag, mode=mode, sizes=sizes, name=name)
+
+
+@pytest.fixture
+def registry():
+    reg = Registry("postprocessor")
+    Register(reg, "tests")("thing", make)
+    Register(reg, "tests")("other", lambda: None, help="other one")
+    return reg
+
+
+def test_split_spec():
+    assert split_spec("draem") == ("draem", {})
+    assert split_spec(" a:k=1, j = x ") == ("a", {"k": "1", "j": "x"})
+    with pytest.raises(AdkitError, match="not key=value"):
+        split_spec("a:k")
+    with pytest.raises(AdkitError, match="empty"):
+        split_spec(":k=1")
+
+
+def test_values_parse_to_parameter_types(registry):
+    built = registry.create("thing:a=7,b=2,flag=yes,mode=y,sizes=3+5+7,name=none")
+    assert built == dict(a=7, b=2.0, flag=True, mode="y", sizes=(3, 5, 7), name=None)
+    assert registry.create("thing") == make()
+    assert str(registry.parse("thing:sizes=1+2,b=3")) == "thing:sizes=1+2,b=3.0"
+
+
+def test_help_defaults_to_first_docstring_line(registry):
+    assert registry.get("thing").help == "A factory for tests."
+    assert registry.get("other").help == "other one"
+
+
+def test_unknown_name_lists_close_matches(registry):
+    with pytest.raises(AdkitError) as info:
+        registry.get("thnig")
+    assert "unknown postprocessor 'thnig'" in info.value.message
+    assert "did you mean thing" in info.value.message
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("thing:zzz=1", "has no parameter 'zzz'; its parameters: a: int"),
+    ("thing:a=1.5", "parameter 'a' expects int, got '1.5'"),
+    ("thing:a=abc", "parameter 'a' expects int"),
+    ("thing:flag=maybe", "parameter 'flag' expects bool"),
+    ("thing:mode=z", "parameter 'mode' expects x|y"),
+    ("thing:sizes=3+x", "parameter 'sizes' expects int+..."),
+])
+def test_bad_parameters_name_parameter_and_type(registry, spec, needle):
+    with pytest.raises(AdkitError) as info:
+        registry.parse(spec)
+    assert needle in info.value.message
+
+
+def test_duplicate_names_error_names_both_plugins(registry):
+    with pytest.raises(DuplicateComponentError, match="both plugin 'tests' and plugin 'intruder'"):
+        Register(registry, "intruder")("thing", make)
+
+
+def test_loss_kind_accepts_weight_extra():
+    reg = Registry("loss")
+    Register(reg, "tests")("mse", lambda reduction="mean": reduction)
+    spec = reg.parse("mse:weight=0.25")
+    assert spec.extras == {"weight": 0.25} and spec.params == {}
+    assert reg.parse("mse").extras == {"weight": 1.0}
+    assert reg.create("mse:weight=2") == "mean"
+    with pytest.raises(AdkitError, match="'weight' expects float"):
+        reg.parse("mse:weight=heavy")
+
+
+def test_factory_value_error_becomes_user_error():
+    reg = Registry("scorer")
+
+    def picky(k: int = 1):
+        if k < 1:
+            raise ValueError("k must be >= 1")
+
+    Register(reg, "tests")("picky", picky)
+    with pytest.raises(AdkitError, match="k must be >= 1"):
+        reg.create("picky:k=0")
