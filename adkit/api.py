@@ -107,10 +107,11 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     for spec in config.loss:
         catalog["loss"].parse(spec)
     posts = list(config.post) or list(getattr(cls, "default_postprocessors", ()))
+    # build them once now so that out-of-range values fail before any data is loaded or trained on
     for spec in posts:
-        catalog["postprocessor"].parse(spec)
+        catalog["postprocessor"].create(spec)
     scorer = config.scorer or getattr(cls, "default_scorer", "max")
-    catalog["scorer"].parse(scorer)
+    catalog["scorer"].create(scorer)
     if config.sampler:
         catalog["sampler"].parse(config.sampler)
     if config.pixel_map not in ("raw", "post"):
