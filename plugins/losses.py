@@ -29,13 +29,10 @@ class L2Loss(nn.Module):
 
 
 def ssim_loss(prediction: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
-    """1 - mean SSIM (Gaussian window ``window``, std ``sigma``), as DRAEM's reference computes it."""
+    """1 - mean SSIM (Gaussian window ``window``, std ``sigma``, zero padding), as DRAEM's reference computes it
+    (kornia's ``ssim`` pads differently at the borders)."""
     _check_pair(prediction, target, "ssim")
-    if sigma == 1.5:
-        ssim_map = kornia.metrics.ssim(prediction, target, window, max_val=1.0)
-    else:
-        ssim_map = _ssim_map(prediction, target, window, sigma)
-    return 1.0 - ssim_map.mean()
+    return 1.0 - _ssim_map(prediction, target, window, sigma).mean()
 
 
 def _ssim_map(x: Tensor, y: Tensor, window: int, sigma: float) -> Tensor:

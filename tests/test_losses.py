@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adkit_plugins.losses import ColourHistogramLoss, FocalLoss, InversePSNRLoss, L2Loss, SSIMLoss, focal_loss
+
+
+@pytest.fixture
+def pair():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(2, 3, 24, 24, generator=g), torch.rand(2, 3, 24, 24, generator=g)
+
+
+@pytest.mark.parametrize("loss", [L2Loss(), SSIMLoss(), ColourHistogramLoss()])
+def test_zero_for_identical_and_gradient_flows(loss, pair):
+    x, y = pair
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-5)
+    p = x.clone().requires_grad_(True)
+    loss(p, y).backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_l2_and_psnr_hand_values():
+    x = torch.zeros(1, 1, 2, 2)
+    y = torch.full((1, 1, 2, 2), 0.1)
+    assert L2Loss()(x, y).item() == pytest.approx(0.01)
+    assert InversePSNRLoss()(x, y).item() == pytest.approx(1 / (10 * math.log10(1 / (0.01 + 1e-8))), rel=1e-5)
+    # early training: a PSNR below the floor is clamped, so the loss stays bounded
+    assert InversePSNRLoss(floor_db=1.0)(x, torch.ones_like(x) * 1.5).item() == pytest.approx(1.0)
+    p = x.clone().requires_grad_(True)
+    InversePSNRLoss()(p, y).backward()
+    assert p.grad.abs().sum() > 0
+
+
+def test_ssim_matches_direct_zero_padded_reference(pair):
+    x, y = pair
+    g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    w = (g[:, None] * g[None, :]) / (g.sum() ** 2)
+    w = w.expand(3, 1, 11, 11)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, w, padding=5, groups=3)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    assert SSIMLoss()(x, y).item() == pytest.approx(1 - ssim.mean().item(), abs=1e-5)
+
+
+def test_colour_histogram_disjoint_images_give_two():
+    x = torch.full((1, 3, 8, 8), 0.1)
+    y = torch.full((1, 3, 8, 8), 0.9)
+    assert ColourHistogramLoss()(x, y).item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_focal_hand_value():
+    logits = torch.zeros(1, 2, 1, 1)  # p = 0.5 for both classes
+    mask = torch.ones(1, 1, 1, 1)
+    pt = 0.5 * (1 - 1e-5) + 0.5 * 1e-5 + 1e-5
+    assert focal_loss(logits, mask).item() == pytest.approx(-((1 - pt) ** 2) * math.log(pt), rel=1e-5)
+    confident = torch.tensor([[[[-10.0]], [[10.0]]]])
+    assert FocalLoss()(confident, mask).item() < 1e-6
+    p = logits.clone().requires_grad_(True)
+    FocalLoss()(p, mask).backward()
+    assert p.grad[0, 1] < 0  # pushes the anomaly logit up
