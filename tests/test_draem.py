@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from adkit.components import DetectorContext
+from adkit.data.perlin import perlin_noise
+from adkit.engine import TrainSettings, load_checkpoint, train_detector
+from adkit.errors import AdkitError
+from adkit_plugins.draem.detector import Draem
+from adkit_plugins.draem.networks import DiscriminativeSubNetwork, ReconstructiveSubNetwork
+from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, rotate, synthesize
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_at_default_widths():
+    assert count(ReconstructiveSubNetwork()) == 69_048_579
+    assert count(DiscriminativeSubNetwork()) == 28_374_146
+
+
+def tiny_draem(catalog, losses=(), replace=False):
+    torch.manual_seed(0)
+    detector = Draem(recon_width=4, disc_width=4, lr=1e-3, schedule="constant")
+    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"),
+                                   losses=list(losses), replace_losses=replace))
+    return detector
+
+
+def test_losses_compose_by_name(catalog):
+    names = [name for name, _, _ in tiny_draem(catalog, ["color:weight=0.1", "psnr:weight=0.2"]).reconstruction_losses]
+    assert names == ["l2:weight=1.0", "ssim:weight=1.0", "color:weight=0.1", "psnr:weight=0.2"]
+    only = tiny_draem(catalog, ["l2"], replace=True).reconstruction_losses
+    assert [w for _, w, _ in only] == [1.0] and len(only) == 1
+
+
+def test_training_steps_decrease_loss_on_a_fixed_batch(catalog):
+    detector = tiny_draem(catalog)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    optimizer, _ = detector.configure_optimizer(10)
+    losses = []
+    for _ in range(15):
+        out = detector.training_step(images, torch.Generator().manual_seed(7))  # same synthesis every step
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_anomaly_map_shape_and_range(catalog):
+    maps = tiny_draem(catalog).eval().anomaly_map(torch.rand(2, 3, 32, 32))
+    assert maps.shape == (2, 1, 32, 32) and 0 <= maps.min() and maps.max() <= 1
+
+
+def _train(catalog, path, steps, resume=False, every=0):
+    detector = tiny_draem(catalog)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    settings = TrainSettings(steps=steps, batch_size=2, seed=5, checkpoint_every=every)
+    train_detector(detector, images, settings, torch.device("cpu"), path, {"detector": "draem"}, resume=resume)
+    return detector
+
+
+def test_resume_reaches_the_same_weights(catalog, tmp_path):
+    straight = _train(catalog, tmp_path / "a.pt", steps=6)
+    # an interrupted run: stop after 3 steps (as a kill would leave the step-3 checkpoint), then resume
+    _train(catalog, tmp_path / "b.pt", steps=3)
+    payload = load_checkpoint(tmp_path / "b.pt")
+    payload["total_steps"] = 6
+    resumed = _train(catalog, tmp_path / "b.pt", steps=6, resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(catalog, tmp_path):
+    _train(catalog, tmp_path / "c.pt", steps=1)
+    before = (tmp_path / "c.pt").read_bytes()
+    with pytest.raises(AdkitError, match="pass --resume"):
+        _train(catalog, tmp_path / "c.pt", steps=1)
+    assert (tmp_path / "c.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(catalog, tmp_path):
+    path = tmp_path / "n.pt"
+    _train(catalog, path, steps=2, every=1)
+    good = path.read_bytes()
+    detector = tiny_draem(catalog)
+    images = torch.full((6, 3, 32, 32), math.nan)
+    with pytest.raises(AdkitError, match="non-finite loss .* last good checkpoint is kept"):
+        train_detector(detector, images, TrainSettings(steps=4, batch_size=2, checkpoint_every=1),
+                       torch.device("cpu"), path, {}, resume=True)
+    assert path.read_bytes() == good
+
+
+def slow_synthesis_stats(n, size, seed):
+    """Per-sample reference: one Perlin field per sample, rotated, thresholded; p = 0.5 no anomaly."""
+    g = torch.Generator().manual_seed(seed)
+    coverage, empty = [], 0
+    for _ in range(n):
+        a, b = torch.randint(0, 6, (2,), generator=g).tolist()
+        noise = perlin_noise(1, (size, size), (2**a, 2**b), generator=g)
+        noise = rotate(noise[:, None], torch.empty(1).uniform_(-90, 90, generator=g))
+        mask = (noise > 0.5).float()
+        if torch.rand((), generator=g) < 0.5:
+            mask.zero_()
+        empty += int(mask.sum() == 0)
+        coverage.append(mask.mean().item())
+    return torch.tensor(coverage), empty / n
+
+
+def test_batched_synthesis_statistics_match_slow_reference():
+    size, n = 32, 400
+    images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(3))
+    batch = synthesize(images, torch.Generator().manual_seed(4))
+    assert set(batch.mask.unique().tolist()) <= {0.0, 1.0}
+    assert 0 <= batch.beta.min() and batch.beta.max() < 0.8
+    coverage = batch.mask.mean(dim=(1, 2, 3))
+    reference, reference_empty = slow_synthesis_stats(n, size, 5)
+    empty = (coverage == 0).float().mean().item()
+    assert abs(empty - reference_empty) < 0.1 and 0.45 < empty < 0.75
+    nonzero, ref_nonzero = coverage[coverage > 0], reference[reference > 0]
+    assert abs(nonzero.mean() - ref_nonzero.mean()) < 0.03
+    # outside the mask the image is the (possibly rotated) normal image; inside it is the blend
+    outside = batch.mask == 0
+    assert torch.equal(batch.augmented.expand_as(images)[outside.expand_as(images)],
+                       batch.normal[outside.expand_as(images)])
+    rotated = ~torch.isclose(batch.normal, images).flatten(1).all(dim=1)
+    assert 0.2 < rotated.float().mean() < 0.4
+
+
+def test_texture_source_and_augmentations(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    for i in range(3):
+        folder = tmp_path / "images" / f"class{i}"
+        folder.mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    source = AnomalySource(tmp_path / "images", 32, torch.device("cpu"))
+    images = torch.rand(16, 3, 32, 32)
+    batch = synthesize(images, torch.Generator().manual_seed(0), source, SynthesisSettings(no_anomaly_p=0.0))
+    assert batch.augmented.min() >= 0 and batch.augmented.max() <= 1
+    assert batch.has_anomaly.any()
+    with pytest.raises(AdkitError, match="not a folder"):
+        AnomalySource(tmp_path / "nope", 32, torch.device("cpu"))
+
+
+def test_cli_train_test_predict_on_a_folder(invoke, tmp_path):
+    data = "synthetic:size=32,n_train=8,n_test=6"
+    out = tmp_path / "run"
+    common = ["--data", data, "--category", "carpet", "--image-size", "32", "--steps", "3", "--batch-size", "2"]
+    code, _, err = invoke("run", "--detector", "draem:recon_width=4,disc_width=4", "--post", "freqmask",
+                          "--scorer", "maxmin", *common, "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads((out / "carpet" / "metrics.json").read_text())
+    assert {"image_auroc", "pixel_auroc", "aupro", "threshold"} <= set(metrics)
+    checkpoint = out / "carpet" / "checkpoint.pt"
+    code, _, err = invoke("test", "--checkpoint", str(checkpoint), "--data", data, "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    images = out / "carpet" / "overlays"  # a folder of unlabelled PNGs
+    code, _, err = invoke("predict", "--checkpoint", str(checkpoint), str(images), "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    rows = (tmp_path / "p" / "scores.csv").read_text().splitlines()
+    assert rows[0] == "path,label,score,prediction" and len(rows) > 1
+    code, _, err = invoke("run", "--detector", "draem:recon_width=4,disc_width=4", *common, "--out", str(out))
+    assert code != 0 and "pass --resume" in err
