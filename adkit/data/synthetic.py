@@ -24,7 +24,7 @@ from adkit.data.perlin import fractal_noise, perlin_noise
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 DEFECTS = ("scratch", "cut", "hole", "stain", "crease", "thread")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Texture = Callable[[torch.Generator, int], torch.Tensor]
 
@@ -144,7 +144,7 @@ def _blob(g: torch.Generator, size: int, radius: float, roughness: float) -> tor
 def add_defect(image: torch.Tensor, defect: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply one defect to a texture (3, H, W); returns the image and its exact mask (1, H, W) float."""
     size = image.shape[-1]
-    contrast = _uniform(g, 0.12, 0.6)  # subtle to strong
+    contrast = _uniform(g, 0.06, 0.45)  # subtle to strong
     scale = _uniform(g, 0.5, 1.5) * size / 256  # defect size relative to a 256 px image
     out = image.clone()
     if defect in ("scratch", "cut", "thread"):
