@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from sklearn.metrics import roc_curve
 
 from adkit import metrics, report
 from adkit.components import Detector, DetectorContext, Pipeline
@@ -201,7 +202,7 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     if len(train.samples) == 0:
         raise AdkitError(f"{category}: no readable training images")
     detector = build_detector(plan_)
-    steps = plan_.steps_for(len(train.samples))
+    steps = plan_.steps_for(len(train.samples)) if detector.trainable else 1
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
                              checkpoint_every=cfg.checkpoint_every or 0)
     meta = {"detector": str(plan_.detector), "category": category, "image_size": plan_.image_size,
@@ -217,6 +218,7 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
 
         result = train_detector(detector, train.images, settings, plan_.device, folder / "checkpoint.pt", meta,
                                 resume=resume, on_step=on_step)
+        progress.update(task, completed=steps)
     log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)
     skipped = train.skipped + val.skipped + test.skipped
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
@@ -250,16 +252,51 @@ def _write_category_files(run_: CategoryRun, scores: torch.Tensor, maps: torch.T
                           result: dict[str, Any], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     report.write_json(folder / "metrics.json", result)
+    _write_curves(run_, scores, maps, result, folder)
     rows = [{"path": str(s.path), "label": s.label, "score": f"{float(v):.6g}", "prediction": int(float(v) > threshold)}
             for s, v in zip(run_.test.samples, scores)]
     report.write_scores_csv(folder / "scores.csv", rows)
     pixel_threshold = float(np.quantile(maps[run_.test.labels == 0].numpy(), 0.99)) if (run_.test.labels == 0).any() else 0.5
     vmax = float(maps.max()) if maps.numel() else 1.0
-    order = sorted(range(len(run_.test.samples)), key=lambda i: -run_.test.samples[i].label)[:OVERLAY_SAMPLES]
-    for i in order:
+    for i in _overlay_sample(run_.test.samples):
         sample = run_.test.samples[i]
         panel = report.overlay_panel(run_.test.images[i], maps[i], pixel_threshold, vmax, run_.test.masks[i])
         report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
+
+
+def _overlay_sample(samples: list[Any], count: int = OVERLAY_SAMPLES) -> list[int]:
+    """Indices of up to ``count`` test images, taken round-robin over defect types (normal images last)."""
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.defect, []).append(i)
+    queues = [groups[k] for k in sorted(groups, key=lambda d: (d == "good", d))]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def _write_curves(run_: CategoryRun, scores: torch.Tensor, maps: torch.Tensor, result: dict[str, Any],
+                  folder: Path) -> None:
+    """roc.png (image and pixel ROC) and pro.png (PRO against FPR, the 0.3 limit marked)."""
+    labels = run_.test.labels.numpy()
+    masks = run_.test.masks[:, 0].numpy() > 0.5
+    curves = []
+    if 0 < labels.sum() < labels.size:
+        fpr, tpr, _ = roc_curve(labels, scores.numpy())
+        curves.append((f"image AUROC {result['image_auroc']:.3f}", fpr, tpr))
+    if masks.any() and not masks.all():
+        fpr, tpr, _ = roc_curve(masks.ravel(), maps[:, 0].numpy().ravel())
+        curves.append((f"pixel AUROC {result['pixel_auroc']:.3f}", fpr, tpr))
+        fprs, pros = metrics.pro_curve(maps[:, 0].numpy(), masks)
+        step = max(1, len(fprs) // 2000)
+        report.save_png_atomic(report.curve_plot([(f"AUPRO@0.3 {result['aupro']:.3f}", fprs[::step], pros[::step])],
+                                                 f"PRO curve, {run_.category}", "FPR", "PRO", x_marker=0.3),
+                               folder / "pro.png")
+    if curves:
+        report.save_png_atomic(report.curve_plot(curves, f"ROC, {run_.category}", "FPR", "TPR"), folder / "roc.png")
 
 
 def _configure_log(out: Path) -> None:

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import csv
+import json
+
+
+def test_bench_grid_trains_once_and_rescores(invoke, tmp_path):
+    out = tmp_path / "bench"
+    code, stdout, err = invoke("bench", "synthetic:size=32,n_train=8,n_test=6", "--categories", "carpet,tile",
+                               "--detector", "draem:recon_width=4,disc_width=4", "--image-size", "32",
+                               "--steps", "2", "--batch-size", "2",
+                               "--grid", "post=avgpool:kernel=5,freqmask", "--grid", "scorer=max,maxmin",
+                               "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "bench.json").read_text())
+    assert len(rows) == 2 * 4
+    configurations = list(dict.fromkeys(r["configuration"] for r in rows))
+    assert configurations == ["post=avgpool:kernel=5 scorer=max", "post=avgpool:kernel=5 scorer=maxmin",
+                              "post=freqmask scorer=max", "post=freqmask scorer=maxmin"]
+    # one training per category: re-scoring must not retrain
+    assert len(list(out.rglob("checkpoint.pt"))) == 2
+    table = (out / "bench.md").read_text()
+    assert "| carpet |" in table and "| mean |" in table and "| delta | +0.000 |" in table
+    with open(out / "bench.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 8
+    assert "carpet" in stdout and "delta" in stdout
+
+
+def test_run_writes_curves_and_overlays_across_defects(invoke, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", "synthetic:size=32,n_train=8,n_test=12",
+                          "--category", "wood", "--image-size", "32", "--out", str(out))
+    assert code == 0, err
+    folder = out / "wood"
+    assert (folder / "roc.png").stat().st_size > 0 and (folder / "pro.png").stat().st_size > 0
+    defects = {p.name.split("-")[0] for p in (folder / "overlays").iterdir()}
+    assert len(defects) >= 6  # round-robin over the six defect types, then normal images
+    assert (out / "summary.md").read_text().startswith("| category |")
