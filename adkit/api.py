@@ -100,7 +100,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     name, raw = split_spec(config.detector[0], "detector")
     cls = _detector_class(catalog, name)
     presets: dict[str, dict[str, Any]] = getattr(cls, "presets", {})
-    preset_name = config.preset or ("quick" if config.data == "synthetic" and "quick" in presets else None)
+    on_synthetic = split_spec(config.data)[0] == "synthetic" and not config.normal
+    preset_name = config.preset or ("quick" if on_synthetic and "quick" in presets else None)
     if preset_name is not None and preset_name not in presets:
         raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(presets) or 'none'}")
     preset = presets.get(preset_name, {}) if preset_name else {}
@@ -135,7 +136,17 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
 
 
 def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:
+    """The dataset a config names; ``--root`` fills a ``root`` parameter, ``--normal/--abnormal/--masks``
+    select the folder dataset."""
     name, raw = split_spec(config.data, "dataset")
+    folders = {k: v for k, v in (("normal", config.normal), ("abnormal", config.abnormal),
+                                 ("masks", config.masks)) if v}
+    if folders:
+        if name not in ("folder", "synthetic") or "normal" not in folders:
+            raise AdkitError("--normal/--abnormal/--masks describe the folder dataset: give --normal DIR "
+                             "(and use --data folder or leave --data out)")
+        name = "folder"
+        raw.update(folders)
     info = catalog["dataset"].get(name)
     if config.root and "root" in info.params and "root" not in raw:
         raw["root"] = config.root

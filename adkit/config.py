@@ -33,6 +33,9 @@ class RunConfig:
     data: str = "synthetic"
     category: list[str] = field(default_factory=list)
     root: str | None = None
+    normal: str | None = None
+    abnormal: str | None = None
+    masks: str | None = None
     preset: str | None = None
     device: str = "auto"
     seed: int = 0

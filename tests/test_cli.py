@@ -85,3 +85,16 @@ def test_python_api_matches_cli(tmp_path):
     results = api.run(RunConfig(detector=["pixel-gauss"], data=TINY, category=["wood"], image_size=32,
                                 out=str(tmp_path / "py")))
     assert results[0]["category"] == "wood" and "image_auroc" in results[0]
+
+
+def test_folder_flags(invoke, tmp_path, mvtec_tree):
+    base = mvtec_tree / "widget"
+    out = tmp_path / "f"
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--normal", str(base / "train" / "good"),
+                          "--abnormal", str(base / "test" / "scratch"), "--masks", str(base / "ground_truth" / "scratch"),
+                          "--image-size", "16", "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads((out / "good" / "metrics.json").read_text())
+    assert metrics["n_anomalous"] == 2 and metrics["n_test"] == 3
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--abnormal", str(base), "--image-size", "16")
+    assert code != 0 and "give --normal DIR" in err

@@ -1,0 +1,132 @@
+"""Speed and memory of DRAEM training and inference (issue: speed and memory).
+
+    python benchmarks/speed.py [--size 256] [--batch 8] [--device auto] [--recon-width 128] [--disc-width 64]
+                               [--steps 5] [--json]
+
+Median seconds per training step (anomaly synthesis + forward + backward + optimiser step, after a warm-up),
+split into synthesis / forward / backward+update; inference images per second of the detector alone and followed
+by each built-in post-processor; peak memory (RSS on CPU, max allocated on GPU). With --json the last line is one
+JSON object with those figures and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from adkit.components import DetectorContext
+from adkit.engine import autocast, resolve_device
+from adkit.plugins import get_catalog
+from adkit_plugins.draem.synthesis import synthesize
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--recon-width", type=int, default=128)
+    parser.add_argument("--disc-width", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps after one warm-up step")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    catalog = get_catalog()
+    detector = catalog["detector"].create(f"draem:recon_width={args.recon_width},disc_width={args.disc_width}")
+    detector.setup(DetectorContext(catalog=catalog, image_size=args.size, device=device))
+    detector.to(device).train()
+    if device.type == "cuda":
+        detector.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats()
+    optimizer, _ = detector.configure_optimizer(1000)
+    images = torch.rand(args.batch, 3, args.size, args.size, device=device)
+
+    parts: dict[str, list[float]] = {"synthesis_s": [], "forward_s": [], "backward_update_s": [], "train_step_s": []}
+    for step in range(args.steps + 1):
+        g = torch.Generator(device=device).manual_seed(step)
+        sync(device)
+        t0 = time.perf_counter()
+        batch = synthesize(images, g, None, detector.synthesis)
+        sync(device)
+        t1 = time.perf_counter()
+        with autocast(device):
+            out = detector.training_step(images, torch.Generator(device=device).manual_seed(step))
+        sync(device)
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        sync(device)
+        t3 = time.perf_counter()
+        if step == 0:
+            continue  # warm-up
+        # training_step includes its own synthesis: forward = (t2 - t1) - synthesis time
+        parts["synthesis_s"].append(t1 - t0)
+        parts["forward_s"].append(max(0.0, (t2 - t1) - (t1 - t0)))
+        parts["backward_update_s"].append(t3 - t2)
+        parts["train_step_s"].append(t3 - t1)
+        del batch
+
+    detector.eval()
+    infer: dict[str, float] = {}
+    posts = [None] + [f"{name}" for name in ("avgpool", "gaussian", "freqmask")]
+    with torch.inference_mode():
+        for post_name in posts:
+            post = catalog["postprocessor"].create(post_name).to(device) if post_name else None
+            times = []
+            for rep in range(max(2, args.steps // 2) + 1):
+                sync(device)
+                t0 = time.perf_counter()
+                with autocast(device):
+                    maps = detector.anomaly_map(images)
+                if post is not None:
+                    maps = post(maps.float())
+                sync(device)
+                if rep:
+                    times.append(time.perf_counter() - t0)
+            infer[post_name or "detector"] = args.batch / statistics.median(times)
+
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result = {
+        "size": args.size, "batch": args.batch, "recon_width": args.recon_width, "disc_width": args.disc_width,
+        "device": str(device),
+        **{k: statistics.median(v) for k, v in parts.items()},
+        "infer_img_s": infer["detector"],
+        "infer_img_s_with_post": {k: v for k, v in infer.items() if k != "detector"},
+        "peak_memory_mib": peak,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+    }
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>22}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
