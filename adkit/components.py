@@ -12,7 +12,7 @@ describes it for plugin authors.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,9 @@ class Detector(nn.Module, ABC):
     def setup(self, context: DetectorContext) -> None:
         """Build what depends on the run (losses, samplers, image size); called once before training."""
 
+    def on_train_start(self, images: Tensor, generator: torch.Generator) -> None:
+        """Called once before the first training step with all training images (N, 3, H, W) on the CPU."""
+
     def training_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """One optimisation step's losses for an image batch; the key ``loss`` is minimised, others are logged.
         ``generator`` (on the images' device) drives every random draw, so a run is reproducible."""
@@ -87,11 +90,16 @@ class Scorer(nn.Module):
 
 
 class Sampler(ABC):
-    """Draws low-energy samples for an energy network ``energy(x) -> (B,)``, starting from ``x0``."""
+    """Draws low-energy samples of an energy network. The network maps inputs (B, C, H, W) in [-1, 1] to
+    f(x) (B,), high on data; the energy is E(x) = -f(x), so samplers climb f. Samplers count their cost in
+    ``full_passes`` (forward + backward through the whole network) and ``first_layer_passes``."""
+
+    full_passes: int = 0
+    first_layer_passes: int = 0
 
     @abstractmethod
-    def sample(self, network: nn.Module, x0: Tensor, energy: Callable[[Tensor], Tensor]) -> Tensor:
-        """Samples of the same shape as ``x0``."""
+    def sample(self, network: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Samples of the same shape as ``x0``, detached; random draws from ``generator``."""
 
 
 class Pipeline:

@@ -149,6 +149,7 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
     n = images.shape[0]
     if n == 0:
         raise AdkitError("no training images")
+    detector.on_train_start(images, torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "start")))
     for step in range(first_step, settings.steps):
         idx = batch_indices(step, n, settings.batch_size, settings.seed)
         x = images[idx].to(device, non_blocking=True)

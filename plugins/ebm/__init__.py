@@ -1,0 +1,19 @@
+"""Energy-based anomaly detection (patch-based EBM with the JEM++ PYLD-M-N sampler)."""
+
+from __future__ import annotations
+
+from adkit import hookimpl
+from adkit_plugins.ebm.detectors import EBMImage, EBMPatch
+from adkit_plugins.ebm.samplers import PYLD, SGLD
+
+
+@hookimpl
+def register_detectors(register):
+    register("ebm-image", EBMImage, help="Image-level energy-based model (JEM++ WRN), score = energy")
+    register("ebm-patch", EBMPatch, help="Patch-level energy-based model, map = grid of patch energies")
+
+
+@hookimpl
+def register_samplers(register):
+    register("pyld", PYLD, help="PYLD-M-N (JEM++): M full passes, N first-layer steps each")
+    register("sgld", SGLD, help="SGLD (JEM): K full-gradient Langevin steps")

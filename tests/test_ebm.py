@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adkit.components import DetectorContext
+from adkit_plugins.ebm.detectors import EBMImage, EBMPatch
+from adkit_plugins.ebm.networks import WideResNetEnergy
+from adkit_plugins.ebm.samplers import PYLD, SGLD, ReplayBuffer, first_conv
+
+
+class QuadraticWell(nn.Module):
+    """f(x) = -sum (conv1(x) - c)^2 with conv1 the identity: energy is lowest at x = c."""
+
+    def __init__(self, centre: float = 0.3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(self.conv1.weight)
+        self.centre = centre
+
+    def forward(self, x):
+        return -((self.conv1(x) - self.centre) ** 2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("sampler", [PYLD(M=10, N=5, alpha=0.05), SGLD(K=40, step=0.05, noise=0.001)])
+def test_samplers_move_toward_low_energy(sampler):
+    well = QuadraticWell()
+    x0 = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = sampler.sample(well, x0, torch.Generator().manual_seed(1))
+    assert (-well(x)).mean() < 0.2 * (-well(x0)).mean()
+    assert (x - 0.3).abs().max() < (x0 - 0.3).abs().max()
+
+
+def test_pyld_inner_loop_equals_direct_clipped_steps():
+    torch.manual_seed(0)
+    conv1 = nn.Conv2d(3, 4, 3, padding=1)
+    sampler = PYLD(M=1, N=4, alpha=0.2, eps=0.05)
+    x = torch.rand(2, 3, 6, 6) * 2 - 1
+    p = torch.randn(2, 4, 6, 6)
+    got = sampler.inner_steps(conv1, x, p)
+    expected = x.clone()
+    for _ in range(4):  # grad of sum(conv1(x) * p) is the transposed convolution of p
+        grad = F.conv_transpose2d(p, conv1.weight, padding=1)
+        expected = (expected + 0.2 * grad.clamp(-0.05, 0.05)).clamp(-1, 1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert sampler.first_layer_passes == 4 and sampler.full_passes == 0
+
+
+def test_pyld_outer_gradients_and_projection():
+    torch.manual_seed(0)
+    network = WideResNetEnergy(depth=10, widen=1)
+    sampler = PYLD(M=3, N=2, alpha=5.0)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    x = sampler.sample(network, x0)
+    assert x.min() >= -1 and x.max() <= 1 and not x.requires_grad
+    assert sampler.full_passes == 3 and sampler.first_layer_passes == 6
+    assert first_conv(network) is network.conv1
+    eta, p = sampler.outer_gradients(network, x0, network.conv1)
+    assert eta.shape == x0.shape and p.shape == (2, 16, 8, 8)
+
+
+def test_pyld_finds_first_layer_of_a_timm_backbone():
+    from adkit_plugins.ebm.networks import TimmEnergy
+
+    network = TimmEnergy("resnet10t")
+    x = PYLD(M=1, N=1).sample(network, torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert x.shape == (2, 3, 32, 32)
+
+
+def test_replay_buffer_gaussian_init_and_reinit():
+    data = torch.randn(50, 3, 4, 4) * 0.1 + 0.5
+    buffer = ReplayBuffer(20, (3, 4, 4), reinit=0.0)
+    g = torch.Generator().manual_seed(0)
+    buffer.fit(data.clamp(-1, 1), g)
+    assert abs(buffer.samples.mean().item() - 0.5) < 0.05
+    start, index = buffer.draw(8, g)
+    assert torch.equal(start, buffer.samples[index])
+    buffer.store(index, torch.zeros_like(start))
+    assert buffer.samples[index].abs().sum() == 0
+    assert ReplayBuffer(10, (3, 4, 4), reinit=1.0).draw(4, g)[0].abs().sum() > 0
+
+
+def test_wrn_28_10_trunk_parameters():
+    network = WideResNetEnergy(28, 10)
+    trunk = sum(p.numel() for name, p in network.named_parameters() if not name.startswith("head"))
+    assert trunk == 36_482_880  # the spec's 36.5 M
+
+
+@pytest.mark.parametrize("cls,params", [
+    (EBMImage, dict(depth=10, widen=1, buffer_size=16)),
+    (EBMPatch, dict(depth=10, widen=1, buffer_size=16, patch_size=8, crop=0.5, grid=2)),
+])
+def test_ebm_training_step_and_map(catalog, cls, params):
+    torch.manual_seed(0)
+    detector = cls(**params, sampler="pyld:M=2,N=2")
+    detector.setup(DetectorContext(catalog=catalog, image_size=16, device=torch.device("cpu")))
+    images = torch.rand(6, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    detector.on_train_start(images, g)
+    out = detector.training_step(images[:4], g)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and detector.network.conv1.weight.grad is not None
+    maps = detector.eval().anomaly_map(images[:2])
+    expected = (2, 1, 1, 1) if cls is EBMImage else (2, 1, 2, 2)
+    assert maps.shape == expected
+
+
+def test_patch_grid_is_row_major(catalog):
+    detector = EBMPatch(depth=10, widen=1, patch_size=8, grid=2)
+    images = torch.zeros(1, 3, 16, 16)
+    images[..., 8:, :8] = 1.0  # bottom-left quadrant
+    patches = detector.patches(images)
+    assert [round(p.mean().item()) for p in patches] == [0, 0, 1, 0]
