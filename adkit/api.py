@@ -95,8 +95,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     if not config.detector:
         raise AdkitError(f"give a detector with --detector NAME (available: {', '.join(catalog['detector'].names()) or 'none'})")
     if len(config.detector) > 1:
-        raise AdkitError("several --detector values form an ensemble, which needs the ensemble scorers; "
-                         "run one --detector at a time for now")
+        raise AdkitError("plan() takes one detector; run() trains several as an ensemble")
     name, raw = split_spec(config.detector[0], "detector")
     cls = _detector_class(catalog, name)
     presets: dict[str, dict[str, Any]] = getattr(cls, "presets", {})
@@ -236,20 +235,23 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
 
 
 def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path,
-             write_files: bool = True) -> dict[str, Any]:
-    """Test metrics for one category and pipeline; the threshold is fitted on the validation split."""
+             write_files: bool = True, scores_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Test metrics for one category and pipeline; the threshold is fitted on the validation split.
+    ``scores_out``, when given, receives the image scores of the ``test`` and ``val`` splits."""
     device, batch = plan_.device, max(plan_.batch_size, 8)
     test = run_pipeline(pipeline, run_.test.images, batch, device)
     val_source = run_.val if len(run_.val.samples) else run_.train
     val = run_pipeline(pipeline, val_source.images, batch, device)
     threshold = metrics.fit_threshold(val.scores.numpy())
+    if scores_out is not None:
+        scores_out.update(test=test.scores, val=val.scores)
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
                               "n_anomalous": int(labels.sum()), "threshold": threshold}
     result.update(metrics.image_metrics(labels, test.scores.numpy()))
     pixel_maps = test.raw if plan_.config.pixel_map == "raw" else upsample(test.processed, test.raw.shape[-2:])
     masks = run_.test.masks[:, 0].numpy()
-    if masks.any():
+    if masks.any() and test.native_size != (1, 1):  # an image-level detector has no pixel-level opinion
         result.update(metrics.pixel_metrics(pixel_maps[:, 0].numpy(), masks))
     result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
     result["train_s"] = run_.train_seconds
@@ -359,7 +361,10 @@ def _markdown(results: list[dict[str, Any]]) -> str:
 
 
 def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
-    """Train then test per category; writes everything under the output folder and prints the table."""
+    """Train then test per category; writes everything under the output folder and prints the table.
+    Several detectors (or ``--ensemble``) train each one and report each alone and their ensemble."""
+    if len(config.detector) > 1 or config.ensemble:
+        return run_ensemble(config, resume)
     plan_ = plan(config)
     out = _output_dir(plan_.config, plan_.detector.name)
     _configure_log(out)
@@ -375,6 +380,51 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     Console().print(_summary_table(results, f"{plan_.detector} on {plan_.config.data}"))
     console.print(f"results in {out}")
     return results
+
+
+def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Train and test every detector per category, then combine their image scores with the ensemble scorer
+    (fitted on validation normal images). Rows: each detector alone, then the ensemble."""
+    catalog = get_catalog()
+    if len(config.detector) < 2:
+        raise AdkitError("--ensemble combines several detectors: give --detector at least twice")
+    ensemble_spec = config.ensemble or "mean"
+    try:  # fail on bad parameters before training
+        catalog["ensemble"].create(ensemble_spec).check(len(config.detector))
+    except ValueError as exc:
+        raise AdkitError(f"--ensemble {ensemble_spec}: {exc}") from None
+    plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
+    names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
+    out = _output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
+    _configure_log(out)
+    report.write_text_atomic(out / "config.toml", config.replace(
+        category=plans[0].categories, ensemble=ensemble_spec).to_toml())
+    rows: list[dict[str, Any]] = []
+    for category in plans[0].categories:
+        per_detector: list[dict[str, torch.Tensor]] = []
+        labels = None
+        for name, plan_ in zip(names, plans):
+            folder = out / name / category
+            run_ = train_category(plan_, category, folder, resume=resume)
+            scores: dict[str, torch.Tensor] = {}
+            result = evaluate(plan_, run_, build_pipeline(plan_, run_.detector), folder, scores_out=scores)
+            rows.append({"configuration": name, **result})
+            per_detector.append(scores)
+            labels = run_.test.labels.numpy()
+        ensemble = catalog["ensemble"].create(ensemble_spec)
+        ensemble.fit([s["val"] for s in per_detector])
+        combined = ensemble.combine([s["test"] for s in per_detector]).float()
+        result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
+                  **metrics.image_metrics(labels, combined.numpy())}
+        report.write_json(out / "ensemble" / category / "metrics.json", result)
+        rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
+    _print_bench(rows, out)
+    return rows
+
+
+def _unique_name(name: str, index: int, plans: list[RunPlan]) -> str:
+    same = [p for p in plans if p.detector.name == name]
+    return name if len(same) == 1 else f"{name}-{index + 1}"
 
 
 def train(config: RunConfig, resume: bool = False) -> Path:

@@ -102,6 +102,22 @@ class Sampler(ABC):
         """Samples of the same shape as ``x0``, detached; random draws from ``generator``."""
 
 
+class Ensemble(ABC):
+    """Combines image scores of several detectors. ``fit`` sees each detector's scores on held-out normal
+    images (never test labels); ``combine`` maps each detector's test scores (N,) to ensemble scores (N,)."""
+
+    def check(self, count: int) -> None:
+        """Raise ValueError if this ensemble cannot combine ``count`` detectors (e.g. a weight per detector)."""
+
+    @abstractmethod
+    def fit(self, normal_scores: list[Tensor]) -> None:
+        """Learn the per-detector normalisation from validation scores of normal images."""
+
+    @abstractmethod
+    def combine(self, scores: list[Tensor]) -> Tensor:
+        """Ensemble scores (N,) from one score tensor (N,) per detector, in the order given to ``fit``."""
+
+
 class Pipeline:
     """detector -> post-processors -> scorer, on image batches."""
 

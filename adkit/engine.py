@@ -207,6 +207,7 @@ class Predictions:
     processed: Tensor
     scores: Tensor
     seconds: float
+    native_size: tuple[int, int] = (0, 0)  # the detector's own map size, before upsampling
 
 
 @torch.inference_mode()
@@ -216,12 +217,14 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
     for module in (*pipeline.postprocessors, pipeline.scorer):
         module.to(device)
     raw_maps, processed_maps, scores = [], [], []
+    native_size = (0, 0)
     start = time.perf_counter()
     for x in _batches(images, batch_size, device):
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             raw = pipeline.raw_maps(x)
+        native_size = (raw.shape[-2], raw.shape[-1])
         raw = upsample(raw, x.shape[-2:])
         processed = pipeline.postprocess(raw)
         scores.append(pipeline.score(processed).float().cpu())
@@ -233,7 +236,7 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
     if not raw_maps:
         empty = torch.zeros(0, 1, *images.shape[-2:])
         return Predictions(empty, empty, torch.zeros(0), seconds)
-    return Predictions(torch.cat(raw_maps), torch.cat(processed_maps), torch.cat(scores), seconds)
+    return Predictions(torch.cat(raw_maps), torch.cat(processed_maps), torch.cat(scores), seconds, native_size)
 
 
 def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

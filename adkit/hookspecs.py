@@ -60,6 +60,12 @@ def register_scorers(register: Register) -> None:
 
 
 @hookspec
+def register_ensembles(register: Register) -> None:
+    """Register ensemble scorers: factories returning an :class:`adkit.components.Ensemble`, which combines the
+    image scores of several detectors after normalising each on held-out normal images."""
+
+
+@hookspec
 def register_datasets(register: Register) -> None:
     """Register datasets: factories returning an :class:`adkit.data.AnomalyDataset` (train / validation / test
     splits of image paths with labels and masks)."""

@@ -27,6 +27,7 @@ KIND_HOOKS = {
     "sampler": "register_samplers",
     "postprocessor": "register_postprocessors",
     "scorer": "register_scorers",
+    "ensemble": "register_ensembles",
     "dataset": "register_datasets",
 }
 

@@ -28,6 +28,10 @@ class EveryHook:
         register("t-scorer", lambda: "c")
 
     @hookimpl
+    def register_ensembles(self, register):
+        register("t-ensemble", lambda: "e")
+
+    @hookimpl
     def register_datasets(self, register):
         register("t-dataset", lambda: "x")
 
@@ -40,7 +44,7 @@ def test_each_component_hook_registers_its_kind():
     catalog = Catalog()
     assert catalog.add_plugin(EveryHook(), name="every").status == "ok"
     for kind, value in (("detector", "d"), ("loss", "l"), ("sampler", "s"), ("postprocessor", "p"),
-                        ("scorer", "c"), ("dataset", "x")):
+                        ("scorer", "c"), ("ensemble", "e"), ("dataset", "x")):
         assert catalog[kind].create(f"t-{kind if kind != 'postprocessor' else 'post'}") == value
 
     class Group:

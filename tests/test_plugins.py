@@ -10,7 +10,7 @@ from adkit import hookimpl, hookspecs
 from adkit.plugins import Catalog, load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILT_INS = {"datasets", "draem", "filters", "freqmask", "losses", "scorers"}
+BUILT_INS = {"datasets", "draem", "ebm", "ensembles", "filters", "freqmask", "losses", "scorers"}
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
 
 

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adkit_plugins.ensembles import Maximum, RankMean, WeightedMean
+
+
+def test_zscore_mean_hand_values():
+    ensemble = WeightedMean(normalise="zscore", weights=(0.25, 0.75))
+    ensemble.fit([torch.tensor([0.0, 2.0]), torch.tensor([10.0, 30.0])])
+    # z = (s - mean) / std: detector 1 mean 1, std sqrt(2); detector 2 mean 20, std sqrt(200)
+    out = ensemble.combine([torch.tensor([1.0 + 2**0.5]), torch.tensor([20.0 - 200**0.5])])
+    assert out.item() == pytest.approx(0.25 * 1 + 0.75 * -1)
+
+
+def test_minmax_max_and_rank():
+    maximum = Maximum(normalise="minmax")
+    maximum.fit([torch.tensor([0.0, 4.0]), torch.tensor([1.0, 2.0])])
+    assert maximum.combine([torch.tensor([2.0]), torch.tensor([3.0])]).item() == pytest.approx(2.0)
+    rank = RankMean()
+    rank.fit([torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])])
+    assert rank.combine([torch.tensor([5.0]), torch.tensor([0.0])]).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="weights"):
+        WeightedMean(weights=(-1.0, 1.0))
+
+
+def test_cli_ensemble_reports_each_detector_and_the_ensemble(invoke, tmp_path):
+    out = tmp_path / "ens"
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--detector", "pixel-gauss:min_std=0.1",
+                          "--ensemble", "rank", "--data", "synthetic:size=32,n_train=8,n_test=6",
+                          "--category", "tile", "--image-size", "32", "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "bench.json").read_text())
+    assert [r["configuration"] for r in rows] == ["pixel-gauss-1", "pixel-gauss-2", "ensemble rank"]
+    assert (out / "ensemble" / "tile" / "metrics.json").is_file()
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--ensemble", "mean")
+    assert code != 0 and "at least twice" in err
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--detector", "pixel-gauss", "--ensemble",
+                          "mean:weights=1+1+1", "--data", "synthetic:size=32,n_train=8,n_test=6",
+                          "--category", "tile", "--out", str(tmp_path / "bad"))
+    assert code != 0 and "3 ensemble weights for 2 detectors" in err and not (tmp_path / "bad").exists()
