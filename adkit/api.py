@@ -601,9 +601,18 @@ def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
         md.append(f"| {category} | " + " | ".join(cells) + " |")
     mean_cells = [_fmt(means[c]) for c in configurations]
     delta_cells = [f"{means[c] - means[configurations[0]]:+.3f}" for c in configurations]
-    table.add_row("mean", *mean_cells)
-    table.add_row("delta", *delta_cells)
-    md += [f"| mean | " + " | ".join(mean_cells) + " |", f"| delta | " + " | ".join(delta_cells) + " |"]
+
+    def total(column: str, c: str) -> float:
+        values = [lookup[(k, c)].get(column) for k in categories if (k, c) in lookup]
+        return float(np.nansum([v for v in values if isinstance(v, float)]))
+
+    train_cells = [_fmt(total("train_s", c), 1) for c in configurations]
+    rate_cells = [_fmt(float(np.nanmean([lookup[(k, c)].get("infer_img_s", np.nan) for k in categories
+                                          if (k, c) in lookup])), 1) for c in configurations]
+    for label, cells in (("mean", mean_cells), ("delta", delta_cells), ("train s (sum)", train_cells),
+                         ("infer img/s (mean)", rate_cells)):
+        table.add_row(label, *cells)
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
     Console().print(table)
     report.write_text_atomic(out / "bench.md", "\n".join(md) + "\n")
     report.write_json(out / "bench.json", rows)

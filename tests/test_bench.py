@@ -21,6 +21,7 @@ def test_bench_grid_trains_once_and_rescores(invoke, tmp_path):
     assert len(list(out.rglob("checkpoint.pt"))) == 2
     table = (out / "bench.md").read_text()
     assert "| carpet |" in table and "| mean |" in table and "| delta | +0.000 |" in table
+    assert "| train s (sum) |" in table and "| infer img/s (mean) |" in table
     with open(out / "bench.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 8
     assert "carpet" in stdout and "delta" in stdout

@@ -134,3 +134,14 @@ def test_magnetic_tile_reads_as_is():
     assert len(splits.train) + len(splits.val) == 571 and sum(s.label for s in splits.test) > 0
     loaded = load_split(splits.test[:4] + splits.test[-4:], 64)
     assert loaded.images.shape == (8, 3, 64, 64)
+
+
+def test_synth_command_writes_what_mvtec_reads(invoke, tmp_path):
+    out = tmp_path / "synth"
+    code, _, err = invoke("synth", "--out", str(out), "--category", "leather", "--size", "32", "--train", "3",
+                          "--test", "4")
+    assert code == 0, err
+    splits = MVTecDataset(root=str(out), val_fraction=0).load("leather")
+    assert len(splits.train) == 3 and sum(s.label for s in splits.test) == 2
+    code, _, err = invoke("synth", "--out", str(out), "--category", "velvet")
+    assert code != 0 and "unknown category 'velvet'" in err
