@@ -113,3 +113,18 @@ def test_patch_grid_is_row_major(catalog):
     images[..., 8:, :8] = 1.0  # bottom-left quadrant
     patches = detector.patches(images)
     assert [round(p.mean().item()) for p in patches] == [0, 0, 1, 0]
+
+
+def test_low_rank_buffer_reproduces_correlated_data():
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(3 * 4 * 4, generator=g)
+    direction = direction / direction.norm()
+    coefficients = torch.randn(400, 1, generator=g) * 0.3
+    data = (coefficients * direction).view(400, 3, 4, 4) + 0.01 * torch.randn(400, 3, 4, 4, generator=g)
+    buffer = ReplayBuffer(300, (3, 4, 4), reinit=0.0, rank=1)
+    buffer.fit(data, g)
+    along = buffer.samples.flatten(1) @ direction
+    assert 0.2 < along.std() < 0.4  # the principal direction's spread is kept
+    diagonal = ReplayBuffer(300, (3, 4, 4), reinit=0.0)
+    diagonal.fit(data, g)
+    assert (diagonal.samples.flatten(1) @ direction).std() < 0.15  # a diagonal Gaussian loses it

@@ -34,13 +34,14 @@ class EBMImage(Detector):
     def __init__(self, backbone: str = "wrn", depth: int = 28, widen: int = 10, lr: float = 1e-4,
                  weight_decay: float = 4e-4, data_noise: float = 0.1, buffer_size: int = 10000,
                  reinit: float = 0.05, buffer_init: Literal["gaussian", "uniform"] = "gaussian",
-                 sampler: str = "pyld"):
+                 sampler: str = "pyld", buffer_rank: int = 0):
         super().__init__()
         if lr <= 0 or weight_decay < 0 or data_noise < 0:
             raise ValueError("ebm needs lr > 0, weight_decay >= 0, data_noise >= 0")
         self.network = energy_network(backbone, depth, widen)
         self.lr, self.weight_decay, self.data_noise = lr, weight_decay, data_noise
         self.buffer_size, self.reinit, self.buffer_init = buffer_size, reinit, buffer_init
+        self.buffer_rank = buffer_rank
         self.sampler_spec = sampler
         self.sampler = None
         self.buffer: ReplayBuffer | None = None
@@ -51,7 +52,7 @@ class EBMImage(Detector):
     def setup(self, context: DetectorContext) -> None:
         self.sampler = context.catalog["sampler"].create(context.sampler or self.sampler_spec)
         size = self.input_size(context)
-        self.buffer = ReplayBuffer(self.buffer_size, (3, size, size), self.reinit, self.buffer_init)
+        self.buffer = ReplayBuffer(self.buffer_size, (3, size, size), self.reinit, self.buffer_init, self.buffer_rank)
 
     def on_train_start(self, images: Tensor, generator: torch.Generator) -> None:
         """Fit the buffer's Gaussian to the training inputs (once; a resumed run keeps its chains)."""
@@ -98,10 +99,10 @@ class EBMPatch(EBMImage):
     def __init__(self, backbone: str = "wrn", depth: int = 28, widen: int = 10, lr: float = 1e-4,
                  weight_decay: float = 4e-4, data_noise: float = 0.1, buffer_size: int = 100,
                  reinit: float = 0.05, buffer_init: Literal["gaussian", "uniform"] = "gaussian",
-                 sampler: str = "pyld", patch_size: int = 128, crop: float = 0.25, center_std: float = 0.3,
-                 grid: int = 7):
+                 sampler: str = "pyld", buffer_rank: int = 0, patch_size: int = 128, crop: float = 0.25,
+                 center_std: float = 0.3, grid: int = 7):
         super().__init__(backbone, depth, widen, lr, weight_decay, data_noise, buffer_size, reinit, buffer_init,
-                         sampler)
+                         sampler, buffer_rank)
         if patch_size < 8 or not 0 < crop <= 1 or center_std < 0 or grid < 1:
             raise ValueError("ebm-patch needs patch_size >= 8, crop in (0, 1], center_std >= 0, grid >= 1")
         self.patch_size, self.crop, self.center_std, self.grid = patch_size, crop, center_std, grid

@@ -97,15 +97,19 @@ class ReplayBuffer(nn.Module):
     Gaussian fitted to training data (diagonal, per pixel) or uniform on [-1, 1]. Its tensors are buffers, so
     checkpoints hold the chains and a resumed run continues them."""
 
-    def __init__(self, size: int, shape: tuple[int, ...], reinit: float = 0.05, init: str = "gaussian"):
+    def __init__(self, size: int, shape: tuple[int, ...], reinit: float = 0.05, init: str = "gaussian",
+                 rank: int = 0):
         super().__init__()
         if init not in ("gaussian", "uniform"):
             raise ValueError("replay buffer init must be gaussian or uniform")
-        if size < 1 or not 0 <= reinit <= 1:
-            raise ValueError("replay buffer needs size >= 1 and reinit in [0, 1]")
-        self.size, self.shape, self.reinit, self.init = size, tuple(shape), reinit, init
+        if size < 1 or not 0 <= reinit <= 1 or rank < 0:
+            raise ValueError("replay buffer needs size >= 1, reinit in [0, 1] and rank >= 0")
+        self.size, self.shape, self.reinit, self.init, self.rank = size, tuple(shape), reinit, init, rank
         self.register_buffer("mean", torch.zeros(self.shape))
         self.register_buffer("std", torch.ones(self.shape))
+        # low-rank option: covariance = V diag(s^2) V^T + diag(std^2), V (D, rank) the top principal directions
+        dim = int(torch.tensor(self.shape).prod())
+        self.register_buffer("components", torch.zeros(dim, rank))
         self.register_buffer("samples", torch.zeros((size, *self.shape)))
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
 
@@ -114,6 +118,15 @@ class ReplayBuffer(nn.Module):
         self.mean.copy_(data.mean(dim=0))
         if data.shape[0] > 1:
             self.std.copy_(data.std(dim=0).clamp_min(1e-3))
+        if self.rank and data.shape[0] > 1:
+            centred = (data - self.mean).flatten(1).double()
+            q = min(self.rank, *centred.shape)
+            _, singular, directions = torch.pca_lowrank(centred, q=q, center=False)
+            scaled = directions * (singular / (data.shape[0] - 1) ** 0.5)  # (D, q)
+            self.components.zero_()
+            self.components[:, :q] = scaled.float()
+            explained = (scaled**2).sum(dim=1).view(self.shape).float()
+            self.std.copy_((self.std**2 - explained).clamp_min(1e-6).sqrt())
         self.samples.copy_(self.fresh(self.size, generator))
         self.filled.fill_(True)
 
@@ -122,7 +135,11 @@ class ReplayBuffer(nn.Module):
         if self.init == "uniform":
             return torch.rand((n, *self.shape), generator=generator, device=device) * 2 - 1
         noise = torch.randn((n, *self.shape), generator=generator, device=device)
-        return (self.mean + self.std * noise).clamp(-1, 1)
+        sample = self.mean + self.std * noise
+        if self.rank:
+            z = torch.randn((n, self.rank), generator=generator, device=device)
+            sample = sample + (z @ self.components.T).view(n, *self.shape)
+        return sample.clamp(-1, 1)
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(starting points (n, *shape), their buffer indices (n,))."""
