@@ -25,10 +25,13 @@ from adkit.engine import TrainSettings, train_detector
 from adkit_plugins.ebm.samplers import PYLD, SGLD
 
 
-def trace(sampler, network, x0, outer: int) -> list[dict[str, float]]:
-    """Run ``outer`` single-step calls, recording energy, seconds and full passes after each."""
+def trace(sampler, network, x0, outer: int, stop_at: float | None = None) -> list[dict[str, float]]:
+    """Run up to ``outer`` single-step calls, recording energy, seconds and full passes after each; stop early
+    once the mean energy is at or below ``stop_at``."""
     points, x, start = [], x0, time.perf_counter()
     for _ in range(outer):
+        if stop_at is not None and points and points[-1]["energy"] <= stop_at:
+            break
         x = sampler.sample(network, x, torch.Generator().manual_seed(len(points)))
         with torch.no_grad():
             energy = (-network(x)).mean().item()
@@ -62,23 +65,25 @@ def main() -> None:
     with torch.no_grad():
         start_energy = (-network(x0)).mean().item()
     pyld = trace(PYLD(M=1, N=args.N), network, x0, args.steps)
-    sgld = trace(SGLD(K=1), network, x0, args.steps)
+    sgld = trace(SGLD(K=1), network, x0, args.steps * 10, stop_at=pyld[-1]["energy"])
     # the energy PYLD reaches after all its steps, and when SGLD first gets there
     target = pyld[-1]["energy"]
     sgld_hit = next((p for p in sgld if p["energy"] <= target), None)
     result = {
         "category": args.category, "size": args.size, "batch": args.batch, "start_energy": start_energy,
-        "pyld": {"M": args.steps, "N": args.N, **pyld[-1]}, "sgld": {"K": args.steps, **sgld[-1]},
+        "pyld": {"M": args.steps, "N": args.N, **pyld[-1]}, "sgld": {"K": len(sgld), **sgld[-1]},
         "sgld_seconds_to_pyld_energy": sgld_hit["seconds"] if sgld_hit else None,
+        "sgld_passes_to_pyld_energy": sgld_hit["full_passes"] if sgld_hit else None,
         "speedup_at_pyld_energy": (sgld_hit["seconds"] / pyld[-1]["seconds"]) if sgld_hit else None,
         "pyld_trace": pyld, "sgld_trace": sgld,
     }
     if not args.json:
         print(f"start energy {start_energy:.3f}")
         print("step | PYLD energy  s  full | SGLD energy  s  full")
-        for i, (p, s) in enumerate(zip(pyld, sgld)):
-            print(f"{i + 1:4d} | {p['energy']:10.3f} {p['seconds']:5.2f} {p['full_passes']:3d} | "
-                  f"{s['energy']:10.3f} {s['seconds']:5.2f} {s['full_passes']:3d}")
+        for i, s in enumerate(sgld):
+            p = pyld[i] if i < len(pyld) else None
+            left = f"{p['energy']:10.3f} {p['seconds']:5.2f} {p['full_passes']:3d}" if p else " " * 20
+            print(f"{i + 1:4d} | {left} | {s['energy']:10.3f} {s['seconds']:5.2f} {s['full_passes']:3d}")
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("trace")}))
 
 
