@@ -300,7 +300,7 @@ def _write_curves(run_: CategoryRun, scores: torch.Tensor, maps: torch.Tensor, r
     if 0 < labels.sum() < labels.size:
         fpr, tpr, _ = roc_curve(labels, scores.numpy())
         curves.append((f"image AUROC {result['image_auroc']:.3f}", fpr, tpr))
-    if masks.any() and not masks.all():
+    if "pixel_auroc" in result and not masks.all():  # no pixel metrics: image-level detector or no masks
         fpr, tpr, _ = roc_curve(masks.ravel(), maps[:, 0].numpy().ravel())
         curves.append((f"pixel AUROC {result['pixel_auroc']:.3f}", fpr, tpr))
         fprs, pros = metrics.pro_curve(maps[:, 0].numpy(), masks)
@@ -607,8 +607,11 @@ def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
         return float(np.nansum([v for v in values if isinstance(v, float)]))
 
     train_cells = [_fmt(total("train_s", c), 1) for c in configurations]
-    rate_cells = [_fmt(float(np.nanmean([lookup[(k, c)].get("infer_img_s", np.nan) for k in categories
-                                          if (k, c) in lookup])), 1) for c in configurations]
+    def mean_rate(c: str) -> float:
+        rates = [lookup[(k, c)]["infer_img_s"] for k in categories if "infer_img_s" in lookup.get((k, c), {})]
+        return float(np.mean(rates)) if rates else float("nan")  # ensembles have no rate of their own
+
+    rate_cells = [_fmt(mean_rate(c), 1) for c in configurations]
     for label, cells in (("mean", mean_cells), ("delta", delta_cells), ("train s (sum)", train_cells),
                          ("infer img/s (mean)", rate_cells)):
         table.add_row(label, *cells)

@@ -42,3 +42,19 @@ def test_cli_ensemble_reports_each_detector_and_the_ensemble(invoke, tmp_path):
                           "mean:weights=1+1+1", "--data", "synthetic:size=32,n_train=8,n_test=6",
                           "--category", "tile", "--out", str(tmp_path / "bad"))
     assert code != 0 and "3 ensemble weights for 2 detectors" in err and not (tmp_path / "bad").exists()
+
+
+def test_energy_detectors_run_from_cli_as_an_ensemble(invoke, tmp_path):
+    out = tmp_path / "ebm"
+    code, _, err = invoke("run", "--detector", "ebm-image:depth=10,widen=1,buffer_size=8",
+                          "--detector", "ebm-patch:depth=10,widen=1,buffer_size=8,patch_size=8,grid=2",
+                          "--sampler", "pyld:M=1,N=1", "--data", "synthetic:size=32,n_train=8,n_test=6",
+                          "--category", "grid", "--image-size", "16", "--steps", "2", "--batch-size", "4",
+                          "--out", str(out))
+    assert code == 0, err
+    image = json.loads((out / "ebm-image" / "grid" / "metrics.json").read_text())
+    patch = json.loads((out / "ebm-patch" / "grid" / "metrics.json").read_text())
+    assert "pixel_auroc" not in image and (out / "ebm-image" / "grid" / "roc.png").is_file()
+    assert "pixel_auroc" in patch and (out / "ebm-patch" / "grid" / "pro.png").is_file()
+    rows = json.loads((out / "bench.json").read_text())
+    assert rows[-1]["configuration"] == "ensemble mean"
