@@ -45,7 +45,6 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--anomaly-source", type=click.Path(), help="Texture folder (DTD layout) for anomaly synthesis."),
         click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images (counted in the report)."),
         click.option("--pixel-map", type=click.Choice(["raw", "post"]), help="Pixel metrics on the raw or post-processed map."),
-        click.option("--compile", is_flag=True, default=None, help="torch.compile the detector where supported."),
     ]
     for option in reversed(options):
         func = option(func)
