@@ -312,6 +312,16 @@ def _write_curves(run_: CategoryRun, scores: torch.Tensor, maps: torch.Tensor, r
         report.save_png_atomic(report.curve_plot(curves, f"ROC, {run_.category}", "FPR", "TPR"), folder / "roc.png")
 
 
+def _claim_output(out: Path, resume: bool) -> None:
+    """Refuse to write into a folder that holds another run's checkpoints (unless resuming it), before any
+    file is written there."""
+    if out.is_dir() and not resume:
+        existing = next(out.rglob("checkpoint.pt"), None)
+        if existing is not None:
+            raise AdkitError(f"{out} already holds a run ({existing}): choose another --out, or pass --resume")
+    _configure_log(out)
+
+
 def _configure_log(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "log.txt")
@@ -367,7 +377,7 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         return run_ensemble(config, resume)
     plan_ = plan(config)
     out = _output_dir(plan_.config, plan_.detector.name)
-    _configure_log(out)
+    _claim_output(out, resume)
     report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
     results = []
     for category in plan_.categories:
@@ -396,7 +406,7 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
     plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
     names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
     out = _output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
-    _configure_log(out)
+    _claim_output(out, resume)
     report.write_text_atomic(out / "config.toml", config.replace(
         category=plans[0].categories, ensemble=ensemble_spec).to_toml())
     rows: list[dict[str, Any]] = []
@@ -431,7 +441,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     """Train per category; checkpoints in <out>/<category>/checkpoint.pt. Returns the output folder."""
     plan_ = plan(config)
     out = _output_dir(plan_.config, plan_.detector.name)
-    _configure_log(out)
+    _claim_output(out, resume)
     report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
     for category in plan_.categories:
         train_category(plan_, category, out / category, resume=resume, load_test=False)
@@ -531,7 +541,7 @@ def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
     score_keys = [k for k in axes if k in ("post", "scorer")]
     base = plan(config)
     out = _output_dir(base.config, "bench")
-    _configure_log(out)
+    _claim_output(out, resume=False)
     rows: list[dict[str, Any]] = []
     for train_values in itertools.product(*(axes[k] for k in train_keys)):
         train_cfg = config

@@ -168,5 +168,7 @@ def test_cli_train_test_predict_on_a_folder(invoke, tmp_path):
     rows = (tmp_path / "p" / "scores.csv").read_text().splitlines()
     assert rows[0] == "path,label,score,prediction" and len(rows) > 1
     assert all(row.rsplit(",", 1)[1] in ("0", "1") for row in rows[1:])  # threshold fitted by run on validation
+    config_before = (out / "config.toml").read_text()
     code, _, err = invoke("run", "--detector", "draem:recon_width=4,disc_width=4", *common, "--out", str(out))
-    assert code != 0 and "pass --resume" in err
+    assert code != 0 and "already holds a run" in err and "--resume" in err
+    assert (out / "config.toml").read_text() == config_before  # nothing of the earlier run overwritten
