@@ -1,4 +1,5 @@
-"""Classic post-processors for anomaly maps: ``avgpool`` (DRAEM's image-score smoothing), ``gaussian``, ``unsharp``.
+"""Classic post-processors for anomaly maps: ``avgpool`` (DRAEM's image-score smoothing), ``gaussian``, ``unsharp``,
+``crop`` (ignore the border).
 
 Each is a pure function on (B, 1, H, W) maps plus a thin module holding its parameters; device and dtype follow
 the input.
@@ -32,6 +33,29 @@ def unsharp_mask(anomaly_map: Tensor, amount: float = 1.0, sigma: float = 2.0) -
     """Classic unsharp masking g = f + amount * (f - gaussian(f)): emphasises high frequencies."""
     check_map(anomaly_map, "unsharp")
     return anomaly_map + amount * (anomaly_map - gaussian_smooth(anomaly_map, sigma))
+
+
+def crop_border(anomaly_map: Tensor, pixels: int = 2) -> Tensor:
+    """Drop ``pixels`` rows and columns on every side: (B, 1, H, W) -> (B, 1, H - 2p, W - 2p). Zero-padded
+    convolutions make border responses unreliable; scoring the interior ignores them."""
+    check_map(anomaly_map, "crop")
+    h, w = anomaly_map.shape[-2:]
+    if 2 * pixels >= min(h, w):
+        raise ValueError(f"crop of {pixels} px leaves nothing of a {h}x{w} map")
+    return anomaly_map[..., pixels:h - pixels, pixels:w - pixels] if pixels else anomaly_map
+
+
+class Crop(PostProcessor):
+    """Drop a border of ``pixels`` on every side of the map."""
+
+    def __init__(self, pixels: int = 2):
+        super().__init__()
+        if pixels < 0:
+            raise ValueError("crop pixels must be >= 0")
+        self.pixels = pixels
+
+    def forward(self, anomaly_map: Tensor) -> Tensor:
+        return crop_border(anomaly_map, self.pixels)
 
 
 class AvgPool(PostProcessor):
@@ -78,3 +102,4 @@ def register_postprocessors(register):
     register("avgpool", AvgPool)
     register("gaussian", Gaussian)
     register("unsharp", Unsharp)
+    register("crop", Crop)

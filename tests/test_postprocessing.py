@@ -61,3 +61,15 @@ def test_freqmask_device_dtype_noise_and_gradients():
     assert m.grad.abs().sum() > 0
     assert torch.equal(FreqMask(seed=3).kernel0, FreqMask(seed=3).kernel0)
     assert not torch.equal(FreqMask(seed=3).kernel0, FreqMask(seed=4).kernel0)
+
+
+def test_crop_drops_the_border():
+    from adkit_plugins.filters import Crop
+
+    m = torch.zeros(1, 1, 8, 8)
+    m[0, 0, 0, :] = 5.0  # a hot border row
+    m[0, 0, 4, 4] = 1.0
+    out = Crop(2)(m)
+    assert out.shape == (1, 1, 4, 4) and out.max() == 1.0
+    with pytest.raises(ValueError):
+        Crop(4)(m)
