@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sklearn.metrics import roc_curve
 
-from adkit import metrics, report
+from adkit import distributed, metrics, report
 from adkit.components import Detector, DetectorContext, Pipeline
 from adkit.config import RunConfig
 from adkit.data.datasets import AnomalyDataset, CategorySplits, LoadedSplit, load_split
@@ -130,8 +130,9 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
             raise AdkitError(f"{option} must be >= 1")
     resolved = config.replace(preset=preset_name, image_size=image_size, batch_size=batch_size, steps=steps,
                               post=posts, scorer=scorer, category=categories)
+    device = distributed.init_from_environment(resolve_device(config.device))
     return RunPlan(resolved, catalog, detector, preset, image_size, batch_size, steps, epochs, posts, scorer,
-                   dataset, categories, resolve_device(config.device))
+                   dataset, categories, device)
 
 
 def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:
@@ -163,7 +164,7 @@ def _output_dir(config: RunConfig, detector: str) -> Path:
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=not distributed.is_main())
 
 
 def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = None) -> Detector:
@@ -319,7 +320,8 @@ def _claim_output(out: Path, resume: bool) -> None:
         existing = next(out.rglob("checkpoint.pt"), None)
         if existing is not None:
             raise AdkitError(f"{out} already holds a run ({existing}): choose another --out, or pass --resume")
-    _configure_log(out)
+    if distributed.is_main():
+        _configure_log(out)
 
 
 def _configure_log(out: Path) -> None:
@@ -378,13 +380,17 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     plan_ = plan(config)
     out = _output_dir(plan_.config, plan_.detector.name)
     _claim_output(out, resume)
-    report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    main = distributed.is_main()
+    if main:
+        report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
     results = []
     for category in plan_.categories:
         folder = out / category
         run_ = train_category(plan_, category, folder, resume=resume)
-        pipeline = build_pipeline(plan_, run_.detector)
-        results.append(evaluate(plan_, run_, pipeline, folder))
+        if main:  # under torchrun rank 0 evaluates and reports; the other ranks only train
+            results.append(evaluate(plan_, run_, build_pipeline(plan_, run_.detector), folder))
+    if not main:
+        return results
     report.write_json(out / "summary.json", {"config": plan_.config.__dict__, "results": results})
     report.write_text_atomic(out / "summary.md", _markdown(results))
     Console().print(_summary_table(results, f"{plan_.detector} on {plan_.config.data}"))
@@ -442,10 +448,12 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     plan_ = plan(config)
     out = _output_dir(plan_.config, plan_.detector.name)
     _claim_output(out, resume)
-    report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    if distributed.is_main():
+        report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
     for category in plan_.categories:
         train_category(plan_, category, out / category, resume=resume, load_test=False)
-    console.print(f"checkpoints in {out}")
+    if distributed.is_main():
+        console.print(f"checkpoints in {out}")
     return out
 
 

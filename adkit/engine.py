@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adkit import distributed
 from adkit.components import Detector, Pipeline
 from adkit.errors import AdkitError
 
@@ -113,7 +114,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> dict[str, float]:
     values = {k: float(v.detach()) for k, v in losses.items()}
-    if not math.isfinite(values["loss"]):
+    if not distributed.all_finite(losses["loss"]):
         kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
         raise AdkitError(f"training stopped: non-finite loss ({values['loss']}) at step {step + 1}; {kept}. "
                          "Lower the learning rate or check the data.")
@@ -132,10 +133,18 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
     start = time.perf_counter()
     if not detector.trainable:
         detector.fit(_batches(images, settings.batch_size, device))
-        save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
+        if distributed.is_main():
+            save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
+        distributed.barrier()
         return TrainResult(steps=0, seconds=time.perf_counter() - start)
 
     optimizer, scheduler = detector.configure_optimizer(settings.steps)
+    world, rank = distributed.world_size(), distributed.rank()
+    # under torchrun, gradients are averaged across ranks by DistributedDataParallel
+    step_module = _TrainingStep(detector)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
     first_step, history = 0, []
     if checkpoint.exists():
         if not resume:
@@ -151,13 +160,14 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         raise AdkitError("no training images")
     detector.on_train_start(images, torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "start")))
     for step in range(first_step, settings.steps):
-        idx = batch_indices(step, n, settings.batch_size, settings.seed)
+        idx = batch_indices(step * world + rank, n, settings.batch_size, settings.seed)
         x = images[idx].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        generator = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "train", step))
+        rank_key = (rank,) if world > 1 else ()  # single-process seeds stay as they were
+        generator = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "train", step, *rank_key))
         with autocast(device):
-            losses = detector.training_step(x, generator)
+            losses = step_module(x, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         logged = None
@@ -175,8 +185,21 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         if at_checkpoint or step + 1 == settings.steps:
             if logged is None:
                 _finite_or_stop(losses, step, checkpoint)
-            save_checkpoint(checkpoint, _payload(detector, optimizer, scheduler, step + 1, settings, meta, history))
+            if distributed.is_main():
+                save_checkpoint(checkpoint, _payload(detector, optimizer, scheduler, step + 1, settings, meta, history))
+            distributed.barrier()
     return TrainResult(steps=settings.steps - first_step, seconds=time.perf_counter() - start, history=history)
+
+
+class _TrainingStep(torch.nn.Module):
+    """Makes ``training_step`` the forward of a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        return self.detector.training_step(images, generator)
 
 
 def _payload(detector: Detector, optimizer: Any, scheduler: Any, step: int, settings: TrainSettings,

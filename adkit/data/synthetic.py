@@ -238,7 +238,11 @@ def write_dataset(out: Path, categories: list[str], size: int, seed: int, n_trai
         tmp = Path(tempfile.mkdtemp(prefix=f".{category}-", dir=out))
         try:
             write_category(tmp, category, size, seed, n_train, n_test)
-            os.replace(tmp / category, final)
+            try:
+                os.replace(tmp / category, final)
+            except OSError:
+                if not final.is_dir():  # another process (e.g. another rank) finished the same category first
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
