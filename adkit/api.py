@@ -119,15 +119,20 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
         raise AdkitError("--pixel-map must be raw or post")
     dataset = make_dataset(catalog, config)
     categories = dataset.resolve_categories(list(config.category))
-    steps = config.steps or preset.get("steps")
+    for option, value in (("--image-size", config.image_size), ("--batch-size", config.batch_size),
+                          ("--steps", config.steps), ("--checkpoint-every", config.checkpoint_every)):
+        if value is not None and value < 1:
+            raise AdkitError(f"{option} must be >= 1, got {value}")
+
+    def setting(value: int | None, key: str) -> int | None:
+        return value if value is not None else preset.get(key)
+
+    steps = setting(config.steps, "steps")
     epochs = preset.get("epochs") if steps is None else None
     if steps is None and epochs is None:
         steps = ENGINE_DEFAULTS["steps"]
-    image_size = config.image_size or preset.get("image_size") or ENGINE_DEFAULTS["image_size"]
-    batch_size = config.batch_size or preset.get("batch_size") or ENGINE_DEFAULTS["batch_size"]
-    for option, value in (("--image-size", image_size), ("--batch-size", batch_size), ("--steps", steps or 1)):
-        if value < 1:
-            raise AdkitError(f"{option} must be >= 1")
+    image_size = setting(config.image_size, "image_size") or ENGINE_DEFAULTS["image_size"]
+    batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
     resolved = config.replace(preset=preset_name, image_size=image_size, batch_size=batch_size, steps=steps,
                               post=posts, scorer=scorer, category=categories)
     device = distributed.init_from_environment(resolve_device(config.device))

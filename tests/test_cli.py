@@ -25,6 +25,8 @@ def test_plugins_command_lists_plugins_and_components(invoke):
     (["run", "--detector", "draem", "--preset", "fast"], "--preset fast: detector 'draem' has presets quick, paper"),
     (["run", "--detector", "draem", "--category", "velvet"], "category 'velvet' not found"),
     (["run"], "give a detector with --detector"),
+    (["run", "--detector", "draem", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["run", "--detector", "draem", "--image-size", "-3"], "--image-size must be >= 1, got -3"),
     (["run", "--detector", "draem", "--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
 ])
 def test_user_errors_are_one_line_without_traceback(invoke, args, needle):
