@@ -245,9 +245,14 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path
     """Test metrics for one category and pipeline; the threshold is fitted on the validation split.
     ``scores_out``, when given, receives the image scores of the ``test`` and ``val`` splits."""
     device, batch = plan_.device, max(plan_.batch_size, 8)
-    test = run_pipeline(pipeline, run_.test.images, batch, device)
     val_source = run_.val if len(run_.val.samples) else run_.train
-    val = run_pipeline(pipeline, val_source.images, batch, device)
+    n_test, n_val = len(run_.test.samples), len(val_source.samples)
+    with _progress() as progress:
+        task = progress.add_task(f"evaluate {run_.category}", total=n_test + n_val, info="")
+        test = run_pipeline(pipeline, run_.test.images, batch, device,
+                            on_batch=lambda done: progress.update(task, completed=done))
+        val = run_pipeline(pipeline, val_source.images, batch, device,
+                           on_batch=lambda done: progress.update(task, completed=n_test + done))
     threshold = metrics.fit_threshold(val.scores.numpy())
     if scores_out is not None:
         scores_out.update(test=test.scores, val=val.scores)
@@ -556,12 +561,17 @@ def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
     out = _output_dir(base.config, "bench")
     _claim_output(out, resume=False)
     rows: list[dict[str, Any]] = []
+    jobs = len(base.categories) * int(np.prod([len(axes[k]) for k in train_keys]))
+    job = 0
     for train_values in itertools.product(*(axes[k] for k in train_keys)):
         train_cfg = config
         for key, value in zip(train_keys, train_values):
             train_cfg = _apply_axis(train_cfg, key, value)
         plan_ = plan(train_cfg)
         for category in plan_.categories:
+            job += 1
+            console.print(f"bench job {job}/{jobs}: {category} " +
+                          " ".join(f"{k}={v}" for k, v in zip(train_keys, train_values)))
             name = "-".join(str(v).replace(":", "_").replace("+", "_") for v in train_values) or "base"
             run_ = train_category(plan_, category, out / name / category)
             for score_values in itertools.product(*(axes[k] for k in score_keys)):

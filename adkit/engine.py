@@ -234,8 +234,10 @@ class Predictions:
 
 
 @torch.inference_mode()
-def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.device) -> Predictions:
-    """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches."""
+def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.device,
+            on_batch: Callable[[int], None] | None = None) -> Predictions:
+    """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches; ``on_batch`` gets
+    the number of images done after each batch."""
     detector = pipeline.detector.to(device).eval()
     for module in (*pipeline.postprocessors, pipeline.scorer):
         module.to(device)
@@ -253,6 +255,8 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
         scores.append(pipeline.score(processed).float().cpu())
         raw_maps.append(raw.cpu())
         processed_maps.append(processed.float().cpu())
+        if on_batch is not None:
+            on_batch(sum(m.shape[0] for m in raw_maps))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
