@@ -13,7 +13,6 @@ import click
 
 from adkit import api
 from adkit.config import RunConfig, build_config, load_config_file
-from adkit.errors import AdkitError
 from adkit.plugins import get_catalog
 
 

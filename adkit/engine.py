@@ -9,7 +9,6 @@ the previous checkpoint intact; a non-finite loss stops training before anything
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
 import tempfile
@@ -238,7 +237,7 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
             on_batch: Callable[[int], None] | None = None) -> Predictions:
     """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches; ``on_batch`` gets
     the number of images done after each batch."""
-    detector = pipeline.detector.to(device).eval()
+    pipeline.detector.to(device).eval()
     for module in (*pipeline.postprocessors, pipeline.scorer):
         module.to(device)
     raw_maps, processed_maps, scores = [], [], []

@@ -4,10 +4,9 @@ import inspect
 import re
 from pathlib import Path
 
-import pytest
 
 from adkit import hookimpl, hookspecs
-from adkit.plugins import Catalog, load_catalog
+from adkit.plugins import load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_INS = {"datasets", "draem", "ebm", "ensembles", "filters", "freqmask", "losses", "scorers"}
