@@ -22,8 +22,8 @@ from sklearn.metrics import roc_curve
 from adkit import distributed, metrics, report
 from adkit.components import Detector, DetectorContext, Pipeline
 from adkit.config import RunConfig
-from adkit.data.datasets import AnomalyDataset, CategorySplits, LoadedSplit, load_split
-from adkit.data.io import is_image_file, list_images, load_image
+from adkit.data.datasets import AnomalyDataset, CategorySplits, LoadedSplit, Sample, load_split
+from adkit.data.io import is_image_file, list_images
 from adkit.engine import (TrainSettings, load_checkpoint, predict as run_pipeline, resolve_device, seed_everything,
                           train_detector, upsample)
 from adkit.errors import AdkitError
@@ -528,26 +528,20 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
     fitted = checkpoint.parent / "metrics.json"  # written by run/test: the threshold fitted on validation data
     threshold = json.loads(fitted.read_text()).get("threshold") if fitted.is_file() else None
     out = Path(config.out) if config.out else checkpoint.parent / "predict"
-    images, kept, skipped = [], [], []
-    for path in paths:
-        try:
-            images.append(load_image(path, size))
-            kept.append(path)
-        except AdkitError as exc:
-            if not config.skip_bad:
-                raise
-            skipped.append((path, exc.message))
-    if not images:
+    loaded = load_split([Sample(path, 0) for path in paths], size, config.skip_bad)
+    if not loaded.samples:
         raise AdkitError("no readable images to score")
-    result = run_pipeline(pipeline, torch.stack(images), config.batch_size or 8, device)
+    kept = [sample.path for sample in loaded.samples]
+    result = run_pipeline(pipeline, loaded.images, config.batch_size or 8, device)
     rows = [{"path": str(p), "label": "", "score": f"{float(s):.6g}",
              "prediction": "" if threshold is None else int(float(s) > threshold)} for p, s in zip(kept, result.scores)]
     report.write_scores_csv(out / "scores.csv", rows)
     vmax = float(result.raw.max())
+    pixel_threshold = float(np.quantile(result.raw.numpy(), 0.99))
     for i, path in enumerate(kept[:OVERLAY_SAMPLES * 4]):
-        panel = report.overlay_panel(images[i], result.raw[i], float(np.quantile(result.raw.numpy(), 0.99)), vmax)
+        panel = report.overlay_panel(loaded.images[i], result.raw[i], pixel_threshold, vmax)
         report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
-    console.print(f"scored {len(kept)} images ({len(skipped)} skipped); results in {out}")
+    console.print(f"scored {len(kept)} images ({len(loaded.skipped)} skipped); results in {out}")
     return out
 
 
