@@ -163,13 +163,14 @@ def _output_dir(config: RunConfig, detector: str) -> Path:
         return Path(config.out)
     cats = "-".join(config.category) if len(config.category) <= 2 else f"{len(config.category)}cats"
     data = split_spec(config.data)[0]
-    return Path("runs") / f"{detector}-{data}-{cats}-{time.strftime('%Y%m%d-%H%M%S')}"
+    default = Path("runs") / f"{detector}-{data}-{cats}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return distributed.all_gather_objects(default)[0]  # under torchrun every rank takes rank 0's clock
 
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False, disable=not distributed.is_main())
+                    console=console, transient=False, disable=distributed.process_rank() != 0)
 
 
 def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = None) -> Detector:
@@ -243,7 +244,9 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
 def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path,
              write_files: bool = True, scores_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Test metrics for one category and pipeline; the threshold is fitted on the validation split.
-    ``scores_out``, when given, receives the image scores of the ``test`` and ``val`` splits."""
+    ``scores_out``, when given, receives the image scores of the ``test`` and ``val`` splits. Under torchrun
+    every rank scores a shard of the images; rank 0 gets them all, computes the metrics and writes the files,
+    the other ranks return an empty dict."""
     device, batch = plan_.device, max(plan_.batch_size, 8)
     val_source = run_.val if len(run_.val.samples) else run_.train
     n_test, n_val = len(run_.test.samples), len(val_source.samples)
@@ -253,9 +256,11 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path
                             on_batch=lambda done: progress.update(task, completed=done))
         val = run_pipeline(pipeline, val_source.images, batch, device,
                            on_batch=lambda done: progress.update(task, completed=n_test + done))
-    threshold = metrics.fit_threshold(val.scores.numpy())
     if scores_out is not None:
         scores_out.update(test=test.scores, val=val.scores)
+    if not distributed.is_main():
+        return {}
+    threshold = metrics.fit_threshold(val.scores.numpy())
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
                               "n_anomalous": int(labels.sum()), "threshold": threshold}
@@ -332,6 +337,7 @@ def _claim_output(out: Path, resume: bool) -> None:
             raise AdkitError(f"{out} already holds a run ({existing}): choose another --out, or pass --resume")
     if distributed.is_main():
         _configure_log(out)
+    distributed.barrier()  # no rank writes there before every rank has checked
 
 
 def _configure_log(out: Path) -> None:
@@ -397,8 +403,9 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     for category in plan_.categories:
         folder = out / category
         run_ = train_category(plan_, category, folder, resume=resume)
-        if main:  # under torchrun rank 0 evaluates and reports; the other ranks only train
-            results.append(evaluate(plan_, run_, build_pipeline(plan_, run_.detector), folder))
+        result = evaluate(plan_, run_, build_pipeline(plan_, run_.detector), folder)
+        if main:  # under torchrun rank 0 reports; the other ranks helped train and score
+            results.append(result)
     if not main:
         return results
     report.write_json(out / "summary.json", {"config": plan_.config.__dict__, "results": results})
@@ -423,8 +430,10 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
     names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
     out = _output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
     _claim_output(out, resume)
-    report.write_text_atomic(out / "config.toml", config.replace(
-        category=plans[0].categories, ensemble=ensemble_spec).to_toml())
+    main = distributed.is_main()
+    if main:
+        report.write_text_atomic(out / "config.toml", config.replace(
+            category=plans[0].categories, ensemble=ensemble_spec).to_toml())
     rows: list[dict[str, Any]] = []
     for category in plans[0].categories:
         per_detector: list[dict[str, torch.Tensor]] = []
@@ -437,6 +446,8 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
             rows.append({"configuration": name, **result})
             per_detector.append(scores)
             labels = run_.test.labels.numpy()
+        if not main:
+            continue
         ensemble = catalog["ensemble"].create(ensemble_spec)
         ensemble.fit([s["val"] for s in per_detector])
         combined = ensemble.combine([s["test"] for s in per_detector]).float()
@@ -444,8 +455,9 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
                   **metrics.image_metrics(labels, combined.numpy())}
         report.write_json(out / "ensemble" / category / "metrics.json", result)
         rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
-    _print_bench(rows, out)
-    return rows
+    if main:
+        _print_bench(rows, out)
+    return rows if main else []
 
 
 def _unique_name(name: str, index: int, plans: list[RunPlan]) -> str:
@@ -486,7 +498,9 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     payload = load_checkpoint(checkpoint)
     plan_ = _plan_from_checkpoint(config, payload)
     out = Path(config.out) if config.out else checkpoint.parent / "test"
-    _configure_log(out)
+    main = distributed.is_main()
+    if main:
+        _configure_log(out)
     detector = _restore(plan_, payload)
     results = []
     for category in plan_.categories:
@@ -496,8 +510,11 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
                            load_split(splits.test, size, skip), 0.0, out)
         if not run_.val.samples:
             run_.train = load_split(splits.train, size, skip)
-        results.append(evaluate(plan_, run_, build_pipeline(plan_, detector), out / category))
-    Console().print(_summary_table(results, f"{plan_.detector} from {checkpoint}"))
+        result = evaluate(plan_, run_, build_pipeline(plan_, detector), out / category)
+        if main:
+            results.append(result)
+    if main:
+        Console().print(_summary_table(results, f"{plan_.detector} from {checkpoint}"))
     return results
 
 
@@ -517,7 +534,7 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
         else:
             raise AdkitError(f"{item} is neither an image file nor a folder")
     catalog = get_catalog()
-    device = resolve_device(config.device)
+    device = distributed.init_from_environment(resolve_device(config.device))
     size = meta["image_size"]
     detector = catalog["detector"].create(meta["detector"])
     detector.setup(DetectorContext(catalog=catalog, image_size=size, device=device, seed=config.seed))
@@ -533,6 +550,8 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
         raise AdkitError("no readable images to score")
     kept = [sample.path for sample in loaded.samples]
     result = run_pipeline(pipeline, loaded.images, config.batch_size or 8, device)
+    if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
+        return out
     rows = [{"path": str(p), "label": "", "score": f"{float(s):.6g}",
              "prediction": "" if threshold is None else int(float(s) > threshold)} for p, s in zip(kept, result.scores)]
     report.write_scores_csv(out / "scores.csv", rows)
@@ -547,39 +566,55 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
 
 def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
     """Run a configuration over categories; with ``grid`` axes (key=v1,v2) run every combination, training
-    once per detector/loss setting and re-scoring for post/scorer changes."""
+    once per detector/loss setting and re-scoring for post/scorer changes. Under torchrun the jobs (category x
+    training setting) are dealt to the ranks round-robin, each trained by one rank alone, and rank 0 gathers the
+    rows into the table a single process would write."""
     axes = _parse_grid(grid)
     train_keys = [k for k in axes if k in ("detector", "loss", "preset")]
     score_keys = [k for k in axes if k in ("post", "scorer")]
     base = plan(config)
     out = _output_dir(base.config, "bench")
     _claim_output(out, resume=False)
-    rows: list[dict[str, Any]] = []
-    jobs = len(base.categories) * int(np.prod([len(axes[k]) for k in train_keys]))
-    job = 0
+    jobs: list[tuple[tuple[str, ...], RunPlan, str]] = []
     for train_values in itertools.product(*(axes[k] for k in train_keys)):
         train_cfg = config
         for key, value in zip(train_keys, train_values):
             train_cfg = _apply_axis(train_cfg, key, value)
         plan_ = plan(train_cfg)
-        for category in plan_.categories:
-            job += 1
-            console.print(f"bench job {job}/{jobs}: {category} " +
+        jobs += [(train_values, plan_, category) for category in plan_.categories]
+    mine: list[tuple[int, list[dict[str, Any]]]] = []
+    workers, me = distributed.process_count(), distributed.process_rank()
+    with distributed.alone():
+        for job in range(me, len(jobs), workers):
+            train_values, plan_, category = jobs[job]
+            where = f" (rank {me})" if workers > 1 else ""
+            console.print(f"bench job {job + 1}/{len(jobs)}{where}: {category} " +
                           " ".join(f"{k}={v}" for k, v in zip(train_keys, train_values)))
-            name = "-".join(str(v).replace(":", "_").replace("+", "_") for v in train_values) or "base"
-            run_ = train_category(plan_, category, out / name / category)
-            for score_values in itertools.product(*(axes[k] for k in score_keys)):
-                posts, scorer = plan_.posts, plan_.scorer
-                for key, value in zip(score_keys, score_values):
-                    if key == "post":
-                        posts = [] if value == "none" else value.split("+")
-                    else:
-                        scorer = value
-                label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
-                result = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, posts, scorer),
-                                  out / name / category, write_files=not score_keys)
-                rows.append({"configuration": label or str(plan_.detector), **result})
-    _print_bench(rows, out)
+            mine.append((job, _bench_job(plan_, category, out, train_keys, train_values, score_keys, axes)))
+    gathered = [item for part in distributed.all_gather_objects(mine) for item in part]
+    rows = [row for _, job_rows in sorted(gathered, key=lambda item: item[0]) for row in job_rows]
+    if distributed.is_main():
+        _print_bench(rows, out)
+    return rows
+
+
+def _bench_job(plan_: RunPlan, category: str, out: Path, train_keys: list[str], train_values: tuple[str, ...],
+               score_keys: list[str], axes: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Train one category with one training setting, then score it with every post/scorer combination."""
+    name = "-".join(str(v).replace(":", "_").replace("+", "_") for v in train_values) or "base"
+    run_ = train_category(plan_, category, out / name / category)
+    rows = []
+    for score_values in itertools.product(*(axes[k] for k in score_keys)):
+        posts, scorer = plan_.posts, plan_.scorer
+        for key, value in zip(score_keys, score_values):
+            if key == "post":
+                posts = [] if value == "none" else value.split("+")
+            else:
+                scorer = value
+        label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
+        result = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, posts, scorer),
+                          out / name / category, write_files=not score_keys)
+        rows.append({"configuration": label or str(plan_.detector), **result})
     return rows
 
 

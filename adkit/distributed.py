@@ -2,23 +2,59 @@
 
 ``torchrun --nproc-per-node N -m adkit train ...`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address;
 adkit then joins the process group (NCCL on GPUs, gloo on CPUs), wraps training in DistributedDataParallel, gives
-every rank its own batches and anomaly-synthesis seeds, and lets only rank 0 write files.
+every rank its own batches and anomaly-synthesis seeds, and lets only rank 0 write files. Evaluation shards the
+images across ranks and gathers every prediction back in order, so metrics equal a single process's. ``adkit
+bench`` instead hands whole jobs to ranks: inside ``alone()`` a rank trains and evaluates as if it were the only
+process.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+_alone = False
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def process_rank() -> int:
+    """This process's rank in the process group, even inside ``alone()`` (0 without torchrun)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def process_count() -> int:
+    """The number of processes in the group, even inside ``alone()`` (1 without torchrun)."""
+    return dist.get_world_size() if _initialized() else 1
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """The ranks that share the current piece of work: 1 inside ``alone()``."""
+    return 1 if _alone else process_count()
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return 0 if _alone else process_rank()
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Within the block this process works by itself (world size 1, rank 0): no DDP, no sharding, no barriers,
+    and it writes its own files. For jobs handed whole to one rank."""
+    global _alone
+    previous, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = previous
 
 
 def is_main() -> bool:
@@ -50,3 +86,45 @@ def all_finite(value: torch.Tensor) -> bool:
         flag = flag.to(value.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() > 0)
+
+
+def broadcast_state(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers. DDP keeps parameters equal, but each rank updates its
+    own BatchNorm statistics in its last forward: after training, this makes every rank hold the checkpoint."""
+    if world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def shard(n: int) -> Tensor:
+    """Indices of the items this rank handles out of ``n``: rank, rank + world, ... (all of them in one process)."""
+    return torch.arange(rank(), n, world_size())
+
+
+def gather_shards(parts: list[Tensor], n: int) -> list[Tensor]:
+    """Inverse of ``shard``: every rank passes its rows of each tensor; every rank gets the full tensors (n, ...)
+    in the original order. Ranks with no rows pass empty tensors, whose trailing shape does not matter."""
+    world = world_size()
+    if world == 1:
+        return parts
+    everyone = all_gather_objects([p.cpu() for p in parts])
+    full = []
+    for k in range(len(parts)):
+        pieces = [everyone[r][k] for r in range(world)]
+        shaped = next((p for p in pieces if p.shape[0] > 0), pieces[0])
+        out = torch.empty(n, *shaped.shape[1:], dtype=shaped.dtype)
+        for r, piece in enumerate(pieces):
+            if piece.shape[0] > 0:
+                out[r::world] = piece
+        full.append(out)
+    return full
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (``[value]`` in one process)."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

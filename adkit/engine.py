@@ -187,6 +187,7 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
             if distributed.is_main():
                 save_checkpoint(checkpoint, _payload(detector, optimizer, scheduler, step + 1, settings, meta, history))
             distributed.barrier()
+    distributed.broadcast_state(detector)
     return TrainResult(steps=settings.steps - first_step, seconds=time.perf_counter() - start, history=history)
 
 
@@ -236,7 +237,11 @@ class Predictions:
 def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.device,
             on_batch: Callable[[int], None] | None = None) -> Predictions:
     """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches; ``on_batch`` gets
-    the number of images done after each batch."""
+    the number of images done after each batch. Under torchrun every rank scores its shard of the images and
+    every rank gets all the predictions back, in order."""
+    n = images.shape[0]
+    if distributed.world_size() > 1:
+        images = images[distributed.shard(n)]
     pipeline.detector.to(device).eval()
     for module in (*pipeline.postprocessors, pipeline.scorer):
         module.to(device)
@@ -259,10 +264,17 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    if not raw_maps:
-        empty = torch.zeros(0, 1, *images.shape[-2:])
-        return Predictions(empty, empty, torch.zeros(0), seconds)
-    return Predictions(torch.cat(raw_maps), torch.cat(processed_maps), torch.cat(scores), seconds, native_size)
+    if raw_maps:
+        raw, processed, score = torch.cat(raw_maps), torch.cat(processed_maps), torch.cat(scores)
+    else:
+        raw = processed = torch.zeros(0, 1, *images.shape[-2:])
+        score = torch.zeros(0)
+    if distributed.world_size() > 1:
+        raw, processed, score = distributed.gather_shards([raw, processed, score], n)
+        timings = distributed.all_gather_objects((seconds, native_size))
+        seconds = max(t for t, _ in timings)  # the slowest rank sets the pace
+        native_size = max(size for _, size in timings)
+    return Predictions(raw, processed, score, seconds, native_size)
 
 
 def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
+
+from adkit import api
+from adkit.config import RunConfig
 
 SCRIPT = """
 import sys
@@ -30,21 +35,120 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_training(tmp_path):
+def launch(script: str, *args: str, world: int = 2) -> list[str]:
+    """Run ``script`` in ``world`` processes wired as torchrun wires them; returns each rank's stdout + stderr."""
     port = free_port()
     procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "ddp")], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-2000:]
-    assert "RANK 0 WORLD 2 STEP 3" in outputs[0][0] and "RANK 1 WORLD 2 STEP 3" in outputs[1][0]
+    return [out + err for out, err in outputs]
+
+
+def test_two_process_ddp_training(tmp_path):
+    outputs = launch(SCRIPT, str(tmp_path / "ddp"))
+    assert "RANK 0 WORLD 2 STEP 3" in outputs[0] and "RANK 1 WORLD 2 STEP 3" in outputs[1]
     # only rank 0 wrote files: one checkpoint, one config, one log
     assert len(list((tmp_path / "ddp").rglob("checkpoint.pt"))) == 1
     assert not list((tmp_path / "ddp").rglob("*.tmp"))
     payload = torch.load(tmp_path / "ddp" / "wood" / "checkpoint.pt", weights_only=False)
     assert payload["step"] == 3
+
+
+TINY = dict(data="synthetic:size=32,n_train=8,n_test=6", image_size=32, batch_size=2)
+METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "threshold", "n_test")
+
+EVALUATE = """
+import json, sys
+from pathlib import Path
+from adkit import api, distributed
+from adkit.config import RunConfig
+out = Path(sys.argv[1])
+# the mean scorer and widths 8: a few steps give scores that differ between images
+tiny = dict(data="synthetic:size=32,n_train=8,n_test=6", image_size=32, batch_size=2, scorer="mean")
+ran = api.run(RunConfig(detector=["draem:recon_width=8,disc_width=8"], category=["wood"], steps=5, out=str(out / "run"),
+                        **tiny))
+tested = api.test(RunConfig(out=str(out / "test"), **tiny), out / "run" / "wood" / "checkpoint.pt")
+print("RESULT", distributed.rank(), json.dumps({"run": ran, "test": tested}))
+"""
+
+
+def _result_line(stdout: str) -> tuple[int, dict]:
+    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+    _, rank, payload = line.split(" ", 2)
+    return int(rank), json.loads(payload)
+
+
+def test_metrics_gathered_across_ranks_equal_a_single_process(tmp_path):
+    outputs = launch(EVALUATE, str(tmp_path))
+    (rank0, main), (rank1, other) = map(_result_line, outputs)
+    assert (rank0, rank1) == (0, 1)
+    assert other == {"run": [], "test": []}  # rank 1 scored its shard and left reporting to rank 0
+    assert main["run"][0]["n_test"] == 6  # every test image counted once: both shards came back
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same float sums, so equality can be exact
+    try:
+        single = api.test(RunConfig(out=str(tmp_path / "single"), scorer="mean", **TINY),
+                          tmp_path / "run" / "wood" / "checkpoint.pt")
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < single[0]["image_auroc"] != 0.5  # scores that differ between images, so the order matters
+    for key in METRICS:
+        assert main["test"][0][key] == single[0][key], key
+        assert main["run"][0][key] == single[0][key], key  # run's own (distributed) evaluation agrees too
+    # only rank 0 wrote the per-image scores, once per image, in dataset order
+    rows = (tmp_path / "test" / "wood" / "scores.csv").read_text().splitlines()
+    assert rows == (tmp_path / "single" / "wood" / "scores.csv").read_text().splitlines()
+
+
+BENCH = """
+import sys
+from adkit import api
+from adkit.config import RunConfig
+api.bench(RunConfig(detector=["draem:recon_width=4,disc_width=4"], data="synthetic:size=32,n_train=8,n_test=6",
+                    category=["carpet", "tile", "wood"], image_size=32, batch_size=2, steps=2, out=sys.argv[1]),
+          ["post=avgpool:kernel=5,freqmask"])
+"""
+
+
+def test_distributed_bench_writes_the_sequential_table(tmp_path):
+    outputs = launch(BENCH, str(tmp_path / "dist"))
+    assert "bench job 1/3 (rank 0)" in outputs[0] and "bench job 2/3 (rank 1)" in outputs[1]
+    api.bench(RunConfig(detector=["draem:recon_width=4,disc_width=4"], category=["carpet", "tile", "wood"],
+                        steps=2, out=str(tmp_path / "seq"), **TINY), ["post=avgpool:kernel=5,freqmask"])
+    distributed_rows = json.loads((tmp_path / "dist" / "bench.json").read_text())
+    sequential_rows = json.loads((tmp_path / "seq" / "bench.json").read_text())
+    assert len(distributed_rows) == len(sequential_rows) == 6
+    for d, s in zip(distributed_rows, sequential_rows):
+        assert (d["configuration"], d["category"]) == (s["configuration"], s["category"])
+        for key in METRICS:
+            # the ranks train with one thread each, this process with several: float sums differ in the last bits
+            assert d[key] == pytest.approx(s[key], abs=1e-4), (d["category"], key)
+    # each job trained once, by one rank, into its own folder
+    assert len(list((tmp_path / "dist").rglob("checkpoint.pt"))) == 3
+    def table(path):  # the timing rows differ by nature
+        return [line for line in path.read_text().splitlines() if not line.startswith(("| train", "| infer"))]
+
+    assert table(tmp_path / "dist" / "bench.md") == table(tmp_path / "seq" / "bench.md")
+
+
+def test_gather_shards_restores_order_for_uneven_shards(monkeypatch):
+    from adkit import distributed
+
+    n, world = 7, 3
+    full = [torch.arange(n * 2.0).view(n, 2), torch.arange(n)]
+    parts_by_rank = []
+    for r in range(world):  # what each rank's shard() picks, rank 2 of 3 with 2 of the 7 rows
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        parts_by_rank.append([t[distributed.shard(n)] for t in full])
+    assert [len(p[1]) for p in parts_by_rank] == [3, 2, 2]
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: parts_by_rank)
+    gathered = distributed.gather_shards(parts_by_rank[0], n)
+    assert torch.equal(gathered[0], full[0]) and torch.equal(gathered[1], full[1])
