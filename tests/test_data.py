@@ -145,3 +145,22 @@ def test_synth_command_writes_what_mvtec_reads(invoke, tmp_path):
     assert len(splits.train) == 3 and sum(s.label for s in splits.test) == 2
     code, _, err = invoke("synth", "--out", str(out), "--category", "velvet")
     assert code != 0 and "unknown category 'velvet'" in err
+
+
+def test_batched_perlin_equals_per_resolution_noise():
+    import math
+
+    from adkit.data.perlin import noise_from_angles, perlin_noise, perlin_noise_batch
+
+    size, top = (40, 56), 32
+    resolutions = [(1, 1), (2, 32), (32, 4), (8, 8), (16, 1)]
+    angles = torch.zeros(len(resolutions), top + 1, top + 1)
+    expected = []
+    for b, (ry, rx) in enumerate(resolutions):  # perlin_noise draws its lattice as below; place it in the corner
+        angles[b, :ry + 1, :rx + 1] = 2 * math.pi * torch.rand(1, ry + 1, rx + 1, generator=torch.Generator().manual_seed(b))
+        expected.append(perlin_noise(1, size, (ry, rx), generator=torch.Generator().manual_seed(b))[0])
+    got = noise_from_angles(angles, torch.tensor(resolutions), size)
+    assert got.shape == (5, *size)
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=0)
+    drawn = perlin_noise_batch(torch.tensor(resolutions), size, top, torch.Generator().manual_seed(0))
+    assert drawn.shape == (5, *size) and drawn.abs().max() <= 1.5 and drawn[0].std() > 0
