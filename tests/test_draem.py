@@ -172,3 +172,29 @@ def test_cli_train_test_predict_on_a_folder(invoke, tmp_path):
     code, _, err = invoke("run", "--detector", "draem:recon_width=4,disc_width=4", *common, "--out", str(out))
     assert code != 0 and "already holds a run" in err and "--resume" in err
     assert (out / "config.toml").read_text() == config_before  # nothing of the earlier run overwritten
+
+
+def test_fallback_sources_without_a_texture_folder():
+    images = torch.rand(8, 3, 32, 32) * 0.1
+
+    def synthesize_with(fallback):
+        # beta ~ 0 and no rotation: inside the mask the augmented image is the anomaly source itself
+        settings = SynthesisSettings(no_anomaly_p=0.0, beta_max=1e-6, rotate_p=0.0, fallback=fallback)
+        return synthesize(images, torch.Generator().manual_seed(1), None, settings)
+
+    grey = synthesize_with("perlin")
+    inside = grey.mask[:, 0].bool()
+    assert inside.any()
+    source = grey.augmented.permute(0, 2, 3, 1)[inside]  # (pixels, 3)
+    assert torch.allclose(source[:, 0], source[:, 1]) and torch.allclose(source[:, 1], source[:, 2])
+    assert source.min() >= 0.5 - 1e-4 and source.max() <= 0.75 + 1e-4  # noise * 0.5 + 0.25 where noise > 0.5
+    for name in ("noise-texture", "self"):
+        batch = synthesize_with(name)
+        inside = batch.mask[:, 0].bool()
+        source = batch.augmented.permute(0, 2, 3, 1)[inside]
+        assert 0 <= source.min() and source.max() <= 1
+        assert (source[:, 0] - source[:, 1]).abs().max() > 0.05  # coloured, not grey
+        outside = ~batch.mask.bool().expand_as(images)
+        assert torch.equal(batch.augmented[outside], images[outside])
+    with pytest.raises(ValueError, match="fallback 'dtd'"):
+        synthesize_with("dtd")

@@ -2,11 +2,10 @@
 
 Per sample: with p = 0.3 the normal image is rotated by U(-90, 90) degrees; a Perlin mask at resolution
 (2^a, 2^b), a, b ~ U{0..5}, rotated by U(-90, 90) degrees and thresholded at 0.5; an anomaly source (a texture
-with 3 of 10 augmentations, or the Perlin noise itself scaled to noise * 0.5 + 0.25 when no texture folder is
-given); blend with beta ~ U[0, 0.8): x_aug = x (1 - M) + (1 - beta) src M + beta x M; with p = 0.5 no anomaly.
+with 3 of 10 augmentations or, when no texture folder is given, one of FALLBACKS below); blend with beta ~ U[0, 0.8): x_aug = x (1 - M) + (1 - beta) src M + beta x M; with p = 0.5 no anomaly.
 
-Everything is tensor code over the batch. The only Python loops are over the (at most 36) distinct Perlin
-resolutions in a batch and over the 10 augmenters, each applied to the whole batch and kept where drawn.
+Everything is tensor code over the batch, with no host-device synchronisation: Perlin noise at per-sample
+resolutions in one batched computation, and the 10 augmenters each applied to the whole batch and kept where drawn.
 """
 
 from __future__ import annotations
@@ -21,9 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adkit.data.io import ImageReadError, is_image_file, load_image
-from adkit.data.perlin import perlin_noise
+from adkit.data.perlin import perlin_noise_batch
 from adkit.errors import AdkitError
 
+# Anomaly sources without a texture folder. "perlin": the common fallback of spec §1 (the mask's own noise, grey);
+# "noise-texture": colour Perlin textures at random resolutions through DRAEM's 3-of-10 augmenters (its source
+# pipeline fed with procedural textures); "self": another normal image of the batch through the same augmenters.
+FALLBACKS = ("perlin", "noise-texture", "self")
 AUGMENTERS = ("gamma", "brightness", "sharpness", "hue_saturation", "solarize", "posterize", "invert",
               "autocontrast", "equalize", "rotate")
 
@@ -35,6 +38,7 @@ class SynthesisSettings:
     beta_max: float = 0.8
     perlin_max_exponent: int = 5
     threshold: float = 0.5
+    fallback: str = "perlin"  # the anomaly source when no texture folder is given: one of FALLBACKS
 
 
 @dataclass
@@ -61,17 +65,29 @@ def rotate(images: Tensor, degrees: Tensor) -> Tensor:
 def perlin_masks(batch: int, size: tuple[int, int], g: torch.Generator, settings: SynthesisSettings,
                  device: torch.device) -> tuple[Tensor, Tensor]:
     """(noise, mask), each (B, 1, H, W): rotated Perlin noise at random resolutions and its 0.5 threshold."""
-    top = settings.perlin_max_exponent + 1
-    exponents = torch.randint(0, top, (batch, 2), generator=g, device=device)
-    noise = torch.empty(batch, *size, device=device)
-    codes = exponents[:, 0] * top + exponents[:, 1]
-    for code in codes.unique().tolist():
-        index = (codes == code).nonzero().flatten()
-        ry, rx = 2 ** (code // top), 2 ** (code % top)
-        noise[index] = perlin_noise(len(index), size, (ry, rx), generator=g, device=device)
-    noise = rotate(noise[:, None], _uniform(batch, -90, 90, g, device))
+    noise = _perlin_at_random_resolutions(batch, 1, size, g, settings, device)
+    noise = rotate(noise, _uniform(batch, -90, 90, g, device))
     mask = (noise > settings.threshold).to(noise.dtype)
     return noise, mask
+
+
+def _perlin_at_random_resolutions(batch: int, channels: int, size: tuple[int, int], g: torch.Generator,
+                                  settings: SynthesisSettings, device: torch.device) -> Tensor:
+    """(B, C, H, W) Perlin noise, each sample at resolution (2^a, 2^b), a, b ~ U{0..max}, shared by its channels."""
+    exponents = torch.randint(0, settings.perlin_max_exponent + 1, (batch, 2), generator=g, device=device)
+    resolutions = (2 ** exponents).repeat_interleave(channels, dim=0)
+    noise = perlin_noise_batch(resolutions, size, 2 ** settings.perlin_max_exponent, generator=g)
+    return noise.view(batch, channels, *size)
+
+
+def fallback_textures(images: Tensor, g: torch.Generator, settings: SynthesisSettings) -> Tensor:
+    """Raw anomaly sources (B, 3, H, W) in [0, 1] for the "noise-texture" and "self" fallbacks."""
+    b, device = images.shape[0], images.device
+    if settings.fallback == "self":
+        # a different image of the batch where there is one; rotation and colour come from the augmenters
+        return images.roll(1, dims=0)
+    noise = _perlin_at_random_resolutions(b, 3, (images.shape[-2], images.shape[-1]), g, settings, device)
+    return (noise * 0.5 + 0.5).clamp(0, 1)
 
 
 def _per_sample(values: Tensor) -> Tensor:
@@ -84,9 +100,7 @@ def augment(images: Tensor, chosen: Tensor, g: torch.Generator) -> Tensor:
     b, device = images.shape[0], images.device
     x = images
     for k, name in enumerate(AUGMENTERS):
-        use = chosen[:, k]
-        if not bool(use.any()):
-            continue
+        use = chosen[:, k]  # every augmenter runs on the whole batch: skipping unused ones would need a host sync
         if name == "gamma":
             y = x.clamp_min(1e-6) ** _uniform(b * 3, 0.5, 2.0, g, device).view(b, 3, 1, 1)
         elif name == "brightness":
@@ -162,18 +176,23 @@ def synthesize(images: Tensor, g: torch.Generator, source: AnomalySource | None 
                settings: SynthesisSettings | None = None) -> SynthesisBatch:
     """DRAEM anomalies for a batch of normal images (B, 3, H, W) in [0, 1], on their device."""
     settings = settings or SynthesisSettings()
+    if settings.fallback not in FALLBACKS:
+        raise ValueError(f"fallback {settings.fallback!r}: use one of {', '.join(FALLBACKS)}")
     b, device = images.shape[0], images.device
     size = (images.shape[-2], images.shape[-1])
     rotate_me = torch.rand(b, generator=g, device=device) < settings.rotate_p
     angles = _uniform(b, -90, 90, g, device)
     normal = torch.where(_per_sample(rotate_me), rotate(images, angles), images)
     noise, mask = perlin_masks(b, size, g, settings, device)
-    if source is None:
+    if source is None and settings.fallback == "perlin":
         texture = (noise * 0.5 + 0.25).expand(-1, 3, -1, -1)
     else:
-        raw = source.draw(b, g)
-        if raw.shape[-2:] != images.shape[-2:]:
-            raw = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
+        if source is not None:
+            raw = source.draw(b, g)
+            if raw.shape[-2:] != images.shape[-2:]:
+                raw = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
+        else:
+            raw = fallback_textures(images, g, settings)
         texture = augment(raw, choose_augmenters(b, 3, g, device), g)
     beta = _uniform(b, 0.0, settings.beta_max, g, device)
     has_anomaly = torch.rand(b, generator=g, device=device) >= settings.no_anomaly_p
