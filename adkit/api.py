@@ -188,8 +188,11 @@ def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = N
 def build_pipeline(plan_: RunPlan, detector: Detector, posts: list[str] | None = None,
                    scorer: str | None = None) -> Pipeline:
     catalog = plan_.catalog
-    return Pipeline(detector, [catalog["postprocessor"].create(p) for p in (plan_.posts if posts is None else posts)],
-                    catalog["scorer"].create(scorer or plan_.scorer))
+    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in (plan_.posts if posts is None else posts)],
+                        catalog["scorer"].create(scorer or plan_.scorer))
+    if plan_.config.compile:
+        pipeline.compile()
+    return pipeline
 
 
 @dataclass
@@ -221,7 +224,7 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     detector = build_detector(plan_)
     steps = plan_.steps_for(len(train.samples)) if detector.trainable else 1
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
-                             checkpoint_every=cfg.checkpoint_every or 0)
+                             checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile)
     meta = {"detector": str(plan_.detector), "category": category, "image_size": plan_.image_size,
             "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer}
     with _progress() as progress:
@@ -542,6 +545,8 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
     posts = list(config.post) or meta.get("posts", [])
     pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
                         catalog["scorer"].create(config.scorer or meta.get("scorer", "max")))
+    if config.compile:
+        pipeline.compile()
     fitted = checkpoint.parent / "metrics.json"  # written by run/test: the threshold fitted on validation data
     threshold = json.loads(fitted.read_text()).get("threshold") if fitted.is_file() else None
     out = Path(config.out) if config.out else checkpoint.parent / "predict"

@@ -125,10 +125,15 @@ class Pipeline:
         self.detector = detector
         self.postprocessors = postprocessors
         self.scorer = scorer
+        self._anomaly_map = detector.anomaly_map
+
+    def compile(self) -> None:
+        """Compile the detector's map with torch.compile (on its first batches; a new shape recompiles)."""
+        self._anomaly_map = torch.compile(self.detector.anomaly_map)
 
     def raw_maps(self, images: Tensor) -> Tensor:
         check_images(images)
-        maps = self.detector.anomaly_map(images)
+        maps = self._anomaly_map(images)
         check_map(maps, type(self.detector).__name__)
         return maps.float()
 

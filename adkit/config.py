@@ -47,6 +47,7 @@ class RunConfig:
     anomaly_source: str | None = None
     skip_bad: bool = False
     pixel_map: str = "raw"
+    compile: bool = False
 
     def to_toml(self) -> str:
         values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -100,3 +100,20 @@ def test_folder_flags(invoke, tmp_path, mvtec_tree):
     assert metrics["n_anomalous"] == 2 and metrics["n_test"] == 3
     code, _, err = invoke("run", "--detector", "pixel-gauss", "--abnormal", str(base), "--image-size", "16")
     assert code != 0 and "give --normal DIR" in err
+
+
+def test_compile_flag_compiles_the_training_step_and_the_map(invoke, tmp_path, monkeypatch):
+    import torch
+
+    compiled = []
+
+    def record(target, *args, **kwargs):  # stands in for torch.compile: compiling is measured in benchmarks/
+        compiled.append(type(getattr(target, "__self__", target)).__name__)
+        return target
+
+    monkeypatch.setattr(torch, "compile", record)
+    code, _, err = invoke("run", "--detector", "draem:recon_width=4,disc_width=4", "--data",
+                          "synthetic:size=32,n_train=8,n_test=6", "--category", "wood", "--image-size", "32",
+                          "--steps", "2", "--batch-size", "2", "--compile", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert compiled == ["_TrainingStep", "Draem"]
