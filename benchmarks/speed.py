@@ -1,12 +1,13 @@
 """Speed and memory of DRAEM training and inference (issue: speed and memory).
 
     python benchmarks/speed.py [--size 256] [--batch 8] [--device auto] [--recon-width 128] [--disc-width 64]
-                               [--steps 5] [--json]
+                               [--steps 5] [--compile] [--json]
 
 Median seconds per training step (anomaly synthesis + forward + backward + optimiser step, after a warm-up),
 split into synthesis / forward / backward+update; inference images per second of the detector alone and followed
 by each built-in post-processor; peak memory (RSS on CPU, max allocated on GPU). With --json the last line is one
-JSON object with those figures and the machine.
+JSON object with those figures and the machine. --compile runs the training step and the map through
+torch.compile (compilation happens in the warm-up steps, which are not timed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import statistics
 import time
 
 import torch
+
+from torch.utils.flop_counter import FlopCounterMode
 
 from adkit.components import DetectorContext
 from adkit.engine import autocast, resolve_device
@@ -42,6 +45,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def forward_flop(detector, size: int, device: torch.device) -> float:
+    """FLOPs of one image's anomaly map (both sub-networks), counted by torch's FlopCounterMode (a multiply-add
+    counts 2)."""
+    x = torch.rand(1, 3, size, size, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        detector.anomaly_map(x)
+    return float(counter.get_total_flops())
+
+
+def matmul_flops_per_s(device: torch.device) -> float:
+    """Measured dense matrix-multiply throughput: bf16 on a GPU, float32 on the CPU (what the forward runs in)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else 3
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
@@ -50,6 +76,7 @@ def main() -> None:
     parser.add_argument("--recon-width", type=int, default=128)
     parser.add_argument("--disc-width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps after one warm-up step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step and the map")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -64,8 +91,13 @@ def main() -> None:
     optimizer, _ = detector.configure_optimizer(1000)
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
 
+    training_step, anomaly_map = detector.training_step, detector.anomaly_map
+    if args.compile:
+        training_step, anomaly_map = torch.compile(training_step), torch.compile(anomaly_map)
+    warmup = 2 if args.compile else 1
+
     parts: dict[str, list[float]] = {"synthesis_s": [], "forward_s": [], "backward_update_s": [], "train_step_s": []}
-    for step in range(args.steps + 1):
+    for step in range(args.steps + warmup):
         g = torch.Generator(device=device).manual_seed(step)
         sync(device)
         t0 = time.perf_counter()
@@ -73,7 +105,7 @@ def main() -> None:
         sync(device)
         t1 = time.perf_counter()
         with autocast(device):
-            out = detector.training_step(images, torch.Generator(device=device).manual_seed(step))
+            out = training_step(images, torch.Generator(device=device).manual_seed(step))
         sync(device)
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -81,8 +113,8 @@ def main() -> None:
         optimizer.step()
         sync(device)
         t3 = time.perf_counter()
-        if step == 0:
-            continue  # warm-up
+        if step < warmup:
+            continue
         # training_step includes its own synthesis: forward = (t2 - t1) - synthesis time
         parts["synthesis_s"].append(t1 - t0)
         parts["forward_s"].append(max(0.0, (t2 - t1) - (t1 - t0)))
@@ -97,25 +129,31 @@ def main() -> None:
         for post_name in posts:
             post = catalog["postprocessor"].create(post_name).to(device) if post_name else None
             times = []
-            for rep in range(max(2, args.steps // 2) + 1):
+            for rep in range(max(2, args.steps // 2) + warmup):
                 sync(device)
                 t0 = time.perf_counter()
                 with autocast(device):
-                    maps = detector.anomaly_map(images)
+                    maps = anomaly_map(images)
                 if post is not None:
                     maps = post(maps.float())
                 sync(device)
-                if rep:
+                if rep >= warmup:
                     times.append(time.perf_counter() - t0)
             infer[post_name or "detector"] = args.batch / statistics.median(times)
 
+    flop = forward_flop(detector, args.size, device)
+    matmul = matmul_flops_per_s(device)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = {
         "size": args.size, "batch": args.batch, "recon_width": args.recon_width, "disc_width": args.disc_width,
-        "device": str(device),
+        "device": str(device), "compile": args.compile,
         **{k: statistics.median(v) for k, v in parts.items()},
         "infer_img_s": infer["detector"],
+        "forward_gflop_per_img": flop / 1e9,
+        "matmul_tflop_s": matmul / 1e12,
+        # the share of the machine's measured matmul throughput that inference achieves
+        "forward_matmul_fraction": flop * infer["detector"] / matmul,
         "infer_img_s_with_post": {k: v for k, v in infer.items() if k != "detector"},
         "peak_memory_mib": peak,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
