@@ -107,6 +107,25 @@ def test_ebm_training_step_and_map(catalog, cls, params):
     assert maps.shape == expected
 
 
+def test_energy_penalty_adds_squared_energies(catalog):
+    images = torch.rand(6, 3, 16, 16)
+    outs = []
+    for penalty in (0.0, 0.5):
+        torch.manual_seed(0)  # the same network and, below, the same data noise, chains and sampler draws
+        detector = EBMImage(depth=10, widen=1, buffer_size=16, sampler="pyld:M=2,N=2", energy_penalty=penalty)
+        detector.setup(DetectorContext(catalog=catalog, image_size=16, device=torch.device("cpu")))
+        g = torch.Generator().manual_seed(0)
+        detector.on_train_start(images, g)
+        outs.append(detector.training_step(images[:4], g))
+    plain, penalised = outs
+    # with batch-mean f's: E[f^2] >= (E f)^2, so the penalty is at least 0.5 (f_data^2 + f_sample^2) of the means
+    extra = penalised["loss"] - plain["loss"]
+    assert torch.equal(plain["f_data"], penalised["f_data"]) and torch.equal(plain["f_sample"], penalised["f_sample"])
+    assert extra >= 0.5 * (plain["f_data"] ** 2 + plain["f_sample"] ** 2) - 1e-6
+    with pytest.raises(ValueError, match="energy_penalty"):
+        EBMImage(depth=10, widen=1, energy_penalty=-1)
+
+
 def test_patch_grid_is_row_major(catalog):
     detector = EBMPatch(depth=10, widen=1, patch_size=8, grid=2)
     images = torch.zeros(1, 3, 16, 16)

@@ -34,10 +34,13 @@ class EBMImage(Detector):
     def __init__(self, backbone: str = "wrn", depth: int = 28, widen: int = 10, lr: float = 1e-4,
                  weight_decay: float = 4e-4, data_noise: float = 0.1, buffer_size: int = 10000,
                  reinit: float = 0.05, buffer_init: Literal["gaussian", "uniform"] = "gaussian",
-                 sampler: str = "pyld", buffer_rank: int = 0):
+                 sampler: str = "pyld", buffer_rank: int = 0, energy_penalty: float = 0.0):
         super().__init__()
-        if lr <= 0 or weight_decay < 0 or data_noise < 0:
-            raise ValueError("ebm needs lr > 0, weight_decay >= 0, data_noise >= 0")
+        if lr <= 0 or weight_decay < 0 or data_noise < 0 or energy_penalty < 0:
+            raise ValueError("ebm needs lr > 0, weight_decay >= 0, data_noise >= 0, energy_penalty >= 0")
+        # alpha * (f(x_data)^2 + f(x_sample)^2), as in Du & Mordatch (2019): keeps the energies from running away
+        # when the contrastive-divergence loss drifts; not in the spec's reading of the paper, so 0 by default
+        self.energy_penalty = energy_penalty
         self.network = energy_network(backbone, depth, widen)
         self.lr, self.weight_decay, self.data_noise = lr, weight_decay, data_noise
         self.buffer_size, self.reinit, self.buffer_init = buffer_size, reinit, buffer_init
@@ -71,6 +74,8 @@ class EBMImage(Detector):
         f_data = self.network(x_data)
         f_sample = self.network(x_sample)
         loss = f_sample.mean() - f_data.mean()
+        if self.energy_penalty:
+            loss = loss + self.energy_penalty * (f_data.pow(2).mean() + f_sample.pow(2).mean())
         return {"loss": loss, "f_data": f_data.mean().detach(), "f_sample": f_sample.mean().detach()}
 
     def configure_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, None]:
@@ -100,9 +105,9 @@ class EBMPatch(EBMImage):
                  weight_decay: float = 4e-4, data_noise: float = 0.1, buffer_size: int = 100,
                  reinit: float = 0.05, buffer_init: Literal["gaussian", "uniform"] = "gaussian",
                  sampler: str = "pyld", buffer_rank: int = 0, patch_size: int = 128, crop: float = 0.25,
-                 center_std: float = 0.3, grid: int = 7):
+                 center_std: float = 0.3, grid: int = 7, energy_penalty: float = 0.0):
         super().__init__(backbone, depth, widen, lr, weight_decay, data_noise, buffer_size, reinit, buffer_init,
-                         sampler, buffer_rank)
+                         sampler, buffer_rank, energy_penalty)
         if patch_size < 8 or not 0 < crop <= 1 or center_std < 0 or grid < 1:
             raise ValueError("ebm-patch needs patch_size >= 8, crop in (0, 1], center_std >= 0, grid >= 1")
         self.patch_size, self.crop, self.center_std, self.grid = patch_size, crop, center_std, grid
