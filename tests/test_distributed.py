@@ -98,13 +98,13 @@ def test_metrics_gathered_across_ranks_equal_a_single_process(tmp_path):
                           tmp_path / "run" / "wood" / "checkpoint.pt")
     finally:
         torch.set_num_threads(threads)
-    assert 0 < single[0]["image_auroc"] != 0.5  # scores that differ between images, so the order matters
     for key in METRICS:
         assert main["test"][0][key] == single[0][key], key
         assert main["run"][0][key] == single[0][key], key  # run's own (distributed) evaluation agrees too
     # only rank 0 wrote the per-image scores, once per image, in dataset order
     rows = (tmp_path / "test" / "wood" / "scores.csv").read_text().splitlines()
     assert rows == (tmp_path / "single" / "wood" / "scores.csv").read_text().splitlines()
+    assert len({row.split(",")[2] for row in rows[1:]}) > 1  # scores differ between images, so order matters
 
 
 BENCH = """
