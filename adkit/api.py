@@ -224,7 +224,8 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     detector = build_detector(plan_)
     steps = plan_.steps_for(len(train.samples)) if detector.trainable else 1
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
-                             checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile)
+                             checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
+                             precision=cfg.precision)
     meta = {"detector": str(plan_.detector), "category": category, "image_size": plan_.image_size,
             "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer}
     with _progress() as progress:
@@ -255,10 +256,11 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path
     n_test, n_val = len(run_.test.samples), len(val_source.samples)
     with _progress() as progress:
         task = progress.add_task(f"evaluate {run_.category}", total=n_test + n_val, info="")
+        precision = plan_.config.precision
         test = run_pipeline(pipeline, run_.test.images, batch, device,
-                            on_batch=lambda done: progress.update(task, completed=done))
+                            on_batch=lambda done: progress.update(task, completed=done), precision=precision)
         val = run_pipeline(pipeline, val_source.images, batch, device,
-                           on_batch=lambda done: progress.update(task, completed=n_test + done))
+                           on_batch=lambda done: progress.update(task, completed=n_test + done), precision=precision)
     if scores_out is not None:
         scores_out.update(test=test.scores, val=val.scores)
     if not distributed.is_main():
@@ -554,7 +556,7 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
     if not loaded.samples:
         raise AdkitError("no readable images to score")
     kept = [sample.path for sample in loaded.samples]
-    result = run_pipeline(pipeline, loaded.images, config.batch_size or 8, device)
+    result = run_pipeline(pipeline, loaded.images, config.batch_size or 8, device, precision=config.precision)
     if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
         return out
     rows = [{"path": str(p), "label": "", "score": f"{float(s):.6g}",

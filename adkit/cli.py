@@ -44,6 +44,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--anomaly-source", type=click.Path(), help="Texture folder (DTD layout) for anomaly synthesis."),
         click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images (counted in the report)."),
         click.option("--compile", is_flag=True, default=None, help="torch.compile the training step and the detector's map (first steps are slower)."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="bf16 autocast (auto: on GPUs only; bf16 also suits CPUs with bf16 instructions)."),
         click.option("--pixel-map", type=click.Choice(["raw", "post"]), help="Pixel metrics on the raw or post-processed map."),
     ]
     for option in reversed(options):

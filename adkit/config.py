@@ -48,6 +48,7 @@ class RunConfig:
     skip_bad: bool = False
     pixel_map: str = "raw"
     compile: bool = False
+    precision: str = "auto"
 
     def to_toml(self) -> str:
         values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

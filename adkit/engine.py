@@ -53,9 +53,18 @@ def derived_seed(*key: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU (bf16 matmuls are slow on most CPUs)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU in float32:
+    bf16 is slow on CPUs without bf16 instructions, and 2x faster on those with them (AVX512-BF16, AMX), where
+    ``bf16`` is worth asking for (docs/benchmarks.md)."""
+    if precision not in PRECISIONS:
+        raise AdkitError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @dataclass
@@ -66,6 +75,7 @@ class TrainSettings:
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
     compile: bool = False  # torch.compile the training step
+    precision: str = "auto"  # see autocast()
 
 
 @dataclass
@@ -169,7 +179,7 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
             x = x.contiguous(memory_format=torch.channels_last)
         rank_key = (rank,) if world > 1 else ()  # single-process seeds stay as they were
         generator = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "train", step, *rank_key))
-        with autocast(device):
+        with autocast(device, settings.precision):
             losses = step_module(x, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -253,7 +263,7 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.device,
-            on_batch: Callable[[int], None] | None = None) -> Predictions:
+            on_batch: Callable[[int], None] | None = None, precision: str = "auto") -> Predictions:
     """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches; ``on_batch`` gets
     the number of images done after each batch. Under torchrun every rank scores its shard of the images and
     every rank gets all the predictions back, in order."""
@@ -269,7 +279,7 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
     for x in _batches(images, batch_size, device):
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device, precision):
             raw = pipeline.raw_maps(x)
         native_size = (raw.shape[-2], raw.shape[-1])
         raw = upsample(raw, x.shape[-2:])

@@ -1,7 +1,8 @@
 """adkit's DRAEM against anomalib 2.x's Draem, side by side on this machine (issue: speed and memory).
 
     python benchmarks/compare_anomalib.py --install            # once: a throw-away venv with anomalib
-    python benchmarks/compare_anomalib.py [--size 128] [--batch 4] [--steps 3] [--device auto] [--json]
+    python benchmarks/compare_anomalib.py [--size 128] [--batch 4] [--steps 3] [--device auto]
+                                          [--precision auto|fp32|bf16] [--anomalib-precision fp32|bf16] [--json]
 
 anomalib is never a dependency of adkit: it lives in its own virtual environment (--env, default
 ~/.cache/adkit/anomalib-env), created by --install with the same torch version as this one. Each side runs in its
@@ -38,6 +39,7 @@ ANOMALIB_WORKER = textwrap.dedent('''
     from anomalib.models.image.draem import Draem
 
     size, batch, steps, device, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    bf16 = sys.argv[6] == "bf16"  # what Lightning's precision="bf16-mixed" does around the step
     torch.set_num_threads(threads)
     device = torch.device(device)
     torch.manual_seed(0)
@@ -58,8 +60,9 @@ ANOMALIB_WORKER = textwrap.dedent('''
     for step in range(steps + 1):
         sync(); t0 = time.perf_counter()
         augmented, mask = augmenter(images)
-        reconstruction, prediction = model(augmented)
-        loss = loss_fn(images, reconstruction, mask, prediction)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            reconstruction, prediction = model(augmented)
+            loss = loss_fn(images, reconstruction, mask, prediction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -71,7 +74,8 @@ ANOMALIB_WORKER = textwrap.dedent('''
     with torch.inference_mode():
         for rep in range(max(2, steps // 2) + 1):
             sync(); t0 = time.perf_counter()
-            model(images)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                model(images)
             sync()
             if rep:
                 infer.append(time.perf_counter() - t0)
@@ -101,6 +105,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up step")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="adkit's precision (auto: bf16 on GPUs only)")
+    parser.add_argument("--anomalib-precision", default="fp32", choices=["fp32", "bf16"],
+                        help="anomalib's: fp32 is its Trainer's default; bf16 = precision='bf16-mixed'")
     parser.add_argument("--env", type=Path, default=DEFAULT_ENV, help="anomalib's virtual environment")
     parser.add_argument("--install", action="store_true", help="create --env with anomalib, then exit")
     parser.add_argument("--json", action="store_true")
@@ -119,13 +127,15 @@ def main() -> None:
 
     ours = last_json(subprocess.run(
         [sys.executable, str(HERE / "speed.py"), "--size", str(args.size), "--batch", str(args.batch),
-         "--steps", str(args.steps), "--device", device, "--json"],
+         "--steps", str(args.steps), "--device", device, "--precision", args.precision, "--json"],
         check=True, capture_output=True, text=True).stdout)
     theirs = last_json(subprocess.run(
-        [str(python), "-c", ANOMALIB_WORKER, str(args.size), str(args.batch), str(args.steps), device, str(threads)],
+        [str(python), "-c", ANOMALIB_WORKER, str(args.size), str(args.batch), str(args.steps), device, str(threads),
+         args.anomalib_precision],
         check=True, capture_output=True, text=True).stdout)
     result = {
         "size": args.size, "batch": args.batch, "device": device, "threads": threads,
+        "precision": {"adkit": args.precision, "anomalib": args.anomalib_precision},
         "adkit": {k: ours[k] for k in ("train_step_s", "infer_img_s", "peak_memory_mib")},
         "anomalib": theirs,
         "train_speedup": theirs["train_step_s"] / ours["train_step_s"],
@@ -138,7 +148,8 @@ def main() -> None:
             side = result[name]
             print(f"{name:>14} {side['train_step_s']:>13.3f} {side['infer_img_s']:>12.2f} {side['peak_memory_mib']:>9.0f}")
         print(f"adkit is {result['train_speedup']:.2f}x anomalib's training speed and "
-              f"{result['infer_speedup']:.2f}x its inference speed ({device}, anomalib {theirs['anomalib']})")
+              f"{result['infer_speedup']:.2f}x its inference speed ({device}, anomalib {theirs['anomalib']}; "
+              f"precision adkit {args.precision}, anomalib {args.anomalib_precision})")
     print(json.dumps(result))
 
 

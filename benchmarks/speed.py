@@ -1,7 +1,7 @@
 """Speed and memory of DRAEM training and inference (issue: speed and memory).
 
     python benchmarks/speed.py [--size 256] [--batch 8] [--device auto] [--recon-width 128] [--disc-width 64]
-                               [--steps 5] [--compile] [--json]
+                               [--steps 5] [--compile] [--precision auto|fp32|bf16] [--json]
 
 Median seconds per training step (anomaly synthesis + forward + backward + optimiser step, after a warm-up),
 split into synthesis / forward / backward+update; inference images per second of the detector alone and followed
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--disc-width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps after one warm-up step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step and the map")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="bf16 autocast: auto = on GPUs only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -104,7 +106,7 @@ def main() -> None:
         batch = synthesize(images, g, None, detector.synthesis)
         sync(device)
         t1 = time.perf_counter()
-        with autocast(device):
+        with autocast(device, args.precision):
             out = training_step(images, torch.Generator(device=device).manual_seed(step))
         sync(device)
         t2 = time.perf_counter()
@@ -132,7 +134,7 @@ def main() -> None:
             for rep in range(max(2, args.steps // 2) + warmup):
                 sync(device)
                 t0 = time.perf_counter()
-                with autocast(device):
+                with autocast(device, args.precision):
                     maps = anomaly_map(images)
                 if post is not None:
                     maps = post(maps.float())
@@ -147,7 +149,7 @@ def main() -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = {
         "size": args.size, "batch": args.batch, "recon_width": args.recon_width, "disc_width": args.disc_width,
-        "device": str(device), "compile": args.compile,
+        "device": str(device), "compile": args.compile, "precision": args.precision,
         **{k: statistics.median(v) for k, v in parts.items()},
         "infer_img_s": infer["detector"],
         "forward_gflop_per_img": flop / 1e9,

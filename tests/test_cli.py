@@ -117,3 +117,23 @@ def test_compile_flag_compiles_the_training_step_and_the_map(invoke, tmp_path, m
                           "--steps", "2", "--batch-size", "2", "--compile", "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert compiled == ["_TrainingStep", "Draem"]
+
+
+def test_precision_flag(invoke, tmp_path):
+    import torch
+
+    from adkit.engine import autocast
+    from adkit.errors import AdkitError
+
+    a = torch.rand(4, 4)
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "auto"):
+        assert (a @ a).dtype == torch.float32  # auto: bf16 on GPUs only
+    with pytest.raises(AdkitError, match="--precision fp16"):
+        autocast(torch.device("cpu"), "fp16")
+    code, _, err = invoke("run", "--detector", "draem:recon_width=4,disc_width=4", "--data",
+                          "synthetic:size=32,n_train=8,n_test=6", "--category", "wood", "--image-size", "32",
+                          "--steps", "2", "--batch-size", "2", "--precision", "bf16", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert 'precision = "bf16"' in (tmp_path / "run" / "config.toml").read_text()
