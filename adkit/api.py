@@ -577,7 +577,7 @@ def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
     training setting) are dealt to the ranks round-robin, each trained by one rank alone, and rank 0 gathers the
     rows into the table a single process would write."""
     axes = _parse_grid(grid)
-    train_keys = [k for k in axes if k in ("detector", "loss", "preset")]
+    train_keys = [k for k in axes if k in TRAIN_AXES]
     score_keys = [k for k in axes if k in ("post", "scorer")]
     base = plan(config)
     out = _output_dir(base.config, "bench")
@@ -625,16 +625,23 @@ def _bench_job(plan_: RunPlan, category: str, out: Path, train_keys: list[str], 
     return rows
 
 
+# grid axes that need a training of their own; post and scorer only re-score
+TRAIN_AXES = ("detector", "loss", "preset", "seed")
+
+
 def _parse_grid(grid: list[str]) -> dict[str, list[str]]:
     axes: dict[str, list[str]] = {}
     for item in grid:
         key, eq, values = item.partition("=")
         key = key.strip()
-        if not eq or key not in ("detector", "loss", "preset", "post", "scorer"):
-            raise AdkitError(f"--grid {item!r}: write KEY=v1,v2 with KEY one of detector, loss, preset, post, scorer")
+        if not eq or key not in (*TRAIN_AXES, "post", "scorer"):
+            raise AdkitError(f"--grid {item!r}: write KEY=v1,v2 with KEY one of "
+                             f"{', '.join((*TRAIN_AXES, 'post', 'scorer'))}")
         axes[key] = [v.strip() for v in values.split(",") if v.strip()]
         if not axes[key]:
             raise AdkitError(f"--grid {item!r} has no values")
+        if key == "seed" and not all(v.isdigit() for v in axes[key]):
+            raise AdkitError(f"--grid {item!r}: seeds are non-negative integers")
     return axes
 
 
@@ -643,6 +650,8 @@ def _apply_axis(config: RunConfig, key: str, value: str) -> RunConfig:
         return config.replace(detector=[value])
     if key == "preset":
         return config.replace(preset=value)
+    if key == "seed":
+        return config.replace(seed=int(value))
     # loss: "default" keeps the detector's losses; "default+color+psnr" adds; names without "default" replace
     parts = [p for p in value.split("+") if p]
     if "default" in parts:

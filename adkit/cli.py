@@ -138,7 +138,7 @@ def predict(config: RunConfig, checkpoint: str, inputs: tuple[str, ...]) -> None
 @click.argument("dataset")
 @run_options
 @click.option("--categories", "categories", multiple=True, help="Categories or groups (comma-separated or repeated).")
-@click.option("--grid", multiple=True, help="Ablation axis, e.g. post=avgpool,freqmask (repeatable).")
+@click.option("--grid", multiple=True, help="Ablation axis KEY=v1,v2 (detector, loss, preset, seed, post, scorer), e.g. post=avgpool,freqmask or seed=0,1,2; repeatable.")
 def bench(config: RunConfig, dataset: str, categories: tuple[str, ...], grid: tuple[str, ...]) -> None:
     """Run a configuration (or a grid) over the categories of a dataset and print the table."""
     cats = [c for item in categories for c in item.split(",") if c]

@@ -37,3 +37,18 @@ def test_run_writes_curves_and_overlays_across_defects(invoke, tmp_path):
     defects = {p.name.split("-")[0] for p in (folder / "overlays").iterdir()}
     assert len(defects) >= 6  # round-robin over the six defect types, then normal images
     assert (out / "summary.md").read_text().startswith("| category |")
+
+
+def test_bench_seed_axis_trains_once_per_seed(invoke, tmp_path):
+    out = tmp_path / "seeds"
+    common = ["synthetic:size=32,n_train=8,n_test=6", "--categories", "wood",
+              "--detector", "draem:recon_width=8,disc_width=8", "--image-size", "32", "--steps", "3",
+              "--batch-size", "2"]
+    code, _, err = invoke("bench", *common, "--grid", "seed=0,1", "--scorer", "mean", "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "bench.json").read_text())
+    assert [r["configuration"] for r in rows] == ["seed=0", "seed=1"]
+    assert len(list(out.rglob("checkpoint.pt"))) == 2
+    assert rows[0]["threshold"] != rows[1]["threshold"]  # different trainings, not one scored twice
+    code, _, err = invoke("bench", *common, "--grid", "seed=a", "--out", str(tmp_path / "bad"))
+    assert code != 0 and "seeds are non-negative integers" in err
