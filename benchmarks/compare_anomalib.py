@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from adkit.engine import resolve_device
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_ENV = Path.home() / ".cache" / "adkit" / "anomalib-env"
 
@@ -121,8 +123,7 @@ def main() -> None:
     if not python.exists():
         sys.exit(f"--env {args.env}: no anomalib environment there; create it with "
                  f"`python {Path(__file__).name} --install --env {args.env}`")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
+    device = resolve_device(args.device).type
     threads = torch.get_num_threads()
 
     ours = last_json(subprocess.run(

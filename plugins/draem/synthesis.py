@@ -2,7 +2,8 @@
 
 Per sample: with p = 0.3 the normal image is rotated by U(-90, 90) degrees; a Perlin mask at resolution
 (2^a, 2^b), a, b ~ U{0..5}, rotated by U(-90, 90) degrees and thresholded at 0.5; an anomaly source (a texture
-with 3 of 10 augmentations or, when no texture folder is given, one of FALLBACKS below); blend with beta ~ U[0, 0.8): x_aug = x (1 - M) + (1 - beta) src M + beta x M; with p = 0.5 no anomaly.
+with 3 of 10 augmentations or, when no texture folder is given, one of FALLBACKS below); blend with
+beta ~ U[0, 0.8): x_aug = x (1 - M) + (1 - beta) src M + beta x M; with p = 0.5 no anomaly.
 
 Everything is tensor code over the batch, with no host-device synchronisation: Perlin noise at per-sample
 resolutions in one batched computation, and the 10 augmenters each applied to the whole batch and kept where drawn.
