@@ -10,6 +10,8 @@ process.
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,8 +72,24 @@ def init_from_environment(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when first imported
+        # (torch._dynamo imports it, e.g. on the first optimizer step). Imported after the group exists, those
+        # defaults hold the group for the life of the process: destroy_process_group() then cannot free it and
+        # its worker threads run on into interpreter teardown (see ``leave``). Imported first, they hold None.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave)
     return device
+
+
+def leave() -> None:
+    """Leave the process group and stop its threads; registered to run at exit. A gloo worker thread drops its
+    references to a collective's tensors just after the caller has been released; if the interpreter is already
+    tearing down when it does, that thread cannot take the GIL and the process aborts ("terminate called without
+    an active exception", exit -6) after all its work is done. Destroying the group joins those threads while
+    the interpreter is whole."""
+    if _initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
