@@ -174,23 +174,33 @@ def _progress() -> Progress:
 
 
 def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = None) -> Detector:
-    detector = plan_.catalog["detector"].create(detector_spec or plan_.detector)
+    return _make_detector(plan_.catalog, detector_spec or plan_.detector, plan_.config, plan_.image_size,
+                          plan_.device)
+
+
+def _make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfig, image_size: int,
+                   device: torch.device) -> Detector:
+    """Create a detector from its spec and set it up for ``config`` (losses, sampler, anomaly source)."""
+    detector = catalog["detector"].create(spec)
     if not isinstance(detector, Detector):
-        raise TypeError(f"detector {plan_.detector.name!r} must return an adkit.components.Detector")
-    cfg = plan_.config
+        raise TypeError(f"detector {str(spec).split(':')[0]!r} must return an adkit.components.Detector")
     detector.setup(DetectorContext(
-        catalog=plan_.catalog, image_size=plan_.image_size, device=plan_.device, seed=cfg.seed,
-        losses=list(cfg.loss), replace_losses=cfg.loss_only, sampler=cfg.sampler,
-        anomaly_source=Path(cfg.anomaly_source) if cfg.anomaly_source else None))
+        catalog=catalog, image_size=image_size, device=device, seed=config.seed,
+        losses=list(config.loss), replace_losses=config.loss_only, sampler=config.sampler,
+        anomaly_source=Path(config.anomaly_source) if config.anomaly_source else None))
     return detector
 
 
 def build_pipeline(plan_: RunPlan, detector: Detector, posts: list[str] | None = None,
                    scorer: str | None = None) -> Pipeline:
-    catalog = plan_.catalog
-    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in (plan_.posts if posts is None else posts)],
-                        catalog["scorer"].create(scorer or plan_.scorer))
-    if plan_.config.compile:
+    return _make_pipeline(plan_.catalog, detector, plan_.posts if posts is None else posts, scorer or plan_.scorer,
+                          plan_.config.compile)
+
+
+def _make_pipeline(catalog: Catalog, detector: Detector, posts: list[str], scorer: str, compile_: bool) -> Pipeline:
+    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
+                        catalog["scorer"].create(scorer))
+    if compile_:
         pipeline.compile()
     return pipeline
 
@@ -541,14 +551,10 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
     catalog = get_catalog()
     device = distributed.init_from_environment(resolve_device(config.device))
     size = meta["image_size"]
-    detector = catalog["detector"].create(meta["detector"])
-    detector.setup(DetectorContext(catalog=catalog, image_size=size, device=device, seed=config.seed))
+    detector = _make_detector(catalog, meta["detector"], config, size, device)
     detector.load_state_dict(payload["model"])
-    posts = list(config.post) or meta.get("posts", [])
-    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
-                        catalog["scorer"].create(config.scorer or meta.get("scorer", "max")))
-    if config.compile:
-        pipeline.compile()
+    pipeline = _make_pipeline(catalog, detector, list(config.post) or meta.get("posts", []),
+                              config.scorer or meta.get("scorer", "max"), config.compile)
     fitted = checkpoint.parent / "metrics.json"  # written by run/test: the threshold fitted on validation data
     threshold = json.loads(fitted.read_text()).get("threshold") if fitted.is_file() else None
     out = Path(config.out) if config.out else checkpoint.parent / "predict"
