@@ -6,6 +6,9 @@ logits (B, K, H, W) and an integer or {0, 1} mask (B, 1, H, W). Every loss retur
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import kornia
 import torch
 import torch.nn.functional as F
@@ -20,9 +23,23 @@ def _check_pair(prediction: Tensor, target: Tensor, who: str) -> None:
                          f"and {tuple(target.shape)}")
 
 
+def in_float32(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run a loss's forward in float32 with autocast off, whatever precision the network ran in. Under bf16
+    autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2 cancels catastrophically: the SSIM
+    denominator reaches zero and the loss is NaN from the first step."""
+
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, first: Tensor, second: Tensor) -> Tensor:
+        with torch.autocast(first.device.type, enabled=False):
+            return forward(self, *(t.float() if t.is_floating_point() else t for t in (first, second)))
+
+    return wrapper
+
+
 class L2Loss(nn.Module):
     """Mean squared error."""
 
+    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         _check_pair(prediction, target, "l2")
         return F.mse_loss(prediction, target)
@@ -54,6 +71,7 @@ class SSIMLoss(nn.Module):
             raise ValueError("ssim window must be an odd integer >= 3")
         self.window, self.sigma = window, sigma
 
+    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return ssim_loss(prediction, target, self.window, self.sigma)
 
@@ -82,6 +100,7 @@ class FocalLoss(nn.Module):
             raise ValueError("focal gamma must be >= 0")
         self.gamma = gamma
 
+    @in_float32
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         return focal_loss(logits, mask, self.gamma)
 
@@ -116,6 +135,7 @@ class ColourHistogramLoss(nn.Module):
             raise ValueError("color needs bins >= 2, bandwidth > 0 and max_pixels >= 1")
         self.bins, self.bandwidth, self.max_pixels = bins, bandwidth, max_pixels
 
+    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return colour_histogram_loss(prediction, target, self.bins, self.bandwidth, self.max_pixels)
 
@@ -137,6 +157,7 @@ class InversePSNRLoss(nn.Module):
             raise ValueError("psnr floor_db must be > 0")
         self.floor_db = floor_db
 
+    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return inverse_psnr_loss(prediction, target, self.floor_db)
 

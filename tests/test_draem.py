@@ -53,6 +53,19 @@ def test_training_steps_decrease_loss_on_a_fixed_batch(catalog):
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_training_step_under_bf16_autocast_matches_float32(catalog):
+    # the quick preset's setting, where SSIM under bf16 autocast was NaN at the first step: smooth 64 px images
+    detector = tiny_draem(catalog)
+    images = (0.6 + 0.05 * perlin_noise(4, (64, 64), (4, 4), generator=torch.Generator().manual_seed(2))
+              ).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    fp32 = detector.training_step(images, torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = detector.training_step(images, torch.Generator().manual_seed(7))
+    for key in ("l2", "ssim", "focal", "loss"):
+        assert torch.isfinite(bf16[key]), key
+        assert bf16[key].item() == pytest.approx(fp32[key].item(), rel=0.05), key
+
+
 def test_anomaly_map_shape_and_range(catalog):
     maps = tiny_draem(catalog).eval().anomaly_map(torch.rand(2, 3, 32, 32))
     assert maps.shape == (2, 1, 32, 32) and 0 <= maps.min() and maps.max() <= 1

@@ -67,3 +67,25 @@ def test_focal_hand_value():
     p = logits.clone().requires_grad_(True)
     FocalLoss()(p, mask).backward()
     assert p.grad[0, 1] < 0  # pushes the anomaly logit up
+
+
+@pytest.mark.parametrize("loss", [L2Loss(), SSIMLoss(), ColourHistogramLoss(), InversePSNRLoss()])
+def test_losses_compute_in_float32_under_bf16_autocast(loss):
+    # smooth images, as textures are: var = E[x^2] - E[x]^2 is tiny against E[x^2], which bf16 cannot resolve
+    g = torch.Generator().manual_seed(0)
+    x = 0.7 + 0.01 * torch.rand(2, 3, 32, 32, generator=g)
+    y = 0.7 + 0.01 * torch.rand(2, 3, 32, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(x.bfloat16(), y)  # a network's bf16 output against a float32 target
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(loss(x.bfloat16().float(), y).item(), rel=1e-6)
+
+
+def test_focal_loss_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, generator=g)
+    mask = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = FocalLoss()(logits.bfloat16(), mask)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(FocalLoss()(logits.bfloat16().float(), mask).item(), rel=1e-6)

@@ -65,16 +65,17 @@ class Draem(Detector):
     def training_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         if self.segmentation_loss is None:
             raise RuntimeError("Draem.setup() must run before training")
-        batch = synthesize(images, generator, self.source, self.synthesis)
+        with torch.autocast(images.device.type, enabled=False):  # data preparation stays in float32
+            batch = synthesize(images, generator, self.source, self.synthesis)
         reconstruction = self.reconstructive(batch.augmented)
         logits = self.discriminative(torch.cat((reconstruction, batch.augmented), dim=1))
         out: dict[str, Tensor] = {}
         total = torch.zeros((), device=images.device)
         for name, weight, loss in self.reconstruction_losses:
-            value = loss(reconstruction.float(), batch.normal.float())
+            value = loss(reconstruction, batch.normal)  # registered losses compute in float32
             out[name.split(":")[0]] = value.detach()
             total = total + weight * value
-        segmentation = self.segmentation_loss(logits.float(), batch.mask)
+        segmentation = self.segmentation_loss(logits, batch.mask)
         out["focal"] = segmentation.detach()
         out["loss"] = total + segmentation
         return out
