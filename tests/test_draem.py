@@ -10,7 +10,7 @@ from adkit.components import DetectorContext
 from adkit.data.perlin import perlin_noise
 from adkit.engine import TrainSettings, load_checkpoint, train_detector
 from adkit.errors import AdkitError
-from adkit_plugins.draem.detector import Draem
+from adkit_plugins.draem.detector import Draem, random_crops
 from adkit_plugins.draem.networks import DiscriminativeSubNetwork, ReconstructiveSubNetwork
 from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, rotate, synthesize
 
@@ -211,3 +211,37 @@ def test_fallback_sources_without_a_texture_folder():
         assert torch.equal(batch.augmented[outside], images[outside])
     with pytest.raises(ValueError, match="fallback 'dtd'"):
         synthesize_with("dtd")
+
+
+def test_random_crops_are_slices_of_each_image():
+    b, c, h, w, side = 6, 2, 9, 7, 4
+    images = torch.arange(b * c * h * w, dtype=torch.float32).view(b, c, h, w)  # every value unique
+    crops = random_crops(images, side, torch.Generator().manual_seed(0))
+    assert crops.shape == (b, c, side, side)
+    offsets = set()
+    for i in range(b):
+        # the top-left value locates the crop; the crop must then be exactly that slice of image i
+        where = (images[i, 0] == crops[i, 0, 0, 0]).nonzero()
+        assert where.shape[0] == 1
+        top, left = where[0].tolist()
+        assert top + side <= h and left + side <= w
+        assert torch.equal(crops[i], images[i, :, top:top + side, left:left + side])
+        offsets.add((top, left))
+    assert len(offsets) > 1  # drawn per image
+    same = random_crops(images, side, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, same)
+
+
+def test_training_on_crops_and_mapping_whole_images(catalog):
+    with pytest.raises(ValueError, match="crop=48"):
+        Draem(crop=48)
+    torch.manual_seed(0)
+    detector = Draem(recon_width=4, disc_width=4, lr=1e-3, schedule="constant", crop=32)
+    detector.setup(DetectorContext(catalog=catalog, image_size=64, device=torch.device("cpu")))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    out = detector.training_step(images, torch.Generator().manual_seed(3))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    detector.eval()
+    with torch.no_grad():
+        assert detector.anomaly_map(images).shape == (2, 1, 64, 64)  # whole images at test time

@@ -33,10 +33,13 @@ class Draem(Detector):
 
     def __init__(self, recon_width: int = 128, disc_width: int = 64, lr: float = 1e-4,
                  schedule: Literal["paper", "reference", "constant"] = "paper", segmentation_loss: str = "focal",
-                 fallback: Literal["perlin", "noise-texture", "self"] = "perlin"):
+                 fallback: Literal["perlin", "noise-texture", "self"] = "perlin", crop: int = 0):
         super().__init__()
         if recon_width < 1 or disc_width < 1:
             raise ValueError("draem widths must be >= 1")
+        if crop < 0 or crop % 32:
+            raise ValueError(f"draem crop={crop}: use 0 (whole images) or a multiple of 32 (the networks halve the "
+                             "side five times)")
         if lr <= 0:
             raise ValueError("draem lr must be > 0")
         self.reconstructive = ReconstructiveSubNetwork(3, 3, recon_width)
@@ -48,6 +51,9 @@ class Draem(Detector):
         self.segmentation_loss: nn.Module | None = None
         self.source: AnomalySource | None = None
         self.synthesis = SynthesisSettings(fallback=fallback)
+        # train on random crops of this side of the (larger) training images: the cost of small images with the
+        # detail of large ones; both networks are fully convolutional, so the map is computed on whole images
+        self.crop = crop
 
     def setup(self, context: DetectorContext) -> None:
         losses = context.catalog["loss"]
@@ -65,6 +71,8 @@ class Draem(Detector):
     def training_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         if self.segmentation_loss is None:
             raise RuntimeError("Draem.setup() must run before training")
+        if self.crop and self.crop < min(images.shape[-2:]):
+            images = random_crops(images, self.crop, generator)
         with torch.autocast(images.device.type, enabled=False):  # data preparation stays in float32
             batch = synthesize(images, generator, self.source, self.synthesis)
         reconstruction = self.reconstructive(batch.augmented)
@@ -93,3 +101,16 @@ class Draem(Detector):
         reconstruction = self.reconstructive(images)
         logits = self.discriminative(torch.cat((reconstruction, images), dim=1))
         return logits.float().softmax(dim=1)[:, 1:2]
+
+
+def random_crops(images: Tensor, side: int, generator: torch.Generator) -> Tensor:
+    """One random ``side`` x ``side`` crop of each image (B, C, H, W), drawn with ``generator``, without host
+    synchronisation (the offsets stay on the device and index the batch)."""
+    b, _, h, w = images.shape
+    device = images.device
+    top = (torch.rand(b, generator=generator, device=device) * (h - side + 1)).long().clamp_max(h - side)
+    left = (torch.rand(b, generator=generator, device=device) * (w - side + 1)).long().clamp_max(w - side)
+    steps = torch.arange(side, device=device)
+    rows, cols = (top[:, None] + steps)[:, :, None], (left[:, None] + steps)[:, None, :]
+    batch = torch.arange(b, device=device)[:, None, None]
+    return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
