@@ -60,11 +60,16 @@ def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU in float32:
     bf16 is slow on CPUs without bf16 instructions, and 2x faster on those with them (AVX512-BF16, AMX), where
     ``bf16`` is worth asking for (docs/benchmarks.md)."""
-    if precision not in PRECISIONS:
-        raise AdkitError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether ``precision`` on ``device`` means bf16 autocast (see ``autocast``)."""
+    if precision not in PRECISIONS:
+        raise AdkitError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 @dataclass

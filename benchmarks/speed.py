@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adkit.components import DetectorContext
-from adkit.engine import autocast, resolve_device
+from adkit.engine import autocast, resolve_device, uses_bf16
 from adkit.plugins import get_catalog
 from adkit_plugins.draem.synthesis import synthesize
 
@@ -54,9 +54,10 @@ def forward_flop(detector, size: int, device: torch.device) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_flops_per_s(device: torch.device) -> float:
-    """Measured dense matrix-multiply throughput: bf16 on a GPU, float32 on the CPU (what the forward runs in)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+def matmul_flops_per_s(device: torch.device, bf16: bool) -> float:
+    """Measured dense matrix-multiply throughput in the dtype the forward runs in (bf16 under autocast)."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     reps = 20 if device.type == "cuda" else 3
     a @ b
@@ -144,7 +145,7 @@ def main() -> None:
             infer[post_name or "detector"] = args.batch / statistics.median(times)
 
     flop = forward_flop(detector, args.size, device)
-    matmul = matmul_flops_per_s(device)
+    matmul = matmul_flops_per_s(device, uses_bf16(device, args.precision))
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = {
