@@ -23,28 +23,35 @@ def _check_pair(prediction: Tensor, target: Tensor, who: str) -> None:
                          f"and {tuple(target.shape)}")
 
 
-def in_float32(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Run a loss's forward in float32 with autocast off, whatever precision the network ran in. Under bf16
-    autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2 cancels catastrophically: the SSIM
-    denominator reaches zero and the loss is NaN from the first step."""
+def in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Compute a loss function of two tensors in float32 with autocast off, whatever precision the network ran
+    in. Under bf16 autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2 cancels
+    catastrophically: the SSIM denominator reaches zero and the loss is NaN from the first step."""
 
-    @functools.wraps(forward)
-    def wrapper(self: nn.Module, first: Tensor, second: Tensor) -> Tensor:
+    @functools.wraps(loss)
+    def wrapper(first: Tensor, second: Tensor, *args, **kwargs) -> Tensor:
         with torch.autocast(first.device.type, enabled=False):
-            return forward(self, *(t.float() if t.is_floating_point() else t for t in (first, second)))
+            pair = (t.float() if t.is_floating_point() else t for t in (first, second))
+            return loss(*pair, *args, **kwargs)
 
     return wrapper
+
+
+@in_float32
+def l2_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error."""
+    _check_pair(prediction, target, "l2")
+    return F.mse_loss(prediction, target)
 
 
 class L2Loss(nn.Module):
     """Mean squared error."""
 
-    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
-        _check_pair(prediction, target, "l2")
-        return F.mse_loss(prediction, target)
+        return l2_loss(prediction, target)
 
 
+@in_float32
 def ssim_loss(prediction: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     """1 - mean SSIM (Gaussian window ``window``, std ``sigma``, zero padding), as DRAEM's reference computes it
     (kornia's ``ssim`` pads differently at the borders)."""
@@ -71,11 +78,11 @@ class SSIMLoss(nn.Module):
             raise ValueError("ssim window must be an odd integer >= 3")
         self.window, self.sigma = window, sigma
 
-    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return ssim_loss(prediction, target, self.window, self.sigma)
 
 
+@in_float32
 def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> Tensor:
     """Focal loss on softmax probabilities (DRAEM's reference: label smoothing ``smooth``, no alpha).
 
@@ -83,7 +90,7 @@ def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0, smooth: float =
     if logits.ndim != 4 or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != logits.shape[-2:]:
         raise ValueError(f"focal expects logits (B, K, H, W) and mask (B, 1, H, W), got {tuple(logits.shape)} "
                          f"and {tuple(mask.shape)}")
-    probs = logits.float().softmax(dim=1)
+    probs = logits.softmax(dim=1)
     classes = logits.shape[1]
     one_hot = F.one_hot(mask[:, 0].long(), classes).permute(0, 3, 1, 2).to(probs)
     one_hot = one_hot.clamp(smooth / (classes - 1), 1.0 - smooth)
@@ -100,11 +107,11 @@ class FocalLoss(nn.Module):
             raise ValueError("focal gamma must be >= 0")
         self.gamma = gamma
 
-    @in_float32
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         return focal_loss(logits, mask, self.gamma)
 
 
+@in_float32
 def colour_histogram_loss(prediction: Tensor, target: Tensor, bins: int = 64, bandwidth: float = 0.01,
                           max_pixels: int = 16384) -> Tensor:
     """Mean over images and channels of the L1 distance between kernel-density colour histograms on [0, 1].
@@ -116,7 +123,7 @@ def colour_histogram_loss(prediction: Tensor, target: Tensor, bins: int = 64, ba
     x = prediction.reshape(b * c, -1)
     y = target.reshape(b * c, -1)
     stride = max(1, -(-x.shape[1] // max_pixels))
-    x, y = x[:, ::stride].float(), y[:, ::stride].float()
+    x, y = x[:, ::stride], y[:, ::stride]
     centres = torch.linspace(0, 1, bins, device=x.device)
     width = torch.tensor(bandwidth, device=x.device)
     hx = kornia.enhance.histogram(x, centres, width)
@@ -135,15 +142,15 @@ class ColourHistogramLoss(nn.Module):
             raise ValueError("color needs bins >= 2, bandwidth > 0 and max_pixels >= 1")
         self.bins, self.bandwidth, self.max_pixels = bins, bandwidth, max_pixels
 
-    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return colour_histogram_loss(prediction, target, self.bins, self.bandwidth, self.max_pixels)
 
 
+@in_float32
 def inverse_psnr_loss(prediction: Tensor, target: Tensor, floor_db: float = 1.0) -> Tensor:
     """1 / max(PSNR, floor_db) with PSNR = 10 log10(1 / (MSE + 1e-8)), images in [0, 1]."""
     _check_pair(prediction, target, "psnr")
-    mse = F.mse_loss(prediction.float(), target.float())
+    mse = F.mse_loss(prediction, target)
     psnr = 10.0 * torch.log10(1.0 / (mse + 1e-8))
     return 1.0 / psnr.clamp_min(floor_db)
 
@@ -157,7 +164,6 @@ class InversePSNRLoss(nn.Module):
             raise ValueError("psnr floor_db must be > 0")
         self.floor_db = floor_db
 
-    @in_float32
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return inverse_psnr_loss(prediction, target, self.floor_db)
 

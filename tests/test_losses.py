@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from adkit_plugins.losses import ColourHistogramLoss, FocalLoss, InversePSNRLoss, L2Loss, SSIMLoss, focal_loss
+from adkit_plugins.losses import (ColourHistogramLoss, FocalLoss, InversePSNRLoss, L2Loss, SSIMLoss,
+                                  colour_histogram_loss, focal_loss, inverse_psnr_loss, l2_loss, ssim_loss)
 
 
 @pytest.fixture
@@ -69,8 +70,10 @@ def test_focal_hand_value():
     assert p.grad[0, 1] < 0  # pushes the anomaly logit up
 
 
-@pytest.mark.parametrize("loss", [L2Loss(), SSIMLoss(), ColourHistogramLoss(), InversePSNRLoss()])
+@pytest.mark.parametrize("loss", [L2Loss(), SSIMLoss(), ColourHistogramLoss(), InversePSNRLoss(),
+                                  l2_loss, ssim_loss, colour_histogram_loss, inverse_psnr_loss])
 def test_losses_compute_in_float32_under_bf16_autocast(loss):
+    # the modules and the public functions alike (a plugin may call ssim_loss inside its own autocast region)
     # smooth images, as textures are: var = E[x^2] - E[x]^2 is tiny against E[x^2], which bf16 cannot resolve
     g = torch.Generator().manual_seed(0)
     x = 0.7 + 0.01 * torch.rand(2, 3, 32, 32, generator=g)
@@ -81,11 +84,12 @@ def test_losses_compute_in_float32_under_bf16_autocast(loss):
     assert got.item() == pytest.approx(loss(x.bfloat16().float(), y).item(), rel=1e-6)
 
 
-def test_focal_loss_under_bf16_autocast():
+@pytest.mark.parametrize("loss", [FocalLoss(), focal_loss])
+def test_focal_loss_under_bf16_autocast(loss):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 2, 8, 8, generator=g)
     mask = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = FocalLoss()(logits.bfloat16(), mask)
+        got = loss(logits.bfloat16(), mask)
     assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(FocalLoss()(logits.bfloat16().float(), mask).item(), rel=1e-6)
+    assert got.item() == pytest.approx(loss(logits.bfloat16().float(), mask).item(), rel=1e-6)
