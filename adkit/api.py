@@ -24,8 +24,8 @@ from adkit.components import Detector, DetectorContext, Pipeline
 from adkit.config import RunConfig
 from adkit.data.datasets import AnomalyDataset, CategorySplits, LoadedSplit, Sample, load_split
 from adkit.data.io import is_image_file, list_images
-from adkit.engine import (TrainSettings, load_checkpoint, predict as run_pipeline, resolve_device, seed_everything,
-                          train_detector, upsample)
+from adkit.engine import TrainSettings, load_checkpoint, resolve_device, seed_everything, train_detector, upsample
+from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
 from adkit.plugins import Catalog, get_catalog
 from adkit.registry import ComponentSpec, split_spec
@@ -98,7 +98,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
         raise AdkitError("plan() takes one detector; run() trains several as an ensemble")
     name, raw = split_spec(config.detector[0], "detector")
     cls = _detector_class(catalog, name)
-    presets: dict[str, dict[str, Any]] = getattr(cls, "presets", {})
+    presets = getattr(cls, "presets", {})  # a factory need not derive from Detector
     on_synthetic = split_spec(config.data)[0] == "synthetic" and not config.normal
     preset_name = config.preset or ("quick" if on_synthetic and "quick" in presets else None)
     if preset_name is not None and preset_name not in presets:

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,8 @@ class Detector(nn.Module, ABC):
     True); statistical ones set ``trainable = False`` and implement ``fit``. Both implement ``anomaly_map``."""
 
     trainable: bool = True
+    # named settings for a run: {"quick": {"image_size": .., "batch_size": .., "steps": .., "params": {..}}}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def setup(self, context: DetectorContext) -> None:
         """Build what depends on the run (losses, samplers, image size); called once before training."""

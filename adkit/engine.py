@@ -120,7 +120,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise AdkitError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file raises many kinds; all mean unreadable
         raise AdkitError(f"checkpoint {path} cannot be read ({type(exc).__name__}); is it an adkit checkpoint?") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise AdkitError(f"checkpoint {path} is not an adkit checkpoint of format {CHECKPOINT_FORMAT}")

@@ -62,7 +62,7 @@ class Catalog:
         self.plugins[name] = record
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:  # a malformed hookimpl: report, keep going
+        except Exception as exc:  # noqa: BLE001 - a malformed hookimpl: report, keep going
             return _mark_broken(record, exc)
         for kind, hook_name in KIND_HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
@@ -71,7 +71,7 @@ class Catalog:
                     continue
                 try:
                     impl.function(register=Register(self.registries[kind], name))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a plugin's failure must not take the others down
                     self.remove_plugin(name)
                     self.plugins[name] = record
                     return _mark_broken(record, exc)
@@ -90,7 +90,7 @@ class Catalog:
             record = self.plugins.get(impl.plugin_name)
             try:
                 impl.function(cli=cli)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - as above, for its commands
                 if record is not None:
                     _mark_broken(record, exc)
 
@@ -133,7 +133,7 @@ def load_catalog() -> Catalog:
             continue
         try:
             plugin = ep.load()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an import error of any kind marks the plugin broken
             catalog.plugins[ep.name] = _mark_broken(PluginRecord(ep.name, version, source), exc)
             continue
         catalog.add_plugin(plugin, name=ep.name, version=version, source=source)

@@ -214,7 +214,7 @@ def _signature_params(factory: Callable[..., Any]) -> dict[str, Param]:
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable forward references: fall back to raw annotations
+    except Exception:  # noqa: BLE001 - unresolvable forward references: fall back to raw annotations
         hints = {}
     params: dict[str, Param] = {}
     for p in inspect.signature(factory).parameters.values():
@@ -231,9 +231,8 @@ def _convert(raw: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
+            return None
         errors = []
         for arg in args:
             if arg is type(None):

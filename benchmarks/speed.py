@@ -21,7 +21,6 @@ import statistics
 import time
 
 import torch
-
 from torch.utils.flop_counter import FlopCounterMode
 
 from adkit.components import DetectorContext
@@ -37,9 +36,10 @@ def sync(device: torch.device) -> None:
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"

@@ -25,7 +25,7 @@ def topk_mean_score(anomaly_map: Tensor, fraction: float = 0.01) -> Tensor:
     """Mean of the largest ``fraction`` of each map's values (at least one): (B, 1, H, W) -> (B,)."""
     check_map(anomaly_map, "topk-mean")
     flat = anomaly_map.flatten(1)
-    k = max(1, int(round(fraction * flat.shape[1])))
+    k = max(1, round(fraction * flat.shape[1]))
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 

@@ -30,7 +30,7 @@ def test_plugins_command_lists_plugins_and_components(invoke):
     (["run", "--detector", "draem", "--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
 ])
 def test_user_errors_are_one_line_without_traceback(invoke, args, needle):
-    code, out, err = invoke(*args)
+    code, _out, err = invoke(*args)
     assert code != 0
     assert needle in err
     assert "Traceback" not in err
@@ -44,7 +44,7 @@ def test_debug_shows_traceback(invoke):
 
 def test_example_plugin_detector_runs_from_cli(invoke, tmp_path):
     out = tmp_path / "run"
-    code, stdout, err = invoke("run", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile",
+    code, _stdout, err = invoke("run", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile",
                                "--image-size", "32", "--out", str(out))
     assert code == 0, err
     metrics = json.loads((out / "tile" / "metrics.json").read_text())

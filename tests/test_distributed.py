@@ -61,7 +61,7 @@ def test_two_process_ddp_training(tmp_path):
     assert payload["step"] == 3
 
 
-TINY = dict(data="synthetic:size=32,n_train=8,n_test=6", image_size=32, batch_size=2)
+TINY = {"data": "synthetic:size=32,n_train=8,n_test=6", "image_size": 32, "batch_size": 2}
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "threshold", "n_test")
 
 EVALUATE = """

@@ -147,8 +147,8 @@ def test_batched_synthesis_statistics_match_slow_reference():
 
 
 def test_texture_source_and_augmentations(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     for i in range(3):
         folder = tmp_path / "images" / f"class{i}"

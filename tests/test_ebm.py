@@ -91,8 +91,8 @@ def test_wrn_28_10_trunk_parameters():
 
 
 @pytest.mark.parametrize("cls,params", [
-    (EBMImage, dict(depth=10, widen=1, buffer_size=16)),
-    (EBMPatch, dict(depth=10, widen=1, buffer_size=16, patch_size=8, crop=0.5, grid=2)),
+    (EBMImage, {"depth": 10, "widen": 1, "buffer_size": 16}),
+    (EBMPatch, {"depth": 10, "widen": 1, "buffer_size": 16, "patch_size": 8, "crop": 0.5, "grid": 2}),
 ])
 def test_ebm_training_step_and_map(catalog, cls, params):
     torch.manual_seed(0)

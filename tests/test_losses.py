@@ -5,8 +5,18 @@ import math
 import pytest
 import torch
 
-from adkit_plugins.losses import (ColourHistogramLoss, FocalLoss, InversePSNRLoss, L2Loss, SSIMLoss,
-                                  colour_histogram_loss, focal_loss, inverse_psnr_loss, l2_loss, ssim_loss)
+from adkit_plugins.losses import (
+    ColourHistogramLoss,
+    FocalLoss,
+    InversePSNRLoss,
+    L2Loss,
+    SSIMLoss,
+    colour_histogram_loss,
+    focal_loss,
+    inverse_psnr_loss,
+    l2_loss,
+    ssim_loss,
+)
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def test_regions_count_equally():
     masks[0, 5:9, 5:9] = True  # a 16-pixel region
     maps = np.zeros((1, 10, 10))
     maps[0, 5:9, 5:9] = 1.0  # only the big one found
-    fprs, pros = pro_curve(maps, masks)
+    _fprs, pros = pro_curve(maps, masks)
     assert pros[1] == pytest.approx(0.5)
 
 

@@ -4,7 +4,6 @@ import inspect
 import re
 from pathlib import Path
 
-
 from adkit import hookimpl, hookspecs
 from adkit.plugins import load_catalog
 
@@ -89,7 +88,7 @@ def test_import_failure_is_reported(monkeypatch):
 def test_every_hook_is_documented():
     docs = (ROOT / "docs" / "plugins.md").read_text()
     for hook in HOOKS:
-        assert re.search(rf"^#+ `?{hook}", docs, re.M), f"docs/plugins.md has no section for {hook}"
+        assert re.search(rf"^#+ `?{hook}", docs, re.MULTILINE), f"docs/plugins.md has no section for {hook}"
         assert getattr(hookspecs, hook).__doc__, f"{hook} has no docstring"
 
 

@@ -11,7 +11,7 @@ from adkit.registry import DuplicateComponentError, Register, Registry, split_sp
 def make(a: int = 1, b: float = 0.5, flag: bool = False, mode: Literal["x", "y"] = "x",
          sizes: tuple[int, ...] = (3, 5), name: str | None = None):
     """A factory for tests."""
-    return dict(a=a, b=b, flag=flag, mode=mode, sizes=sizes, name=name)
+    return {"a": a, "b": b, "flag": flag, "mode": mode, "sizes": sizes, "name": name}
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_split_spec():
 
 def test_values_parse_to_parameter_types(registry):
     built = registry.create("thing:a=7,b=2,flag=yes,mode=y,sizes=3+5+7,name=none")
-    assert built == dict(a=7, b=2.0, flag=True, mode="y", sizes=(3, 5, 7), name=None)
+    assert built == {"a": 7, "b": 2.0, "flag": True, "mode": "y", "sizes": (3, 5, 7), "name": None}
     assert registry.create("thing") == make()
     assert str(registry.parse("thing:sizes=1+2,b=3")) == "thing:sizes=1+2,b=3.0"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ class Draem(Detector):
     default_postprocessors = ("avgpool:kernel=21",)
     default_scorer = "max"
     # engine settings and detector parameters per preset; flags and specs override them
-    presets = {
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
         # measured on 2 CPU cores (docs/benchmarks.md): more steps at narrow widths beat wider networks, and
         # augmented colour-noise textures beat the grey Perlin fallback as the anomaly source without DTD
         "quick": {"image_size": 64, "batch_size": 8, "steps": 1600,

@@ -7,7 +7,7 @@ from a sampler (PYLD-M-N by default) started from a replay buffer.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import kornia
 import torch
@@ -24,7 +24,7 @@ class EBMImage(Detector):
 
     default_postprocessors = ()
     default_scorer = "max"
-    presets = {
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"image_size": 32, "batch_size": 16, "steps": 300,
                   "params": {"depth": 10, "widen": 2, "buffer_size": 500, "lr": 1e-4, "sampler": "pyld:M=5,N=3"}},
         "paper": {"image_size": 128, "batch_size": 32, "steps": 20000,
@@ -92,7 +92,7 @@ class EBMPatch(EBMImage):
     """Patch-level EBM: training crops whose corner is drawn around the image centre; test on a grid of patches;
     the grid of energies is the anomaly map, and its max the image score."""
 
-    presets = {
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"image_size": 128, "batch_size": 16, "steps": 300,
                   "params": {"depth": 10, "widen": 2, "buffer_size": 100, "patch_size": 32, "crop": 0.25,
                              "grid": 4, "sampler": "pyld:M=5,N=3"}},
