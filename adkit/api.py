@@ -251,6 +251,8 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
                                 resume=resume, on_step=on_step)
         progress.update(task, completed=steps)
     log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)
+    if distributed.is_main() and detector.trainable:
+        report.write_history_csv(folder / "history.csv", result.history)
     skipped = train.skipped + val.skipped + test.skipped
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
 

@@ -49,6 +49,17 @@ def write_scores_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    """The training log: one row per logged step, a column per logged value (``loss`` and what the detector
+    adds, e.g. an EBM's ``f_data`` / ``f_sample``)."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns or ["step"], restval="")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, buffer.getvalue())
+
+
 def heat_colours(values: np.ndarray) -> np.ndarray:
     """A perceptually ordered blue -> green -> yellow -> red map for values in [0, 1]: (H, W) -> (H, W, 3)."""
     stops = np.array([[0.0, 0.0, 0.5], [0.0, 0.4, 1.0], [0.0, 0.9, 0.6], [1.0, 0.9, 0.0], [0.9, 0.0, 0.0]])

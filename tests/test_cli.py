@@ -52,6 +52,7 @@ def test_example_plugin_detector_runs_from_cli(invoke, tmp_path):
     assert (out / "tile" / "scores.csv").read_text().count("\n") == 7
     assert (out / "config.toml").is_file() and "pixel-gauss" in (out / "config.toml").read_text()
     assert any((out / "tile" / "overlays").iterdir())
+    assert not (out / "tile" / "history.csv").exists()  # fitted, not trained: no training log
 
 
 def test_config_file_and_flags_are_interchangeable(invoke, tmp_path):

@@ -56,5 +56,7 @@ def test_energy_detectors_run_from_cli_as_an_ensemble(invoke, tmp_path):
     patch = json.loads((out / "ebm-patch" / "grid" / "metrics.json").read_text())
     assert "pixel_auroc" not in image and (out / "ebm-image" / "grid" / "roc.png").is_file()
     assert "pixel_auroc" in patch and (out / "ebm-patch" / "grid" / "pro.png").is_file()
+    history = (out / "ebm-patch" / "grid" / "history.csv").read_text().splitlines()
+    assert history[0] == "step,loss,f_data,f_sample,chain_move" and history[1].startswith("2,")  # last step logged
     rows = json.loads((out / "bench.json").read_text())
     assert rows[-1]["configuration"] == "ensemble mean"

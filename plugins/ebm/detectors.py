@@ -76,7 +76,11 @@ class EBMImage(Detector):
         loss = f_sample.mean() - f_data.mean()
         if self.energy_penalty:
             loss = loss + self.energy_penalty * (f_data.pow(2).mean() + f_sample.pow(2).mean())
-        return {"loss": loss, "f_data": f_data.mean().detach(), "f_sample": f_sample.mean().detach()}
+        # how far the sampler moved the chains (mean |dx| on the [-1, 1] scale): near 0, the samples stay at
+        # their initialisation and the model learns little beyond telling data from that
+        chain_move = (x_sample - start).abs().mean()
+        return {"loss": loss, "f_data": f_data.mean().detach(), "f_sample": f_sample.mean().detach(),
+                "chain_move": chain_move}
 
     def configure_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, None]:
         return torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay), None
