@@ -8,6 +8,7 @@ the previous checkpoint intact; a non-finite loss stops training before anything
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -70,6 +71,21 @@ def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
     if precision not in PRECISIONS:
         raise AdkitError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Decorate a function of two tensors (a loss) to compute in float32 with autocast off, whatever precision the
+    network ran in; floating inputs are cast, others (integer masks) kept. Under bf16 autocast the blurs inside
+    SSIM run in bf16, where var = E[x^2] - E[x]^2 cancels catastrophically: the SSIM denominator reaches zero
+    and the loss is NaN from the first step."""
+
+    @functools.wraps(loss)
+    def wrapper(first: Tensor, second: Tensor, *args, **kwargs) -> Tensor:
+        with torch.autocast(first.device.type, enabled=False):
+            pair = (t.float() if t.is_floating_point() else t for t in (first, second))
+            return loss(*pair, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass

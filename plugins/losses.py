@@ -6,35 +6,19 @@ logits (B, K, H, W) and an integer or {0, 1} mask (B, 1, H, W). Every loss retur
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import kornia
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adkit import hookimpl
+from adkit.engine import in_float32
 
 
 def _check_pair(prediction: Tensor, target: Tensor, who: str) -> None:
     if prediction.shape != target.shape or prediction.ndim != 4:
         raise ValueError(f"{who} expects two (B, C, H, W) tensors of one shape, got {tuple(prediction.shape)} "
                          f"and {tuple(target.shape)}")
-
-
-def in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Compute a loss function of two tensors in float32 with autocast off, whatever precision the network ran
-    in. Under bf16 autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2 cancels
-    catastrophically: the SSIM denominator reaches zero and the loss is NaN from the first step."""
-
-    @functools.wraps(loss)
-    def wrapper(first: Tensor, second: Tensor, *args, **kwargs) -> Tensor:
-        with torch.autocast(first.device.type, enabled=False):
-            pair = (t.float() if t.is_floating_point() else t for t in (first, second))
-            return loss(*pair, *args, **kwargs)
-
-    return wrapper
 
 
 @in_float32
