@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
@@ -705,12 +703,7 @@ def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
     Console().print(table)
     report.write_text_atomic(out / "bench.md", "\n".join(md) + "\n")
     report.write_json(out / "bench.json", rows)
-    buffer = io.StringIO()
-    keys = ["configuration", "category", *METRIC_COLUMNS, "train_s", "infer_img_s"]
-    writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    report.write_text_atomic(out / "bench.csv", buffer.getvalue())
+    report.write_csv(out / "bench.csv", ["configuration", "category", *METRIC_COLUMNS, "train_s", "infer_img_s"], rows)
     console.print(f"bench results in {out}")
 
 

@@ -39,25 +39,25 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """A table with a header row, written atomically; a row's keys outside ``columns`` are left out, and the
+    columns a row lacks are empty."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
 def write_scores_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """One row per image: path, label (empty without labels), score, prediction (0/1)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["path", "label", "score", "prediction"])
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    write_text_atomic(path, buffer.getvalue())
+    write_csv(path, ["path", "label", "score", "prediction"], rows)
 
 
 def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
     """The training log: one row per logged step, a column per logged value (``loss`` and what the detector
     adds, e.g. an EBM's ``f_data`` / ``f_sample``)."""
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns or ["step"], restval="")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(path, buffer.getvalue())
+    write_csv(path, list(dict.fromkeys(key for row in history for key in row)) or ["step"], history)
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
