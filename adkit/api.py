@@ -22,7 +22,15 @@ from adkit.components import Detector, DetectorContext, Pipeline
 from adkit.config import RunConfig
 from adkit.data.datasets import AnomalyDataset, CategorySplits, LoadedSplit, Sample, load_split
 from adkit.data.io import is_image_file, list_images
-from adkit.engine import TrainSettings, load_checkpoint, resolve_device, seed_everything, train_detector, upsample
+from adkit.engine import (
+    TrainSettings,
+    load_checkpoint,
+    resolve_device,
+    restore,
+    seed_everything,
+    train_detector,
+    upsample,
+)
 from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
 from adkit.plugins import Catalog, get_catalog
@@ -113,6 +121,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     catalog["scorer"].create(scorer)
     if config.sampler:
         catalog["sampler"].parse(config.sampler)
+    if config.backbone:
+        catalog["backbone"].parse(config.backbone)
     if config.pixel_map not in ("raw", "post"):
         raise AdkitError("--pixel-map must be raw or post")
     dataset = make_dataset(catalog, config)
@@ -184,7 +194,7 @@ def _make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfi
         raise TypeError(f"detector {str(spec).split(':')[0]!r} must return an adkit.components.Detector")
     detector.setup(DetectorContext(
         catalog=catalog, image_size=image_size, device=device, seed=config.seed,
-        losses=list(config.loss), replace_losses=config.loss_only, sampler=config.sampler,
+        losses=list(config.loss), replace_losses=config.loss_only, sampler=config.sampler, backbone=config.backbone,
         anomaly_source=Path(config.anomaly_source) if config.anomaly_source else None))
     return detector
 
@@ -234,7 +244,8 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
                              checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
                              precision=cfg.precision)
-    meta = {"detector": str(plan_.detector), "category": category, "image_size": plan_.image_size,
+    meta = {"detector": str(plan_.detector), "backbone": cfg.backbone, "category": category,
+            "image_size": plan_.image_size,
             "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer}
     with _progress() as progress:
         task = progress.add_task(f"train {plan_.detector.name} {category}", total=steps, info="")
@@ -498,13 +509,14 @@ def _plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan
     meta = payload["meta"]
     posts = list(config.post) or meta.get("posts", [])
     return plan(config.replace(detector=[meta["detector"]], image_size=meta["image_size"], post=posts,
+                               backbone=config.backbone or meta.get("backbone"),
                                scorer=config.scorer or meta.get("scorer"),
                                category=list(config.category) or [meta["category"]]))
 
 
-def _restore(plan_: RunPlan, payload: dict[str, Any]) -> Detector:
+def _restore(plan_: RunPlan, payload: dict[str, Any], checkpoint: Path) -> Detector:
     detector = build_detector(plan_)
-    detector.load_state_dict(payload["model"])
+    restore(detector, payload, checkpoint)
     return detector
 
 
@@ -516,7 +528,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     main = distributed.is_main()
     if main:
         _configure_log(out)
-    detector = _restore(plan_, payload)
+    detector = _restore(plan_, payload, checkpoint)
     results = []
     for category in plan_.categories:
         splits = plan_.dataset.load(category)
@@ -551,8 +563,9 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
     catalog = get_catalog()
     device = distributed.init_from_environment(resolve_device(config.device))
     size = meta["image_size"]
-    detector = _make_detector(catalog, meta["detector"], config, size, device)
-    detector.load_state_dict(payload["model"])
+    detector = _make_detector(catalog, meta["detector"], config.replace(backbone=config.backbone or meta.get("backbone")),
+                              size, device)
+    restore(detector, payload, checkpoint)
     pipeline = _make_pipeline(catalog, detector, list(config.post) or meta.get("posts", []),
                               config.scorer or meta.get("scorer", "max"), config.compile)
     fitted = checkpoint.parent / "metrics.json"  # written by run/test: the threshold fitted on validation data

@@ -26,6 +26,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--post", multiple=True, help="Post-processor spec; repeat to chain them in order."),
         click.option("--scorer", help="Scorer spec (map -> image score)."),
         click.option("--sampler", help="Sampler spec for energy-based detectors."),
+        click.option("--backbone", help="Backbone spec for detectors on pretrained features, e.g. timm:model=resnet18,weights=r18.pth."),
         click.option("--ensemble", help="Ensemble scorer spec combining several detectors."),
         click.option("--data", help="Dataset name (default: synthetic)."),
         click.option("--category", multiple=True, help="Category or group (e.g. textures); repeatable."),

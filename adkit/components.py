@@ -11,14 +11,17 @@ describes it for plugin authors.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from adkit.errors import AdkitError
 
 if TYPE_CHECKING:
     from adkit.plugins import Catalog
@@ -47,20 +50,95 @@ class DetectorContext:
     losses: list[str] = field(default_factory=list)  # loss specs the user asked for
     replace_losses: bool = False  # True: ``losses`` replace the detector's defaults instead of adding to them
     sampler: str | None = None
+    backbone: str | None = None  # backbone spec the user asked for (--backbone), for detectors that use one
     anomaly_source: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Detection:
+    """What a detector returns for an image batch: the anomaly map (B, 1, h, w) and, for detectors that compute
+    their own image scores from more than the map (PatchCore's re-weighted score needs the embeddings), the
+    scores (B,); None lets the pipeline's scorer reduce the map."""
+
+    anomaly_map: Tensor
+    image_scores: Tensor | None = None
+
+
+class Backbone(nn.Module, ABC):
+    """A frozen, pretrained feature extractor. ``forward(images, stages)`` maps images (B, 3, H, W) in [0, 1]
+    (the backbone normalises them itself) to one feature map per requested stage, (B, C_i, H / s_i, W / s_i)
+    for stage i's channel count C_i and stride s_i. Its parameters never train and it always stays in eval
+    mode (no BatchNorm drift); the caller decides on autograd (inference mode for fitting, gradients for a
+    sampler that climbs the input). ``spec`` is the component spec it was built from."""
+
+    spec: str = ""
+    # per stage index: channels and stride (declared by the implementation)
+    channels: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._digest: str | None = None
+
+    def freeze(self) -> None:
+        """Turn off gradients of every parameter and switch to eval mode; call at the end of ``__init__``."""
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        # frozen: a detector's .train() must not switch BatchNorm back to batch statistics
+        return super().train(False)
+
+    def check_stages(self, stages: Sequence[int], who: str) -> None:
+        """Raise a user error if a stage index does not exist."""
+        bad = [s for s in stages if not 0 <= s < len(self.channels)]
+        if bad or not stages:
+            raise AdkitError(f"{who}: backbone {self.spec or type(self).__name__} has stages 0-{len(self.channels) - 1} "
+                             f"(strides {'/'.join(map(str, self.strides))}); got layers={'+'.join(map(str, stages))}")
+
+    def check_size(self, images: Tensor, stages: Sequence[int], who: str) -> None:
+        """Raise a user error if the images are smaller than the deepest requested stride."""
+        deepest = max(self.strides[s] for s in stages)
+        if min(images.shape[-2:]) < deepest:
+            raise AdkitError(f"{who}: images of {images.shape[-2]}x{images.shape[-1]} px are smaller than the deepest "
+                             f"stride ({deepest} px) of layers {'+'.join(map(str, stages))}; use a larger --image-size")
+
+    def digest(self) -> str:
+        """sha256 of the weights (every tensor of the state dict, in order): what a checkpoint records to refuse a
+        different backbone file later."""
+        if self._digest is None:
+            hasher = hashlib.sha256()
+            for name, tensor in self.state_dict().items():
+                hasher.update(name.encode())
+                hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._digest = hasher.hexdigest()
+        return self._digest
+
+    @abstractmethod
+    def forward(self, images: Tensor, stages: Sequence[int]) -> list[Tensor]:
+        """Features of ``stages`` (indices into ``channels`` / ``strides``), shallowest first as requested."""
+
+
 class Detector(nn.Module, ABC):
     """An anomaly detector. Gradient-trained detectors implement ``training_step`` (and keep ``trainable``
-    True); statistical ones set ``trainable = False`` and implement ``fit``. Both implement ``anomaly_map``."""
+    True); statistical ones set ``trainable = False`` and implement ``fit``. Both implement ``anomaly_map``
+    (or ``detect``, when they compute image scores of their own)."""
 
     trainable: bool = True
     # named settings for a run: {"quick": {"image_size": .., "batch_size": .., "steps": .., "params": {..}}}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # buffers whose shape depends on the data (a memory bank, per-position statistics): a checkpoint restores
+    # them at the saved shape
+    fitted_buffers: ClassVar[tuple[str, ...]] = ()
+    # under torchrun, fit() sees only this rank's share of the training images and combines what every rank
+    # collected itself (adkit.distributed.gather_sharded / all_reduce_sum), so all ranks end with the same state;
+    # False: every rank fits on all images
+    fit_shards: ClassVar[bool] = False
 
     def setup(self, context: DetectorContext) -> None:
-        """Build what depends on the run (losses, samplers, image size); called once before training."""
+        """Build what depends on the run (losses, samplers, backbones, image size); called once before training."""
 
     def on_train_start(self, images: Tensor, generator: torch.Generator) -> None:
         """Called once before the first training step with all training images (N, 3, H, W) on the CPU."""
@@ -75,12 +153,58 @@ class Detector(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} is not trained by gradient steps")
 
     def fit(self, batches: Iterable[Tensor]) -> None:
-        """Fit a statistical detector on batches of normal images (B, 3, H, W)."""
+        """Fit a statistical detector on batches of normal images (B, 3, H, W). The engine calls it in eval mode
+        under ``torch.inference_mode``."""
         raise NotImplementedError(f"{type(self).__name__} is trained by gradient steps, not fit()")
 
     @abstractmethod
     def anomaly_map(self, images: Tensor) -> Tensor:
         """Anomaly map (B, 1, h, w) for images (B, 3, H, W) in [0, 1]."""
+
+    def detect(self, images: Tensor) -> Detection:
+        """The map and, where the detector has them, its own image scores (default: the map alone)."""
+        return Detection(self.anomaly_map(images))
+
+    # -- checkpoints: what was trained or fitted, never the frozen pretrained weights -----------------------------
+
+    def backbones(self) -> dict[str, Backbone]:
+        """The frozen backbones inside this detector, by attribute path."""
+        return {name: module for name, module in self.named_modules() if isinstance(module, Backbone)}
+
+    def backbone_identities(self) -> dict[str, dict[str, str]]:
+        """Per backbone: the spec it was built from and the digest of its weights (stored in checkpoints)."""
+        return {name: {"spec": b.spec, "sha256": b.digest()} for name, b in self.backbones().items()}
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """The state dict without the frozen backbones' tensors, on the CPU."""
+        frozen = tuple(name + "." for name in self.backbones())
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(frozen)}
+
+    def load_checkpoint_state(self, state: dict[str, Tensor], identities: dict[str, dict[str, str]],
+                              where: str = "checkpoint") -> None:
+        """Load ``checkpoint_state`` output after checking that this detector's backbones are the ones it was
+        fitted with (same weights digest); anything else missing or unexpected is an error."""
+        mine = self.backbone_identities()
+        for name, saved in identities.items():
+            current = mine.get(name)
+            if current is None or current["sha256"] != saved["sha256"]:
+                now = f"{current['spec']} (sha256 {current['sha256'][:12]})" if current else "no backbone"
+                raise AdkitError(f"{where} was fitted with backbone {saved['spec']} (sha256 {saved['sha256'][:12]}), "
+                                 f"but this run builds {now}: use the same weights (--backbone)")
+        frozen = tuple(name + "." for name in mine)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise AdkitError(f"{where} does not fit this detector: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a fitted buffer takes the saved shape (its size depends on the data, unknown before fit)
+        for name in self.fitted_buffers:
+            saved = state_dict.get(prefix + name)
+            current = self._buffers.get(name)
+            if saved is not None and current is not None and saved.shape != current.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class PostProcessor(nn.Module):
@@ -121,23 +245,28 @@ class Ensemble(ABC):
 
 
 class Pipeline:
-    """detector -> post-processors -> scorer, on image batches."""
+    """detector -> post-processors -> scorer, on image batches. The scorer reduces the post-processed map unless
+    the detector returned image scores of its own."""
 
     def __init__(self, detector: Detector, postprocessors: list[nn.Module], scorer: nn.Module):
         self.detector = detector
         self.postprocessors = postprocessors
         self.scorer = scorer
-        self._anomaly_map = detector.anomaly_map
+        self._detect = detector.detect
 
     def compile(self) -> None:
-        """Compile the detector's map with torch.compile (on its first batches; a new shape recompiles)."""
-        self._anomaly_map = torch.compile(self.detector.anomaly_map)
+        """Compile the detector's forward with torch.compile (on its first batches; a new shape recompiles)."""
+        self._detect = torch.compile(self.detector.detect)
 
-    def raw_maps(self, images: Tensor) -> Tensor:
+    def detect(self, images: Tensor) -> Detection:
         check_images(images)
-        maps = self._anomaly_map(images)
-        check_map(maps, type(self.detector).__name__)
-        return maps.float()
+        detection = self._detect(images)
+        name = type(self.detector).__name__
+        check_map(detection.anomaly_map, name)
+        scores = detection.image_scores
+        if scores is not None and (scores.ndim != 1 or scores.shape[0] != images.shape[0]):
+            raise ValueError(f"{name} must return image scores (B,), got {tuple(scores.shape)}")
+        return Detection(detection.anomaly_map.float(), None if scores is None else scores.float())
 
     def postprocess(self, maps: Tensor) -> Tensor:
         for post in self.postprocessors:

@@ -29,6 +29,7 @@ class RunConfig:
     post: list[str] = field(default_factory=list)
     scorer: str | None = None
     sampler: str | None = None
+    backbone: str | None = None
     ensemble: str | None = None
     data: str = "synthetic"
     category: list[str] = field(default_factory=list)

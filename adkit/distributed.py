@@ -139,6 +139,22 @@ def gather_shards(parts: list[Tensor], n: int) -> list[Tensor]:
     return full
 
 
+def gather_sharded(local: Tensor) -> Tensor:
+    """Every rank passes the rows it computed for its ``shard`` of n items (n unknown to it); every rank gets all
+    n rows in the original item order, on the device ``local`` is on (unchanged in one process)."""
+    if world_size() == 1:
+        return local
+    n = sum(all_gather_objects(int(local.shape[0])))
+    return gather_shards([local.cpu()], n)[0].to(local.device)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over the ranks, on every rank (unchanged in one process)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_gather_objects(value: Any) -> list[Any]:
     """``value`` from every rank, in rank order (``[value]`` in one process)."""
     if world_size() == 1:

@@ -143,6 +143,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
+def restore(detector: Detector, payload: dict[str, Any], where: Path | str) -> None:
+    """Load a checkpoint's trained or fitted state into ``detector`` (built and set up for the same run); its
+    backbones must have the weights the checkpoint was made with."""
+    detector.load_checkpoint_state(payload["model"], payload.get("backbones", {}), where=f"checkpoint {where}")
+
+
 def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> dict[str, float]:
     values = {k: float(v.detach()) for k, v in losses.items()}
     if not distributed.all_finite(losses["loss"]):
@@ -160,15 +166,21 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
     detector.to(device)
     if device.type == "cuda":
         detector.to(memory_format=torch.channels_last)
-    detector.train()
     start = time.perf_counter()
     if not detector.trainable:
-        detector.fit(_batches(images, settings.batch_size, device))
+        if images.shape[0] == 0:
+            raise AdkitError("no training images to fit on")
+        # statistics of frozen features: no autograd, and BatchNorm layers keep their running statistics
+        detector.eval()
+        mine = images[distributed.shard(images.shape[0])] if detector.fit_shards else images
+        with torch.inference_mode(), autocast(device, settings.precision):
+            detector.fit(_batches(mine, settings.batch_size, device))
         if distributed.is_main():
             save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
         distributed.barrier()
         return TrainResult(steps=0, seconds=time.perf_counter() - start)
 
+    detector.train()
     optimizer, scheduler = detector.configure_optimizer(settings.steps)
     world, rank = distributed.world_size(), distributed.rank()
     # under torchrun, gradients are averaged across ranks by DistributedDataParallel
@@ -183,7 +195,7 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         if not resume:
             raise AdkitError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
         payload = load_checkpoint(checkpoint)
-        detector.load_state_dict(payload["model"])
+        restore(detector, payload, checkpoint)
         optimizer.load_state_dict(payload["optimizer"])
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
@@ -257,7 +269,8 @@ def _payload(detector: Detector, optimizer: Any, scheduler: Any, step: int, sett
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "total_steps": settings.steps,
-        "model": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+        "model": detector.checkpoint_state(),  # frozen pretrained weights are named, not stored
+        "backbones": detector.backbone_identities(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "history": history,
@@ -301,11 +314,13 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            raw = pipeline.raw_maps(x)
+            detection = pipeline.detect(x)
+        raw = detection.anomaly_map
         native_size = (raw.shape[-2], raw.shape[-1])
         raw = upsample(raw, x.shape[-2:])
         processed = pipeline.postprocess(raw)
-        scores.append(pipeline.score(processed).float().cpu())
+        own = detection.image_scores
+        scores.append((own if own is not None else pipeline.score(processed)).float().cpu())
         raw_maps.append(raw.cpu())
         processed_maps.append(processed.float().cpu())
         if on_batch is not None:

@@ -34,6 +34,15 @@ def register_detectors(register: Register) -> None:
 
 
 @hookspec
+def register_backbones(register: Register) -> None:
+    """Register backbones: factories returning an :class:`adkit.components.Backbone`, a frozen pretrained feature
+    extractor that maps images (B, 3, H, W) in [0, 1] to the requested stages' features, each (B, C, H / s, W / s)
+    for the stage's stride s. Detectors that work on pretrained features (``patchcore:backbone=NAME``) build them
+    by name; a checkpoint names its backbone and a digest of its weights instead of storing them.
+    """
+
+
+@hookspec
 def register_losses(register: Register) -> None:
     """Register losses: factories returning an ``nn.Module`` mapping ``(prediction, target)`` to a scalar.
 

@@ -23,6 +23,7 @@ CORE_DISTRIBUTION = "adkit"
 # kind -> the hook that registers it
 KIND_HOOKS = {
     "detector": "register_detectors",
+    "backbone": "register_backbones",
     "loss": "register_losses",
     "sampler": "register_samplers",
     "postprocessor": "register_postprocessors",

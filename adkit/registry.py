@@ -17,7 +17,7 @@ from typing import Any
 
 from adkit.errors import AdkitError
 
-KINDS = ("detector", "loss", "sampler", "postprocessor", "scorer", "ensemble", "dataset")
+KINDS = ("detector", "backbone", "loss", "sampler", "postprocessor", "scorer", "ensemble", "dataset")
 
 # Parameters every component of a kind accepts, consumed by the caller rather than the factory.
 KIND_EXTRAS: dict[str, dict[str, tuple[type, Any]]] = {"loss": {"weight": (float, 1.0)}}

@@ -1,7 +1,12 @@
-"""Speed and memory of DRAEM training and inference (issue: speed and memory).
+"""Speed and memory of DRAEM training and inference, or of fitting a detector on pretrained features.
 
     python benchmarks/speed.py [--size 256] [--batch 8] [--device auto] [--recon-width 128] [--disc-width 64]
                                [--steps 5] [--compile] [--precision auto|fp32|bf16] [--json]
+    python benchmarks/speed.py --detector patchcore[:key=value,...] [--train-images 600] [--size 256] [--json]
+
+With --detector SPEC (a fitted detector such as patchcore or padim): seconds to fit on --train-images random
+images (backbone features, then the rest: PatchCore's coreset), inference images per second at batch 1 and at
+--batch, and peak memory.
 
 Median seconds per training step (anomaly synthesis + forward + backward + optimiser step, after a warm-up),
 split into synthesis / forward / backward+update; inference images per second of the detector alone and followed
@@ -69,8 +74,61 @@ def matmul_flops_per_s(device: torch.device, bf16: bool) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def fitted_speed(spec: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Fit time, inference rate and peak memory of a fitted detector on random images (timing does not depend
+    on the pixel values; accuracy figures come from adkit run / bench)."""
+    catalog = get_catalog()
+    detector = catalog["detector"].create(spec)
+    detector.setup(DetectorContext(catalog=catalog, image_size=args.size, device=device))
+    detector.to(device).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    generator = torch.Generator().manual_seed(0)
+    train = torch.rand(args.train_images, 3, args.size, args.size, generator=generator)
+    batches = [train[i:i + args.batch].to(device) for i in range(0, len(train), args.batch)]
+    embed_s = 0.0
+
+    def timed_batches():  # the backbone's share of fit() is the time spent producing and embedding batches
+        nonlocal embed_s
+        for batch in batches:
+            t0 = time.perf_counter()
+            yield batch
+            sync(device)
+            embed_s += time.perf_counter() - t0
+
+    with torch.inference_mode(), autocast(device, args.precision):
+        t0 = time.perf_counter()
+        detector.fit(timed_batches())
+        sync(device)
+        fit_s = time.perf_counter() - t0
+    rates = {}
+    with torch.inference_mode(), autocast(device, args.precision):
+        for batch_size in (1, args.batch):
+            x = torch.rand(batch_size, 3, args.size, args.size, generator=generator).to(device)
+            times = []
+            for rep in range(args.steps + 1):
+                sync(device)
+                t0 = time.perf_counter()
+                detector.detect(x)
+                sync(device)
+                if rep:
+                    times.append(time.perf_counter() - t0)
+            rates[batch_size] = batch_size / statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    bank = getattr(detector, "memory_bank", None)
+    return {"detector": spec, "size": args.size, "train_images": args.train_images, "batch": args.batch,
+            "device": str(device), "precision": args.precision, "fit_s": fit_s,
+            "fit_features_s": embed_s, "fit_rest_s": fit_s - embed_s,
+            "bank_size": None if bank is None else int(bank.shape[0]),
+            "infer_img_s_batch1": rates[1], "infer_latency_ms_batch1": 1000 / rates[1],
+            f"infer_img_s_batch{args.batch}": rates[args.batch], "peak_memory_mib": peak}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--detector", default="draem", help="draem (training speed) or a fitted detector spec")
+    parser.add_argument("--train-images", type=int, default=600, help="fitted detectors: images to fit on")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="auto")
@@ -84,6 +142,16 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(),
+               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    if args.detector != "draem":
+        result = {**fitted_speed(args.detector, args, device), "machine": machine}
+        if not args.json:
+            for key, value in result.items():
+                print(f"{key:>24}: {value}")
+        print(json.dumps(result))
+        return
     catalog = get_catalog()
     detector = catalog["detector"].create(f"draem:recon_width={args.recon_width},disc_width={args.disc_width}")
     detector.setup(DetectorContext(catalog=catalog, image_size=args.size, device=device))
@@ -159,9 +227,7 @@ def main() -> None:
         "forward_matmul_fraction": flop * infer["detector"] / matmul,
         "infer_img_s_with_post": {k: v for k, v in infer.items() if k != "detector"},
         "peak_memory_mib": peak,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "machine": machine,
     }
     if not args.json:
         for key, value in result.items():

@@ -160,3 +160,38 @@ def test_gather_shards_restores_order_for_uneven_shards(monkeypatch):
     monkeypatch.setattr(distributed, "all_gather_objects", lambda value: parts_by_rank)
     gathered = distributed.gather_shards(parts_by_rank[0], n)
     assert torch.equal(gathered[0], full[0]) and torch.equal(gathered[1], full[1])
+
+
+FIT_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from adkit import distributed
+from adkit.components import DetectorContext
+from adkit.engine import TrainSettings, train_detector
+from adkit.plugins import get_catalog
+device = distributed.init_from_environment(torch.device("cpu"))
+catalog = get_catalog()
+images = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+out = {}
+for spec in ("patchcore:coreset=0.2,partition=50", "padim:features=20"):
+    detector = catalog["detector"].create(spec)
+    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=device))
+    train_detector(detector, images, TrainSettings(steps=1, batch_size=2), device,
+                   Path(sys.argv[1]) / spec.split(":")[0] / "checkpoint.pt", meta={})
+    with torch.inference_mode():
+        out[spec] = detector.detect(images[:2]).anomaly_map
+    if spec.startswith("patchcore"):
+        out["bank"] = detector.memory_bank
+torch.save(out, Path(sys.argv[1]) / f"rank{distributed.rank()}-of{distributed.world_size()}.pt")
+"""
+
+
+def test_fitting_shards_images_and_every_rank_holds_the_single_process_state(tmp_path):
+    launch(FIT_SCRIPT, str(tmp_path / "two"))
+    launch(FIT_SCRIPT, str(tmp_path / "one"), world=1)
+    single = torch.load(tmp_path / "one" / "rank0-of1.pt")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "two" / f"rank{rank}-of2.pt")
+        assert torch.equal(got["bank"], single["bank"])  # anomalib #2673: each rank kept only its own part
+        torch.testing.assert_close(got["patchcore:coreset=0.2,partition=50"], single["patchcore:coreset=0.2,partition=50"])
+        torch.testing.assert_close(got["padim:features=20"], single["padim:features=20"], atol=1e-4, rtol=1e-4)

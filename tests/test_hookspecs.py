@@ -12,6 +12,10 @@ class EveryHook:
         register("t-detector", lambda: "d")
 
     @hookimpl
+    def register_backbones(self, register):
+        register("t-backbone", lambda: "b")
+
+    @hookimpl
     def register_losses(self, register):
         register("t-loss", lambda: "l")
 
@@ -43,7 +47,7 @@ class EveryHook:
 def test_each_component_hook_registers_its_kind():
     catalog = Catalog()
     assert catalog.add_plugin(EveryHook(), name="every").status == "ok"
-    for kind, value in (("detector", "d"), ("loss", "l"), ("sampler", "s"), ("postprocessor", "p"),
+    for kind, value in (("detector", "d"), ("backbone", "b"), ("loss", "l"), ("sampler", "s"), ("postprocessor", "p"),
                         ("scorer", "c"), ("ensemble", "e"), ("dataset", "x")):
         assert catalog[kind].create(f"t-{kind if kind != 'postprocessor' else 'post'}") == value
 

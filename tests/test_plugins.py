@@ -8,7 +8,8 @@ from adkit import hookimpl, hookspecs
 from adkit.plugins import load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILT_INS = {"datasets", "draem", "ebm", "ensembles", "filters", "freqmask", "losses", "scorers"}
+BUILT_INS = {"backbones", "datasets", "draem", "ebm", "ensembles", "filters", "freqmask", "losses", "padim", "patchcore",
+             "scorers"}
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
 
 

@@ -18,6 +18,8 @@ class PixelGaussian(Detector):
     trainable = False
     default_postprocessors = ()
     default_scorer = "max"
+    # their shape is the image shape, unknown before fit(): checkpoints restore them as saved
+    fitted_buffers = ("mean", "std")
 
     def __init__(self, min_std: float = 0.01):
         super().__init__()
@@ -44,13 +46,6 @@ class PixelGaussian(Detector):
     def anomaly_map(self, images: Tensor) -> Tensor:
         z = (images - self.mean) / self.std
         return z.abs().amax(dim=1, keepdim=True)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # fitted buffers have the image shape, unknown before fit(): take them as saved
-        for name in ("mean", "std"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Clip(PostProcessor):

@@ -1,0 +1,110 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian per feature-map position over pretrained features, the
+Mahalanobis distance as the anomaly map (spec §5; docs/methods/patchcore.md gives our reading).
+
+fit streams the sums of the embeddings and of their outer products per position (float64), so memory does not
+grow with the number of training images; the covariance is regularised by 0.01 I as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adkit import distributed, hookimpl
+from adkit.components import Backbone, Detector, DetectorContext
+from adkit.engine import derived_seed
+from adkit.errors import AdkitError
+from adkit.features import align_stages, build_backbone, check_layers
+
+
+class PaDiM(Detector):
+    """PaDiM: per-position Gaussians of a random subset of pretrained feature channels; Mahalanobis map."""
+
+    trainable = False
+    default_postprocessors = ()
+    default_scorer = "max"
+    fitted_buffers: ClassVar[tuple[str, ...]] = ("mean", "inverse_covariance")
+    fit_shards = True  # under torchrun each rank sums over its share of the images; the sums are all-reduced
+
+    def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (1, 2, 3),
+                 features: int = 100, regularisation: float = 0.01, sigma: float = 4.0, seed: int = 0):
+        super().__init__()
+        self.layers = check_layers(layers, "padim")
+        if features < 1 or regularisation <= 0 or sigma < 0:
+            raise ValueError("padim needs features >= 1, regularisation > 0, sigma >= 0")
+        self.backbone_spec, self.features, self.regularisation = backbone, features, regularisation
+        self.sigma, self.seed = sigma, seed
+        self.backbone: Backbone | None = None
+        self.smooth = None
+        self.register_buffer("channels", torch.zeros(features, dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(0, features))  # (positions, d)
+        self.register_buffer("inverse_covariance", torch.zeros(0, features, features))  # (positions, d, d)
+
+    def setup(self, context: DetectorContext) -> None:
+        self.backbone = build_backbone(context, self.backbone_spec, "padim")
+        self.image_size = context.image_size
+        self.backbone.check_stages(self.layers, "padim")
+        total = sum(self.backbone.channels[i] for i in self.layers)
+        if self.features > total:
+            raise AdkitError(f"padim features={self.features}: layers {'+'.join(map(str, self.layers))} of "
+                             f"{self.backbone.spec} have {total} channels; choose features <= {total}")
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "padim-channels"))
+        self.channels = torch.randperm(total, generator=generator)[:self.features].sort().values.to(context.device)
+        self.smooth = (context.catalog["postprocessor"].create(f"gaussian:sigma={self.sigma}")
+                       if self.sigma > 0 else None)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, d, h, w): the stages concatenated on the first stage's grid (nearest upsampling, as
+        the reference), then the selected channels."""
+        features = align_stages([f.float() for f in self.backbone(images, self.layers)], mode="nearest")
+        return torch.cat(features, dim=1).index_select(1, self.channels)
+
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        total = outer = None
+        count = 0
+        for images in batches:
+            embedding = self.embed(images)
+            b, d, h, w = embedding.shape
+            x = embedding.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # (positions, B, d)
+            total = x.sum(1) if total is None else total + x.sum(1)
+            batch_outer = torch.einsum("pbi,pbj->pij", x, x)
+            outer = batch_outer if outer is None else outer + batch_outer
+            count += b
+        if distributed.world_size() > 1:
+            device = self.channels.device
+            count = int(distributed.all_reduce_sum(torch.tensor([float(count)], device=device)).item())
+            if total is None:  # a rank with no images still takes part in the reduction
+                _, _, h, w = self.embed(torch.zeros(1, 3, self.image_size, self.image_size, device=device)).shape
+                total = torch.zeros(h * w, self.features, dtype=torch.float64, device=device)
+                outer = torch.zeros(h * w, self.features, self.features, dtype=torch.float64, device=device)
+            total, outer = distributed.all_reduce_sum(total), distributed.all_reduce_sum(outer)
+        if count < 2:
+            raise AdkitError(f"padim needs at least 2 training images for a covariance, got {count}")
+        mean = total / count
+        covariance = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
+        covariance += self.regularisation * torch.eye(self.features, dtype=covariance.dtype, device=covariance.device)
+        self.mean = mean.float()
+        self.inverse_covariance = torch.linalg.inv(covariance).float()
+
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        if self.mean.shape[0] == 0:
+            raise RuntimeError("padim: fit() must run before anomaly_map()")
+        embedding = self.embed(images)
+        b, d, h, w = embedding.shape
+        if h * w != self.mean.shape[0]:
+            raise AdkitError(f"padim was fitted on a {self.mean.shape[0]}-position grid; these images give {h}x{w}: "
+                             "use the image size it was fitted with")
+        delta = embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None, :]  # (positions, B, d)
+        squared = torch.einsum("pbi,pij,pbj->pb", delta, self.inverse_covariance, delta).clamp_min(0)
+        distance = squared.sqrt().T.reshape(b, 1, h, w)
+        anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.smooth(anomaly_map) if self.smooth is not None else anomaly_map
+
+
+@hookimpl
+def register_detectors(register):
+    register("padim", PaDiM, help="PaDiM (Defard et al. 2021): per-position Gaussians of pretrained features")

@@ -1,0 +1,76 @@
+"""Greedy coreset selection (minimax facility location, Sener & Savarese 2018; PatchCore §3.2).
+
+Start from one random point; repeatedly add the point farthest from the points chosen so far. Distances are
+computed on a random linear projection of the features (Johnson-Lindenstrauss), as PatchCore does, so the cost is
+count x N x projection multiply-adds and one (N,) vector of running minimum distances.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def random_projection(dim: int, target: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """A (dim, target) Gaussian matrix scaled by 1 / sqrt(target): distances keep their scale on average."""
+    matrix = torch.randn(dim, target, generator=generator, device=generator.device)
+    return (matrix / target ** 0.5).to(device)
+
+
+def greedy_coreset(features: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """Indices (count,) of a greedy k-centre subset of ``features`` (N, d), the first drawn with ``generator``.
+
+    Each step computes the squared distance of every point to the newest centre as |x|^2 - 2 x.c + |c|^2 (one
+    matrix-vector product) and keeps the running minimum over the centres; the next centre is its argmax.
+    """
+    n = features.shape[0]
+    if not 0 < count <= n:
+        raise ValueError(f"coreset of {count} points from {n}")
+    features = features.float()
+    norms = features.pow(2).sum(dim=1)
+    nearest = torch.full((n,), float("inf"), device=features.device)
+    chosen = torch.empty(count, dtype=torch.long, device=features.device)
+    index = torch.randint(n, (1,), generator=generator, device=generator.device).to(features.device)[0]
+    for i in range(count):
+        chosen[i] = index
+        centre = features[index]
+        distance = torch.addmv(norms + norms[index], features, centre, alpha=-2.0)
+        torch.minimum(nearest, distance, out=nearest)
+        index = torch.argmax(nearest)
+    return chosen
+
+
+def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Generator, partition: int) -> Tensor:
+    """Greedy coresets of random partitions of at most ``partition`` points, each keeping its share of ``count``;
+    their union, indices (count,). Exact greedy costs count x N x d for N points, and each step streams all N
+    projected features from memory; on partitions that fit the processor's cache it costs N / partition times
+    less and runs from cache. The union of per-partition greedy k-centre sets is a composable coreset (Indyk et
+    al., PODS 2014): a constant-factor approximation of the whole set's cover radius. ``partition >= N`` is the
+    exact greedy."""
+    n = features.shape[0]
+    if partition <= 0 or partition >= n:
+        return greedy_coreset(features, count, generator)
+    groups = -(-n // partition)
+    order = torch.randperm(n, generator=generator, device=generator.device).to(features.device)
+    bounds = [round(i * n / groups) for i in range(groups + 1)]
+    shares = [round(count * bounds[i + 1] / n) - round(count * bounds[i] / n) for i in range(groups)]
+    chosen = []
+    for i, share in enumerate(shares):
+        if share:
+            members = order[bounds[i]:bounds[i + 1]]
+            chosen.append(members[greedy_coreset(features[members], share, generator)])
+    return torch.cat(chosen)
+
+
+def greedy_coreset_reference(features: Tensor, count: int, first: int) -> list[int]:
+    """The same selection written plainly (Python loops over points): a reference for tests."""
+    points = features.double()
+    chosen = [first]
+    while len(chosen) < count:
+        best, best_distance = -1, -1.0
+        for i in range(points.shape[0]):
+            distance = min(float((points[i] - points[j]).pow(2).sum()) for j in chosen)
+            if distance > best_distance:
+                best, best_distance = i, distance
+        chosen.append(best)
+    return chosen

@@ -1,0 +1,222 @@
+"""PatchCore and PaDiM against slow, obvious references; checkpoints that name their backbone instead of storing
+it; fitting in eval and inference mode; detectors that return their own image scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_backbones import TinyBackbonePlugin
+
+from adkit.components import Detection, Detector, DetectorContext, Pipeline
+from adkit.engine import TrainSettings, load_checkpoint, predict, restore, train_detector
+from adkit.errors import AdkitError
+from adkit_plugins.patchcore.coreset import greedy_coreset, greedy_coreset_reference, partitioned_greedy_coreset
+from adkit_plugins.patchcore.search import knn, knn_projected
+
+
+def test_greedy_coreset_matches_the_plain_reference():
+    features = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(3)
+    first = int(torch.randint(60, (1,), generator=torch.Generator().manual_seed(3))[0])
+    chosen = greedy_coreset(features, 12, generator).tolist()
+    assert chosen == greedy_coreset_reference(features, 12, first)
+    assert len(set(chosen)) == 12
+
+
+def test_knn_matches_brute_force_in_small_blocks():
+    g = torch.Generator().manual_seed(1)
+    queries, bank = torch.randn(37, 6, generator=g), torch.randn(53, 6, generator=g)
+    expected = torch.cdist(queries.double(), bank.double())
+    for k in (1, 4):
+        distance, index = knn(queries, bank, k, block_elements=64)  # forces many query and bank chunks
+        values, order = expected.topk(k, dim=1, largest=False)
+        assert torch.equal(index, order)
+        torch.testing.assert_close(distance.double(), values, atol=1e-4, rtol=1e-4)
+
+
+def test_projected_search_with_every_candidate_is_exact():
+    g = torch.Generator().manual_seed(2)
+    queries, bank, projection = torch.randn(20, 8, generator=g), torch.randn(30, 8, generator=g), torch.randn(8, 3, generator=g)
+    approximate = knn_projected(queries, bank, projection, bank @ projection, k=2, candidates=30)
+    exact = knn(queries, bank, k=2)
+    assert torch.equal(approximate[1], exact[1])
+    torch.testing.assert_close(approximate[0], exact[0])
+
+
+@pytest.fixture
+def tiny_catalog(catalog):
+    catalog.add_plugin(TinyBackbonePlugin(), name="tiny-plugin")
+    return catalog
+
+
+def set_up(catalog, spec: str, backbone: str | None = None) -> Detector:
+    detector = catalog["detector"].create(spec)
+    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"), backbone=backbone))
+    return detector
+
+
+def images(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def fit(detector: Detector, train: torch.Tensor, tmp_path) -> dict:
+    checkpoint = tmp_path / "checkpoint.pt"
+    train_detector(detector, train, TrainSettings(steps=1, batch_size=4), torch.device("cpu"), checkpoint, meta={})
+    return load_checkpoint(checkpoint)
+
+
+def test_patchcore_map_is_the_smoothed_nearest_bank_distance_and_scores_reweighted(tiny_catalog, tmp_path):
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=1.0,sigma=0")
+    fit(detector, images(5, 0), tmp_path)
+    test = images(2, 1)
+    with torch.inference_mode():
+        embedding = detector.embed(test)  # (2, 6, 16, 16)
+        detection = detector.detect(test)
+    patches = embedding.permute(0, 2, 3, 1).reshape(2, -1, 6).double()
+    bank = detector.memory_bank.double()
+    assert bank.shape == (5 * 16 * 16, 6)  # coreset=1.0 keeps every training patch
+    distances = torch.cdist(patches, bank[None].expand(2, -1, -1))  # (2, 256, K)
+    patch_scores = distances.min(dim=2).values
+    torch.testing.assert_close(detection.anomaly_map.double(), torch.nn.functional.interpolate(
+        patch_scores.view(2, 1, 16, 16), size=(32, 32), mode="bilinear", align_corners=False), atol=1e-4, rtol=1e-4)
+    # Eq. 7 by hand: w = 1 - exp(d(m_test*, m*)) / sum over the 9 nearest bank features of m* of exp(d(m_test*, m))
+    for i in range(2):
+        where = int(patch_scores[i].argmax())
+        nearest = int(distances[i, where].argmin())
+        support = torch.cdist(bank[nearest][None], bank)[0].topk(9, largest=False).indices
+        to_support = torch.cdist(patches[i, where][None], bank[support])[0]
+        weight = 1 - torch.exp(distances[i, where, nearest]) / torch.exp(to_support).sum()
+        assert detection.image_scores[i].item() == pytest.approx(float(weight * patch_scores[i].max()), rel=1e-4)
+
+
+def test_patchcore_coreset_size_and_plain_max_score(tiny_catalog, tmp_path):
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.01,score=max")
+    fit(detector, images(4, 0), tmp_path)
+    assert detector.memory_bank.shape == (round(0.01 * 4 * 256), 6)
+    with torch.inference_mode():
+        detection = detector.detect(images(2, 1))
+    assert detection.image_scores.shape == (2,) and detection.anomaly_map.shape == (2, 1, 32, 32)
+
+
+def test_checkpoint_names_the_backbone_and_restores_identical_maps(tiny_catalog, tmp_path):
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.1")
+    payload = fit(detector, images(4, 0), tmp_path)
+    assert not any(k.startswith("backbone.") for k in payload["model"])  # frozen weights are not stored
+    assert payload["backbones"]["backbone"]["spec"] == "tiny"
+    restored = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.1")
+    restore(restored, payload, "ckpt")
+    test = images(3, 2)
+    with torch.inference_mode():
+        a, b = detector.detect(test), restored.detect(test)
+    assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.image_scores, b.image_scores)
+    other = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.1", backbone="tiny:seed=1")
+    with pytest.raises(AdkitError, match=r"was fitted with backbone tiny \(sha256 .*\), but this run builds tiny:seed=1"):
+        restore(other, payload, "ckpt")
+
+
+def padim_reference(train: np.ndarray, test: np.ndarray, eps: float) -> np.ndarray:
+    """Per position: np.cov (unbiased) + eps I, Mahalanobis distance with its inverse. (N, d, P) -> (M, P)."""
+    out = np.zeros((test.shape[0], train.shape[2]))
+    for p in range(train.shape[2]):
+        x = train[:, :, p]
+        inverse = np.linalg.inv(np.cov(x, rowvar=False) + eps * np.eye(x.shape[1]))
+        delta = test[:, :, p] - x.mean(0)
+        out[:, p] = np.sqrt(np.einsum("mi,ij,mj->m", delta, inverse, delta))
+    return out
+
+
+def test_padim_matches_per_position_numpy_reference(tiny_catalog, tmp_path):
+    detector = set_up(tiny_catalog, "padim:backbone=tiny,layers=0+1,features=5,sigma=0")
+    train, test = images(9, 0), images(2, 1)
+    fit(detector, train, tmp_path)  # batches of 4: the streamed sums cross batch boundaries
+    with torch.inference_mode():
+        train_embedding = detector.embed(train).flatten(2).double().numpy()
+        test_embedding = detector.embed(test).flatten(2).double().numpy()
+        got = detector.anomaly_map(test)
+    expected = padim_reference(train_embedding, test_embedding, 0.01).reshape(2, 1, 16, 16)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(expected), size=(32, 32), mode="bilinear",
+                                               align_corners=False)
+    torch.testing.assert_close(got.double(), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_padim_checkpoint_round_trip_keeps_channels(tiny_catalog, tmp_path):
+    detector = set_up(tiny_catalog, "padim:backbone=tiny,layers=0+1,features=5")
+    payload = fit(detector, images(6, 0), tmp_path)
+    restored = set_up(tiny_catalog, "padim:backbone=tiny,layers=0+1,features=5")
+    restore(restored, payload, "ckpt")
+    test = images(2, 3)
+    with torch.inference_mode():
+        assert torch.equal(detector.anomaly_map(test), restored.anomaly_map(test))
+
+
+def test_padim_and_patchcore_user_errors(tiny_catalog, tmp_path):
+    with pytest.raises(AdkitError, match="choose features <= 24"):
+        set_up(tiny_catalog, "padim:backbone=tiny,layers=0+1,features=50")
+    with pytest.raises(AdkitError, match="has stages 0-1"):
+        set_up(tiny_catalog, "patchcore:backbone=tiny,layers=1+2")
+    with pytest.raises(AdkitError, match="layers must be increasing"):
+        set_up(tiny_catalog, "patchcore:backbone=tiny,layers=1+0")
+    with pytest.raises(AdkitError, match="coreset is a fraction"):
+        set_up(tiny_catalog, "patchcore:backbone=tiny,coreset=2")
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6")
+    with pytest.raises(AdkitError, match="no training images"):
+        fit(detector, images(0, 0), tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+class Probe(Detector):
+    """Records the mode fit() runs in; returns its own image scores (the mean of the image)."""
+
+    trainable = False
+
+    def fit(self, batches):
+        self.seen = [(torch.is_inference_mode_enabled(), self.training) for _ in batches]
+
+    def anomaly_map(self, images):
+        return images.mean(1, keepdim=True)
+
+    def detect(self, images):
+        return Detection(self.anomaly_map(images), images.flatten(1).mean(1) * 0 + 7.0)
+
+
+def test_fit_runs_in_eval_and_inference_mode_and_own_scores_bypass_the_scorer(catalog, tmp_path):
+    probe = Probe()
+    fit(probe, images(6, 0), tmp_path)
+    assert probe.seen == [(True, False), (True, False)]
+    pipeline = Pipeline(probe, [], catalog["scorer"].create("max"))
+    result = predict(pipeline, images(3, 1), 2, torch.device("cpu"))
+    assert result.scores.tolist() == [7.0, 7.0, 7.0]
+
+
+def test_patchcore_and_padim_run_from_the_cli_and_predict(invoke, tmp_path):
+    for name in ("patchcore:coreset=0.05", "padim"):
+        out = tmp_path / name.split(":")[0]
+        code, _, err = invoke("run", "--detector", name, "--data", "synthetic:size=64,n_train=6,n_test=6",
+                              "--category", "tile", "--image-size", "64", "--out", str(out))
+        assert code == 0, err
+        metrics = json.loads((out / "tile" / "metrics.json").read_text())
+        assert 0 <= metrics["image_auroc"] <= 1 and "pixel_auroc" in metrics
+        checkpoint = out / "tile" / "checkpoint.pt"
+        payload = load_checkpoint(checkpoint)  # what was fitted, not the 4.7 M backbone weights
+        assert payload["backbones"]["backbone"]["spec"] == "efficientnet-lite0"
+        assert not any(k.startswith("backbone.") for k in payload["model"])
+        test_images = next((out / "tile").glob("overlays"))  # any images will do for predict
+        code, _, err = invoke("predict", "--checkpoint", str(checkpoint), "--out", str(out / "pred"),
+                              str(test_images))
+        assert code == 0, err
+        assert (out / "pred" / "scores.csv").is_file()
+
+
+def test_partitioned_coreset_takes_each_partitions_share_and_is_exact_on_one_partition():
+    features = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    whole = partitioned_greedy_coreset(features, 10, torch.Generator().manual_seed(5), partition=100)
+    assert torch.equal(whole, greedy_coreset(features, 10, torch.Generator().manual_seed(5)))
+    parts = partitioned_greedy_coreset(features, 10, torch.Generator().manual_seed(5), partition=30)  # 4 groups of 25
+    assert len(set(parts.tolist())) == 10
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(5))
+    for i in range(4):  # each partition of the permutation contributes its share, 10 * 25 / 100
+        members = set(order[25 * i:25 * (i + 1)].tolist())
+        assert len(members & set(parts.tolist())) in (2, 3)
