@@ -91,6 +91,11 @@ class Backbone(nn.Module, ABC):
         # frozen: a detector's .train() must not switch BatchNorm back to batch statistics
         return super().train(False)
 
+    def normalise(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] -> the input of the first layer (e.g. ImageNet-normalised); identity by default.
+        ``forward`` applies it; energy models climb through it."""
+        return images
+
     def check_stages(self, stages: Sequence[int], who: str) -> None:
         """Raise a user error if a stage index does not exist."""
         bad = [s for s in stages if not 0 <= s < len(self.channels)]
@@ -168,8 +173,10 @@ class Detector(nn.Module, ABC):
     # -- checkpoints: what was trained or fitted, never the frozen pretrained weights -----------------------------
 
     def backbones(self) -> dict[str, Backbone]:
-        """The frozen backbones inside this detector, by attribute path."""
-        return {name: module for name, module in self.named_modules() if isinstance(module, Backbone)}
+        """The frozen backbones inside this detector, by attribute path (a fine-tuned one trains: its weights
+        belong in checkpoints like any other)."""
+        return {name: module for name, module in self.named_modules()
+                if isinstance(module, Backbone) and not any(p.requires_grad for p in module.parameters())}
 
     def backbone_identities(self) -> dict[str, dict[str, str]]:
         """Per backbone: the spec it was built from and the digest of its weights (stored in checkpoints)."""

@@ -180,3 +180,45 @@ def test_ebm_training_orders_energies_normal_defective_noise(catalog, tmp_path):
         e_normal, e_defective = detector.anomaly_map(normal).mean(), detector.anomaly_map(defective).mean()
         e_noise = detector.energy(detector.buffer.fresh(40, g)).mean()
     assert e_normal < e_defective < e_noise
+
+
+def test_pretrained_trunk_input_layer_is_the_map_to_the_first_convolution(catalog):
+    from adkit.components import DetectorContext
+    from adkit_plugins.ebm.samplers import input_layer
+
+    detector = catalog["detector"].create("ebm-image:backbone=efficientnet-lite0,trunk_layer=2")
+    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu")))
+    network = detector.network
+    conv1 = first_conv(network)
+    captured = []
+    handle = conv1.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    f = network(x)
+    handle.remove()
+    assert f.shape == (2,)
+    # PYLD's inner steps climb sum(z1 * p) through this map: it must give the z1 the full forward computes
+    torch.testing.assert_close(input_layer(network, conv1)(x), captured[0])
+    assert input_layer(WideResNetEnergy(10, 1), WideResNetEnergy(10, 1).conv1) is not None
+
+
+@pytest.mark.parametrize("trunk", ["frozen", "finetune"])
+def test_ebm_on_a_pretrained_trunk_trains_its_head_and_checkpoints_what_trained(catalog, tmp_path, trunk):
+    from adkit.components import DetectorContext
+    from adkit.engine import TrainSettings, load_checkpoint, train_detector
+
+    detector = catalog["detector"].create(f"ebm-image:backbone=efficientnet-lite0,trunk={trunk},buffer_size=8")
+    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"), sampler="pyld:M=1,N=2"))
+    stem_before = detector.network.trunk.model.conv_stem.weight.detach().clone()
+    head_before = detector.network.head[0].weight.detach().clone()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    train_detector(detector, images, TrainSettings(steps=3, batch_size=2), torch.device("cpu"),
+                   tmp_path / "checkpoint.pt", meta={})
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    trunk_keys = [k for k in payload["model"] if k.startswith("network.trunk.")]
+    assert not torch.equal(detector.network.head[0].weight, head_before)
+    if trunk == "frozen":
+        assert torch.equal(detector.network.trunk.model.conv_stem.weight, stem_before)
+        assert not trunk_keys and payload["backbones"]["network.trunk"]["spec"] == "efficientnet-lite0"
+    else:
+        assert not torch.equal(detector.network.trunk.model.conv_stem.weight, stem_before)
+        assert trunk_keys and not payload["backbones"]  # fine-tuned weights are stored like any other

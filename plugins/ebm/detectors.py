@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adkit.components import Detector, DetectorContext
-from adkit_plugins.ebm.networks import energy_network
+from adkit.features import build_backbone
+from adkit_plugins.ebm.networks import PretrainedEnergy, energy_network
 from adkit_plugins.ebm.samplers import ReplayBuffer
 
 
@@ -34,14 +35,22 @@ class EBMImage(Detector):
     def __init__(self, backbone: str = "wrn", depth: int = 28, widen: int = 10, lr: float = 1e-4,
                  weight_decay: float = 4e-4, data_noise: float = 0.1, buffer_size: int = 10000,
                  reinit: float = 0.05, buffer_init: Literal["gaussian", "uniform"] = "gaussian",
-                 sampler: str = "pyld", buffer_rank: int = 0, energy_penalty: float = 0.0):
+                 sampler: str = "pyld", buffer_rank: int = 0, energy_penalty: float = 0.0,
+                 trunk: Literal["frozen", "finetune"] = "frozen", trunk_layer: int = 3, trunk_lr: float = 1e-5,
+                 head_width: int = 256):
         super().__init__()
-        if lr <= 0 or weight_decay < 0 or data_noise < 0 or energy_penalty < 0:
-            raise ValueError("ebm needs lr > 0, weight_decay >= 0, data_noise >= 0, energy_penalty >= 0")
+        if lr <= 0 or weight_decay < 0 or data_noise < 0 or energy_penalty < 0 or trunk_lr <= 0 or head_width < 1:
+            raise ValueError("ebm needs lr > 0, weight_decay >= 0, data_noise >= 0, energy_penalty >= 0, "
+                             "trunk_lr > 0, head_width >= 1")
         # alpha * (f(x_data)^2 + f(x_sample)^2), as in Du & Mordatch (2019): keeps the energies from running away
         # when the contrastive-divergence loss drifts; not in the spec's reading of the paper, so 0 by default
         self.energy_penalty = energy_penalty
-        self.network = energy_network(backbone, depth, widen)
+        # "wrn" or a timm model name: a network trained from scratch; any other name is a registered pretrained
+        # backbone (efficientnet-lite0, timm:...), built in setup() with an energy head on stage ``trunk_layer``
+        self.backbone_spec = backbone
+        self.pretrained = not _from_scratch(backbone)
+        self.network = None if self.pretrained else energy_network(backbone, depth, widen)
+        self.trunk_mode, self.trunk_layer, self.trunk_lr, self.head_width = trunk, trunk_layer, trunk_lr, head_width
         self.lr, self.weight_decay, self.data_noise = lr, weight_decay, data_noise
         self.buffer_size, self.reinit, self.buffer_init = buffer_size, reinit, buffer_init
         self.buffer_rank = buffer_rank
@@ -53,6 +62,10 @@ class EBMImage(Detector):
         return context.image_size
 
     def setup(self, context: DetectorContext) -> None:
+        if self.pretrained or context.backbone:
+            trunk = build_backbone(context, self.backbone_spec, type(self).__name__)
+            self.network = PretrainedEnergy(trunk, self.trunk_layer, self.head_width, self.trunk_mode == "finetune")
+            self.pretrained = True
         self.sampler = context.catalog["sampler"].create(context.sampler or self.sampler_spec)
         size = self.input_size(context)
         self.buffer = ReplayBuffer(self.buffer_size, (3, size, size), self.reinit, self.buffer_init, self.buffer_rank)
@@ -83,13 +96,27 @@ class EBMImage(Detector):
                 "chain_move": chain_move}
 
     def configure_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, None]:
-        return torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay), None
+        if not self.pretrained:
+            return torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay), None
+        groups = [{"params": self.network.head.parameters(), "lr": self.lr}]
+        if self.trunk_mode == "finetune":  # a pretrained trunk moves slowly, or its ImageNet features are lost
+            groups.append({"params": self.network.trunk.parameters(), "lr": self.trunk_lr})
+        return torch.optim.Adam(groups, weight_decay=self.weight_decay), None
 
     def energy(self, x: Tensor) -> Tensor:
         return -self.network(x)
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         return self.energy(images * 2 - 1).float().view(-1, 1, 1, 1)
+
+
+def _from_scratch(backbone: str) -> bool:
+    """Whether ``backbone`` names an energy network trained from scratch: "wrn" or a timm architecture."""
+    if backbone == "wrn":
+        return True
+    import timm
+
+    return timm.is_model(backbone)
 
 
 class EBMPatch(EBMImage):
@@ -109,9 +136,11 @@ class EBMPatch(EBMImage):
                  weight_decay: float = 4e-4, data_noise: float = 0.1, buffer_size: int = 100,
                  reinit: float = 0.05, buffer_init: Literal["gaussian", "uniform"] = "gaussian",
                  sampler: str = "pyld", buffer_rank: int = 0, patch_size: int = 128, crop: float = 0.25,
-                 center_std: float = 0.3, grid: int = 7, energy_penalty: float = 0.0):
+                 center_std: float = 0.3, grid: int = 7, energy_penalty: float = 0.0,
+                 trunk: Literal["frozen", "finetune"] = "frozen", trunk_layer: int = 3, trunk_lr: float = 1e-5,
+                 head_width: int = 256):
         super().__init__(backbone, depth, widen, lr, weight_decay, data_noise, buffer_size, reinit, buffer_init,
-                         sampler, buffer_rank, energy_penalty)
+                         sampler, buffer_rank, energy_penalty, trunk, trunk_layer, trunk_lr, head_width)
         if patch_size < 8 or not 0 < crop <= 1 or center_std < 0 or grid < 1:
             raise ValueError("ebm-patch needs patch_size >= 8, crop in (0, 1], center_std >= 0, grid >= 1")
         self.patch_size, self.crop, self.center_std, self.grid = patch_size, crop, center_std, grid

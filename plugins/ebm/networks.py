@@ -1,8 +1,11 @@
-"""Energy networks: the JEM++ wide ResNet (pre-activation, LeakyReLU 0.2, scalar head) or any timm model."""
+"""Energy networks: the JEM++ wide ResNet (pre-activation, LeakyReLU 0.2, scalar head), any timm model trained
+from scratch, or a pretrained backbone with an energy head."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from adkit.components import Backbone
 
 
 class PreActBlock(nn.Module):
@@ -65,8 +68,42 @@ class TimmEnergy(nn.Module):
         return self.model(x).reshape(x.shape[0])
 
 
+class InputLayer(nn.Module):
+    """x in [-1, 1] -> the trunk's first convolution output z1: the map PYLD's inner steps climb through. The
+    trunk normalises its input before that convolution, so the convolution alone is not the map from x."""
+
+    def __init__(self, trunk: Backbone, conv: nn.Conv2d):
+        super().__init__()
+        self.trunk, self.conv = [trunk], [conv]  # lists: no second registration of the trunk's modules
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv[0](self.trunk[0].normalise((x + 1) / 2))
+
+
+class PretrainedEnergy(nn.Module):
+    """f(x) = head(global mean of a pretrained trunk's ``stage`` features) for x in [-1, 1]; the head is
+    Linear(C, hidden) - LeakyReLU(0.2) - Linear(hidden, 1). With ``finetune`` the trunk's weights train too (its
+    BatchNorm statistics stay frozen); otherwise only the head does. Returns (B,)."""
+
+    def __init__(self, trunk: Backbone, stage: int, hidden: int = 256, finetune: bool = False):
+        super().__init__()
+        trunk.check_stages((stage,), "ebm trunk_layer")
+        self.trunk, self.stage = trunk, stage
+        if finetune:
+            for parameter in trunk.parameters():
+                parameter.requires_grad_(True)
+        self.head = nn.Sequential(nn.Linear(trunk.channels[stage], hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        first = next(m for m in trunk.modules() if isinstance(m, nn.Conv2d))
+        # declared for the samplers: how the network input reaches the first convolution's output
+        self.input_layer = InputLayer(trunk, first)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.trunk((x + 1) / 2, (self.stage,))[0]
+        return self.head(features.float().mean(dim=(2, 3))).squeeze(1)
+
+
 def energy_network(backbone: str, depth: int, widen: int) -> nn.Module:
     return WideResNetEnergy(depth, widen) if backbone == "wrn" else TimmEnergy(backbone)
 
 
-__all__ = ["TimmEnergy", "WideResNetEnergy", "energy_network"]
+__all__ = ["PretrainedEnergy", "TimmEnergy", "WideResNetEnergy", "energy_network"]

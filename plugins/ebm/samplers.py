@@ -19,6 +19,13 @@ def first_conv(network: nn.Module) -> nn.Conv2d:
     raise ValueError(f"{type(network).__name__} has no Conv2d layer: PYLD needs a convolutional first layer")
 
 
+def input_layer(network: nn.Module, conv1: nn.Conv2d) -> nn.Module:
+    """The map from the network input x to z1, the first convolution's output: ``network.input_layer`` where the
+    network declares one (a pretrained trunk normalises x first), else the convolution itself."""
+    declared = network.input_layer if hasattr(network, "input_layer") else None
+    return declared if isinstance(declared, nn.Module) else conv1
+
+
 class PYLD(Sampler):
     """PYLD-M-N: M outer steps of one full forward/backward giving df/dx and df/dz1 (z1 = first conv output),
     each followed by N cheap inner steps through the first layer only:
@@ -46,8 +53,9 @@ class PYLD(Sampler):
         self.full_passes += 1
         return eta, p
 
-    def inner_steps(self, conv1: nn.Conv2d, x: Tensor, p: Tensor) -> Tensor:
-        """N steps along the gradient of H(x~) = sum(conv1(x~) * p), through the first layer only."""
+    def inner_steps(self, conv1: nn.Module, x: Tensor, p: Tensor) -> Tensor:
+        """N steps along the gradient of H(x~) = sum(conv1(x~) * p), through the first layer only (``conv1``: the
+        map from x to z1, see ``input_layer``)."""
         x_tilde = x.detach()
         for _ in range(self.N):
             x_tilde = x_tilde.requires_grad_(True)
@@ -59,11 +67,12 @@ class PYLD(Sampler):
 
     def sample(self, network: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         conv1 = first_conv(network)
+        layer = input_layer(network, conv1)
         x = x0.detach()
         generator = generator or torch.Generator(device=x.device).manual_seed(self.generator_seed)
         for _ in range(self.M):
             _, p = self.outer_gradients(network, x, conv1)
-            x = self.inner_steps(conv1, x, p.detach())
+            x = self.inner_steps(layer, x, p.detach())
             if self.sigma > 0:
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = (x + self.sigma * noise).clamp(-1, 1)
