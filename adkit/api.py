@@ -107,6 +107,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     presets = getattr(cls, "presets", {})  # a factory need not derive from Detector
     on_synthetic = split_spec(config.data)[0] == "synthetic" and not config.normal
     preset_name = config.preset or ("quick" if on_synthetic and "quick" in presets else None)
+    if not presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
+        preset_name = None
     if preset_name is not None and preset_name not in presets:
         raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(presets) or 'none'}")
     preset = presets.get(preset_name, {}) if preset_name else {}
@@ -286,10 +288,15 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path
         scores_out.update(test=test.scores, val=val.scores)
     if not distributed.is_main():
         return {}
+    default_scorer = getattr(_detector_class(plan_.catalog, plan_.detector.name), "default_scorer", "max")
+    if test.own_scores and plan_.scorer != default_scorer:
+        console.print(f"warning: {plan_.detector.name} computes its own image scores; --scorer {plan_.scorer} "
+                      "is not used (see its score= parameter)")
     threshold = metrics.fit_threshold(val.scores.numpy())
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
-                              "n_anomalous": int(labels.sum()), "threshold": threshold}
+                              "n_anomalous": int(labels.sum()), "threshold": threshold,
+                              "image_score": "detector" if test.own_scores else plan_.scorer}
     result.update(metrics.image_metrics(labels, test.scores.numpy()))
     pixel_maps = test.raw if plan_.config.pixel_map == "raw" else upsample(test.processed, test.raw.shape[-2:])
     masks = run_.test.masks[:, 0].numpy()

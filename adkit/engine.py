@@ -293,6 +293,7 @@ class Predictions:
     scores: Tensor
     seconds: float
     native_size: tuple[int, int] = (0, 0)  # the detector's own map size, before upsampling
+    own_scores: bool = False  # the detector returned image scores of its own (the scorer was not used)
 
 
 @torch.inference_mode()
@@ -309,6 +310,7 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
         module.to(device)
     raw_maps, processed_maps, scores = [], [], []
     native_size = (0, 0)
+    own_scores = False
     start = time.perf_counter()
     for x in _batches(images, batch_size, device):
         if device.type == "cuda":
@@ -320,6 +322,7 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
         raw = upsample(raw, x.shape[-2:])
         processed = pipeline.postprocess(raw)
         own = detection.image_scores
+        own_scores = own is not None
         scores.append((own if own is not None else pipeline.score(processed)).float().cpu())
         raw_maps.append(raw.cpu())
         processed_maps.append(processed.float().cpu())
@@ -338,7 +341,7 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
         timings = distributed.all_gather_objects((seconds, native_size))
         seconds = max(t for t, _ in timings)  # the slowest rank sets the pace
         native_size = max(size for _, size in timings)
-    return Predictions(raw, processed, score, seconds, native_size)
+    return Predictions(raw, processed, score, seconds, native_size, own_scores)
 
 
 def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

@@ -1,8 +1,14 @@
-"""adkit's DRAEM against anomalib 2.x's Draem, side by side on this machine (issue: speed and memory).
+"""adkit's DRAEM or PatchCore against anomalib 2.x's, side by side on this machine (speed and memory).
 
     python benchmarks/compare_anomalib.py --install            # once: a throw-away venv with anomalib
     python benchmarks/compare_anomalib.py [--size 128] [--batch 4] [--steps 3] [--device auto]
                                           [--precision auto|fp32|bf16] [--anomalib-precision fp32|bf16] [--json]
+    python benchmarks/compare_anomalib.py --detector patchcore [--coreset 0.1] [--train-images 100] [--size 256]
+
+PatchCore: both sides with EfficientNet-Lite0 (anomalib: timm's tf_efficientnet_lite0, blocks.2 + blocks.4, the
+stride-8 and stride-16 stages; adkit: efficientnet-lite0, layers 2+3) without pretrained weights on anomalib's
+side (it cannot load them offline; timing does not need them), the same coreset ratio, random images of the same
+size: seconds to fit (features + coreset) and inference images/s at batch 1 and --batch.
 
 anomalib is never a dependency of adkit: it lives in its own virtual environment (--env, default
 ~/.cache/adkit/anomalib-env), created by --install with the same torch version as this one. Each side runs in its
@@ -89,6 +95,84 @@ ANOMALIB_WORKER = textwrap.dedent('''
 ''')
 
 
+PATCHCORE_WORKER = textwrap.dedent('''
+    import json, resource, statistics, sys, time, warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    import anomalib
+    from anomalib.models.image.patchcore import Patchcore
+
+    size, batch, n_train, ratio, device, threads = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                                    float(sys.argv[4]), torch.device(sys.argv[5]), int(sys.argv[6]))
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    module = Patchcore(backbone="tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), pre_trained=False,
+                       coreset_sampling_ratio=ratio)
+    model = module.model.to(device)
+    generator = torch.Generator().manual_seed(0)
+    train = torch.rand(n_train, 3, size, size, generator=generator)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    model.train()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n_train, batch):
+            model(train[i:i + batch].to(device))
+        sync(); t1 = time.perf_counter()
+        model.subsample_embedding(ratio)
+        sync(); t2 = time.perf_counter()
+    model.eval()
+    rates = {}
+    with torch.inference_mode():
+        for b in (1, batch):
+            x = torch.rand(b, 3, size, size, generator=generator).to(device)
+            times = []
+            for rep in range(4):
+                sync(); t = time.perf_counter()
+                model(x)
+                sync()
+                if rep:
+                    times.append(time.perf_counter() - t)
+            rates[b] = b / statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"anomalib": anomalib.__version__, "fit_s": t2 - t0, "fit_features_s": t1 - t0,
+                      "fit_rest_s": t2 - t1, "bank_size": int(model.memory_bank.shape[0]),
+                      "embedding_dim": int(model.memory_bank.shape[1]),
+                      "infer_img_s_batch1": rates[1], f"infer_img_s_batch{batch}": rates[batch],
+                      "peak_memory_mib": peak}))
+''')
+
+
+def compare_patchcore(args: argparse.Namespace, python: Path, device: str, threads: int) -> None:
+    ours = last_json(subprocess.run(
+        [sys.executable, str(HERE / "speed.py"), "--detector", f"patchcore:coreset={args.coreset}",
+         "--train-images", str(args.train_images), "--size", str(args.size), "--batch", str(args.batch),
+         "--device", device, "--precision", args.precision, "--json"],
+        check=True, capture_output=True, text=True).stdout)
+    theirs = last_json(subprocess.run(
+        [str(python), "-c", PATCHCORE_WORKER, str(args.size), str(args.batch), str(args.train_images),
+         str(args.coreset), device, str(threads)], check=True, capture_output=True, text=True).stdout)
+    keys = ("fit_s", "fit_features_s", "fit_rest_s", "bank_size", "infer_img_s_batch1",
+            f"infer_img_s_batch{args.batch}", "peak_memory_mib")
+    result = {"detector": "patchcore", "size": args.size, "batch": args.batch, "train_images": args.train_images,
+              "coreset": args.coreset, "device": device, "threads": threads,
+              "adkit": {k: ours[k] for k in keys}, "anomalib": theirs,
+              "fit_speedup": theirs["fit_s"] / ours["fit_s"],
+              "infer_speedup_batch1": ours["infer_img_s_batch1"] / theirs["infer_img_s_batch1"],
+              "machine": ours["machine"]}
+    if not args.json:
+        print(f"{'':>10} {'fit s':>8} {'features s':>11} {'coreset s':>10} {'bank':>7} {'img/s b1':>9} {'peak MiB':>9}")
+        for name in ("adkit", "anomalib"):
+            side = result[name]
+            print(f"{name:>10} {side['fit_s']:>8.1f} {side['fit_features_s']:>11.1f} {side['fit_rest_s']:>10.1f} "
+                  f"{side['bank_size']:>7} {side['infer_img_s_batch1']:>9.2f} {side['peak_memory_mib']:>9.0f}")
+    print(json.dumps(result))
+
+
 def install(env: Path) -> None:
     """A fresh virtual environment holding anomalib and this process's torch (so both sides run the same kernels)."""
     version = torch.__version__.split("+")[0]
@@ -103,6 +187,9 @@ def last_json(stdout: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--detector", default="draem", choices=["draem", "patchcore"])
+    parser.add_argument("--coreset", type=float, default=0.1, help="patchcore: coreset ratio on both sides")
+    parser.add_argument("--train-images", type=int, default=100, help="patchcore: images to fit on")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed training steps after one warm-up step")
@@ -125,6 +212,9 @@ def main() -> None:
                  f"`python {Path(__file__).name} --install --env {args.env}`")
     device = resolve_device(args.device).type
     threads = torch.get_num_threads()
+    if args.detector == "patchcore":
+        compare_patchcore(args, python, device, threads)
+        return
 
     ours = last_json(subprocess.run(
         [sys.executable, str(HERE / "speed.py"), "--size", str(args.size), "--batch", str(args.batch),

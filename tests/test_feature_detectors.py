@@ -220,3 +220,17 @@ def test_partitioned_coreset_takes_each_partitions_share_and_is_exact_on_one_par
     for i in range(4):  # each partition of the permutation contributes its share, 10 * 25 / 100
         members = set(order[25 * i:25 * (i + 1)].tolist())
         assert len(members & set(parts.tolist())) in (2, 3)
+
+
+def test_patchcore_projected_search_with_every_candidate_equals_exact(tiny_catalog, tmp_path):
+    exact = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.05")
+    fit(exact, images(4, 0), tmp_path / "exact")
+    projected = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.05,search=projected,"
+                                     "search_dim=2,candidates=1000")
+    fit(projected, images(4, 0), tmp_path / "projected")
+    assert torch.equal(exact.memory_bank, projected.memory_bank)
+    test = images(2, 1)
+    with torch.inference_mode():
+        a, b = exact.detect(test), projected.detect(test)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
+    torch.testing.assert_close(a.image_scores, b.image_scores)

@@ -45,33 +45,34 @@ class PatchCore(Detector):
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 256,
                  coreset: float = 0.1, projection: int = 128, partition: int = 16384, neighbours: int = 9,
                  score: Literal["reweighted", "max"] = "reweighted", sigma: float = 4.0,
-                 search: Literal["exact", "projected"] = "exact", candidates: int = 10, seed: int = 0):
+                 search: Literal["exact", "projected"] = "exact", search_dim: int = 32, candidates: int = 10,
+                 seed: int = 0):
         super().__init__()
         self.layers = check_layers(layers, "patchcore")
         if dim < len(self.layers):
             raise ValueError(f"patchcore dim must be at least one per layer ({len(self.layers)}), got {dim}")
         if not 0 < coreset <= 1:
             raise ValueError(f"patchcore coreset is a fraction in (0, 1], got {coreset}")
-        if projection < 1 or neighbours < 1 or sigma < 0 or candidates < 1 or partition < 0:
+        if projection < 1 or neighbours < 1 or sigma < 0 or candidates < 1 or partition < 0 or search_dim < 1:
             raise ValueError("patchcore needs projection >= 1, partition >= 0, neighbours >= 1, sigma >= 0, "
-                             "candidates >= 1")
+                             "search_dim >= 1, candidates >= 1")
         # greedy coreset on random partitions of this many features (0: exact greedy over all; coreset.py)
         self.partition = partition
         self.backbone_spec, self.dim, self.coreset = backbone, dim, coreset
         self.projection_dim, self.neighbours, self.score_mode = projection, neighbours, score
-        self.sigma, self.search, self.candidates, self.seed = sigma, search, candidates, seed
+        self.sigma, self.search, self.search_dim, self.candidates, self.seed = sigma, search, search_dim, candidates, seed
         self.backbone: Backbone | None = None
         self.smooth = None
         self.register_buffer("memory_bank", torch.zeros(0, dim))
-        # the bank on the search projection (search=projected), kept so a checkpoint needs no recomputation
-        self.register_buffer("bank_projected", torch.zeros(0, projection))
-        self.register_buffer("projection", torch.zeros(dim, projection))
+        # search=projected: candidates come from a scan on this projection of the bank, then exact re-ranking
+        self.register_buffer("search_projection", torch.zeros(dim, search_dim))
+        self.register_buffer("bank_projected", torch.zeros(0, search_dim))
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec, "patchcore")
         self.backbone.check_stages(self.layers, "patchcore")
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, "patchcore-projection"))
-        self.projection = random_projection(self.dim, self.projection_dim, generator, torch.device("cpu"))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "patchcore-search"))
+        self.search_projection = random_projection(self.dim, self.search_dim, generator, context.device)
         self.smooth = (context.catalog["postprocessor"].create(f"gaussian:sigma={self.sigma}")
                        if self.sigma > 0 else None)
 
@@ -111,11 +112,12 @@ class PatchCore(Detector):
         else:
             bank = features.to(device)
         self.memory_bank = bank.contiguous()
-        self.bank_projected = (bank @ self.projection.to(device)).contiguous()
+        self.bank_projected = (bank @ self.search_projection).contiguous()
 
     def _nearest(self, patches: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if self.search == "projected":
-            return knn_projected(patches, self.memory_bank, self.projection, self.bank_projected, k, self.candidates)
+            return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k,
+                                 self.candidates)
         return knn(patches, self.memory_bank, k)
 
     def detect(self, images: Tensor) -> Detection:

@@ -31,6 +31,7 @@ def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int = BLOCK_E
     k = min(k, n)
     query_chunk, bank_chunk = _blocks(m, n, block_elements)
     queries, bank = queries.float(), bank.float()
+    bank_norms = bank.pow(2).sum(1)
     out_d = torch.empty(m, k, device=queries.device)
     out_i = torch.empty(m, k, dtype=torch.long, device=queries.device)
     for q0 in range(0, m, query_chunk):
@@ -38,13 +39,15 @@ def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int = BLOCK_E
         best_d = torch.full((q.shape[0], k), float("inf"), device=queries.device)
         best_i = torch.zeros((q.shape[0], k), dtype=torch.long, device=queries.device)
         for b0 in range(0, n, bank_chunk):
-            d = squared_distances(q, bank[b0:b0 + bank_chunk])
+            # |b|^2 - 2 q.b in one fused product; |q|^2 is the same for every bank feature and is added at the end
+            d = torch.addmm(bank_norms[b0:b0 + bank_chunk], q, bank[b0:b0 + bank_chunk].T, alpha=-2.0)
             kk = min(k, d.shape[1])
             values, index = d.topk(kk, dim=1, largest=False) if kk > 1 else d.min(dim=1, keepdim=True)
             merged_d, order = torch.cat((best_d, values), 1).topk(k, dim=1, largest=False)
             best_i = torch.cat((best_i, index + b0), 1).gather(1, order)
             best_d = merged_d
-        out_d[q0:q0 + query_chunk], out_i[q0:q0 + query_chunk] = best_d.sqrt(), best_i
+        squared = (best_d + q.pow(2).sum(1, keepdim=True)).clamp_min_(0)
+        out_d[q0:q0 + query_chunk], out_i[q0:q0 + query_chunk] = squared.sqrt(), best_i
     return out_d, out_i
 
 
