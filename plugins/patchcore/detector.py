@@ -42,7 +42,7 @@ class PatchCore(Detector):
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
 
-    def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 256,
+    def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 128,
                  coreset: float = 0.1, projection: int = 128, partition: int = 16384, neighbours: int = 9,
                  score: Literal["reweighted", "max"] = "reweighted", sigma: float = 4.0,
                  search: Literal["exact", "projected"] = "exact", search_dim: int = 32, candidates: int = 10,
