@@ -261,3 +261,14 @@ def test_cli_lists_backbones_and_rejects_images_smaller_than_the_deepest_stride(
                           "--category", "tile", "--image-size", "8", "--out", str(tmp_path / "run"))
     assert code != 0 and "smaller than the deepest stride (16 px)" in err and "Traceback" not in err
     assert not list((tmp_path / "run").rglob("checkpoint.pt"))
+
+
+def test_padim_on_a_folder_of_the_users_own_images(invoke, mvtec_tree, tmp_path):
+    widget = mvtec_tree / "widget"
+    out = tmp_path / "folder"
+    code, _, err = invoke("run", "--detector", "padim:features=20", "--normal", str(widget / "train" / "good"),
+                          "--abnormal", str(widget / "test" / "scratch"), "--masks",
+                          str(widget / "ground_truth" / "scratch"), "--image-size", "32", "--out", str(out))
+    assert code == 0, err
+    metrics = json.loads(next(out.rglob("metrics.json")).read_text())
+    assert metrics["n_anomalous"] == 2 and "pixel_auroc" in metrics
