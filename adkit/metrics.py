@@ -72,6 +72,8 @@ def pro_curve(anomaly_maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, 
     keep = np.append(np.diff(sorted_scores) != 0, True)  # last pixel of each distinct score
     fprs = np.clip(np.concatenate(([0.0], fprs[keep])), 0, 1)
     pros = np.clip(np.concatenate(([0.0], pros[keep])), 0, 1)
+    # below every score all pixels are in: the curve ends at (1, 1), which the sums of 1 / n can miss by rounding
+    fprs[-1], pros[-1] = 1.0, 1.0
     return fprs, pros
 
 

@@ -71,3 +71,10 @@ def test_f1max_and_auroc_against_hand_values():
 def test_threshold_never_uses_test_labels():
     assert fit_threshold(np.arange(101.0), quantile=0.9) == pytest.approx(90.0)
     assert fit_threshold(np.array([0.1, 0.2]), np.array([0.8, 0.9])) == pytest.approx(0.8)
+
+
+def test_aupro_up_to_an_fpr_limit_of_one():
+    # ten normal pixels: 0.1 summed ten times is 0.9999999999999999, short of the limit 1.0 before the fix
+    maps = np.array([[[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0]]])
+    masks = np.array([[[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]]])
+    assert aupro(maps, masks, fpr_limit=1.0) == pytest.approx(1.0)
