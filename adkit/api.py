@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from sklearn.metrics import roc_curve
@@ -75,7 +76,7 @@ def print_plugins(show_all: bool = False, catalog: Catalog | None = None) -> Non
     for column in ("plugin", "version", "source", "status"):
         table.add_column(column)
     for record in sorted(catalog.plugins.values(), key=lambda r: r.name):
-        status = record.status if record.status != "broken" else f"[red]broken[/red]: {record.error}"
+        status = record.status if record.status != "broken" else f"[red]broken[/red]: {escape(record.error)}"
         table.add_row(record.name, record.version, record.source, status)
     out.print(table)
     components = Table(title="components")
@@ -83,10 +84,10 @@ def print_plugins(show_all: bool = False, catalog: Catalog | None = None) -> Non
         components.add_column(column, overflow="fold")
     for kind, registry in catalog.registries.items():
         for info in registry:
-            row = [kind, info.name, info.plugin, info.help]
+            row = [kind, info.name, info.plugin, escape(info.help)]  # help text is plain text, not rich markup
             if show_all:
-                row.append(", ".join(f"{p.name}: {p.type_name}" + ("" if p.required else f" = {p.default!r}")
-                                     for p in info.params.values()))
+                row.append(escape(", ".join(f"{p.name}: {p.type_name}" + ("" if p.required else f" = {p.default!r}")
+                                            for p in info.params.values())))
             components.add_row(*row)
     out.print(components)
 

@@ -138,3 +138,9 @@ def test_precision_flag(invoke, tmp_path):
                           "--steps", "2", "--batch-size", "2", "--precision", "bf16", "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert 'precision = "bf16"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_plugins_listing_keeps_square_brackets_of_help_text(invoke):
+    code, out, _ = invoke("plugins")
+    flat = " ".join(out.split())  # rich folds long cells over lines
+    assert code == 0 and "[low," in flat and "high]" in flat  # hello's clip: "Clamp map values to [low, high]."
