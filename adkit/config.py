@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,34 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in known:
             raise AdkitError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        if name in LIST_FIELDS and isinstance(value, str):
-            value = [value]
-        values[name] = value
+        values[name] = _typed(path, key, name, value)
     return values
+
+
+def _typed(path: Path, key: str, name: str, value: Any) -> Any:
+    """A config file value converted as the command line converts the flag's text: ``steps = "10"`` is 10, and a
+    value that the flag would refuse is a one-line error naming the file and the key."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    kinds = set(typing.get_args(hint)) or {hint}
+    if name in LIST_FIELDS:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise AdkitError(f"config file {path}: {key} must be a string or a list of strings, got {value!r}")
+        return items
+    if bool in kinds:
+        text = str(value).lower()
+        if isinstance(value, bool) or text in ("true", "false"):
+            return value if isinstance(value, bool) else text == "true"
+        raise AdkitError(f"config file {path}: {key} must be true or false, got {value!r}")
+    if int in kinds:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise AdkitError(f"config file {path}: {key} must be an integer, got {value!r}")
+    if not isinstance(value, str):
+        raise AdkitError(f"config file {path}: {key} must be a string, got {value!r}")
+    return value
 
 
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConfig:

@@ -144,3 +144,19 @@ def test_plugins_listing_keeps_square_brackets_of_help_text(invoke):
     code, out, _ = invoke("plugins")
     flat = " ".join(out.split())  # rich folds long cells over lines
     assert code == 0 and "[low," in flat and "high]" in flat  # hello's clip: "Clamp map values to [low, high]."
+
+
+def test_config_values_are_typed_like_flags(invoke, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'detector = "pixel-gauss"\ndata = "{TINY}"\ncategory = "tile"\nimage-size = "32"\n'
+                      'skip-bad = "true"\n')
+    code, _, err = invoke("run", "--config", str(config), "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    assert 'image_size = 32' in (tmp_path / "a" / "config.toml").read_text()
+    for line, needle in (('steps = "ten"', "steps must be an integer, got 'ten'"),
+                         ("compile = 3", "compile must be true or false, got 3"),
+                         ("post = 5", "post must be a string or a list of strings, got 5"),
+                         ("scorer = 1.5", "scorer must be a string, got 1.5")):
+        config.write_text(f'detector = "pixel-gauss"\n{line}\n')
+        code, _, err = invoke("run", "--config", str(config))
+        assert code != 0 and f"config file {config}: {needle}" in err and "Traceback" not in err
