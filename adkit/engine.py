@@ -74,16 +74,18 @@ def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
 
 
 def in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Decorate a function of two tensors (a loss) to compute in float32 with autocast off, whatever precision the
-    network ran in; floating inputs are cast, others (integer masks) kept. Under bf16 autocast the blurs inside
-    SSIM run in bf16, where var = E[x^2] - E[x]^2 cancels catastrophically: the SSIM denominator reaches zero
-    and the loss is NaN from the first step."""
+    """Decorate a loss of two tensors, a function ``f(a, b, ...)`` or a method ``forward(self, a, b, ...)``, to
+    compute in float32 with autocast off, whatever precision the network ran in; floating inputs are cast, others
+    (integer masks) kept. Under bf16 autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2
+    cancels catastrophically: the SSIM denominator reaches zero and the loss is NaN from the first step."""
 
     @functools.wraps(loss)
-    def wrapper(first: Tensor, second: Tensor, *args, **kwargs) -> Tensor:
+    def wrapper(*args, **kwargs) -> Tensor:
+        lead = 0 if isinstance(args[0], Tensor) else 1  # a method's self comes first
+        first, second = args[lead], args[lead + 1]
         with torch.autocast(first.device.type, enabled=False):
-            pair = (t.float() if t.is_floating_point() else t for t in (first, second))
-            return loss(*pair, *args, **kwargs)
+            pair = tuple(t.float() if t.is_floating_point() else t for t in (first, second))
+            return loss(*args[:lead], *pair, *args[lead + 2:], **kwargs)
 
     return wrapper
 

@@ -103,3 +103,18 @@ def test_focal_loss_under_bf16_autocast(loss):
         got = loss(logits.bfloat16(), mask)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(loss(logits.bfloat16().float(), mask).item(), rel=1e-6)
+
+
+def test_in_float32_decorates_a_forward_method_too():
+    from adkit.engine import in_float32
+
+    class Difference(torch.nn.Module):
+        @in_float32
+        def forward(self, prediction, target, scale=1.0):
+            return scale * (prediction - target).pow(2).mean(), prediction.dtype
+
+    a, b = torch.rand(2, 3, 4, 4).bfloat16(), torch.rand(2, 3, 4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, dtype = Difference()(a, b, scale=2.0)
+    assert dtype == torch.float32 and value.dtype == torch.float32
+    assert value.item() == pytest.approx(2 * (a.float() - b.float()).pow(2).mean().item())
