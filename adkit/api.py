@@ -77,6 +77,7 @@ def print_plugins(show_all: bool = False, catalog: Catalog | None = None) -> Non
         table.add_column(column)
     for record in sorted(catalog.plugins.values(), key=lambda r: r.name):
         status = record.status if record.status != "broken" else f"[red]broken[/red]: {escape(record.error)}"
+        status += "".join(f"\n[yellow]warning[/yellow]: {escape(w)}" for w in record.warnings)
         table.add_row(record.name, record.version, record.source, status)
     out.print(table)
     components = Table(title="components")

@@ -62,25 +62,42 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def warn_about_plugins() -> None:
+    """One line on stderr per broken plugin and per plugin warning (a component dropped for a name clash)."""
+    catalog = get_catalog()
+    for record in catalog.broken():
+        click.echo(f"warning: plugin {record.name} is broken ({record.error}); see `adkit plugins`", err=True)
+    for record in catalog.plugins.values():
+        for warning in record.warnings:
+            click.echo(f"warning: {warning}", err=True)
+
+
 class AdkitGroup(click.Group):
     """The root group: plugins' commands are added the first time the command list is needed."""
 
-    _plugin_commands_added = False
+    _commands_from = None  # the catalog whose plugins added their commands
 
-    def _add_plugin_commands(self) -> None:
-        if not self._plugin_commands_added:
-            self._plugin_commands_added = True
-            get_catalog().register_commands(self)
+    def add_plugin_commands(self) -> None:
+        """Let plugins add their commands (once per loaded catalog); a plugin whose command hook fails is marked
+        broken."""
+        catalog = get_catalog()
+        if self._commands_from is not catalog:
+            self._commands_from = catalog
+            catalog.register_commands(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._add_plugin_commands()
+        self.add_plugin_commands()
+        warn_about_plugins()  # --help must not leave a broken plugin's command out silently
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is None:
-            self._add_plugin_commands()
+            self.add_plugin_commands()
             command = super().get_command(ctx, cmd_name)
+        if command is None and get_catalog().broken():
+            names = "; ".join(f"plugin {r.name} is broken ({r.error})" for r in get_catalog().broken())
+            raise click.UsageError(f"no command {cmd_name!r}; {names} and may be the one that provides it", ctx)
         return command
 
 
@@ -92,14 +109,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """adkit: plugin-based industrial image anomaly detection."""
     ctx.obj = {"debug": debug}
     if ctx.invoked_subcommand != "plugins":
-        for record in get_catalog().broken():
-            click.echo(f"warning: plugin {record.name} is broken ({record.error}); see `adkit plugins`", err=True)
+        warn_about_plugins()
 
 
 @cli.command()
 @click.option("--all", "show_all", is_flag=True, help="Also list every component's parameters.")
 def plugins(show_all: bool) -> None:
     """List plugins and the components they register."""
+    cli.add_plugin_commands()  # a plugin whose command hook fails shows as broken here too
     api.print_plugins(show_all=show_all)
 
 

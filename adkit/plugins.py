@@ -6,6 +6,7 @@ plugin that fails to import or to register is recorded as broken with its error;
 
 from __future__ import annotations
 
+import logging
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import pluggy
 
 from adkit import hookspecs
 from adkit.registry import KINDS, Register, Registry
+
+log = logging.getLogger("adkit")
 
 ENTRY_POINT_GROUP = "adkit"
 CORE_DISTRIBUTION = "adkit"
@@ -43,6 +46,7 @@ class PluginRecord:
     status: str = "ok"  # ok | broken | disabled
     error: str = ""
     detail: str = field(default="", repr=False)  # full traceback of a broken plugin, for --debug
+    warnings: list[str] = field(default_factory=list)  # e.g. a component dropped for a name another plugin has
 
 
 class Catalog:
@@ -53,6 +57,8 @@ class Catalog:
         self.pm.add_hookspecs(hookspecs)
         self.registries: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
         self.plugins: dict[str, PluginRecord] = {}
+        for registry in self.registries.values():
+            registry.broken_plugins = lambda: [(r.name, r.error) for r in self.broken()]
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
@@ -63,7 +69,10 @@ class Catalog:
         self.plugins[name] = record
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 - a malformed hookimpl: report, keep going
+            self.pm.check_pending()  # a hook name adkit does not define (a typo such as register_scorer)
+        except Exception as exc:  # noqa: BLE001 - a malformed or unknown hookimpl: report, keep going
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
             return _mark_broken(record, exc)
         for kind, hook_name in KIND_HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
@@ -71,12 +80,19 @@ class Catalog:
                 if impl.plugin_name != name:
                     continue
                 try:
-                    impl.function(register=Register(self.registries[kind], name))
+                    impl.function(register=Register(self.registries[kind], name, builtin=source == "built-in",
+                                                    on_conflict=self._conflict))
                 except Exception as exc:  # noqa: BLE001 - a plugin's failure must not take the others down
                     self.remove_plugin(name)
                     self.plugins[name] = record
                     return _mark_broken(record, exc)
         return record
+
+    def _conflict(self, message: str) -> None:
+        """Two plugins registered one name: only that component of one of them is dropped; both records say so."""
+        for record in {r.name: r for r in self.plugins.values() if f"plugin {r.name!r}" in message}.values():
+            record.warnings.append(message)
+        log.warning(message)
 
     def remove_plugin(self, name: str) -> None:
         for registry in self.registries.values():

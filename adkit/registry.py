@@ -59,6 +59,7 @@ class ComponentInfo:
     help: str
     plugin: str
     params: dict[str, Param] = field(default_factory=dict)
+    builtin: bool = False  # registered by one of adkit's own plugins
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,32 @@ class ComponentSpec:
 
 
 class Register:
-    """The ``register`` callable a hook receives: ``register(name, factory, help=...)``."""
+    """The ``register`` callable a hook receives: ``register(name, factory, help=...)``. A name another plugin
+    already uses is not an error of the plugin as a whole: ``on_conflict`` receives the message and that one
+    component is dropped (built-in components win over third-party ones; otherwise the first one stays)."""
 
-    def __init__(self, registry: Registry, plugin: str):
+    def __init__(self, registry: Registry, plugin: str, builtin: bool = False,
+                 on_conflict: Callable[[str], None] | None = None):
         self._registry = registry
         self._plugin = plugin
+        self._builtin = builtin
+        self._on_conflict = on_conflict
 
     def __call__(self, name: str, factory: Callable[..., Any], help: str | None = None) -> None:
-        self._registry.add(name, factory, help=help, plugin=self._plugin)
+        try:
+            self._registry.add(name, factory, help=help, plugin=self._plugin, builtin=self._builtin)
+        except DuplicateComponentError as conflict:
+            if self._on_conflict is None:
+                raise
+            self._on_conflict(str(conflict))
 
 
 class DuplicateComponentError(Exception):
-    """Two plugins registered the same name for one kind."""
+    """Two plugins registered the same name for one kind; ``loser`` is the plugin whose component was dropped."""
+
+    def __init__(self, message: str, loser: str):
+        super().__init__(message)
+        self.loser = loser
 
 
 class Registry:
@@ -100,23 +115,28 @@ class Registry:
             raise ValueError(f"unknown component kind {kind!r}")
         self.kind = kind
         self._items: dict[str, ComponentInfo] = {}
+        # set by the catalog: (plugin, error) of the plugins that failed to load, named when a lookup fails
+        self.broken_plugins: Callable[[], list[tuple[str, str]]] = list
 
-    def add(self, name: str, factory: Callable[..., Any], help: str | None, plugin: str) -> None:
+    def add(self, name: str, factory: Callable[..., Any], help: str | None, plugin: str, builtin: bool = False) -> None:
+        """Register ``name``. If another plugin has it, the built-in one (else the first) keeps it and
+        DuplicateComponentError names both plugins and the one whose component was dropped."""
         if not name or any(c in name for c in ":,= "):
             raise ValueError(f"{self.kind} name {name!r} must be non-empty without ':', ',', '=' or spaces")
-        if name in self._items:
-            first = self._items[name].plugin
+        info = ComponentInfo(kind=self.kind, name=name, factory=factory, help=help or _first_line(factory.__doc__),
+                             plugin=plugin, params=_signature_params(factory), builtin=builtin)
+        existing = self._items.get(name)
+        if existing is not None:
+            replace = builtin and not existing.builtin
+            kept, dropped = (info, existing) if replace else (existing, info)
+            if replace:
+                self._items[name] = info
             raise DuplicateComponentError(
-                f"{self.kind} {name!r} is registered by both plugin {first!r} and plugin {plugin!r}"
-            )
-        self._items[name] = ComponentInfo(
-            kind=self.kind,
-            name=name,
-            factory=factory,
-            help=help or _first_line(factory.__doc__),
-            plugin=plugin,
-            params=_signature_params(factory),
-        )
+                f"{self.kind} {name!r} is registered by both plugin {existing.plugin!r} and plugin {plugin!r}: "
+                f"kept from plugin {kept.plugin!r}{' (built-in)' if kept.builtin else ''}, dropped from plugin "
+                f"{dropped.plugin!r}",
+                loser=dropped.plugin)
+        self._items[name] = info
 
     def remove_plugin(self, plugin: str) -> None:
         """Forget every component a plugin registered (used when its registration fails half-way)."""
@@ -183,7 +203,9 @@ class Registry:
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         available = ", ".join(self.names()) or "none registered"
-        return f"unknown {self.kind} {name!r}{hint} (available: {available}; `adkit plugins` lists them)"
+        broken = "".join(f"; plugin {plugin!r} is broken ({error}) and may be the one that provides it"
+                         for plugin, error in self.broken_plugins())
+        return f"unknown {self.kind} {name!r}{hint}{broken} (available: {available}; `adkit plugins` lists them)"
 
 
 def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]:

@@ -160,3 +160,30 @@ def test_config_values_are_typed_like_flags(invoke, tmp_path):
         config.write_text(f'detector = "pixel-gauss"\n{line}\n')
         code, _, err = invoke("run", "--config", str(config))
         assert code != 0 and f"config file {config}: {needle}" in err and "Traceback" not in err
+
+
+class FailingCommands:
+    from adkit import hookimpl
+
+    @hookimpl
+    def register_commands(self, cli):
+        raise RuntimeError("command hook failed")
+
+
+def test_a_broken_command_hook_shows_everywhere(invoke, monkeypatch):
+    from importlib import metadata
+
+    class EntryPoint:
+        name, dist = "cmds", None
+
+        def load(self):
+            return FailingCommands()
+
+    real = metadata.entry_points
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [*real(group=group), EntryPoint()])
+    code, out, _ = invoke("plugins")
+    assert code == 0 and "broken" in " ".join(out.split()) and "command hook failed" in " ".join(out.split())
+    code, out, err = invoke("--help")
+    assert code == 0 and "plugin cmds is broken (RuntimeError: command hook failed)" in err
+    code, _, err = invoke("mycommand")
+    assert code != 0 and "no command 'mycommand'; plugin cmds is broken" in err

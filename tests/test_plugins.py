@@ -4,8 +4,11 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
+
 from adkit import hookimpl, hookspecs
-from adkit.plugins import load_catalog
+from adkit.errors import AdkitError
+from adkit.plugins import Catalog, load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_INS = {"backbones", "datasets", "draem", "ebm", "ensembles", "filters", "freqmask", "losses", "padim", "patchcore",
@@ -52,6 +55,11 @@ class DuplicatePlugin:
     @hookimpl
     def register_detectors(self, register):
         register("draem", lambda: None)
+        register("copycat-own", lambda: "mine")
+
+    @hookimpl
+    def register_scorers(self, register):
+        register("max", lambda: "not the built-in max")
 
 
 def test_failing_registration_is_reported_and_rolled_back(catalog):
@@ -61,11 +69,55 @@ def test_failing_registration_is_reported_and_rolled_back(catalog):
     assert "l2" in catalog["loss"]  # the others keep working
 
 
-def test_duplicate_component_names_both_plugins(catalog):
+def test_a_name_clash_drops_only_that_component_and_built_ins_win(catalog):
     record = catalog.add_plugin(DuplicatePlugin(), name="copycat")
-    assert record.status == "broken"
-    assert "plugin 'draem' and plugin 'copycat'" in record.error
+    assert record.status == "ok"  # its other components keep working
+    assert catalog["detector"].create("copycat-own") == "mine"
     assert catalog["detector"].get("draem").plugin == "draem"
+    assert catalog["scorer"].get("max").plugin == "scorers" and "maxmin" in catalog["scorer"]  # built-ins intact
+    assert any("detector 'draem' is registered by both plugin 'draem' and plugin 'copycat': kept from plugin "
+               "'draem' (built-in), dropped from plugin 'copycat'" in w for w in record.warnings)
+    assert catalog.plugins["draem"].warnings  # both plugins' records say so
+
+
+class FirstComer:
+    @hookimpl
+    def register_scorers(self, register):
+        register("p50", lambda: "third party")
+        register("only-mine", lambda: "kept")
+
+
+def test_a_built_in_loaded_after_a_third_party_still_wins():
+    catalog = Catalog()
+    catalog.add_plugin(FirstComer(), name="aaa", source="package aaa")
+    catalog.add_plugin(BuiltInLater(), name="zzz", source="built-in")
+    assert catalog["scorer"].create("p50") == "built-in"
+    assert catalog["scorer"].create("only-mine") == "kept"
+    assert catalog.plugins["aaa"].status == "ok" and catalog.plugins["aaa"].warnings
+
+
+class BuiltInLater:
+    @hookimpl
+    def register_scorers(self, register):
+        register("p50", lambda: "built-in")
+
+
+class MisspelledHook:
+    @hookimpl
+    def register_scorer(self, register):  # adkit's hook is register_scorers
+        register("never", lambda: None)
+
+
+def test_an_unknown_hook_name_marks_the_plugin_broken(catalog):
+    record = catalog.add_plugin(MisspelledHook(), name="typo")
+    assert record.status == "broken" and "register_scorer" in record.error
+    assert "max" in catalog["scorer"]
+
+
+def test_unknown_component_names_broken_plugins(catalog):
+    catalog.add_plugin(RaisingPlugin(), name="raiser")
+    with pytest.raises(AdkitError, match=r"unknown loss 'half-registered'.*plugin 'raiser' is broken \(RuntimeError"):
+        catalog["loss"].get("half-registered")
 
 
 def test_import_failure_is_reported(monkeypatch):
