@@ -209,7 +209,8 @@ class Registry:
 
 
 def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]:
-    """Split ``name:key=value,key=value`` into the name and raw string values."""
+    """Split ``name:key=value,key=value`` into the name and raw string values. A value holding commas of its own
+    (another component's spec) is written in parentheses: ``ebm-image:sampler=(pyld:M=5,N=3)``."""
     text = spec.strip()
     name, _, rest = text.partition(":")
     name = name.strip()
@@ -217,12 +218,34 @@ def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]
         raise AdkitError(f"empty {kind} spec {spec!r}: write name or name:key=value,...")
     raw: dict[str, str] = {}
     if rest.strip():
-        for item in rest.split(","):
+        for item in _top_level_items(rest, spec, kind):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise AdkitError(f"{kind} spec {spec!r}: {item!r} is not key=value")
-            raw[key.strip()] = value.strip()
+            value = value.strip()
+            if value.startswith("(") and value.endswith(")"):
+                value = value[1:-1].strip()
+            raw[key.strip()] = value
     return name, raw
+
+
+def _top_level_items(text: str, spec: str, kind: str) -> list[str]:
+    """``text`` split at the commas outside parentheses."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise AdkitError(f"{kind} spec {spec!r}: a ')' without its '('")
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise AdkitError(f"{kind} spec {spec!r}: a '(' without its ')'")
+    items.append(text[start:])
+    return items
 
 
 def _parse_extra(kind: str, name: str, key: str, value: Any, typ: type) -> Any:
@@ -316,6 +339,8 @@ def _format(value: Any) -> str:
         return "+".join(_format(v) for v in value)
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str) and "," in value:  # a nested spec: parentheses keep its commas together
+        return f"({value})"
     return str(value)
 
 

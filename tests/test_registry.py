@@ -90,3 +90,23 @@ def test_factory_value_error_becomes_user_error():
     Register(reg, "tests")("picky", picky)
     with pytest.raises(AdkitError, match="k must be >= 1"):
         reg.create("picky:k=0")
+
+
+def test_nested_specs_round_trip_in_parentheses(catalog):
+    registry = catalog["detector"]
+    parsed = registry.parse("ebm-image:depth=10,sampler=(pyld:M=5,N=3),lr=0.001")
+    assert parsed.params["sampler"] == "pyld:M=5,N=3" and parsed.params["lr"] == 0.001
+    assert str(parsed) == "ebm-image:depth=10,sampler=(pyld:M=5,N=3),lr=0.001"
+    assert registry.parse(str(parsed)) == parsed  # what a checkpoint stores reads back
+    with pytest.raises(AdkitError, match="a '\\(' without its '\\)'"):
+        registry.parse("ebm-image:sampler=(pyld:M=5")
+
+
+def test_an_ebm_quick_checkpoint_can_be_tested(invoke, tmp_path):
+    data = "synthetic:size=32,n_train=6,n_test=6"
+    code, _, err = invoke("train", "--detector", "ebm-image", "--data", data, "--category", "tile", "--steps", "2",
+                          "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    code, _, err = invoke("test", "--checkpoint", str(tmp_path / "run" / "tile" / "checkpoint.pt"), "--data", data)
+    assert code == 0, err  # the preset's sampler=pyld:M=5,N=3 was split at its comma before
+    assert (tmp_path / "run" / "tile" / "test" / "tile" / "metrics.json").is_file()
