@@ -114,7 +114,16 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     if preset_name is not None and preset_name not in presets:
         raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(presets) or 'none'}")
     preset = presets.get(preset_name, {}) if preset_name else {}
-    detector = catalog["detector"].parse(name, overrides={**preset.get("params", {}), **raw})
+    info = catalog["detector"].get(name)
+    # --sampler / --backbone replace the detector's own parameter of that name: the spec shows what is used
+    flags = {key: value for key, value in (("sampler", config.sampler), ("backbone", config.backbone))
+             if value and key in info.params}
+    detector = catalog["detector"].parse(name, overrides={**preset.get("params", {}), **raw, **flags})
+    consumes = getattr(cls, "consumes", frozenset())
+    for option, value in (("loss", config.loss), ("sampler", config.sampler), ("backbone", config.backbone),
+                          ("anomaly-source", config.anomaly_source)):
+        if value and option.replace("-", "_") not in consumes:
+            console.print(f"warning: --{option} is ignored: detector {name!r} uses no {option.replace('-', ' ')}")
     for spec in config.loss:
         catalog["loss"].parse(spec)
     posts = list(config.post) or list(getattr(cls, "default_postprocessors", ()))

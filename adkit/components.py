@@ -141,6 +141,9 @@ class Detector(nn.Module, ABC):
     # collected itself (adkit.distributed.gather_sharded / all_reduce_sum), so all ranks end with the same state;
     # False: every rank fits on all images
     fit_shards: ClassVar[bool] = False
+    # the run options this detector reads in setup(): a subset of {"loss", "sampler", "backbone",
+    # "anomaly_source"}; a user who sets another one is told it is ignored
+    consumes: ClassVar[frozenset[str]] = frozenset()
 
     def setup(self, context: DetectorContext) -> None:
         """Build what depends on the run (losses, samplers, backbones, image size); called once before training."""

@@ -27,6 +27,7 @@ class PaDiM(Detector):
     trainable = False
     default_postprocessors = ()
     default_scorer = "max"
+    consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("mean", "inverse_covariance")
     fit_shards = True  # under torchrun each rank sums over its share of the images; the sums are all-reduced
 

@@ -187,3 +187,20 @@ def test_a_broken_command_hook_shows_everywhere(invoke, monkeypatch):
     assert code == 0 and "plugin cmds is broken (RuntimeError: command hook failed)" in err
     code, _, err = invoke("mycommand")
     assert code != 0 and "no command 'mycommand'; plugin cmds is broken" in err
+
+
+def test_options_a_detector_does_not_use_are_warned_and_the_used_sampler_is_shown(invoke, tmp_path):
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile", "--loss", "l2",
+                          "--sampler", "sgld", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert "--loss is ignored: detector 'pixel-gauss' uses no loss" in flat
+    assert "--sampler is ignored: detector 'pixel-gauss' uses no sampler" in flat
+    code, _, err = invoke("train", "--detector", "ebm-image", "--data", TINY, "--category", "tile", "--steps", "1",
+                          "--sampler", "pyld:M=1,N=1", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "ignored" not in err
+    import torch
+
+    meta = torch.load(tmp_path / "b" / "tile" / "checkpoint.pt", weights_only=False)["meta"]
+    assert "sampler=(pyld:M=1,N=1)" in meta["detector"]  # not the preset's pyld:M=5,N=3

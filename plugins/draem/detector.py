@@ -20,6 +20,7 @@ class Draem(Detector):
 
     default_postprocessors = ("avgpool:kernel=21",)
     default_scorer = "max"
+    consumes: ClassVar[frozenset[str]] = frozenset({"loss", "anomaly_source"})
     # engine settings and detector parameters per preset; flags and specs override them
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # measured on 2 CPU cores (docs/benchmarks.md): more steps at narrow widths beat wider networks, and

@@ -25,6 +25,7 @@ class EBMImage(Detector):
 
     default_postprocessors = ()
     default_scorer = "max"
+    consumes: ClassVar[frozenset[str]] = frozenset({"sampler", "backbone"})
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"image_size": 32, "batch_size": 16, "steps": 300,
                   "params": {"depth": 10, "widen": 2, "buffer_size": 500, "lr": 1e-4, "sampler": "pyld:M=5,N=3"}},

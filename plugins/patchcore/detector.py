@@ -39,6 +39,7 @@ class PatchCore(Detector):
     trainable = False
     default_postprocessors = ()
     default_scorer = "max"
+    consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
 
