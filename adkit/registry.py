@@ -194,10 +194,17 @@ class Registry:
     def create(self, spec: str | ComponentSpec, **overrides: Any) -> Any:
         """Build the component a spec names (extras such as a loss weight are not passed to the factory)."""
         parsed = self.parse(spec, overrides)
+        info = self.get(parsed.name)
         try:
-            return self.get(parsed.name).factory(**parsed.params)
+            component = info.factory(**parsed.params)
         except ValueError as exc:  # factories reject out-of-range values with ValueError
             raise AdkitError(f"{self.kind} {str(parsed)!r}: {exc}") from None
+        expected = kind_type(self.kind)
+        if not isinstance(component, expected):
+            raise AdkitError(f"{self.kind} {parsed.name!r} of plugin {info.plugin!r} returned a "
+                             f"{type(component).__name__}, not a {expected.__module__}.{expected.__name__}: "
+                             "the plugin's factory is wrong")
+        return component
 
     def _unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
@@ -206,6 +213,18 @@ class Registry:
         broken = "".join(f"; plugin {plugin!r} is broken ({error}) and may be the one that provides it"
                          for plugin, error in self.broken_plugins())
         return f"unknown {self.kind} {name!r}{hint}{broken} (available: {available}; `adkit plugins` lists them)"
+
+
+def kind_type(kind: str) -> type:
+    """The class every component of ``kind`` is an instance of (imported on first use: torch is heavy)."""
+    from torch import nn
+
+    from adkit import components
+    from adkit.data.datasets import AnomalyDataset
+
+    return {"detector": components.Detector, "backbone": components.Backbone, "loss": nn.Module,
+            "sampler": components.Sampler, "postprocessor": nn.Module, "scorer": nn.Module,
+            "ensemble": components.Ensemble, "dataset": AnomalyDataset}[kind]
 
 
 def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]:

@@ -2,42 +2,80 @@
 
 from __future__ import annotations
 
+import pytest
+from torch import nn
+
 from adkit import hookimpl
+from adkit.components import Backbone, Detector, Ensemble, Sampler
+from adkit.data.datasets import AnomalyDataset
+from adkit.errors import AdkitError
 from adkit.plugins import Catalog
+
+
+class D(Detector):
+    def anomaly_map(self, images):
+        return images[:, :1]
+
+
+class B(Backbone):
+    def forward(self, images, stages):
+        return [images for _ in stages]
+
+
+class S(Sampler):
+    def sample(self, network, x0, generator=None):
+        return x0
+
+
+class E(Ensemble):
+    def fit(self, normal_scores):
+        pass
+
+    def combine(self, scores):
+        return scores[0]
+
+
+class X(AnomalyDataset):
+    def categories(self):
+        return []
+
+    def load(self, category):
+        raise NotImplementedError
 
 
 class EveryHook:
     @hookimpl
     def register_detectors(self, register):
-        register("t-detector", lambda: "d")
+        register("t-detector", D)
+        register("t-wrong", lambda: "a string")
 
     @hookimpl
     def register_backbones(self, register):
-        register("t-backbone", lambda: "b")
+        register("t-backbone", B)
 
     @hookimpl
     def register_losses(self, register):
-        register("t-loss", lambda: "l")
+        register("t-loss", nn.L1Loss)
 
     @hookimpl
     def register_samplers(self, register):
-        register("t-sampler", lambda: "s")
+        register("t-sampler", S)
 
     @hookimpl
     def register_postprocessors(self, register):
-        register("t-post", lambda: "p")
+        register("t-post", nn.Identity)
 
     @hookimpl
     def register_scorers(self, register):
-        register("t-scorer", lambda: "c")
+        register("t-scorer", nn.Identity)
 
     @hookimpl
     def register_ensembles(self, register):
-        register("t-ensemble", lambda: "e")
+        register("t-ensemble", E)
 
     @hookimpl
     def register_datasets(self, register):
-        register("t-dataset", lambda: "x")
+        register("t-dataset", X)
 
     @hookimpl
     def register_commands(self, cli):
@@ -47,9 +85,9 @@ class EveryHook:
 def test_each_component_hook_registers_its_kind():
     catalog = Catalog()
     assert catalog.add_plugin(EveryHook(), name="every").status == "ok"
-    for kind, value in (("detector", "d"), ("backbone", "b"), ("loss", "l"), ("sampler", "s"), ("postprocessor", "p"),
-                        ("scorer", "c"), ("ensemble", "e"), ("dataset", "x")):
-        assert catalog[kind].create(f"t-{kind if kind != 'postprocessor' else 'post'}") == value
+    for kind, cls in (("detector", D), ("backbone", B), ("loss", nn.L1Loss), ("sampler", S),
+                      ("postprocessor", nn.Identity), ("scorer", nn.Identity), ("ensemble", E), ("dataset", X)):
+        assert isinstance(catalog[kind].create(f"t-{kind if kind != 'postprocessor' else 'post'}"), cls)
 
     class Group:
         added = False
@@ -57,3 +95,11 @@ def test_each_component_hook_registers_its_kind():
     group = Group()
     catalog.register_commands(group)
     assert group.added
+
+
+def test_a_factory_returning_the_wrong_kind_fails_when_built():
+    catalog = Catalog()
+    catalog.add_plugin(EveryHook(), name="every")
+    with pytest.raises(AdkitError, match=r"detector 't-wrong' of plugin 'every' returned a str, not a "
+                                         r"adkit.components.Detector"):
+        catalog["detector"].create("t-wrong")

@@ -72,7 +72,7 @@ def test_failing_registration_is_reported_and_rolled_back(catalog):
 def test_a_name_clash_drops_only_that_component_and_built_ins_win(catalog):
     record = catalog.add_plugin(DuplicatePlugin(), name="copycat")
     assert record.status == "ok"  # its other components keep working
-    assert catalog["detector"].create("copycat-own") == "mine"
+    assert catalog["detector"].get("copycat-own").factory() == "mine"
     assert catalog["detector"].get("draem").plugin == "draem"
     assert catalog["scorer"].get("max").plugin == "scorers" and "maxmin" in catalog["scorer"]  # built-ins intact
     assert any("detector 'draem' is registered by both plugin 'draem' and plugin 'copycat': kept from plugin "
@@ -91,8 +91,8 @@ def test_a_built_in_loaded_after_a_third_party_still_wins():
     catalog = Catalog()
     catalog.add_plugin(FirstComer(), name="aaa", source="package aaa")
     catalog.add_plugin(BuiltInLater(), name="zzz", source="built-in")
-    assert catalog["scorer"].create("p50") == "built-in"
-    assert catalog["scorer"].create("only-mine") == "kept"
+    assert catalog["scorer"].get("p50").factory() == "built-in"
+    assert catalog["scorer"].get("only-mine").factory() == "kept"
     assert catalog.plugins["aaa"].status == "ok" and catalog.plugins["aaa"].warnings
 
 
