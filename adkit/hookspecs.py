@@ -5,7 +5,7 @@ Every component hook receives a ``register`` callable (see :class:`adkit.registr
     register(name, factory, help="one line")
 
 ``factory`` is a class or function; its keyword parameters, with their type annotations and defaults, become the
-parameters a user sets in a component spec such as ``draem:base_width=32``. Plugins mark their implementations
+parameters a user sets in a component spec such as ``draem:recon_width=32``. Plugins mark their implementations
 with ``adkit.hookimpl``.
 """
 
