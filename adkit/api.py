@@ -326,15 +326,23 @@ def _write_category_files(run_: CategoryRun, scores: torch.Tensor, maps: torch.T
     folder.mkdir(parents=True, exist_ok=True)
     report.write_json(folder / "metrics.json", result)
     _write_curves(run_, scores, maps, result, folder)
-    rows = [{"path": str(s.path), "label": s.label, "score": f"{float(v):.6g}", "prediction": int(float(v) > threshold)}
-            for s, v in zip(run_.test.samples, scores)]
-    report.write_scores_csv(folder / "scores.csv", rows)
+    samples = run_.test.samples
+    report.write_scores_csv(folder / "scores.csv", score_rows([s.path for s in samples], [s.label for s in samples],
+                                                              scores, threshold))
     pixel_threshold = float(np.quantile(maps[run_.test.labels == 0].numpy(), 0.99)) if (run_.test.labels == 0).any() else 0.5
     vmax = float(maps.max()) if maps.numel() else 1.0
     for i in _overlay_sample(run_.test.samples):
         sample = run_.test.samples[i]
         panel = report.overlay_panel(run_.test.images[i], maps[i], pixel_threshold, vmax, run_.test.masks[i])
         report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
+
+
+def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor, threshold: float | None) -> list[dict[str, Any]]:
+    """scores.csv rows: path, label ("" when unknown), score, and the decision score > threshold (blank without
+    a threshold)."""
+    return [{"path": str(path), "label": label, "score": f"{float(score):.6g}",
+             "prediction": "" if threshold is None else int(float(score) > threshold)}
+            for path, label, score in zip(paths, labels, scores)]
 
 
 def _overlay_sample(samples: list[Any], count: int = OVERLAY_SAMPLES) -> list[int]:
@@ -450,6 +458,8 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         result = evaluate(plan_, run_, build_pipeline(plan_, run_.detector), folder)
         if main:  # under torchrun rank 0 reports; the other ranks helped train and score
             results.append(result)
+            record_threshold(folder, result["threshold"], plan_.posts, plan_.scorer,
+                             f"validation split of {plan_.config.data} {category} (adkit run)")
     if not main:
         return results
     report.write_json(out / "summary.json", {"config": plan_.config.__dict__, "results": results})
@@ -517,7 +527,13 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     if distributed.is_main():
         report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
     for category in plan_.categories:
-        train_category(plan_, category, out / category, resume=resume, load_test=False)
+        run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
+        # so that predict can decide right after train: the threshold on held-out normal images
+        source = run_.val if len(run_.val.samples) else run_.train
+        scores = run_pipeline(build_pipeline(plan_, run_.detector), source.images, max(plan_.batch_size, 8),
+                              plan_.device, precision=plan_.config.precision).scores
+        record_threshold(out / category, metrics.fit_threshold(scores.numpy()), plan_.posts, plan_.scorer,
+                         f"validation split of {plan_.config.data} {category} (adkit train)")
     if distributed.is_main():
         console.print(f"checkpoints in {out}")
     return out
@@ -532,10 +548,47 @@ def _plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan
                                category=list(config.category) or [meta["category"]]))
 
 
-def _restore(plan_: RunPlan, payload: dict[str, Any], checkpoint: Path) -> Detector:
-    detector = build_detector(plan_)
+def load_trained(config: RunConfig, checkpoint: Path, device: torch.device,
+                 payload: dict[str, Any] | None = None) -> tuple[Pipeline, dict[str, Any]]:
+    """The one restore path of ``test`` and ``predict``: the checkpoint's detector, set up as it was trained (its
+    spec, image size and backbone; run options from ``config``), its trained or fitted state restored, in the
+    pipeline it was evaluated with (post-processors and scorer from the checkpoint unless ``config`` names
+    others). Returns the pipeline and the checkpoint's meta."""
+    payload = payload if payload is not None else load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    catalog = get_catalog()
+    setup_config = config.replace(backbone=config.backbone or meta.get("backbone"))
+    detector = _make_detector(catalog, meta["detector"], setup_config, meta["image_size"], device)
     restore(detector, payload, checkpoint)
-    return detector
+    pipeline = _make_pipeline(catalog, detector, list(config.post) or meta.get("posts", []),
+                              config.scorer or meta.get("scorer", "max"), config.compile)
+    return pipeline, meta
+
+
+THRESHOLD_FILE = "threshold.json"
+
+
+def record_threshold(checkpoint_dir: Path, threshold: float, posts: list[str], scorer: str, source: str) -> None:
+    """Write the image-score threshold fitted on validation data beside the checkpoint, with the post-processors
+    and scorer it holds for: ``predict`` reads it after ``train``, ``test`` or ``run`` alike."""
+    if distributed.is_main():
+        report.write_json(checkpoint_dir / THRESHOLD_FILE, {"threshold": threshold, "posts": list(posts),
+                                                             "scorer": scorer, "fitted_on": source})
+
+
+def recorded_threshold(checkpoint_dir: Path, posts: list[str], scorer: str) -> float | None:
+    """The recorded threshold if it was fitted for these post-processors and scorer; None (with a warning when
+    it was fitted for others) otherwise."""
+    path = checkpoint_dir / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    if recorded.get("posts") != list(posts) or recorded.get("scorer") != scorer:
+        console.print(f"warning: the threshold in {path} was fitted for post-processors {recorded.get('posts')} and "
+                      f"scorer {recorded.get('scorer')}, not {list(posts)} and {scorer}: no decisions are written; "
+                      "run adkit test with these options to fit one")
+        return None
+    return float(recorded["threshold"])
 
 
 def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
@@ -546,18 +599,21 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     main = distributed.is_main()
     if main:
         _configure_log(out)
-    detector = _restore(plan_, payload, checkpoint)
+    pipeline, meta = load_trained(plan_.config, checkpoint, plan_.device, payload)
     results = []
     for category in plan_.categories:
         splits = plan_.dataset.load(category)
         size, skip = plan_.image_size, plan_.config.skip_bad
-        run_ = CategoryRun(category, detector, splits, load_split([], size), load_split(splits.val, size, skip),
-                           load_split(splits.test, size, skip), 0.0, out)
+        run_ = CategoryRun(category, pipeline.detector, splits, load_split([], size),
+                           load_split(splits.val, size, skip), load_split(splits.test, size, skip), 0.0, out)
         if not run_.val.samples:
             run_.train = load_split(splits.train, size, skip)
-        result = evaluate(plan_, run_, build_pipeline(plan_, detector), out / category)
+        result = evaluate(plan_, run_, pipeline, out / category)
         if main:
             results.append(result)
+            if category == meta["category"]:  # a threshold for the data the checkpoint was trained on
+                record_threshold(checkpoint.parent, result["threshold"], plan_.posts, plan_.scorer,
+                                 f"validation split of {plan_.config.data} {category} (adkit test)")
     if main:
         Console().print(_summary_table(results, f"{plan_.detector} from {checkpoint}"))
     return results
@@ -578,16 +634,11 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
             paths.append(item)
         else:
             raise AdkitError(f"{item} is neither an image file nor a folder")
-    catalog = get_catalog()
     device = distributed.init_from_environment(resolve_device(config.device))
     size = meta["image_size"]
-    detector = _make_detector(catalog, meta["detector"], config.replace(backbone=config.backbone or meta.get("backbone")),
-                              size, device)
-    restore(detector, payload, checkpoint)
-    pipeline = _make_pipeline(catalog, detector, list(config.post) or meta.get("posts", []),
-                              config.scorer or meta.get("scorer", "max"), config.compile)
-    fitted = checkpoint.parent / "metrics.json"  # written by run/test: the threshold fitted on validation data
-    threshold = json.loads(fitted.read_text()).get("threshold") if fitted.is_file() else None
+    pipeline, _ = load_trained(config, checkpoint, device, payload)
+    posts, scorer = list(config.post) or meta.get("posts", []), config.scorer or meta.get("scorer", "max")
+    threshold = recorded_threshold(checkpoint.parent, posts, scorer)
     out = Path(config.out) if config.out else checkpoint.parent / "predict"
     loaded = load_split([Sample(path, 0) for path in paths], size, config.skip_bad)
     if not loaded.samples:
@@ -596,9 +647,7 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
     result = run_pipeline(pipeline, loaded.images, config.batch_size or 8, device, precision=config.precision)
     if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
         return out
-    rows = [{"path": str(p), "label": "", "score": f"{float(s):.6g}",
-             "prediction": "" if threshold is None else int(float(s) > threshold)} for p, s in zip(kept, result.scores)]
-    report.write_scores_csv(out / "scores.csv", rows)
+    report.write_scores_csv(out / "scores.csv", score_rows(kept, [""] * len(kept), result.scores, threshold))
     vmax = float(result.raw.max())
     pixel_threshold = float(np.quantile(result.raw.numpy(), 0.99))
     for i, path in enumerate(kept[:OVERLAY_SAMPLES * 4]):

@@ -204,3 +204,35 @@ def test_options_a_detector_does_not_use_are_warned_and_the_used_sampler_is_show
 
     meta = torch.load(tmp_path / "b" / "tile" / "checkpoint.pt", weights_only=False)["meta"]
     assert "sampler=(pyld:M=1,N=1)" in meta["detector"]  # not the preset's pyld:M=5,N=3
+
+
+def test_predict_finds_the_threshold_after_train_and_test_and_refuses_one_fitted_for_another_scorer(invoke, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = invoke("train", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile",
+                          "--out", str(run))
+    assert code == 0, err
+    checkpoint = run / "tile" / "checkpoint.pt"
+    recorded = json.loads((run / "tile" / "threshold.json").read_text())
+    assert recorded["scorer"] == "max" and "adkit train" in recorded["fitted_on"]
+    images = tmp_path / "images"
+    code, _, err = invoke("synth", "--out", str(images), "--category", "tile", "--size", "32", "--train", "2",
+                          "--test", "4")
+    assert code == 0, err
+    folders = [str(f) for f in sorted((images / "tile" / "test").iterdir())]  # good and defective
+
+    def decisions(*extra):
+        code, _, err = invoke("predict", "--checkpoint", str(checkpoint), *folders, "--out",
+                              str(tmp_path / "p"), *extra)
+        assert code == 0, err
+        rows = [line.split(",") for line in (tmp_path / "p" / "scores.csv").read_text().splitlines()[1:]]
+        return [(float(r[2]), r[3]) for r in rows], err
+
+    rows, _ = decisions()
+    assert rows and all(decision == str(int(score > recorded["threshold"])) for score, decision in rows)
+    rows, err = decisions("--scorer", "mean")  # the threshold holds for max, not for mean
+    assert all(decision == "" for _, decision in rows) and "was fitted for" in " ".join(err.split())
+    code, _, err = invoke("test", "--checkpoint", str(checkpoint), "--data", TINY, "--scorer", "mean")
+    assert code == 0, err
+    assert json.loads((run / "tile" / "threshold.json").read_text())["scorer"] == "mean"  # test refits it
+    rows, _ = decisions("--scorer", "mean")
+    assert rows and all(decision in ("0", "1") for _, decision in rows)
