@@ -198,7 +198,7 @@ def test_patchcore_and_padim_run_from_the_cli_and_predict(invoke, tmp_path):
                               "--category", "tile", "--image-size", "64", "--out", str(out))
         assert code == 0, err
         metrics = json.loads((out / "tile" / "metrics.json").read_text())
-        assert 0 <= metrics["image_auroc"] <= 1 and "pixel_auroc" in metrics
+        assert metrics["pixel_auroc"] > 0.8  # 0.94 and 0.98 measured; a constant map gives 0.5
         checkpoint = out / "tile" / "checkpoint.pt"
         payload = load_checkpoint(checkpoint)  # what was fitted, not the 4.7 M backbone weights
         assert payload["backbones"]["backbone"]["spec"] == "efficientnet-lite0"
@@ -271,4 +271,4 @@ def test_padim_on_a_folder_of_the_users_own_images(invoke, mvtec_tree, tmp_path)
                           str(widget / "ground_truth" / "scratch"), "--image-size", "32", "--out", str(out))
     assert code == 0, err
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
-    assert metrics["n_anomalous"] == 2 and "pixel_auroc" in metrics
+    assert metrics["n_anomalous"] == 2 and metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.8
