@@ -217,6 +217,15 @@ class Detector(nn.Module, ABC):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class Loss(nn.Module):
+    """A loss: ``forward(prediction, target)`` returns a scalar (0-dim) tensor, lower is better; the spec's
+    ``weight`` is applied by the detector that sums its losses. What detectors pass: reconstruction losses
+    (DRAEM's l2, ssim, color, psnr) get the reconstruction and the clean image, both (B, 3, H, W) in [0, 1];
+    segmentation losses (focal) get logits (B, 2, H, W) and a mask (B, 1, H, W) in {0, 1}. Compute in float32
+    (decorate ``forward`` with ``adkit.engine.in_float32``): networks may run under bf16 autocast. Deriving from
+    it is recommended; any ``nn.Module`` with that forward is accepted."""
+
+
 class PostProcessor(nn.Module):
     """Maps an anomaly map (B, 1, H, W) to an anomaly map (B, 1, H', W'). Subclasses implement ``forward``."""
 

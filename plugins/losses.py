@@ -9,9 +9,10 @@ from __future__ import annotations
 import kornia
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from adkit import hookimpl
+from adkit.components import Loss
 from adkit.engine import in_float32
 
 
@@ -28,7 +29,7 @@ def l2_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(prediction, target)
 
 
-class L2Loss(nn.Module):
+class L2Loss(Loss):
     """Mean squared error."""
 
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
@@ -53,7 +54,7 @@ def _ssim_map(x: Tensor, y: Tensor, window: int, sigma: float) -> Tensor:
     return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
 
 
-class SSIMLoss(nn.Module):
+class SSIMLoss(Loss):
     """1 - mean SSIM with a Gaussian window."""
 
     def __init__(self, window: int = 11, sigma: float = 1.5):
@@ -82,7 +83,7 @@ def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0, smooth: float =
     return (-((1 - pt) ** gamma) * pt.log()).mean()
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(Loss):
     """Focal loss (gamma) on the softmax of segmentation logits."""
 
     def __init__(self, gamma: float = 2.0):
@@ -117,7 +118,7 @@ def colour_histogram_loss(prediction: Tensor, target: Tensor, bins: int = 64, ba
     return (hx - hy).abs().sum(dim=1).mean()
 
 
-class ColourHistogramLoss(nn.Module):
+class ColourHistogramLoss(Loss):
     """L1 distance between per-channel differentiable colour histograms."""
 
     def __init__(self, bins: int = 64, bandwidth: float = 0.01, max_pixels: int = 16384):
@@ -139,7 +140,7 @@ def inverse_psnr_loss(prediction: Tensor, target: Tensor, floor_db: float = 1.0)
     return 1.0 / psnr.clamp_min(floor_db)
 
 
-class InversePSNRLoss(nn.Module):
+class InversePSNRLoss(Loss):
     """Inverse PSNR: weighs less once the reconstruction reaches a good PSNR."""
 
     def __init__(self, floor_db: float = 1.0):

@@ -118,3 +118,10 @@ def test_in_float32_decorates_a_forward_method_too():
         value, dtype = Difference()(a, b, scale=2.0)
     assert dtype == torch.float32 and value.dtype == torch.float32
     assert value.item() == pytest.approx(2 * (a.float() - b.float()).pow(2).mean().item())
+
+
+def test_built_in_losses_are_loss_components(catalog):
+    from adkit.components import Loss
+
+    for name in ("l2", "ssim", "focal", "color", "psnr"):
+        assert isinstance(catalog["loss"].create(name), Loss)
