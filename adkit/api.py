@@ -105,7 +105,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     if len(config.detector) > 1:
         raise AdkitError("plan() takes one detector; run() trains several as an ensemble")
     name, raw = split_spec(config.detector[0], "detector")
-    cls = _detector_class(catalog, name)
+    info = catalog["detector"].get(name)
+    cls = info.factory
     presets = getattr(cls, "presets", {})  # a factory need not derive from Detector
     on_synthetic = split_spec(config.data)[0] == "synthetic" and not config.normal
     preset_name = config.preset or ("quick" if on_synthetic and "quick" in presets else None)
@@ -114,7 +115,6 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     if preset_name is not None and preset_name not in presets:
         raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(presets) or 'none'}")
     preset = presets.get(preset_name, {}) if preset_name else {}
-    info = catalog["detector"].get(name)
     # --sampler / --backbone replace the detector's own parameter of that name: the spec shows what is used
     flags = {key: value for key, value in (("sampler", config.sampler), ("backbone", config.backbone))
              if value and key in info.params}

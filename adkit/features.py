@@ -17,14 +17,13 @@ from adkit.components import Backbone, DetectorContext
 from adkit.errors import AdkitError
 
 
-def build_backbone(context: DetectorContext, spec: str, who: str) -> Backbone:
+def build_backbone(context: DetectorContext, spec: str) -> Backbone:
     """The backbone a detector asks for: ``--backbone`` (context.backbone) wins over the detector's own
-    ``backbone=`` parameter ``spec``; the result is frozen, on the run's device, and remembers its spec."""
+    ``backbone=`` parameter ``spec``; the result is frozen, on the run's device, and remembers its spec (the
+    registry has checked that it is a Backbone)."""
     registry = context.catalog["backbone"]
     parsed = registry.parse(context.backbone or spec)
     backbone = registry.create(parsed)
-    if not isinstance(backbone, Backbone):
-        raise TypeError(f"backbone {parsed.name!r} must return an adkit.components.Backbone, got {type(backbone)}")
     backbone.spec = str(parsed)
     backbone.freeze()
     return backbone.to(context.device)

@@ -46,7 +46,7 @@ class PaDiM(Detector):
         self.register_buffer("inverse_covariance", torch.zeros(0, features, features))  # (positions, d, d)
 
     def setup(self, context: DetectorContext) -> None:
-        self.backbone = build_backbone(context, self.backbone_spec, "padim")
+        self.backbone = build_backbone(context, self.backbone_spec)
         self.image_size = context.image_size
         self.backbone.check_stages(self.layers, "padim")
         total = sum(self.backbone.channels[i] for i in self.layers)

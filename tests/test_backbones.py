@@ -121,7 +121,7 @@ class TinyBackbonePlugin:
 def test_register_backbones_hook_adds_a_backbone(catalog):
     assert catalog.add_plugin(TinyBackbonePlugin(), name="tiny-plugin").status == "ok"
     context = DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"), backbone="tiny:width=4")
-    backbone = build_backbone(context, "efficientnet-lite0", "test")  # --backbone wins over the detector's default
+    backbone = build_backbone(context, "efficientnet-lite0")  # --backbone wins over the detector's default
     assert backbone.spec == "tiny:width=4" and backbone.channels == (4, 8)
     with pytest.raises(AdkitError, match="smaller than the deepest stride"):
         backbone(torch.rand(1, 3, 3, 3), (0, 1))

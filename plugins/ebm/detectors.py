@@ -64,7 +64,7 @@ class EBMImage(Detector):
 
     def setup(self, context: DetectorContext) -> None:
         if self.pretrained or context.backbone:
-            trunk = build_backbone(context, self.backbone_spec, type(self).__name__)
+            trunk = build_backbone(context, self.backbone_spec)
             self.network = PretrainedEnergy(trunk, self.trunk_layer, self.head_width, self.trunk_mode == "finetune")
             self.pretrained = True
         self.sampler = context.catalog["sampler"].create(context.sampler or self.sampler_spec)

@@ -70,7 +70,7 @@ class PatchCore(Detector):
         self.register_buffer("bank_projected", torch.zeros(0, search_dim))
 
     def setup(self, context: DetectorContext) -> None:
-        self.backbone = build_backbone(context, self.backbone_spec, "patchcore")
+        self.backbone = build_backbone(context, self.backbone_spec)
         self.backbone.check_stages(self.layers, "patchcore")
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "patchcore-search"))
         self.search_projection = random_projection(self.dim, self.search_dim, generator, context.device)
