@@ -201,10 +201,9 @@ def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = N
 
 def _make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfig, image_size: int,
                    device: torch.device) -> Detector:
-    """Create a detector from its spec and set it up for ``config`` (losses, sampler, anomaly source)."""
+    """Create a detector from its spec (the registry checks that it is a Detector) and set it up for ``config``
+    (losses, sampler, backbone, anomaly source)."""
     detector = catalog["detector"].create(spec)
-    if not isinstance(detector, Detector):
-        raise TypeError(f"detector {str(spec).split(':')[0]!r} must return an adkit.components.Detector")
     detector.setup(DetectorContext(
         catalog=catalog, image_size=image_size, device=device, seed=config.seed,
         losses=list(config.loss), replace_losses=config.loss_only, sampler=config.sampler, backbone=config.backbone,
