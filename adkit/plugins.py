@@ -16,7 +16,7 @@ from typing import Any
 import pluggy
 
 from adkit import hookspecs
-from adkit.registry import KINDS, Register, Registry
+from adkit.registry import KINDS, DuplicateComponentError, Register, Registry
 
 log = logging.getLogger("adkit")
 
@@ -88,11 +88,12 @@ class Catalog:
                     return _mark_broken(record, exc)
         return record
 
-    def _conflict(self, message: str) -> None:
+    def _conflict(self, conflict: DuplicateComponentError) -> None:
         """Two plugins registered one name: only that component of one of them is dropped; both records say so."""
-        for record in {r.name: r for r in self.plugins.values() if f"plugin {r.name!r}" in message}.values():
-            record.warnings.append(message)
-        log.warning(message)
+        for name in dict.fromkeys(conflict.plugins):  # once, when a plugin clashes with itself
+            if name in self.plugins:
+                self.plugins[name].warnings.append(str(conflict))
+        log.warning(str(conflict))
 
     def remove_plugin(self, name: str) -> None:
         for registry in self.registries.values():

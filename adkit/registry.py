@@ -80,11 +80,12 @@ class ComponentSpec:
 
 class Register:
     """The ``register`` callable a hook receives: ``register(name, factory, help=...)``. A name another plugin
-    already uses is not an error of the plugin as a whole: ``on_conflict`` receives the message and that one
-    component is dropped (built-in components win over third-party ones; otherwise the first one stays)."""
+    already uses is not an error of the plugin as a whole: ``on_conflict`` receives the DuplicateComponentError
+    and that one component is dropped (built-in components win over third-party ones; otherwise the first one
+    stays)."""
 
     def __init__(self, registry: Registry, plugin: str, builtin: bool = False,
-                 on_conflict: Callable[[str], None] | None = None):
+                 on_conflict: Callable[[DuplicateComponentError], None] | None = None):
         self._registry = registry
         self._plugin = plugin
         self._builtin = builtin
@@ -96,15 +97,15 @@ class Register:
         except DuplicateComponentError as conflict:
             if self._on_conflict is None:
                 raise
-            self._on_conflict(str(conflict))
+            self._on_conflict(conflict)
 
 
 class DuplicateComponentError(Exception):
-    """Two plugins registered the same name for one kind; ``loser`` is the plugin whose component was dropped."""
+    """Two plugins registered the same name for one kind; ``plugins`` names both (the first one registered first)."""
 
-    def __init__(self, message: str, loser: str):
+    def __init__(self, message: str, plugins: tuple[str, str]):
         super().__init__(message)
-        self.loser = loser
+        self.plugins = plugins
 
 
 class Registry:
@@ -120,7 +121,7 @@ class Registry:
 
     def add(self, name: str, factory: Callable[..., Any], help: str | None, plugin: str, builtin: bool = False) -> None:
         """Register ``name``. If another plugin has it, the built-in one (else the first) keeps it and
-        DuplicateComponentError names both plugins and the one whose component was dropped."""
+        DuplicateComponentError names both plugins and says whose component was dropped."""
         if not name or any(c in name for c in ":,= "):
             raise ValueError(f"{self.kind} name {name!r} must be non-empty without ':', ',', '=' or spaces")
         info = ComponentInfo(kind=self.kind, name=name, factory=factory, help=help or _first_line(factory.__doc__),
@@ -135,7 +136,7 @@ class Registry:
                 f"{self.kind} {name!r} is registered by both plugin {existing.plugin!r} and plugin {plugin!r}: "
                 f"kept from plugin {kept.plugin!r}{' (built-in)' if kept.builtin else ''}, dropped from plugin "
                 f"{dropped.plugin!r}",
-                loser=dropped.plugin)
+                plugins=(existing.plugin, plugin))
         self._items[name] = info
 
     def remove_plugin(self, plugin: str) -> None:
