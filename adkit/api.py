@@ -538,12 +538,17 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     return out
 
 
+def _pipeline_specs(config: RunConfig, meta: dict[str, Any]) -> tuple[list[str], str]:
+    """The post-processors and scorer to run a checkpoint with: ``config``'s where it names them, else those the
+    checkpoint was trained and evaluated with."""
+    return list(config.post) or meta.get("posts", []), config.scorer or meta.get("scorer", "max")
+
+
 def _plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
     meta = payload["meta"]
-    posts = list(config.post) or meta.get("posts", [])
+    posts, scorer = _pipeline_specs(config, meta)
     return plan(config.replace(detector=[meta["detector"]], image_size=meta["image_size"], post=posts,
-                               backbone=config.backbone or meta.get("backbone"),
-                               scorer=config.scorer or meta.get("scorer"),
+                               backbone=config.backbone or meta.get("backbone"), scorer=scorer,
                                category=list(config.category) or [meta["category"]]))
 
 
@@ -559,8 +564,8 @@ def load_trained(config: RunConfig, checkpoint: Path, device: torch.device,
     setup_config = config.replace(backbone=config.backbone or meta.get("backbone"))
     detector = _make_detector(catalog, meta["detector"], setup_config, meta["image_size"], device)
     restore(detector, payload, checkpoint)
-    pipeline = _make_pipeline(catalog, detector, list(config.post) or meta.get("posts", []),
-                              config.scorer or meta.get("scorer", "max"), config.compile)
+    posts, scorer = _pipeline_specs(config, meta)
+    pipeline = _make_pipeline(catalog, detector, posts, scorer, config.compile)
     return pipeline, meta
 
 
@@ -636,7 +641,7 @@ def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
     device = distributed.init_from_environment(resolve_device(config.device))
     size = meta["image_size"]
     pipeline, _ = load_trained(config, checkpoint, device, payload)
-    posts, scorer = list(config.post) or meta.get("posts", []), config.scorer or meta.get("scorer", "max")
+    posts, scorer = _pipeline_specs(config, meta)
     threshold = recorded_threshold(checkpoint.parent, posts, scorer)
     out = Path(config.out) if config.out else checkpoint.parent / "predict"
     loaded = load_split([Sample(path, 0) for path in paths], size, config.skip_bad)
