@@ -278,14 +278,24 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
 
 
+def _threshold_split(run_: CategoryRun) -> LoadedSplit:
+    """The normal images thresholds are fitted on: the validation split, or the training images without one."""
+    return run_.val if len(run_.val.samples) else run_.train
+
+
+def _scoring_batch(plan_: RunPlan) -> int:
+    """Inference batch size: at least 8, since scoring holds no gradients."""
+    return max(plan_.batch_size, 8)
+
+
 def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path,
              write_files: bool = True, scores_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Test metrics for one category and pipeline; the threshold is fitted on the validation split.
     ``scores_out``, when given, receives the image scores of the ``test`` and ``val`` splits. Under torchrun
     every rank scores a shard of the images; rank 0 gets them all, computes the metrics and writes the files,
     the other ranks return an empty dict."""
-    device, batch = plan_.device, max(plan_.batch_size, 8)
-    val_source = run_.val if len(run_.val.samples) else run_.train
+    device, batch = plan_.device, _scoring_batch(plan_)
+    val_source = _threshold_split(run_)
     n_test, n_val = len(run_.test.samples), len(val_source.samples)
     with _progress() as progress:
         task = progress.add_task(f"evaluate {run_.category}", total=n_test + n_val, info="")
@@ -528,9 +538,8 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     for category in plan_.categories:
         run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
         # so that predict can decide right after train: the threshold on held-out normal images
-        source = run_.val if len(run_.val.samples) else run_.train
-        scores = run_pipeline(build_pipeline(plan_, run_.detector), source.images, max(plan_.batch_size, 8),
-                              plan_.device, precision=plan_.config.precision).scores
+        scores = run_pipeline(build_pipeline(plan_, run_.detector), _threshold_split(run_).images,
+                              _scoring_batch(plan_), plan_.device, precision=plan_.config.precision).scores
         record_threshold(out / category, metrics.fit_threshold(scores.numpy()), plan_.posts, plan_.scorer,
                          f"validation split of {plan_.config.data} {category} (adkit train)")
     if distributed.is_main():
