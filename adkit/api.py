@@ -93,7 +93,7 @@ def print_plugins(show_all: bool = False, catalog: Catalog | None = None) -> Non
     out.print(components)
 
 
-def _detector_class(catalog: Catalog, name: str) -> Any:
+def _detector_class(catalog: Catalog, name: str) -> type[Detector]:
     return catalog["detector"].get(name).factory
 
 
@@ -106,8 +106,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
         raise AdkitError("plan() takes one detector; run() trains several as an ensemble")
     name, raw = split_spec(config.detector[0], "detector")
     info = catalog["detector"].get(name)
-    cls = info.factory
-    presets = getattr(cls, "presets", {})  # a factory need not derive from Detector
+    cls: type[Detector] = info.factory  # the registry admits only Detector classes
+    presets = cls.presets
     on_synthetic = split_spec(config.data)[0] == "synthetic" and not config.normal
     preset_name = config.preset or ("quick" if on_synthetic and "quick" in presets else None)
     if not presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
@@ -119,18 +119,18 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     flags = {key: value for key, value in (("sampler", config.sampler), ("backbone", config.backbone))
              if value and key in info.params}
     detector = catalog["detector"].parse(name, overrides={**preset.get("params", {}), **raw, **flags})
-    consumes = getattr(cls, "consumes", frozenset())
+    consumes = cls.consumes
     for option, value in (("loss", config.loss), ("sampler", config.sampler), ("backbone", config.backbone),
                           ("anomaly-source", config.anomaly_source)):
         if value and option.replace("-", "_") not in consumes:
             console.print(f"warning: --{option} is ignored: detector {name!r} uses no {option.replace('-', ' ')}")
     for spec in config.loss:
         catalog["loss"].parse(spec)
-    posts = list(config.post) or list(getattr(cls, "default_postprocessors", ()))
+    posts = list(config.post) or list(cls.default_postprocessors)
     # build them once now so that out-of-range values fail before any data is loaded or trained on
     for spec in posts:
         catalog["postprocessor"].create(spec)
-    scorer = config.scorer or getattr(cls, "default_scorer", "max")
+    scorer = config.scorer or cls.default_scorer
     catalog["scorer"].create(scorer)
     if config.sampler:
         catalog["sampler"].parse(config.sampler)
@@ -308,7 +308,7 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, folder: Path
         scores_out.update(test=test.scores, val=val.scores)
     if not distributed.is_main():
         return {}
-    default_scorer = getattr(_detector_class(plan_.catalog, plan_.detector.name), "default_scorer", "max")
+    default_scorer = _detector_class(plan_.catalog, plan_.detector.name).default_scorer
     if test.own_scores and plan_.scorer != default_scorer:
         console.print(f"warning: {plan_.detector.name} computes its own image scores; --scorer {plan_.scorer} "
                       "is not used (see its score= parameter)")

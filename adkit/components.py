@@ -144,6 +144,9 @@ class Detector(nn.Module, ABC):
     # the run options this detector reads in setup(): a subset of {"loss", "sampler", "backbone",
     # "anomaly_source"}; a user who sets another one is told it is ignored
     consumes: ClassVar[frozenset[str]] = frozenset()
+    # the post-processor specs (a chain) and scorer spec a run uses when the user names none
+    default_postprocessors: ClassVar[tuple[str, ...]] = ()
+    default_scorer: ClassVar[str] = "max"
 
     def setup(self, context: DetectorContext) -> None:
         """Build what depends on the run (losses, samplers, backbones, image size); called once before training."""

@@ -16,7 +16,7 @@ from typing import Any
 import pluggy
 
 from adkit import hookspecs
-from adkit.registry import KINDS, DuplicateComponentError, Register, Registry
+from adkit.registry import KINDS, ComponentRejected, Register, Registry
 
 log = logging.getLogger("adkit")
 
@@ -88,8 +88,9 @@ class Catalog:
                     return _mark_broken(record, exc)
         return record
 
-    def _conflict(self, conflict: DuplicateComponentError) -> None:
-        """Two plugins registered one name: only that component of one of them is dropped; both records say so."""
+    def _conflict(self, conflict: ComponentRejected) -> None:
+        """A component was refused (two plugins registered one name, or specs could not build it): only that
+        component is dropped; the record of every plugin concerned says so."""
         for name in dict.fromkeys(conflict.plugins):  # once, when a plugin clashes with itself
             if name in self.plugins:
                 self.plugins[name].warnings.append(str(conflict))

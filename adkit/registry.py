@@ -79,13 +79,14 @@ class ComponentSpec:
 
 
 class Register:
-    """The ``register`` callable a hook receives: ``register(name, factory, help=...)``. A name another plugin
-    already uses is not an error of the plugin as a whole: ``on_conflict`` receives the DuplicateComponentError
-    and that one component is dropped (built-in components win over third-party ones; otherwise the first one
-    stays)."""
+    """The ``register`` callable a hook receives: ``register(name, factory, help=...)``. A component that cannot
+    be registered (a name another plugin already uses, a parameter type specs cannot express, a detector factory
+    that is not a Detector class) is not an error of the plugin as a whole: ``on_conflict`` receives the
+    ComponentRejected and that one component is dropped (built-in components win a name over third-party ones;
+    otherwise the first one stays)."""
 
     def __init__(self, registry: Registry, plugin: str, builtin: bool = False,
-                 on_conflict: Callable[[DuplicateComponentError], None] | None = None):
+                 on_conflict: Callable[[ComponentRejected], None] | None = None):
         self._registry = registry
         self._plugin = plugin
         self._builtin = builtin
@@ -94,18 +95,22 @@ class Register:
     def __call__(self, name: str, factory: Callable[..., Any], help: str | None = None) -> None:
         try:
             self._registry.add(name, factory, help=help, plugin=self._plugin, builtin=self._builtin)
-        except DuplicateComponentError as conflict:
+        except ComponentRejected as conflict:
             if self._on_conflict is None:
                 raise
             self._on_conflict(conflict)
 
 
-class DuplicateComponentError(Exception):
-    """Two plugins registered the same name for one kind; ``plugins`` names both (the first one registered first)."""
+class ComponentRejected(Exception):
+    """A component the registry refused; ``plugins`` names the plugins concerned."""
 
-    def __init__(self, message: str, plugins: tuple[str, str]):
+    def __init__(self, message: str, plugins: tuple[str, ...]):
         super().__init__(message)
         self.plugins = plugins
+
+
+class DuplicateComponentError(ComponentRejected):
+    """Two plugins registered the same name for one kind; ``plugins`` names both (the first one registered first)."""
 
 
 class Registry:
@@ -118,14 +123,22 @@ class Registry:
         self._items: dict[str, ComponentInfo] = {}
         # set by the catalog: (plugin, error) of the plugins that failed to load, named when a lookup fails
         self.broken_plugins: Callable[[], list[tuple[str, str]]] = list
+        self._rejected: dict[str, str] = {}  # name -> why it was refused at registration
 
     def add(self, name: str, factory: Callable[..., Any], help: str | None, plugin: str, builtin: bool = False) -> None:
         """Register ``name``. If another plugin has it, the built-in one (else the first) keeps it and
         DuplicateComponentError names both plugins and says whose component was dropped."""
         if not name or any(c in name for c in ":,= "):
             raise ValueError(f"{self.kind} name {name!r} must be non-empty without ':', ',', '=' or spaces")
+        try:
+            params = _signature_params(factory)
+            self._check_factory(factory, params)
+        except ValueError as exc:
+            message = f"{self.kind} {name!r} of plugin {plugin!r} is not registered: {exc}"
+            self._rejected.setdefault(name, message)
+            raise ComponentRejected(message, plugins=(plugin,)) from None
         info = ComponentInfo(kind=self.kind, name=name, factory=factory, help=help or _first_line(factory.__doc__),
-                             plugin=plugin, params=_signature_params(factory), builtin=builtin)
+                             plugin=plugin, params=params, builtin=builtin)
         existing = self._items.get(name)
         if existing is not None:
             replace = builtin and not existing.builtin
@@ -138,6 +151,20 @@ class Registry:
                 f"{dropped.plugin!r}",
                 plugins=(existing.plugin, plugin))
         self._items[name] = info
+
+    def _check_factory(self, factory: Callable[..., Any], params: dict[str, Param]) -> None:
+        """Raise ValueError if specs could not build this factory: a parameter type the spec grammar cannot
+        parse, or (for detectors, whose class attributes the core reads) a factory that is not a Detector class."""
+        for param in params.values():
+            problem = _unsupported(param.annotation)
+            if problem:
+                raise ValueError(f"parameter {param.name!r} has type {param.type_name} ({problem}); use int, float, "
+                                 "bool, str, Path, a Literal, an optional type or tuple[T, ...]")
+        if self.kind == "detector":
+            expected = kind_type(self.kind)
+            if not (inspect.isclass(factory) and issubclass(factory, expected)):
+                raise ValueError(f"its factory {getattr(factory, '__qualname__', factory)!r} is not a subclass of {expected.__module__}."
+                                 f"{expected.__name__} (the core reads presets and defaults from the class)")
 
     def remove_plugin(self, plugin: str) -> None:
         """Forget every component a plugin registered (used when its registration fails half-way)."""
@@ -213,6 +240,8 @@ class Registry:
         available = ", ".join(self.names()) or "none registered"
         broken = "".join(f"; plugin {plugin!r} is broken ({error}) and may be the one that provides it"
                          for plugin, error in self.broken_plugins())
+        if name in self._rejected:
+            return f"{self._rejected[name]} (see `adkit plugins`)"
         return f"unknown {self.kind} {name!r}{hint}{broken} (available: {available}; `adkit plugins` lists them)"
 
 
@@ -286,10 +315,38 @@ def _signature_params(factory: Callable[..., Any]) -> dict[str, Param]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         annotation = hints.get(p.name, p.annotation)
+        if isinstance(annotation, str):  # get_type_hints failed on another annotation: resolve this one alone
+            try:
+                annotation = eval(annotation, getattr(target, "__globals__", {}), {"typing": typing})  # noqa: S307
+            except Exception:  # noqa: BLE001 - left as text; registration reports it
+                pass
         if annotation is _MISSING:
             annotation = type(p.default) if p.default not in (_MISSING, None) else str
         params[p.name] = Param(p.name, annotation, p.default)
     return params
+
+
+def _unsupported(annotation: Any) -> str:
+    """Why a spec value could not be parsed to ``annotation`` ("" when it can)."""
+    from pathlib import Path
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return next((p for p in (_unsupported(a) for a in args if a is not type(None)) if p), "")
+    if origin is typing.Literal:
+        return ""
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _unsupported(args[0])
+        return "write tuple[T, ...]: spec values are lists of one type"
+    if origin is list:
+        return "specs give tuples: write tuple[T, ...]"
+    if annotation in (int, float, bool, str, Path, Any):
+        return ""
+    if isinstance(annotation, str):
+        return "an annotation the registry could not resolve"
+    return "specs cannot write it"
 
 
 def _convert(raw: Any, annotation: Any) -> Any:

@@ -47,7 +47,7 @@ class EveryHook:
     @hookimpl
     def register_detectors(self, register):
         register("t-detector", D)
-        register("t-wrong", lambda: "a string")
+        register("t-function", lambda: D())
 
     @hookimpl
     def register_backbones(self, register):
@@ -68,6 +68,7 @@ class EveryHook:
     @hookimpl
     def register_scorers(self, register):
         register("t-scorer", nn.Identity)
+        register("t-wrong", lambda: "a string")
 
     @hookimpl
     def register_ensembles(self, register):
@@ -136,6 +137,18 @@ def test_register_commands():
 def test_a_factory_returning_the_wrong_kind_fails_when_built():
     catalog = Catalog()
     catalog.add_plugin(EveryHook(), name="every")
-    with pytest.raises(AdkitError, match=r"detector 't-wrong' of plugin 'every' returned a str, not a "
-                                         r"adkit.components.Detector"):
-        catalog["detector"].create("t-wrong")
+    with pytest.raises(AdkitError, match=r"scorer 't-wrong' of plugin 'every' returned a str, not a "
+                                         r"torch.nn.modules.module.Module"):
+        catalog["scorer"].create("t-wrong")
+
+
+def test_a_detector_factory_must_be_a_detector_class():
+    """The core reads presets and defaults from the detector's class, so a function is refused at registration:
+    that one component is dropped with a warning, the plugin's others stay, and asking for it says why."""
+    catalog = Catalog()
+    record = catalog.add_plugin(EveryHook(), name="every")
+    assert record.status == "ok"
+    assert "t-detector" in catalog["detector"] and "t-function" not in catalog["detector"]
+    assert any("detector 't-function' of plugin 'every' is not registered" in w for w in record.warnings)
+    with pytest.raises(AdkitError, match="is not a subclass of adkit.components.Detector"):
+        catalog["detector"].get("t-function")

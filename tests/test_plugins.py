@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from adkit import hookimpl, hookspecs
+from adkit.components import Detector
 from adkit.errors import AdkitError
 from adkit.plugins import Catalog, load_catalog
 
@@ -52,11 +53,16 @@ class RaisingPlugin:
         raise RuntimeError("boom")
 
 
+class CopyCat(Detector):
+    def anomaly_map(self, images):
+        return images[:, :1]
+
+
 class DuplicatePlugin:
     @hookimpl
     def register_detectors(self, register):
-        register("draem", lambda: None)
-        register("copycat-own", lambda: "mine")
+        register("draem", CopyCat)
+        register("copycat-own", CopyCat)
 
     @hookimpl
     def register_scorers(self, register):
@@ -73,7 +79,7 @@ def test_failing_registration_is_reported_and_rolled_back(catalog):
 def test_a_name_clash_drops_only_that_component_and_built_ins_win(catalog):
     record = catalog.add_plugin(DuplicatePlugin(), name="copycat")
     assert record.status == "ok"  # its other components keep working
-    assert catalog["detector"].get("copycat-own").factory() == "mine"
+    assert catalog["detector"].get("copycat-own").factory is CopyCat
     assert catalog["detector"].get("draem").plugin == "draem"
     assert catalog["scorer"].get("max").plugin == "scorers" and "maxmin" in catalog["scorer"]  # built-ins intact
     assert any("detector 'draem' is registered by both plugin 'draem' and plugin 'copycat': kept from plugin "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adkit.errors import AdkitError
-from adkit.registry import DuplicateComponentError, Register, Registry, split_spec
+from adkit.registry import ComponentRejected, DuplicateComponentError, Register, Registry, split_spec
 
 
 def make(a: int = 1, b: float = 0.5, flag: bool = False, mode: Literal["x", "y"] = "x",
@@ -68,6 +68,32 @@ def test_bad_parameters_name_parameter_and_type(registry, spec, needle):
 def test_duplicate_names_error_names_both_plugins(registry):
     with pytest.raises(DuplicateComponentError, match="both plugin 'tests' and plugin 'intruder'"):
         Register(registry, "intruder")("thing", make)
+
+
+def takes_list(sizes: list[int] = [3]):  # noqa: B006 - the annotation is what is tested
+    return sizes
+
+
+def takes_dict(table: dict = None):
+    return table
+
+
+def takes_pair(pair: tuple[int, str] = (1, "a")):
+    return pair
+
+
+@pytest.mark.parametrize("factory,needle", [
+    (takes_list, "parameter 'sizes' has type int+... (specs give tuples: write tuple[T, ...])"),
+    (takes_dict, "parameter 'table' has type dict (specs cannot write it)"),
+    (takes_pair, "parameter 'pair' has type int+... (write tuple[T, ...]"),
+])
+def test_parameter_types_specs_cannot_write_are_refused_at_registration(registry, factory, needle):
+    with pytest.raises(ComponentRejected) as info:
+        Register(registry, "author")("odd", factory)
+    assert "postprocessor 'odd' of plugin 'author' is not registered: " + needle in str(info.value)
+    assert "odd" not in registry
+    with pytest.raises(AdkitError, match="is not registered: parameter"):  # asking for it says why
+        registry.get("odd")
 
 
 def test_loss_kind_accepts_weight_extra():
