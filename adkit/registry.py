@@ -316,14 +316,20 @@ def _signature_params(factory: Callable[..., Any]) -> dict[str, Param]:
             continue
         annotation = hints.get(p.name, p.annotation)
         if isinstance(annotation, str):  # get_type_hints failed on another annotation: resolve this one alone
-            try:
-                annotation = eval(annotation, getattr(target, "__globals__", {}), {"typing": typing})  # noqa: S307
-            except Exception:  # noqa: BLE001 - left as text; registration reports it
-                pass
+            annotation = _resolve(annotation, getattr(target, "__globals__", {}))
         if annotation is _MISSING:
             annotation = type(p.default) if p.default not in (_MISSING, None) else str
         params[p.name] = Param(p.name, annotation, p.default)
     return params
+
+
+def _resolve(annotation: str, namespace: dict[str, Any]) -> Any:
+    """The type a string annotation names, or the string itself when it names none here (registration then
+    refuses the parameter)."""
+    try:
+        return eval(annotation, namespace, {"typing": typing})
+    except Exception:  # noqa: BLE001 - any failure leaves the text, reported as unresolvable
+        return annotation
 
 
 def _unsupported(annotation: Any) -> str:

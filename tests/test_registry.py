@@ -74,7 +74,7 @@ def takes_list(sizes: list[int] = [3]):  # noqa: B006 - the annotation is what i
     return sizes
 
 
-def takes_dict(table: dict = None):
+def takes_dict(table: dict | None = None):
     return table
 
 
@@ -84,7 +84,7 @@ def takes_pair(pair: tuple[int, str] = (1, "a")):
 
 @pytest.mark.parametrize("factory,needle", [
     (takes_list, "parameter 'sizes' has type int+... (specs give tuples: write tuple[T, ...])"),
-    (takes_dict, "parameter 'table' has type dict (specs cannot write it)"),
+    (takes_dict, "parameter 'table' has type dict | none (specs cannot write it)"),
     (takes_pair, "parameter 'pair' has type int+... (write tuple[T, ...]"),
 ])
 def test_parameter_types_specs_cannot_write_are_refused_at_registration(registry, factory, needle):
