@@ -1,0 +1,131 @@
+"""The files a run leaves: per category metrics, scores, curves and overlays; the threshold predict reads beside
+a checkpoint; summaries and bench tables. Every file is written atomically (adkit.report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+
+from adkit import distributed, metrics, render, report
+from adkit.data.datasets import LoadedSplit, Sample
+from adkit.evaluation import Evaluation
+
+OVERLAY_SAMPLES = 8
+THRESHOLD_FILE = "threshold.json"
+
+
+def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, folder: Path) -> None:
+    """metrics.json, scores.csv, roc.png / pro.png and overlays of a sample of test images."""
+    result, maps = evaluation.metrics, evaluation.pixel_maps
+    folder.mkdir(parents=True, exist_ok=True)
+    report.write_json(folder / "metrics.json", result)
+    write_curves(test, category, evaluation, folder)
+    report.write_scores_csv(folder / "scores.csv", score_rows([s.path for s in test.samples],
+                                                              [s.label for s in test.samples],
+                                                              evaluation.test_scores, evaluation.threshold))
+    normal = test.labels == 0
+    pixel_threshold = float(np.quantile(maps[normal].numpy(), 0.99)) if normal.any() else 0.5
+    vmax = float(maps.max()) if maps.numel() else 1.0
+    for i in overlay_sample(test.samples):
+        sample = test.samples[i]
+        panel = report.overlay_panel(test.images[i], maps[i], pixel_threshold, vmax, test.masks[i])
+        report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
+
+
+def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor, threshold: float | None) -> list[dict[str, Any]]:
+    """scores.csv rows: path, label ("" when unknown), score, and the decision score > threshold (blank without
+    a threshold)."""
+    return [{"path": str(path), "label": label, "score": f"{float(score):.6g}",
+             "prediction": "" if threshold is None else int(float(score) > threshold)}
+            for path, label, score in zip(paths, labels, scores)]
+
+
+def overlay_sample(samples: list[Sample], count: int = OVERLAY_SAMPLES) -> list[int]:
+    """Indices of up to ``count`` test images, taken round-robin over defect types (normal images last)."""
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.defect, []).append(i)
+    queues = [groups[k] for k in sorted(groups, key=lambda d: (d == "good", d))]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def write_curves(test: LoadedSplit, category: str, evaluation: Evaluation, folder: Path) -> None:
+    """roc.png (image and pixel ROC) and pro.png (PRO against FPR, the 0.3 limit marked)."""
+    result, maps = evaluation.metrics, evaluation.pixel_maps
+    labels = test.labels.numpy()
+    masks = test.masks[:, 0].numpy() > 0.5
+    curves = []
+    if 0 < labels.sum() < labels.size:
+        fpr, tpr, _ = roc_curve(labels, evaluation.test_scores.numpy())
+        curves.append((f"image AUROC {result['image_auroc']:.3f}", fpr, tpr))
+    if "pixel_auroc" in result and not masks.all():  # no pixel metrics: image-level detector or no masks
+        fpr, tpr, _ = roc_curve(masks.ravel(), maps[:, 0].numpy().ravel())
+        curves.append((f"pixel AUROC {result['pixel_auroc']:.3f}", fpr, tpr))
+        fprs, pros = metrics.pro_curve(maps[:, 0].numpy(), masks)
+        step = max(1, len(fprs) // 2000)
+        report.save_png_atomic(report.curve_plot([(f"AUPRO@0.3 {result['aupro']:.3f}", fprs[::step], pros[::step])],
+                                                 f"PRO curve, {category}", "FPR", "PRO", x_marker=0.3),
+                               folder / "pro.png")
+    if curves:
+        report.save_png_atomic(report.curve_plot(curves, f"ROC, {category}", "FPR", "TPR"), folder / "roc.png")
+
+
+def write_predictions(out: Path, loaded: LoadedSplit, scores: torch.Tensor, maps: torch.Tensor,
+                      threshold: float | None) -> None:
+    """predict's files: scores.csv (decisions where a threshold is known) and overlays of the first images."""
+    paths = [sample.path for sample in loaded.samples]
+    report.write_scores_csv(out / "scores.csv", score_rows(paths, [""] * len(paths), scores, threshold))
+    vmax = float(maps.max())
+    pixel_threshold = float(np.quantile(maps.numpy(), 0.99))
+    for i, path in enumerate(paths[:OVERLAY_SAMPLES * 4]):
+        panel = report.overlay_panel(loaded.images[i], maps[i], pixel_threshold, vmax)
+        report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
+
+
+def record_threshold(checkpoint_dir: Path, threshold: float, posts: list[str], scorer: str, source: str) -> None:
+    """Write the image-score threshold fitted on validation data beside the checkpoint, with the post-processors
+    and scorer it holds for: ``predict`` reads it after ``train``, ``test`` or ``run`` alike."""
+    if distributed.is_main():
+        report.write_json(checkpoint_dir / THRESHOLD_FILE, {"threshold": threshold, "posts": list(posts),
+                                                             "scorer": scorer, "fitted_on": source})
+
+
+def recorded_threshold(checkpoint_dir: Path, posts: list[str], scorer: str) -> float | None:
+    """The recorded threshold if it was fitted for these post-processors and scorer; None (with a warning when
+    it was fitted for others) otherwise."""
+    path = checkpoint_dir / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    if recorded.get("posts") != list(posts) or recorded.get("scorer") != scorer:
+        render.warn(f"the threshold in {path} was fitted for post-processors {recorded.get('posts')} and scorer "
+                    f"{recorded.get('scorer')}, not {list(posts)} and {scorer}: no decisions are written; run "
+                    "adkit test with these options to fit one")
+        return None
+    return float(recorded["threshold"])
+
+
+def write_summary(out: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """summary.json (config and per-category rows) and summary.md."""
+    report.write_json(out / "summary.json", {"config": config, "results": results})
+    report.write_text_atomic(out / "summary.md", render.summary_markdown(results))
+
+
+BENCH_COLUMNS = ("configuration", "category", *render.METRIC_COLUMNS, "train_s", "infer_img_s")
+
+
+def write_bench(out: Path, rows: list[dict[str, Any]]) -> None:
+    """bench.md (the table), bench.json (every row) and bench.csv."""
+    report.write_text_atomic(out / "bench.md", render.bench_markdown(rows))
+    report.write_json(out / "bench.json", rows)
+    report.write_csv(out / "bench.csv", list(BENCH_COLUMNS), rows)

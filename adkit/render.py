@@ -1,0 +1,148 @@
+"""What adkit shows on a terminal: warnings, progress bars and result tables. The only module that imports rich."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from adkit import distributed
+from adkit.plugins import Catalog
+
+# messages and progress go to stderr, tables to stdout
+console = Console(stderr=True)
+
+METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
+
+
+def say(message: str) -> None:
+    """A line for the user on stderr (plain text: square brackets are shown, not read as markup)."""
+    console.print(escape(message))
+
+
+def warn(message: str) -> None:
+    say(f"warning: {message}")
+
+
+def progress() -> Progress:
+    """A progress bar with a free ``info`` field; shown by rank 0 only under torchrun."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False, disable=distributed.process_rank() != 0)
+
+
+def print_plugins(catalog: Catalog, show_all: bool = False) -> None:
+    """A table of plugins, then one of every registered component (with parameters when ``show_all``)."""
+    out = Console()
+    table = Table(title="adkit plugins")
+    for column in ("plugin", "version", "source", "status"):
+        table.add_column(column)
+    for record in sorted(catalog.plugins.values(), key=lambda r: r.name):
+        status = record.status if record.status != "broken" else f"[red]broken[/red]: {escape(record.error)}"
+        status += "".join(f"\n[yellow]warning[/yellow]: {escape(w)}" for w in record.warnings)
+        table.add_row(record.name, record.version, record.source, status)
+    out.print(table)
+    components = Table(title="components")
+    for column in ("kind", "name", "plugin", "help") + (("parameters",) if show_all else ()):
+        components.add_column(column, overflow="fold")
+    for kind, registry in catalog.registries.items():
+        for info in registry:
+            row = [kind, info.name, info.plugin, escape(info.help)]  # help text is plain text, not rich markup
+            if show_all:
+                row.append(escape(", ".join(f"{p.name}: {p.type_name}" + ("" if p.required else f" = {p.default!r}")
+                                            for p in info.params.values())))
+            components.add_row(*row)
+    out.print(components)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A metric cell: ``digits`` decimals, "-" for a missing or NaN value."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def mean_row(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean over categories of every metric column (NaN and missing values left out)."""
+    mean: dict[str, Any] = {"category": "mean"}
+    for column in (*METRIC_COLUMNS, "train_s", "infer_img_s"):
+        values = [r[column] for r in results if isinstance(r.get(column), float) and not np.isnan(r[column])]
+        mean[column] = float(np.mean(values)) if values else float("nan")
+    return mean
+
+
+def _summary_cells(row: dict[str, Any]) -> list[str]:
+    return [row["category"], *[fmt(row.get(c)) for c in METRIC_COLUMNS], fmt(row.get("train_s"), 1),
+            fmt(row.get("infer_img_s"), 1)]
+
+
+def print_summary(results: list[dict[str, Any]], title: str) -> None:
+    """One row per category and their mean: the five metrics, training seconds and inference rate."""
+    table = Table(title=title)
+    table.add_column("category")
+    for column in METRIC_COLUMNS:
+        table.add_column(column, justify="right")
+    table.add_column("train s", justify="right")
+    table.add_column("img/s", justify="right")
+    for row in results + [mean_row(results)]:
+        table.add_row(*_summary_cells(row))
+    Console().print(table)
+
+
+def summary_markdown(results: list[dict[str, Any]]) -> str:
+    """The summary table as Markdown (summary.md)."""
+    lines = ["| category | " + " | ".join(METRIC_COLUMNS) + " | train s | img/s |",
+             "|" + "---|" * (len(METRIC_COLUMNS) + 3)]
+    lines += ["| " + " | ".join(_summary_cells(row)) + " |" for row in results + [mean_row(results)]]
+    return "\n".join(lines) + "\n"
+
+
+def bench_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The bench table: configurations (columns) and rows of cells, one per category ("image AUROC (pixel
+    AUROC)") then mean, delta to the first configuration, summed training seconds and mean inference rate."""
+    configurations = list(dict.fromkeys(r["configuration"] for r in rows))
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    lookup = {(r["category"], r["configuration"]): r for r in rows}
+    body = []
+    for category in categories:
+        cells = [f"{fmt(lookup.get((category, c), {}).get('image_auroc'))} "
+                 f"({fmt(lookup.get((category, c), {}).get('pixel_auroc'))})" for c in configurations]
+        body.append([category, *cells])
+
+    def present(c: str) -> list[dict[str, Any]]:
+        return [lookup[(k, c)] for k in categories if (k, c) in lookup]
+
+    means = {c: float(np.nanmean([r["image_auroc"] for r in present(c)])) for c in configurations}
+    first = configurations[0]
+    train = {c: float(np.nansum([r["train_s"] for r in present(c) if isinstance(r.get("train_s"), float)]))
+             for c in configurations}
+    rates = {c: [r["infer_img_s"] for r in present(c) if "infer_img_s" in r] for c in configurations}
+    body.append(["mean", *[fmt(means[c]) for c in configurations]])
+    body.append(["delta", *[f"{means[c] - means[first]:+.3f}" for c in configurations]])
+    body.append(["train s (sum)", *[fmt(train[c], 1) for c in configurations]])
+    # ensembles have no inference rate of their own
+    body.append(["infer img/s (mean)", *[fmt(float(np.mean(rates[c])) if rates[c] else float("nan"), 1)
+                                         for c in configurations]])
+    return configurations, body
+
+
+def print_bench(rows: list[dict[str, Any]]) -> None:
+    configurations, body = bench_cells(rows)
+    table = Table(title="image AUROC (pixel AUROC) per category and configuration")
+    table.add_column("category")
+    for c in configurations:
+        table.add_column(c, justify="right")
+    for cells in body:
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def bench_markdown(rows: list[dict[str, Any]]) -> str:
+    configurations, body = bench_cells(rows)
+    lines = ["| category | " + " | ".join(configurations) + " |", "|---" * (len(configurations) + 1) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,204 @@
+"""The workflows the CLI runs: ``run`` (train then test, alone or as an ensemble), ``train``, ``test``,
+``predict`` and ``synth``. Each plans, assembles, evaluates and writes through the modules that own those ideas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adkit import artifacts, distributed, metrics, render, report
+from adkit.assembly import build_pipeline, load_trained, pipeline_specs, plan_from_checkpoint
+from adkit.config import RunConfig
+from adkit.data.datasets import Sample, load_split
+from adkit.data.io import is_image_file, list_images
+from adkit.engine import load_checkpoint, resolve_device
+from adkit.engine import predict as run_pipeline
+from adkit.errors import AdkitError
+from adkit.evaluation import CategoryRun, evaluate, train_category
+from adkit.planning import RunPlan, claim_output, configure_log, output_dir, plan
+from adkit.plugins import get_catalog
+
+
+def _source(plan_: RunPlan, category: str, command: str) -> str:
+    return f"validation split of {plan_.config.data} {category} (adkit {command})"
+
+
+def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Train then test per category; writes everything under the output folder and prints the table.
+    Several detectors (or ``--ensemble``) train each one and report each alone and their ensemble."""
+    if len(config.detector) > 1 or config.ensemble:
+        return run_ensemble(config, resume)
+    plan_ = plan(config)
+    out = output_dir(plan_.config, plan_.detector.name)
+    claim_output(out, resume)
+    main = distributed.is_main()
+    if main:
+        report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    results = []
+    for category in plan_.categories:
+        folder = out / category
+        run_ = train_category(plan_, category, folder, resume=resume)
+        evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
+        if main:  # under torchrun rank 0 reports; the other ranks helped train and score
+            artifacts.write_category(run_.test, category, evaluation, folder)
+            results.append(evaluation.metrics)
+            artifacts.record_threshold(folder, evaluation.threshold, plan_.posts, plan_.scorer,
+                                       _source(plan_, category, "run"))
+    if not main:
+        return results
+    artifacts.write_summary(out, plan_.config.__dict__, results)
+    render.print_summary(results, f"{plan_.detector} on {plan_.config.data}")
+    render.say(f"results in {out}")
+    return results
+
+
+def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Train and test every detector per category, then combine their image scores with the ensemble scorer
+    (fitted on validation normal images). Rows: each detector alone, then the ensemble."""
+    catalog = get_catalog()
+    if len(config.detector) < 2:
+        raise AdkitError("--ensemble combines several detectors: give --detector at least twice")
+    ensemble_spec = config.ensemble or "mean"
+    try:  # fail on bad parameters before training
+        catalog["ensemble"].create(ensemble_spec).check(len(config.detector))
+    except ValueError as exc:
+        raise AdkitError(f"--ensemble {ensemble_spec}: {exc}") from None
+    plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
+    names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
+    out = output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
+    claim_output(out, resume)
+    main = distributed.is_main()
+    if main:
+        report.write_text_atomic(out / "config.toml", config.replace(
+            category=plans[0].categories, ensemble=ensemble_spec).to_toml())
+    rows: list[dict[str, Any]] = []
+    for category in plans[0].categories:
+        evaluations = []
+        labels = None
+        for name, plan_ in zip(names, plans):
+            folder = out / name / category
+            run_ = train_category(plan_, category, folder, resume=resume)
+            evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
+            if main:
+                artifacts.write_category(run_.test, category, evaluation, folder)
+            rows.append({"configuration": name, **evaluation.metrics})
+            evaluations.append(evaluation)
+            labels = run_.test.labels.numpy()
+        if not main:
+            continue
+        ensemble = catalog["ensemble"].create(ensemble_spec)
+        ensemble.fit([e.val_scores for e in evaluations])
+        combined = ensemble.combine([e.test_scores for e in evaluations]).float()
+        result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
+                  **metrics.image_metrics(labels, combined.numpy())}
+        report.write_json(out / "ensemble" / category / "metrics.json", result)
+        rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
+    if main:
+        render.print_bench(rows)
+        artifacts.write_bench(out, rows)
+        render.say(f"results in {out}")
+    return rows if main else []
+
+
+def _unique_name(name: str, index: int, plans: list[RunPlan]) -> str:
+    same = [p for p in plans if p.detector.name == name]
+    return name if len(same) == 1 else f"{name}-{index + 1}"
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """Train per category; checkpoints in <out>/<category>/checkpoint.pt. Returns the output folder."""
+    plan_ = plan(config)
+    out = output_dir(plan_.config, plan_.detector.name)
+    claim_output(out, resume)
+    if distributed.is_main():
+        report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    for category in plan_.categories:
+        run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
+        # so that predict can decide right after train: the threshold on held-out normal images
+        scores = run_pipeline(build_pipeline(plan_, run_.detector), run_.threshold_split.images,
+                              plan_.scoring_batch, plan_.device, precision=plan_.config.precision).scores
+        artifacts.record_threshold(out / category, metrics.fit_threshold(scores.numpy()), plan_.posts, plan_.scorer,
+                                   _source(plan_, category, "train"))
+    if distributed.is_main():
+        render.say(f"checkpoints in {out}")
+    return out
+
+
+def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint on the test split of the configured dataset (its own category by default)."""
+    payload = load_checkpoint(checkpoint)
+    plan_ = plan_from_checkpoint(config, payload)
+    out = Path(config.out) if config.out else checkpoint.parent / "test"
+    main = distributed.is_main()
+    if main:
+        configure_log(out)
+    pipeline, meta = load_trained(plan_.config, checkpoint, plan_.device, payload)
+    results = []
+    for category in plan_.categories:
+        splits = plan_.dataset.load(category)
+        size, skip = plan_.image_size, plan_.config.skip_bad
+        run_ = CategoryRun(category, pipeline.detector, splits, load_split([], size),
+                           load_split(splits.val, size, skip), load_split(splits.test, size, skip), 0.0, out)
+        if not run_.val.samples:
+            run_.train = load_split(splits.train, size, skip)
+        evaluation = evaluate(plan_, run_, pipeline)
+        if main:
+            artifacts.write_category(run_.test, category, evaluation, out / category)
+            results.append(evaluation.metrics)
+            if category == meta["category"]:  # a threshold for the data the checkpoint was trained on
+                artifacts.record_threshold(checkpoint.parent, evaluation.threshold, plan_.posts, plan_.scorer,
+                                           _source(plan_, category, "test"))
+    if main:
+        render.print_summary(results, f"{plan_.detector} from {checkpoint}")
+    return results
+
+
+def _image_paths(inputs: list[Path]) -> list[Path]:
+    """The image files ``inputs`` name, folders expanded."""
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise AdkitError(f"{item} holds no images (png, jpg, bmp, tif)")
+            paths += found
+        elif is_image_file(item):
+            paths.append(item)
+        else:
+            raise AdkitError(f"{item} is neither an image file nor a folder")
+    return paths
+
+
+def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
+    """Score images without labels; writes scores.csv and overlays to --out (default: beside the checkpoint)."""
+    payload = load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    paths = _image_paths(inputs)
+    device = distributed.init_from_environment(resolve_device(config.device))
+    pipeline, _ = load_trained(config, checkpoint, device, payload)
+    threshold = artifacts.recorded_threshold(checkpoint.parent, *pipeline_specs(config, meta))
+    out = Path(config.out) if config.out else checkpoint.parent / "predict"
+    loaded = load_split([Sample(path, 0) for path in paths], meta["image_size"], config.skip_bad)
+    if not loaded.samples:
+        raise AdkitError("no readable images to score")
+    result = run_pipeline(pipeline, loaded.images, config.batch_size or 8, device, precision=config.precision)
+    if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
+        return out
+    artifacts.write_predictions(out, loaded, result.scores, result.raw, threshold)
+    render.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped); results in {out}")
+    return out
+
+
+def synth(out: Path, categories: list[str], seed: int = 0, size: int = 256, n_train: int = 60,
+          n_test: int = 40) -> Path:
+    """Write the synthetic textures to ``out`` in the MVTec AD layout."""
+    from adkit.data.synthetic import TEXTURES, write_dataset
+
+    unknown = [c for c in categories if c not in TEXTURES]
+    if unknown:
+        raise AdkitError(f"synth: unknown category {unknown[0]!r}; available: {', '.join(TEXTURES)}")
+    if size < 16 or n_train < 1 or n_test < 2:
+        raise AdkitError("synth: --size must be >= 16, --train >= 1 and --test >= 2")
+    write_dataset(out, categories or list(TEXTURES), size, seed, n_train, n_test)
+    render.say(f"wrote {', '.join(categories or TEXTURES)} to {out}")
+    return out
