@@ -1,0 +1,46 @@
+"""The house layout, checked: the core knows no plugin, and one module draws on the terminal."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parents[1] / "adkit"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def core_modules() -> list[Path]:
+    return sorted(CORE.rglob("*.py"))
+
+
+def test_the_core_never_imports_a_plugin():
+    offenders = [p.name for p in core_modules() if any(m.split(".")[0] == "adkit_plugins" for m in imported_modules(p))]
+    assert offenders == []
+
+
+def test_render_is_the_only_module_that_imports_rich():
+    users = sorted(str(p.relative_to(CORE)) for p in core_modules()
+                   if any(m.split(".")[0] == "rich" for m in imported_modules(p)))
+    assert users == ["render.py"]
+
+
+def test_api_is_a_facade():
+    """api.py defines no workflow of its own: everything it exports is imported (print_plugins only fetches the
+    catalog for render)."""
+    tree = ast.parse((CORE / "api.py").read_text())
+    defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert defined == ["print_plugins"]
+    from adkit import api
+
+    for name in api.__all__:
+        assert hasattr(api, name), name
