@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,18 +27,7 @@ def catalog():
 @pytest.fixture
 def invoke():
     """Run the real console entry point in-process; returns (exit code, stdout, stderr)."""
-    from adkit.cli import main
-
-    def run(*args: str):
-        out, err = io.StringIO(), io.StringIO()
-        code = 0
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(list(args))
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        reset_catalog()
-        return code, out.getvalue(), err.getvalue()
+    from adkit.testing import invoke as run
 
     reset_catalog()
     return run
