@@ -175,6 +175,21 @@ def synth(out: str, category: tuple[str, ...], seed: int, size: int, n_train: in
     api.synth(Path(out), categories=list(category), seed=seed, size=size, n_train=n_train, n_test=n_test)
 
 
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--kind", "kinds", multiple=True, metavar="KIND",
+              help="A component kind to include (repeatable): detector, postprocessor, scorer, loss, sampler, "
+                   "backbone, ensemble, dataset, command. Default: detector, postprocessor, scorer, command.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default ./adkit-NAME); must not "
+                                                              "hold files.")
+def new_plugin(name: str, kinds: tuple[str, ...], out: str | None) -> None:
+    """Write a plugin package: a working component of each kind, its entry point, and tests that pass."""
+    from adkit.scaffold import new_plugin as write
+
+    folder = write(name, [k for item in kinds for k in item.split(",") if k], Path(out) if out else None)
+    click.echo(f"wrote {folder}; next: cd {folder} && pip install -e \".[test]\" && pytest")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit non-zero; --debug shows the traceback."""
     args = sys.argv[1:] if argv is None else argv

@@ -12,7 +12,6 @@ import functools
 import hashlib
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from torch import Tensor
 from adkit import distributed
 from adkit.components import Detector, Pipeline
 from adkit.errors import AdkitError
+from adkit.report import atomic_path
 
 CHECKPOINT_FORMAT = 1
 
@@ -120,17 +120,10 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pluggy
 
-from adkit import hookspecs
+from adkit import PLUGIN_API, __version__, hookspecs
 from adkit.registry import KINDS, ComponentRejected, Register, Registry
 
 log = logging.getLogger("adkit")
@@ -67,6 +67,11 @@ class Catalog:
         """Register a plugin object (module or instance) and its components; failures mark it broken."""
         record = PluginRecord(name=name, version=version, source=source)
         self.plugins[name] = record
+        declared = getattr(plugin, "ADKIT_PLUGIN_API", PLUGIN_API)  # optional: a plugin may declare what it needs
+        if declared != PLUGIN_API:
+            return _mark_broken(record, PluginAPIError(
+                f"written for adkit plugin API {declared}, but adkit {__version__} provides plugin API {PLUGIN_API}: "
+                "install a release of the plugin made for it (docs/plugins.md, changelog)"))
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()  # a hook name adkit does not define (a typo such as register_scorer)
@@ -115,6 +120,10 @@ class Catalog:
 
     def broken(self) -> list[PluginRecord]:
         return [r for r in self.plugins.values() if r.status == "broken"]
+
+
+class PluginAPIError(Exception):
+    """A plugin declares a plugin API this adkit does not provide."""
 
 
 def _mark_broken(record: PluginRecord, exc: BaseException) -> PluginRecord:
