@@ -1,16 +1,16 @@
-"""The example plugin's own tests, as a plugin author would write them: components built through adkit's
-catalog (so the entry point is tested too), values checked against numpy, the command through adkit's click group."""
+"""The example plugin's own tests, as a plugin author would write them: the adkit.testing contract check of each
+component (built through adkit's catalog, so the entry point is tested too), values checked against numpy, and the
+command through adkit's console entry point."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from adkit.cli import cli
 from adkit.engine import TrainSettings, load_checkpoint, restore, train_detector
 from adkit.plugins import load_catalog
+from adkit.testing import check_detector, check_postprocessor, check_scorer, invoke
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,12 @@ def catalog():
     catalog = load_catalog()
     assert catalog.plugins["hello"].status == "ok"
     return catalog
+
+
+@pytest.mark.parametrize("check,spec", [(check_detector, "pixel-gauss"), (check_postprocessor, "clip"),
+                                        (check_scorer, "p99")])
+def test_components_keep_their_contracts(check, spec):
+    check(spec)
 
 
 def test_pixel_gauss_map_is_the_largest_absolute_z_score(catalog, tmp_path):
@@ -48,5 +54,6 @@ def test_clip_and_p99(catalog):
 
 
 def test_hello_command():
-    result = CliRunner().invoke(cli, ["hello"])
-    assert result.exit_code == 0 and "detector pixel-gauss, post-processor clip, scorer p99" in result.output
+    code, out, err = invoke("hello")
+    assert code == 0, err
+    assert out == "adkit-hello-plugin: detector pixel-gauss, post-processor clip, scorer p99\n"
