@@ -175,6 +175,10 @@ def test_cli_train_test_predict_on_a_folder(invoke, tmp_path):
     checkpoint = out / "carpet" / "checkpoint.pt"
     code, _, err = invoke("test", "--checkpoint", str(checkpoint), "--data", data, "--out", str(tmp_path / "t"))
     assert code == 0, err
+    tested = json.loads((tmp_path / "t" / "carpet" / "metrics.json").read_text())
+    timings = ("train_s", "infer_img_s")  # the restored pipeline (freqmask, maxmin) reproduces the run's evaluation
+    assert {k: v for k, v in tested.items() if k not in timings} == \
+        {k: v for k, v in metrics.items() if k not in timings}
     images = out / "carpet" / "overlays"  # a folder of unlabelled PNGs
     code, _, err = invoke("predict", "--checkpoint", str(checkpoint), str(images), "--out", str(tmp_path / "p"))
     assert code == 0, err

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import csv
+import json
 from typing import Literal
 
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from adkit.errors import AdkitError
 from adkit.registry import ComponentRejected, DuplicateComponentError, Register, Registry, split_spec
@@ -136,4 +139,9 @@ def test_an_ebm_quick_checkpoint_can_be_tested(invoke, tmp_path):
     assert code == 0, err
     code, _, err = invoke("test", "--checkpoint", str(tmp_path / "run" / "tile" / "checkpoint.pt"), "--data", data)
     assert code == 0, err  # the preset's sampler=pyld:M=5,N=3 was split at its comma before
-    assert (tmp_path / "run" / "tile" / "test" / "tile" / "metrics.json").is_file()
+    tested = tmp_path / "run" / "tile" / "test" / "tile"
+    metrics = json.loads((tested / "metrics.json").read_text())
+    rows = list(csv.DictReader((tested / "scores.csv").open()))
+    scores = [float(r["score"]) for r in rows]
+    assert metrics["n_test"] == len(rows) == 6 and len(set(scores)) == 6  # a score per image, not a constant
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score([int(r["label"]) for r in rows], scores))
