@@ -39,6 +39,21 @@ def check_map(anomaly_map: Tensor, who: str) -> None:
         raise ValueError(f"{who} expects an anomaly map (B, 1, H, W) float, got {tuple(anomaly_map.shape)}")
 
 
+class Exportable:
+    """What a component declares about export: ``exportable = False`` for one whose forward cannot be traced
+    into a graph (data-dependent Python control flow, calls outside torch). Detectors, post-processors and scorers
+    deriving from adkit's base classes inherit True."""
+
+    exportable: ClassVar[bool] = True
+
+
+def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear resize of anomaly maps (N, 1, h, w) to ``size`` (no-op when already there)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 @dataclass
 class DetectorContext:
     """What the engine tells a detector before training: where it runs and how to reach other components."""
@@ -126,7 +141,7 @@ class Backbone(nn.Module, ABC):
         """Features of ``stages`` (indices into ``channels`` / ``strides``), shallowest first as requested."""
 
 
-class Detector(nn.Module, ABC):
+class Detector(nn.Module, Exportable, ABC):
     """An anomaly detector. Gradient-trained detectors implement ``training_step`` (and keep ``trainable``
     True); statistical ones set ``trainable = False`` and implement ``fit``. Both implement ``anomaly_map``
     (or ``detect``, when they compute image scores of their own)."""
@@ -229,11 +244,11 @@ class Loss(nn.Module):
     it is recommended; any ``nn.Module`` with that forward is accepted."""
 
 
-class PostProcessor(nn.Module):
+class PostProcessor(nn.Module, Exportable):
     """Maps an anomaly map (B, 1, H, W) to an anomaly map (B, 1, H', W'). Subclasses implement ``forward``."""
 
 
-class Scorer(nn.Module):
+class Scorer(nn.Module, Exportable):
     """Reduces an anomaly map (B, 1, H, W) to image scores (B,). Subclasses implement ``forward``."""
 
 
@@ -266,37 +281,49 @@ class Ensemble(ABC):
         """Ensemble scores (N,) from one score tensor (N,) per detector, in the order given to ``fit``."""
 
 
-class Pipeline:
-    """detector -> post-processors -> scorer, on image batches. The scorer reduces the post-processed map unless
-    the detector returned image scores of its own."""
+class Pipeline(nn.Module):
+    """detector -> post-processors -> scorer as one module: what evaluation, ``adkit predict`` and ``adkit export``
+    all run, so no two of them can score differently. The scorer reduces the post-processed map unless the
+    detector returned image scores of its own."""
 
     def __init__(self, detector: Detector, postprocessors: list[nn.Module], scorer: nn.Module):
+        super().__init__()
         self.detector = detector
-        self.postprocessors = postprocessors
+        self.postprocessors = nn.ModuleList(postprocessors)
         self.scorer = scorer
         self._detect = detector.detect
+        # set by each forward (plain Python values, not traced): the detector's own map size and whether it
+        # returned its own image scores
+        self.native_size: tuple[int, int] = (0, 0)
+        self.own_scores = False
 
     def compile(self) -> None:
         """Compile the detector's forward with torch.compile (on its first batches; a new shape recompiles)."""
         self._detect = torch.compile(self.detector.detect)
 
-    def detect(self, images: Tensor) -> Detection:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images (B, 3, H, W) in [0, 1] -> the detector's map upsampled to (B, 1, H, W), the post-processed map
+        (B, 1, H', W') and the image scores (B,), all float32."""
         check_images(images)
         detection = self._detect(images)
         name = type(self.detector).__name__
         check_map(detection.anomaly_map, name)
-        scores = detection.image_scores
-        if scores is not None and (scores.ndim != 1 or scores.shape[0] != images.shape[0]):
-            raise ValueError(f"{name} must return image scores (B,), got {tuple(scores.shape)}")
-        return Detection(detection.anomaly_map.float(), None if scores is None else scores.float())
-
-    def postprocess(self, maps: Tensor) -> Tensor:
+        raw = detection.anomaly_map.float()
+        self.native_size = (int(raw.shape[-2]), int(raw.shape[-1]))
+        raw = upsample(raw, images.shape[-2:])
+        processed = raw
         for post in self.postprocessors:
-            maps = post(maps)
-        return maps
+            processed = post(processed)
+        own = detection.image_scores
+        self.own_scores = own is not None
+        scores = own if own is not None else self.scorer(processed)
+        if scores.ndim != 1 or scores.shape[0] != images.shape[0]:
+            who = name if own is not None else type(self.scorer).__name__
+            raise ValueError(f"{who} must return image scores (B,), got {tuple(scores.shape)}")
+        return raw, processed.float(), scores.float()
 
-    def score(self, processed_maps: Tensor) -> Tensor:
-        scores = self.scorer(processed_maps)
-        if scores.ndim != 1 or scores.shape[0] != processed_maps.shape[0]:
-            raise ValueError(f"{type(self.scorer).__name__} must return scores (B,), got {tuple(scores.shape)}")
-        return scores
+    def not_exportable(self) -> list[str]:
+        """The components that declare they cannot be exported (``exportable = False``)."""
+        parts = [self.detector, *self.postprocessors, self.scorer]
+        return [type(part).__name__ for part in parts if isinstance(part, Exportable) and not part.exportable]
+

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from adkit import distributed
@@ -300,29 +299,20 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
     n = images.shape[0]
     if distributed.world_size() > 1:
         images = images[distributed.shard(n)]
-    pipeline.detector.to(device).eval()
-    for module in (*pipeline.postprocessors, pipeline.scorer):
-        module.to(device)
+    pipeline.to(device).eval()
     raw_maps, processed_maps, scores = [], [], []
-    native_size = (0, 0)
-    own_scores = False
     start = time.perf_counter()
     for x in _batches(images, batch_size, device):
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            detection = pipeline.detect(x)
-        raw = detection.anomaly_map
-        native_size = (raw.shape[-2], raw.shape[-1])
-        raw = upsample(raw, x.shape[-2:])
-        processed = pipeline.postprocess(raw)
-        own = detection.image_scores
-        own_scores = own is not None
-        scores.append((own if own is not None else pipeline.score(processed)).float().cpu())
+            raw, processed, score = pipeline(x)
+        scores.append(score.cpu())
         raw_maps.append(raw.cpu())
-        processed_maps.append(processed.float().cpu())
+        processed_maps.append(processed.cpu())
         if on_batch is not None:
             on_batch(sum(m.shape[0] for m in raw_maps))
+    native_size, own_scores = pipeline.native_size, pipeline.own_scores
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -337,10 +327,3 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
         seconds = max(t for t, _ in timings)  # the slowest rank sets the pace
         native_size = max(size for _, size in timings)
     return Predictions(raw, processed, score, seconds, native_size, own_scores)
-
-
-def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Bilinear resize of anomaly maps (N, 1, h, w) to ``size`` (no-op when already there)."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)

@@ -13,9 +13,9 @@ from torch import Tensor
 
 from adkit import distributed, metrics, render, report
 from adkit.assembly import build_detector
-from adkit.components import Detector, Pipeline
+from adkit.components import Detector, Pipeline, upsample
 from adkit.data.datasets import CategorySplits, LoadedSplit, load_split
-from adkit.engine import TrainSettings, seed_everything, train_detector, upsample
+from adkit.engine import TrainSettings, seed_everything, train_detector
 from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
 from adkit.planning import RunPlan
