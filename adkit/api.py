@@ -18,10 +18,11 @@ from adkit.bench import bench
 from adkit.evaluation import CategoryRun, Evaluation, evaluate, train_category
 from adkit.planning import RunPlan, plan
 from adkit.plugins import Catalog, get_catalog
-from adkit.workflows import predict, run, synth, test, train
+from adkit.workflows import export, predict, run, synth, test, train
 
 __all__ = [
-    "CategoryRun", "Evaluation", "RunPlan", "bench", "build_detector", "build_pipeline", "evaluate", "load_trained",
+    "CategoryRun", "Evaluation", "RunPlan", "bench", "build_detector", "build_pipeline", "evaluate", "export",
+    "load_trained",
     "plan", "predict", "print_plugins", "record_threshold", "recorded_threshold", "run", "score_rows", "synth",
     "test", "train", "train_category",
 ]

@@ -25,9 +25,10 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
     folder.mkdir(parents=True, exist_ok=True)
     report.write_json(folder / "metrics.json", result)
     write_curves(test, category, evaluation, folder)
+    scores = evaluation.test_scores
+    decisions = None if evaluation.threshold is None else scores > evaluation.threshold
     report.write_scores_csv(folder / "scores.csv", score_rows([s.path for s in test.samples],
-                                                              [s.label for s in test.samples],
-                                                              evaluation.test_scores, evaluation.threshold))
+                                                              [s.label for s in test.samples], scores, decisions))
     normal = test.labels == 0
     pixel_threshold = float(np.quantile(maps[normal].numpy(), 0.99)) if normal.any() else 0.5
     vmax = float(maps.max()) if maps.numel() else 1.0
@@ -37,12 +38,13 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
         report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
 
 
-def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor, threshold: float | None) -> list[dict[str, Any]]:
-    """scores.csv rows: path, label ("" when unknown), score, and the decision score > threshold (blank without
-    a threshold)."""
-    return [{"path": str(path), "label": label, "score": f"{float(score):.6g}",
-             "prediction": "" if threshold is None else int(float(score) > threshold)}
-            for path, label, score in zip(paths, labels, scores)]
+def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor,
+               decisions: torch.Tensor | None) -> list[dict[str, Any]]:
+    """scores.csv rows: path, label ("" when unknown), score, and the decision (1 anomalous, 0 normal; blank
+    without a threshold)."""
+    marks = [""] * len(paths) if decisions is None else [int(d) for d in decisions]
+    return [{"path": str(path), "label": label, "score": f"{float(score):.6g}", "prediction": mark}
+            for path, label, score, mark in zip(paths, labels, scores, marks)]
 
 
 def overlay_sample(samples: list[Sample], count: int = OVERLAY_SAMPLES) -> list[int]:
@@ -80,11 +82,12 @@ def write_curves(test: LoadedSplit, category: str, evaluation: Evaluation, folde
         report.save_png_atomic(report.curve_plot(curves, f"ROC, {category}", "FPR", "TPR"), folder / "roc.png")
 
 
-def write_predictions(out: Path, loaded: LoadedSplit, scores: torch.Tensor, maps: torch.Tensor,
-                      threshold: float | None) -> None:
-    """predict's files: scores.csv (decisions where a threshold is known) and overlays of the first images."""
+def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores: torch.Tensor,
+                      decisions: torch.Tensor | None) -> None:
+    """predict's files: scores.csv (with decisions where a threshold is known) and overlays of the first images'
+    maps (after the post-processors)."""
     paths = [sample.path for sample in loaded.samples]
-    report.write_scores_csv(out / "scores.csv", score_rows(paths, [""] * len(paths), scores, threshold))
+    report.write_scores_csv(out / "scores.csv", score_rows(paths, [""] * len(paths), scores, decisions))
     vmax = float(maps.max())
     pixel_threshold = float(np.quantile(maps.numpy(), 0.99))
     for i, path in enumerate(paths[:OVERLAY_SAMPLES * 4]):

@@ -145,11 +145,25 @@ def test(config: RunConfig, checkpoint: str) -> None:
 
 @cli.command()
 @run_options
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `adkit train`.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint from `adkit train` or `adkit run`.")
+@click.option("--model", type=click.Path(), help="A model `adkit export` wrote (its folder or file), instead of --checkpoint.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-def predict(config: RunConfig, checkpoint: str, inputs: tuple[str, ...]) -> None:
+def predict(config: RunConfig, checkpoint: str | None, model: str | None, inputs: tuple[str, ...]) -> None:
     """Score images (files or folders) without labels: scores.csv and heatmap overlays."""
-    api.predict(config, checkpoint=Path(checkpoint), inputs=[Path(p) for p in inputs])
+    api.predict(config, checkpoint=Path(checkpoint) if checkpoint else None, inputs=[Path(p) for p in inputs],
+                model=Path(model) if model else None)
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint to export.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="Model format.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to create (default: export-FORMAT beside the checkpoint).")
+@click.option("--post", multiple=True, help="Post-processors (default: the checkpoint's).")
+@click.option("--scorer", help="Scorer (default: the checkpoint's); its threshold must have been fitted (adkit test).")
+def export(checkpoint: str, fmt: str, out: str | None, post: tuple[str, ...], scorer: str | None) -> None:
+    """Export a checkpoint's pipeline and threshold to ONNX or TorchScript: image batch -> map, score, decision."""
+    api.export(RunConfig(post=list(post), scorer=scorer), checkpoint=Path(checkpoint), fmt=fmt,
+               out=Path(out) if out else None)
 
 
 @cli.command()

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from adkit import artifacts, distributed, metrics, render, report
+import torch
+
+from adkit import artifacts, deploy, distributed, metrics, render, report
 from adkit.assembly import build_pipeline, load_trained, pipeline_specs, plan_from_checkpoint
 from adkit.config import RunConfig
 from adkit.data.datasets import Sample, load_split
 from adkit.data.io import is_image_file, list_images
-from adkit.engine import load_checkpoint, resolve_device
+from adkit.deploy import FORMATS, Deployed, Runner, load_runner, read_model
+from adkit.engine import autocast, load_checkpoint, resolve_device
 from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
 from adkit.evaluation import CategoryRun, evaluate, train_category
@@ -169,23 +173,93 @@ def _image_paths(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def predict(config: RunConfig, checkpoint: Path, inputs: list[Path]) -> Path:
-    """Score images without labels; writes scores.csv and overlays to --out (default: beside the checkpoint)."""
-    payload = load_checkpoint(checkpoint)
-    meta = payload["meta"]
-    paths = _image_paths(inputs)
+def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], model: Path | None = None) -> Path:
+    """Score images without labels, from a checkpoint or from a model ``adkit export`` wrote (the same module
+    either way): scores.csv with decisions at the recorded threshold, and overlays, to --out (default: beside the
+    checkpoint or model)."""
+    if (checkpoint is None) == (model is None):
+        raise AdkitError("predict: give --checkpoint CKPT or --model EXPORT_DIR (one of them)")
     device = distributed.init_from_environment(resolve_device(config.device))
-    pipeline, _ = load_trained(config, checkpoint, device, payload)
-    threshold = artifacts.recorded_threshold(checkpoint.parent, *pipeline_specs(config, meta))
-    out = Path(config.out) if config.out else checkpoint.parent / "predict"
-    loaded = load_split([Sample(path, 0) for path in paths], meta["image_size"], config.skip_bad)
+    if checkpoint is not None:
+        payload = load_checkpoint(checkpoint)
+        meta = payload["meta"]
+        pipeline, _ = load_trained(config, checkpoint, device, payload)
+        threshold = artifacts.recorded_threshold(checkpoint.parent, *pipeline_specs(config, meta))
+        runner = _eager_runner(Deployed(pipeline, threshold), device, config.precision)
+        size, default_out = meta["image_size"], checkpoint.parent / "predict"
+    else:
+        file, card = read_model(model)
+        runner = load_runner(file, card["format"], device)
+        size, threshold, default_out = card["input"]["shape"][-1], card["threshold"], file.parent / "predict"
+    out = Path(config.out) if config.out else default_out
+    paths = _image_paths(inputs)
+    _warn_resized(paths, size)
+    loaded = load_split([Sample(path, 0) for path in paths], size, config.skip_bad)
     if not loaded.samples:
         raise AdkitError("no readable images to score")
-    result = run_pipeline(pipeline, loaded.images, config.batch_size or 8, device, precision=config.precision)
+    maps, scores, decisions = _score(runner, loaded.images, config.batch_size or 8)
     if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
         return out
-    artifacts.write_predictions(out, loaded, result.scores, result.raw, threshold)
+    artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions)
     render.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped); results in {out}")
+    return out
+
+
+def _eager_runner(model: Deployed, device: torch.device, precision: str) -> Runner:
+    model.to(device).eval()
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), autocast(device, precision):
+            return tuple(t.cpu() for t in model(images.to(device)))  # type: ignore[return-value]
+
+    return run
+
+
+def _score(runner: Runner, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``runner`` over ``images`` in batches; under torchrun each rank runs its shard and all get everything."""
+    n = images.shape[0]
+    mine = images[distributed.shard(n)] if distributed.world_size() > 1 else images
+    parts = [runner(mine[i:i + batch_size]) for i in range(0, mine.shape[0], batch_size)]
+    maps, scores, decisions = (torch.cat([p[k] for p in parts]) for k in range(3))
+    if distributed.world_size() > 1:
+        maps, scores, decisions = distributed.gather_shards([maps, scores, decisions], n)
+    return maps, scores, decisions
+
+
+def _warn_resized(paths: list[Path], size: int) -> None:
+    """One warning when images are not ``size`` x ``size`` px: they are resized as training images were."""
+    from PIL import Image, UnidentifiedImageError
+
+    other = 0
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                other += image.size != (size, size)
+        except (OSError, UnidentifiedImageError):
+            continue  # unreadable: reported (or skipped) by the loader
+    if other:
+        render.warn(f"{other} of {len(paths)} images are not {size}x{size} px; they are resized to it (bilinear, "
+                    "antialiased), as the training images were")
+
+
+def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> Path:
+    """Export a checkpoint's pipeline with its recorded threshold to ONNX or TorchScript (adkit.deploy)."""
+    if fmt not in FORMATS:
+        raise AdkitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
+    payload = load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    posts, scorer = pipeline_specs(config, meta)
+    threshold = artifacts.recorded_threshold(checkpoint.parent, posts, scorer)
+    if threshold is None:
+        raise AdkitError(f"no threshold for post-processors {posts} and scorer {scorer} beside {checkpoint}: run "
+                         f"adkit test --checkpoint {checkpoint} with these options first")
+    pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload)
+    out = out or checkpoint.parent / f"export-{fmt}"
+    info = {"detector": meta["detector"], "backbone": meta.get("backbone"), "posts": posts, "scorer": scorer,
+            "category": meta["category"], "checkpoint": str(checkpoint),
+            "threshold_fitted_on": json.loads((checkpoint.parent / artifacts.THRESHOLD_FILE).read_text())["fitted_on"]}
+    deploy.export(Deployed(pipeline, threshold), fmt, out, meta["image_size"], info)
+    render.say(f"exported to {out} ({fmt}, threshold {threshold:.6g})")
     return out
 
 

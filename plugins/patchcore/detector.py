@@ -136,9 +136,10 @@ class PatchCore(Detector):
         top, where = patch_scores.max(dim=1)
         if self.score_mode == "max":
             return Detection(anomaly_map, top)
-        rows = torch.arange(b, device=images.device)
-        test_feature = patches.view(b, h * w, self.dim)[rows, where]  # m_test*, the most anomalous patch
-        nearest_bank = index[:, 0].view(b, h * w)[rows, where]  # m*, its nearest bank feature
+        # m_test* (the most anomalous patch) and m* (its nearest bank feature), by gather rather than arange(b)
+        # indexing, which a traced graph would freeze at the traced batch size
+        test_feature = patches.view(b, h * w, self.dim).gather(1, where[:, None, None].expand(-1, 1, self.dim))[:, 0]
+        nearest_bank = index[:, 0].view(b, h * w).gather(1, where[:, None])[:, 0]
         return Detection(anomaly_map, top * self.reweighting(test_feature, nearest_bank))
 
     def reweighting(self, test_feature: Tensor, nearest_bank: Tensor) -> Tensor:

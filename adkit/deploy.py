@@ -1,0 +1,182 @@
+"""Deployment: a trained pipeline and its threshold as one module (``Deployed``), what ``adkit predict`` runs from a
+checkpoint and what ``adkit export`` traces into TorchScript or ONNX, with a model.json beside the file; and the
+loader that runs an exported file for ``adkit predict --model``. One module, so the exported model and predict
+cannot drift apart."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import adkit
+from adkit.components import Pipeline, upsample
+from adkit.errors import AdkitError
+from adkit.report import usual_mode, write_json
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+MODEL_JSON = "model.json"
+OUTPUTS = ("anomaly_map", "score", "decision")
+# exported outputs must match the module they were traced from within this (maps relative to their largest value)
+TOLERANCE = 1e-4
+
+Runner = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+class Deployed(nn.Module):
+    """Images (B, 3, S, S) in [0, 1] -> the anomaly map after the post-processors, upsampled to (B, 1, S, S), the
+    image scores (B,) and the decisions score > threshold (B,) bool. A NaN threshold (none fitted) decides
+    nothing: every decision is False."""
+
+    def __init__(self, pipeline: Pipeline, threshold: float | None):
+        super().__init__()
+        self.pipeline = pipeline
+        self.register_buffer("threshold", torch.tensor(float("nan") if threshold is None else threshold))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _, processed, scores = self.pipeline(images)
+        return upsample(processed, images.shape[-2:]), scores, scores > self.threshold
+
+
+def export(model: Deployed, fmt: str, out: Path, image_size: int, info: dict[str, Any]) -> Path:
+    """Trace ``model`` to ``out``/model.onnx or model.pt and write model.json; the folder appears whole or not at
+    all. The exported file is run on check images at two batch sizes and must reproduce ``model``."""
+    if fmt not in FORMATS:
+        raise AdkitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
+    if out.exists():
+        raise AdkitError(f"{out} exists: choose another --out (an export never overwrites)")
+    blocked = model.pipeline.not_exportable()
+    if blocked:
+        raise AdkitError(f"cannot export: {', '.join(blocked)} declare(s) exportable = False")
+    model = model.cpu().eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging.chmod(usual_mode(directory=True))
+    try:
+        path = staging / FORMATS[fmt]
+        example = _check_images(2, image_size, seed=0)
+        try:
+            _trace(model, example, fmt, path)
+        except Exception as exc:  # any tracer failure: name the components and the cause
+            parts = ", ".join(type(p).__name__ for p in (model.pipeline.detector, *model.pipeline.postprocessors,
+                                                         model.pipeline.scorer))
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise AdkitError(f"export to {fmt} failed for the pipeline {parts}: {type(exc).__name__}: {first}; one "
+                             "of them cannot be traced (a plugin should declare exportable = False)") from exc
+        runner = load_runner(path, fmt, torch.device("cpu"))
+        for batch in (1, 3):  # another batch size than traced: the batch dimension must stay dynamic
+            _compare(model, runner, _check_images(batch, image_size, seed=batch), fmt)
+        write_json(staging / MODEL_JSON, {**model_card(fmt, image_size, float(model.threshold)), **info,
+                                          "adkit_version": adkit.__version__,
+                                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def model_card(fmt: str, image_size: int, threshold: float) -> dict[str, Any]:
+    """What a caller outside adkit needs to feed the model and read its outputs."""
+    return {
+        "format": fmt, "file": FORMATS[fmt],
+        "input": {"name": "images", "shape": ["batch", 3, image_size, image_size], "dtype": "float32",
+                  "layout": "NCHW, RGB", "range": [0.0, 1.0],
+                  "resize": f"bilinear with antialiasing to {image_size}x{image_size} (adkit's image loader)",
+                  "normalisation": "none: pixel values / 255; the model normalises inside where its network needs it"},
+        "outputs": {"anomaly_map": f"(batch, 1, {image_size}, {image_size}) float32, after the post-processors, "
+                                   "higher = more anomalous",
+                    "score": "(batch,) float32 image score", "decision": "(batch,) bool, score > threshold"},
+        "threshold": threshold,
+    }
+
+
+def _check_images(batch: int, size: int, seed: int) -> Tensor:
+    """Images for tracing and checking: smooth random fields, so every detector sees image-like input."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, max(2, size // 8), max(2, size // 8), generator=generator)
+    fine = torch.rand(batch, 3, size, size, generator=generator)
+    return (0.8 * upsample(coarse, (size, size)) + 0.2 * fine).clamp(0, 1)
+
+
+def _trace(model: Deployed, example: Tensor, fmt: str, path: Path) -> None:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracers' deprecation and tracer warnings are not the user's business
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
+            return
+        _require_onnx()
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
+                          output_names=list(OUTPUTS), dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                          verbose=False, external_data=False)
+
+
+def _compare(model: Deployed, runner: Runner, images: Tensor, fmt: str) -> None:
+    with torch.inference_mode():
+        expected = model(images)
+    got = runner(images)
+    scale = max(float(expected[0].abs().max()), 1e-12)
+    map_error = float((got[0] - expected[0]).abs().max()) / scale
+    score_error = float((got[1] - expected[1]).abs().max()) / max(float(expected[1].abs().max()), 1e-12)
+    if map_error > TOLERANCE or score_error > TOLERANCE:
+        raise AdkitError(f"the exported {fmt} model differs from the pipeline at batch {len(images)} (maps by "
+                         f"{map_error:.1e}, scores by {score_error:.1e} of their range): not written")
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise AdkitError("ONNX needs onnxruntime, onnx and onnxscript: pip install 'adkit[onnx]'") from None
+    return onnxruntime
+
+
+def load_runner(path: Path, fmt: str, device: torch.device) -> Runner:
+    """A function running an exported file: images (B, 3, S, S) -> (maps, scores, decisions) on the CPU."""
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; it still runs
+            module = torch.jit.load(str(path), map_location=device).eval()
+
+        def run_torchscript(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            with torch.inference_mode():
+                maps, scores, decisions = module(images.to(device))
+            return maps.cpu(), scores.cpu(), decisions.cpu()
+
+        return run_torchscript
+    ort = _require_onnx()
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def run_onnx(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        outputs = session.run(list(OUTPUTS), {"images": images.float().cpu().numpy()})
+        return tuple(torch.from_numpy(o) for o in outputs)  # type: ignore[return-value]
+
+    return run_onnx
+
+
+def read_model(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The model file and its model.json, given either the export folder or the file in it."""
+    folder = path if path.is_dir() else path.parent
+    card_path = folder / MODEL_JSON
+    if not card_path.is_file():
+        raise AdkitError(f"{card_path} not found: --model takes the folder `adkit export` wrote (or the model file "
+                         "in it)")
+    card = json.loads(card_path.read_text())
+    file = folder / card.get("file", "")
+    if card.get("format") not in FORMATS or not file.is_file():
+        raise AdkitError(f"{card_path} names no readable model ({card.get('format')!r}, {file.name}); export again")
+    return file, card

@@ -1,0 +1,125 @@
+"""adkit export and predict --model: the exported ONNX and TorchScript models reproduce predict from the
+checkpoint (one module runs both), for every built-in pipeline; bad requests fail with one line and write
+nothing."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from adkit.assembly import load_trained
+from adkit.config import RunConfig
+from adkit.deploy import Deployed, load_runner, read_model
+from adkit.testing import tiny_defects, tiny_images
+
+DATA = "synthetic:size=64,n_train=8,n_test=6"
+PIPELINES = {  # name: (run arguments, image size)
+    "draem-freqmask": (["--detector", "draem:recon_width=4,disc_width=4", "--post", "freqmask", "--scorer", "maxmin",
+                        "--steps", "3", "--batch-size", "2"], 32),
+    "draem-avgpool-gaussian": (["--detector", "draem:recon_width=4,disc_width=4", "--post", "avgpool:kernel=5",
+                                "--post", "gaussian", "--steps", "3", "--batch-size", "2"], 32),
+    "patchcore": (["--detector", "patchcore"], 64),
+    "padim": (["--detector", "padim"], 64),
+    "ebm-image": (["--detector", "ebm-image:depth=10,widen=1,buffer_size=8", "--steps", "2", "--batch-size", "4"], 32),
+    "ebm-patch": (["--detector", "ebm-patch:depth=10,widen=1,buffer_size=8,patch_size=8,grid=2", "--steps", "2",
+                   "--batch-size", "4"], 32),
+    "pixel-gauss": (["--detector", "pixel-gauss"], 32),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Each pipeline trained once on the tiny synthetic tiles: name -> checkpoint."""
+    from adkit.testing import invoke
+
+    root = tmp_path_factory.mktemp("deploy")
+    checkpoints = {}
+    for name, (args, size) in PIPELINES.items():
+        code, _, err = invoke("run", *args, "--data", DATA, "--category", "tile", "--image-size", str(size),
+                              "--out", str(root / name))
+        assert code == 0, err
+        checkpoints[name] = root / name / "tile" / "checkpoint.pt"
+    return checkpoints
+
+
+def images_for(size: int) -> torch.Tensor:
+    normal, (defective, _) = tiny_images(3, size, "tile", split="test"), tiny_defects(2, size, "tile")
+    return torch.cat([normal, defective])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_exported_models_reproduce_the_checkpoint(invoke, trained, tmp_path, name, fmt):
+    checkpoint = trained[name]
+    code, _, err = invoke("export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    file, card = read_model(tmp_path / "m")
+    size = PIPELINES[name][1]
+    assert card["input"]["shape"] == ["batch", 3, size, size] and card["format"] == fmt
+    pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"))
+    reference = Deployed(pipeline, card["threshold"]).eval()
+    exported = load_runner(file, fmt, torch.device("cpu"))
+    images = images_for(size)
+    with torch.inference_mode():
+        maps, scores, decisions = reference(images)
+    for batch in (images, images[:1]):  # dynamic batch: 5 and 1 images, traced at 2
+        got = exported(batch)
+        n = len(batch)
+        assert (got[0] - maps[:n]).abs().max() <= 1e-4 * max(float(maps.abs().max()), 1e-12)
+        assert torch.allclose(got[1], scores[:n], rtol=1e-4, atol=1e-6)
+        assert torch.equal(got[2], decisions[:n])
+    if scores.unique().numel() == len(scores):  # no ties: the ranking must be identical
+        assert torch.equal(exported(images)[1].argsort(), scores.argsort())
+
+
+def read_scores(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_predict_from_a_model_writes_what_predict_from_the_checkpoint_writes(invoke, trained, tmp_path):
+    checkpoint = trained["patchcore"]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images_for(64)):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")).save(folder / f"{i}.png")
+    Image.new("RGB", (80, 70), (128, 100, 90)).save(folder / "other-size.png")
+    code, _, err = invoke("predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    assert "1 of 6 images are not 64x64 px; they are resized" in err
+    for fmt in ("onnx", "torchscript"):
+        assert invoke("export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(tmp_path / fmt))[0] == 0
+        code, _, err = invoke("predict", "--model", str(tmp_path / fmt), str(folder), "--out", str(tmp_path / f"p-{fmt}"))
+        assert code == 0, err
+        a, b = read_scores(tmp_path / "a" / "scores.csv"), read_scores(tmp_path / f"p-{fmt}" / "scores.csv")
+        assert [r["path"] for r in a] == [r["path"] for r in b]
+        assert [r["prediction"] for r in a] == [r["prediction"] for r in b] and {r["prediction"] for r in a} <= {"0", "1"}
+        for x, y in zip(a, b):
+            assert float(x["score"]) == pytest.approx(float(y["score"]), rel=1e-4)
+        assert sorted(p.name for p in (tmp_path / "a" / "overlays").iterdir()) == \
+            sorted(p.name for p in (tmp_path / f"p-{fmt}" / "overlays").iterdir())
+
+
+def test_bad_export_requests_fail_in_one_line_and_write_nothing(invoke, trained, tmp_path):
+    checkpoint = str(trained["pixel-gauss"])
+    code, _, err = invoke("export", "--checkpoint", checkpoint, "--format", "tflite")
+    assert code == 2 and "'tflite' is not one of 'onnx', 'torchscript'" in err
+    (tmp_path / "taken").mkdir()
+    code, _, err = invoke("export", "--checkpoint", checkpoint, "--format", "onnx", "--out", str(tmp_path / "taken"))
+    assert code == 2 and "exists: choose another --out" in err
+    code, _, err = invoke("export", "--checkpoint", checkpoint, "--format", "onnx", "--scorer", "mean",
+                          "--out", str(tmp_path / "m"))
+    assert code == 2 and "no threshold for post-processors [] and scorer mean" in err and "adkit test" in err
+    assert not (tmp_path / "m").exists()
+    old = tmp_path / "old.pt"
+    torch.save({"format": 0, "model": {}}, old)
+    code, _, err = invoke("export", "--checkpoint", str(old), "--format", "onnx", "--out", str(tmp_path / "m"))
+    assert code == 2 and "is not an adkit checkpoint of format" in err
+    code, _, err = invoke("predict", "--model", str(tmp_path / "taken"), checkpoint)
+    assert code == 2 and "model.json not found" in err
+    code, _, err = invoke("predict", str(tmp_path))
+    assert code == 2 and "give --checkpoint CKPT or --model EXPORT_DIR" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt", "taken"]  # no half-written export
