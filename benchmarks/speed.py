@@ -3,10 +3,16 @@
     python benchmarks/speed.py [--size 256] [--batch 8] [--device auto] [--recon-width 128] [--disc-width 64]
                                [--steps 5] [--compile] [--precision auto|fp32|bf16] [--json]
     python benchmarks/speed.py --detector patchcore[:key=value,...] [--train-images 600] [--size 256] [--json]
+    python benchmarks/speed.py --export --detector SPEC [--post SPEC ...] [--size 256] [--batch 8] [--json]
 
 With --detector SPEC (a fitted detector such as patchcore or padim): seconds to fit on --train-images random
 images (backbone features, then the rest: PatchCore's coreset), inference images per second at batch 1 and at
 --batch, and peak memory.
+
+With --export: the deployed pipeline (detector, its default or --post post-processors, scorer, threshold) timed
+four ways, torch eager, torch.compile, TorchScript and onnxruntime, at batch 1 (latency) and --batch (images per
+second): one median over --steps timed calls after warm-up. Weights are random (a fitted detector is fitted on
+--train-images random images): speed does not depend on them.
 
 Median seconds per training step (anomaly synthesis + forward + backward + optimiser step, after a warm-up),
 split into synthesis / forward / backward+update; inference images per second of the detector alone and followed
@@ -125,6 +131,64 @@ def fitted_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
             f"infer_img_s_batch{args.batch}": rates[args.batch], "peak_memory_mib": peak}
 
 
+def export_speed(spec: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Images per second and latency of the Deployed pipeline: eager, torch.compile, TorchScript, onnxruntime."""
+    import tempfile
+    from pathlib import Path
+
+    from adkit.components import Pipeline
+    from adkit.deploy import Deployed, export, load_runner
+
+    catalog = get_catalog()
+    detector = catalog["detector"].create(spec)
+    detector.setup(DetectorContext(catalog=catalog, image_size=args.size, device=torch.device("cpu")))
+    generator = torch.Generator().manual_seed(0)
+    if not detector.trainable:
+        train = torch.rand(args.train_images, 3, args.size, args.size, generator=generator)
+        detector.eval()
+        with torch.inference_mode():
+            detector.fit(train[i:i + args.batch] for i in range(0, len(train), args.batch))
+    posts = args.post if args.post is not None else list(type(detector).default_postprocessors)
+    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
+                        catalog["scorer"].create(type(detector).default_scorer))
+    model = Deployed(pipeline, 0.0).eval()
+    runners = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for fmt in ("torchscript", "onnx"):
+            export(model, fmt, Path(folder) / fmt, args.size, {})
+            runners[fmt] = load_runner(Path(folder) / fmt / ("model.pt" if fmt == "torchscript" else "model.onnx"),
+                                       fmt, device)
+        model.to(device)
+        compiled = torch.compile(model)
+
+        def eager_runner(module):
+            def run(images):
+                with torch.inference_mode():
+                    return module(images.to(device))
+            return run
+
+        runners = {"eager": eager_runner(model), "compile": eager_runner(compiled), **runners}
+        timings: dict[str, dict[str, float]] = {}
+        for name, run in runners.items():
+            for batch_size in (1, args.batch):
+                x = torch.rand(batch_size, 3, args.size, args.size, generator=generator)
+                for _ in range(2 if name == "compile" else 1):  # warm-up (compilation for torch.compile)
+                    run(x)
+                times = []
+                for _ in range(args.steps):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    run(x)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                median = statistics.median(times)
+                timings.setdefault(name, {})[f"batch{batch_size}_img_s"] = batch_size / median
+                if batch_size == 1:
+                    timings[name]["latency_ms"] = 1000 * median
+    return {"detector": spec, "posts": posts, "size": args.size, "batch": args.batch, "device": str(device),
+            "timings": timings}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detector", default="draem", help="draem (training speed) or a fitted detector spec")
@@ -138,6 +202,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step and the map")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="bf16 autocast: auto = on GPUs only")
+    parser.add_argument("--export", action="store_true", help="time eager, compile, TorchScript and onnxruntime")
+    parser.add_argument("--post", action="append", help="with --export: post-processor specs (default: the "
+                                                        "detector's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -145,7 +212,17 @@ def main() -> None:
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                "threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
-    if args.detector != "draem":
+    if args.export:
+        result = {**export_speed(args.detector, args, device), "machine": machine}
+        if not args.json:
+            print(f"{args.detector} ({', '.join(result['posts']) or 'no post-processors'}), {args.size} px, "
+                  f"{device}: images/s at batch 1 and {args.batch}, latency at batch 1")
+            for name, row in result["timings"].items():
+                print(f"{name:>12}: {row['batch1_img_s']:8.2f} {row[f'batch{args.batch}_img_s']:8.2f} img/s  "
+                      f"{row['latency_ms']:8.1f} ms")
+        print(json.dumps(result))
+        return
+    if args.detector.split(":")[0] != "draem":
         result = {**fitted_speed(args.detector, args, device), "machine": machine}
         if not args.json:
             for key, value in result.items():
