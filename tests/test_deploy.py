@@ -5,6 +5,8 @@ nothing."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from adkit.config import RunConfig
 from adkit.deploy import Deployed, load_runner, read_model
 from adkit.testing import tiny_defects, tiny_images
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = "synthetic:size=64,n_train=8,n_test=6"
 PIPELINES = {  # name: (run arguments, image size)
     "draem-freqmask": (["--detector", "draem:recon_width=4,disc_width=4", "--post", "freqmask", "--scorer", "maxmin",
@@ -101,6 +104,16 @@ def test_predict_from_a_model_writes_what_predict_from_the_checkpoint_writes(inv
             assert float(x["score"]) == pytest.approx(float(y["score"]), rel=1e-4)
         assert sorted(p.name for p in (tmp_path / "a" / "overlays").iterdir()) == \
             sorted(p.name for p in (tmp_path / f"p-{fmt}" / "overlays").iterdir())
+    # the onnxruntime-only example of docs/deploy.md, on the images already at the model's size
+    same_size = sorted(str(p) for p in folder.glob("[0-9].png"))
+    lines = subprocess.run([sys.executable, str(ROOT / "examples" / "onnxruntime_score.py"), str(tmp_path / "onnx"),
+                            *same_size], check=True, capture_output=True, text=True).stdout.splitlines()
+    expected = {r["path"]: r for r in read_scores(tmp_path / "p-onnx" / "scores.csv")}
+    assert len(lines) == len(same_size) == 5
+    for line in lines:
+        path, score, decision = line.split("\t")
+        assert float(score) == pytest.approx(float(expected[path]["score"]), rel=1e-5)
+        assert decision == ("anomalous" if expected[path]["prediction"] == "1" else "normal")
 
 
 def test_bad_export_requests_fail_in_one_line_and_write_nothing(invoke, trained, tmp_path):
