@@ -1,4 +1,7 @@
-"""The ``adkit`` command line: a thin click layer over :mod:`adkit.api`."""
+"""The ``adkit`` command line: a thin click layer over :mod:`adkit.api`.
+
+Importing this module, ``adkit --help`` and ``adkit --version`` do not import torch: :mod:`adkit.api` is imported
+by the commands that run, and plugins' components load on first use (adkit.plugins.Catalog)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from typing import Any
 
 import click
 
-from adkit import api
 from adkit.config import RunConfig, build_config, load_config_file
 from adkit.plugins import get_catalog
 
@@ -101,6 +103,10 @@ class AdkitGroup(click.Group):
         return command
 
 
+# the commands that build components: the catalog loads every plugin's components before they start
+COMPONENT_COMMANDS = ("run", "train", "test", "predict", "bench", "export")
+
+
 @click.group(cls=AdkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="adkit")
@@ -108,6 +114,8 @@ class AdkitGroup(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """adkit: plugin-based industrial image anomaly detection."""
     ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand in COMPONENT_COMMANDS:
+        get_catalog().load_components()  # so that a component dropped for a clash is reported before the run
     if ctx.invoked_subcommand != "plugins":
         warn_about_plugins()
 
@@ -116,6 +124,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--all", "show_all", is_flag=True, help="Also list every component's parameters.")
 def plugins(show_all: bool) -> None:
     """List plugins and the components they register."""
+    from adkit import api
+
     cli.add_plugin_commands()  # a plugin whose command hook fails shows as broken here too
     api.print_plugins(show_all=show_all)
 
@@ -124,6 +134,8 @@ def plugins(show_all: bool) -> None:
 @run_options
 def run(config: RunConfig) -> None:
     """Train, then test, a detector (or an ensemble) on a dataset."""
+    from adkit import api
+
     api.run(config)
 
 
@@ -132,6 +144,8 @@ def run(config: RunConfig) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 def train(config: RunConfig, resume: bool) -> None:
     """Train a detector; writes checkpoints to --out."""
+    from adkit import api
+
     api.train(config, resume=resume)
 
 
@@ -140,6 +154,8 @@ def train(config: RunConfig, resume: bool) -> None:
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `adkit train`.")
 def test(config: RunConfig, checkpoint: str) -> None:
     """Evaluate a trained checkpoint on a dataset's test split."""
+    from adkit import api
+
     api.test(config, checkpoint=Path(checkpoint))
 
 
@@ -150,6 +166,8 @@ def test(config: RunConfig, checkpoint: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 def predict(config: RunConfig, checkpoint: str | None, model: str | None, inputs: tuple[str, ...]) -> None:
     """Score images (files or folders) without labels: scores.csv and heatmap overlays."""
+    from adkit import api
+
     api.predict(config, checkpoint=Path(checkpoint) if checkpoint else None, inputs=[Path(p) for p in inputs],
                 model=Path(model) if model else None)
 
@@ -162,6 +180,8 @@ def predict(config: RunConfig, checkpoint: str | None, model: str | None, inputs
 @click.option("--scorer", help="Scorer (default: the checkpoint's); its threshold must have been fitted (adkit test).")
 def export(checkpoint: str, fmt: str, out: str | None, post: tuple[str, ...], scorer: str | None) -> None:
     """Export a checkpoint's pipeline and threshold to ONNX or TorchScript: image batch -> map, score, decision."""
+    from adkit import api
+
     api.export(RunConfig(post=list(post), scorer=scorer), checkpoint=Path(checkpoint), fmt=fmt,
                out=Path(out) if out else None)
 
@@ -173,6 +193,8 @@ def export(checkpoint: str, fmt: str, out: str | None, post: tuple[str, ...], sc
 @click.option("--grid", multiple=True, help="Ablation axis KEY=v1,v2 (detector, loss, preset, seed, post, scorer), e.g. post=avgpool,freqmask or seed=0,1,2; repeatable.")
 def bench(config: RunConfig, dataset: str, categories: tuple[str, ...], grid: tuple[str, ...]) -> None:
     """Run a configuration (or a grid) over the categories of a dataset and print the table."""
+    from adkit import api
+
     cats = [c for item in categories for c in item.split(",") if c]
     api.bench(config.replace(data=dataset, category=list(config.category) + cats), grid=list(grid))
 
@@ -186,6 +208,8 @@ def bench(config: RunConfig, dataset: str, categories: tuple[str, ...], grid: tu
 @click.option("--test", "n_test", default=40, show_default=True, type=int, help="Test images per category (half defective).")
 def synth(out: str, category: tuple[str, ...], seed: int, size: int, n_train: int, n_test: int) -> None:
     """Write the built-in synthetic textures to disk in the MVTec AD layout."""
+    from adkit import api
+
     api.synth(Path(out), categories=list(category), seed=seed, size=size, n_train=n_train, n_test=n_test)
 
 

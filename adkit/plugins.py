@@ -50,21 +50,42 @@ class PluginRecord:
 
 
 class Catalog:
-    """The loaded plugins and, per kind, the registry of their components."""
+    """The loaded plugins and, per kind, the registry of their components.
+
+    Loading has two steps: importing each plugin and checking its hooks (cheap when the plugin module imports its
+    components inside its hooks, as adkit's own do), then calling the component hooks, which import the
+    components (torch and the rest). The second step runs on the first look at a registry, so ``adkit --help``
+    and a plugin's own command need only the first."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("adkit")
         self.pm.add_hookspecs(hookspecs)
-        self.registries: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
+        self._registries: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
         self.plugins: dict[str, PluginRecord] = {}
-        for registry in self.registries.values():
+        self._deferred: list[str] = []  # plugins whose component hooks have not run yet
+        for registry in self._registries.values():
             registry.broken_plugins = lambda: [(r.name, r.error) for r in self.broken()]
+
+    @property
+    def registries(self) -> dict[str, Registry]:
+        self.load_components()
+        return self._registries
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
 
-    def add_plugin(self, plugin: Any, name: str, version: str = "", source: str = "python") -> PluginRecord:
-        """Register a plugin object (module or instance) and its components; failures mark it broken."""
+    def load_components(self) -> None:
+        """Run the component hooks of the plugins added with ``defer=True`` (once)."""
+        deferred, self._deferred = self._deferred, []
+        for name in deferred:
+            record = self.plugins.get(name)
+            if record is not None and record.status == "ok":
+                self._register_components(name, record)
+
+    def add_plugin(self, plugin: Any, name: str, version: str = "", source: str = "python",
+                   defer: bool = False) -> PluginRecord:
+        """Register a plugin object (module or instance) and, unless ``defer``, its components; failures mark it
+        broken."""
         record = PluginRecord(name=name, version=version, source=source)
         self.plugins[name] = record
         declared = getattr(plugin, "ADKIT_PLUGIN_API", PLUGIN_API)  # optional: a plugin may declare what it needs
@@ -79,14 +100,21 @@ class Catalog:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
             return _mark_broken(record, exc)
+        if defer:
+            self._deferred.append(name)
+            return record
+        self.load_components()  # the plugins added before this one register first, as they were added
+        return self._register_components(name, record)
+
+    def _register_components(self, name: str, record: PluginRecord) -> PluginRecord:
         for kind, hook_name in KIND_HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():
                 if impl.plugin_name != name:
                     continue
                 try:
-                    impl.function(register=Register(self.registries[kind], name, builtin=source == "built-in",
-                                                    on_conflict=self._conflict))
+                    impl.function(register=Register(self._registries[kind], name,
+                                                    builtin=record.source == "built-in", on_conflict=self._conflict))
                 except Exception as exc:  # noqa: BLE001 - a plugin's failure must not take the others down
                     self.remove_plugin(name)
                     self.plugins[name] = record
@@ -102,7 +130,7 @@ class Catalog:
         log.warning(str(conflict))
 
     def remove_plugin(self, name: str) -> None:
-        for registry in self.registries.values():
+        for registry in self._registries.values():
             registry.remove_plugin(name)
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
@@ -164,7 +192,7 @@ def load_catalog() -> Catalog:
         except Exception as exc:  # noqa: BLE001 - an import error of any kind marks the plugin broken
             catalog.plugins[ep.name] = _mark_broken(PluginRecord(ep.name, version, source), exc)
             continue
-        catalog.add_plugin(plugin, name=ep.name, version=version, source=source)
+        catalog.add_plugin(plugin, name=ep.name, version=version, source=source, defer=True)
     return catalog
 
 

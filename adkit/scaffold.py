@@ -16,7 +16,7 @@ from adkit.report import usual_mode
 TEMPLATES = Path(__file__).parent / "templates" / "plugin"
 KINDS = ("detector", "postprocessor", "scorer", "loss", "sampler", "backbone", "ensemble", "dataset", "command")
 DEFAULT_KINDS = ("detector", "postprocessor", "scorer", "command")
-SECTIONS = ("imports", "code", "test-imports", "tests")
+SECTIONS = ("imports", "code", "hook-imports", "hook", "test-imports", "tests")
 
 
 def _sections(kind: str) -> dict[str, list[str]]:
@@ -88,12 +88,21 @@ def new_plugin(name: str, kinds: list[str], out: Path | None = None) -> Path:
               "kinds_sentence": _sentence(kinds),
               "api_floor": adkit.PLUGIN_API_SINCE, "api_ceiling": str(major + 1)}
     parts = {kind: _sections(kind) for kind in kinds}
-    module = ['"""adkit plugin {{name}}:', 'a {{kinds_sentence}}.', '"""', "", "from __future__ import annotations", "",
-              *_imports([line for p in parts.values() for line in p["imports"]] + ["from adkit import hookimpl"]),
+    # __init__.py, what the entry point loads whenever adkit starts, holds only the hooks; they import the
+    # components (and torch) when they run, so adkit --help stays fast with the plugin installed
+    module = ['"""adkit plugin {{name}}:', 'a {{kinds_sentence}}.', "",
+              "The entry point loads this module whenever adkit starts: it holds only the hooks, which import the",
+              'components when they run.', '"""', "", "from __future__ import annotations", "",
+              *_imports([line for p in parts.values() for line in p["hook-imports"]] + ["from adkit import hookimpl"]),
               "", "# the plugin API this module is written against: adkit refuses it if the number differs",
               f"ADKIT_PLUGIN_API = {adkit.PLUGIN_API}"]
     for kind in kinds:
-        module += ["", "", *_strip(parts[kind]["code"])]
+        module += ["", "", *_strip(parts[kind]["hook"])]
+    components = ['"""The components of plugin {{name}}."""', "", "from __future__ import annotations", "",
+                  *_imports([line for p in parts.values() for line in p["imports"]])]
+    for kind in kinds:
+        if _strip(parts[kind]["code"]):
+            components += ["", "", *_strip(parts[kind]["code"])]
     tests = ['"""Tests of plugin {{name}}: the adkit.testing contract check of each component and its values."""',
              "", "from __future__ import annotations", "",
              *_imports([line for p in parts.values() for line in p["test-imports"]]
@@ -110,6 +119,7 @@ def new_plugin(name: str, kinds: list[str], out: Path | None = None) -> Path:
     files = {"pyproject.toml": (TEMPLATES / "pyproject.toml.tmpl").read_text(),
              "README.md": (TEMPLATES / "README.md.tmpl").read_text(),
              f"{package}/__init__.py": "\n".join(module) + "\n",
+             **({f"{package}/components.py": "\n".join(components) + "\n"} if kinds != ["command"] else {}),
              f"tests/test_{identifier}.py": "\n".join(tests) + "\n"}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -40,7 +40,7 @@ def test_efficientnet_lite0_stages_and_strides(catalog):
 
 
 def test_lite0_file_with_wrong_names_or_shapes_fails_with_counts(catalog, tmp_path):
-    from adkit_plugins.backbones import lite0_weights_file
+    from adkit_plugins.backbones.components import lite0_weights_file
 
     state = torch.load(lite0_weights_file(), map_location="cpu", weights_only=True)
     renamed = dict(state)

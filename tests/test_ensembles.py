@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from adkit_plugins.ensembles import Maximum, RankMean, WeightedMean
+from adkit_plugins.ensembles.components import Maximum, RankMean, WeightedMean
 
 
 def test_zscore_mean_hand_values():

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 CORE = Path(__file__).resolve().parents[1] / "adkit"
 
@@ -44,3 +48,23 @@ def test_api_is_a_facade():
 
     for name in api.__all__:
         assert hasattr(api, name), name
+
+
+HEAVY = ("torch", "sklearn", "timm", "kornia")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["hello"]])
+def test_the_cli_answers_without_importing_torch(args):
+    """Importing the CLI, its help and version, and a plugin command that builds no component, load no heavy
+    library: plugin modules register their components lazily (checked through sys.modules, not a timing)."""
+    code = (f"import sys\nfrom adkit.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_running_a_command_loads_the_components():
+    code = ("import sys\nfrom adkit.plugins import get_catalog\ncatalog = get_catalog()\n"
+            "print('torch' in sys.modules, len(catalog['detector']) > 0, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["False", "True", "True"]

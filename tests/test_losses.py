@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adkit_plugins.losses import (
+from adkit_plugins.losses.components import (
     ColourHistogramLoss,
     FocalLoss,
     InversePSNRLoss,

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adkit_plugins.filters import AvgPool, Gaussian, Unsharp
-from adkit_plugins.freqmask import FreqMask, emphasis_kernel
-from adkit_plugins.scorers import MaxMinScorer, MaxScorer, TopKMeanScorer
+from adkit_plugins.filters.components import AvgPool, Gaussian, Unsharp
+from adkit_plugins.freqmask.components import FreqMask, emphasis_kernel
+from adkit_plugins.scorers.components import MaxMinScorer, MaxScorer, TopKMeanScorer
 
 
 def test_scorers_hand_values():
@@ -64,7 +64,7 @@ def test_freqmask_device_dtype_noise_and_gradients():
 
 
 def test_crop_drops_the_border():
-    from adkit_plugins.filters import Crop
+    from adkit_plugins.filters.components import Crop
 
     m = torch.zeros(1, 1, 8, 8)
     m[0, 0, 0, :] = 5.0  # a hot border row

@@ -44,10 +44,13 @@ def test_default_kinds_and_file_modes(invoke, tmp_path):
         os.umask(old)
     assert code == 0, err
     module = (tmp_path / "w" / "adkit_widget" / "__init__.py").read_text()
+    components = (tmp_path / "w" / "adkit_widget" / "components.py").read_text()
     for present in ("class WidgetPixelDistance(Detector)", "class WidgetBlur(PostProcessor)",
-                    "class WidgetQuantile(Scorer)", "def register_commands"):
-        assert present in module
-    assert "Sampler" not in module and "Loss" not in module
+                    "class WidgetQuantile(Scorer)"):
+        assert present in components
+    assert "def register_commands" in module and "def register_detectors" in module
+    assert "Sampler" not in components and "Loss" not in components
+    assert "import torch" not in module  # the entry-point module stays light: adkit --help does not load torch
     assert f"ADKIT_PLUGIN_API = {adkit.PLUGIN_API}" in module
     pyproject = (tmp_path / "w" / "pyproject.toml").read_text()
     assert f'"adkit>={adkit.PLUGIN_API_SINCE},<' in pyproject and 'widget = "adkit_widget"' in pyproject

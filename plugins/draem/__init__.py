@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from adkit import hookimpl
-from adkit_plugins.draem.detector import Draem
 
 
 @hookimpl
 def register_detectors(register):
+    from adkit_plugins.draem.detector import Draem
+
     register("draem", Draem, help="DRAEM: reconstructive + discriminative networks, synthetic anomalies")

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from adkit import hookimpl
-from adkit_plugins.ebm.detectors import EBMImage, EBMPatch
-from adkit_plugins.ebm.samplers import PYLD, SGLD
 
 
 @hookimpl
 def register_detectors(register):
+    from adkit_plugins.ebm.detectors import EBMImage, EBMPatch
+
     register("ebm-image", EBMImage, help="Image-level energy-based model (JEM++ WRN), score = energy")
     register("ebm-patch", EBMPatch, help="Patch-level energy-based model, map = grid of patch energies")
 
 
 @hookimpl
 def register_samplers(register):
+    from adkit_plugins.ebm.samplers import PYLD, SGLD
+
     register("pyld", PYLD, help="PYLD-M-N (JEM++): M full passes, N first-layer steps each")
     register("sgld", SGLD, help="SGLD (JEM): K full-gradient Langevin steps")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from adkit import hookimpl
-from adkit_plugins.patchcore.detector import PatchCore
 
 
 @hookimpl
 def register_detectors(register):
+    from adkit_plugins.patchcore.detector import PatchCore
+
     register("patchcore", PatchCore,
              help="PatchCore (Roth et al. 2022): kNN distance to a coreset of pretrained patch features")

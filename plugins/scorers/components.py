@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from adkit import hookimpl
 from adkit.components import Scorer, check_map
 
 
@@ -68,12 +67,3 @@ class MeanScorer(Scorer):
     def forward(self, anomaly_map: Tensor) -> Tensor:
         check_map(anomaly_map, "mean")
         return anomaly_map.flatten(1).mean(dim=1)
-
-
-@hookimpl
-def register_scorers(register):
-    register("max", MaxScorer)
-    register("maxmin", MaxMinScorer)
-    register("topk-mean", TopKMeanScorer)
-    register("mean", MeanScorer)
-

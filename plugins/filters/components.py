@@ -11,7 +11,6 @@ import kornia
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit import hookimpl
 from adkit.components import PostProcessor, check_map
 
 
@@ -95,11 +94,3 @@ class Unsharp(PostProcessor):
 
     def forward(self, anomaly_map: Tensor) -> Tensor:
         return unsharp_mask(anomaly_map, self.amount, self.sigma)
-
-
-@hookimpl
-def register_postprocessors(register):
-    register("avgpool", AvgPool)
-    register("gaussian", Gaussian)
-    register("unsharp", Unsharp)
-    register("crop", Crop)

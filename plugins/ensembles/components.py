@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from adkit import hookimpl
 from adkit.components import Ensemble
 
 
@@ -89,10 +88,3 @@ class RankMean(Ensemble):
             ranks.append((below + at_or_below).double() / (2 * max(len(ref), 1)))
         w = torch.tensor(self.weights or [1.0] * len(scores), dtype=torch.float64)
         return ((w / w.sum())[:, None] * torch.stack(ranks)).sum(0)
-
-
-@hookimpl
-def register_ensembles(register):
-    register("mean", WeightedMean)
-    register("max", Maximum)
-    register("rank", RankMean)

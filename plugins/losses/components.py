@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit import hookimpl
 from adkit.components import Loss
 from adkit.engine import in_float32
 
@@ -151,12 +150,3 @@ class InversePSNRLoss(Loss):
 
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return inverse_psnr_loss(prediction, target, self.floor_db)
-
-
-@hookimpl
-def register_losses(register):
-    register("l2", L2Loss)
-    register("ssim", SSIMLoss)
-    register("focal", FocalLoss)
-    register("color", ColourHistogramLoss)
-    register("psnr", InversePSNRLoss)

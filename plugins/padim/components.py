@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit import distributed, hookimpl
+from adkit import distributed
 from adkit.components import Backbone, Detector, DetectorContext
 from adkit.engine import derived_seed
 from adkit.errors import AdkitError
@@ -104,8 +104,3 @@ class PaDiM(Detector):
         distance = squared.sqrt().T.reshape(b, 1, h, w)
         anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return self.smooth(anomaly_map) if self.smooth is not None else anomaly_map
-
-
-@hookimpl
-def register_detectors(register):
-    register("padim", PaDiM, help="PaDiM (Defard et al. 2021): per-position Gaussians of pretrained features")

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit import hookimpl
 from adkit.components import PostProcessor, check_map
 
 
@@ -69,8 +68,3 @@ class FreqMask(PostProcessor):
 
     def forward(self, anomaly_map: Tensor) -> Tensor:
         return frequency_mask(anomaly_map, self.kernels(), self.stride, self.combine)
-
-
-@hookimpl
-def register_postprocessors(register):
-    register("freqmask", FreqMask, help="Low-frequency emphasis + avg pooling at stride 4 (DRAEM-improvement paper)")
