@@ -89,6 +89,8 @@ def test_timm_backbone_errors(catalog, tmp_path, monkeypatch):
     with pytest.raises(AdkitError, match="does not exist"):
         catalog["backbone"].create(f"timm:model=resnet18,weights={tmp_path / 'missing.pth'}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # read when huggingface_hub is imported: set it there too
     with pytest.raises(AdkitError, match=r"offline, pass a local file: timm:model=resnet18,weights=PATH"):
         catalog["backbone"].create("timm:model=resnet18,pretrained=true")
 
