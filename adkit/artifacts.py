@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from adkit import distributed, metrics, render, report
+from adkit import distributed, metrics, pages, render, report
 from adkit.data.datasets import LoadedSplit, Sample
 from adkit.evaluation import Evaluation
 
@@ -32,10 +32,12 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
     normal = test.labels == 0
     pixel_threshold = float(np.quantile(maps[normal].numpy(), 0.99)) if normal.any() else 0.5
     vmax = float(maps.max()) if maps.numel() else 1.0
-    for i in overlay_sample(test.samples):
-        sample = test.samples[i]
+    sampled = set(overlay_sample(test.samples))
+    for i, sample in enumerate(test.samples):
         panel = report.overlay_panel(test.images[i], maps[i], pixel_threshold, vmax, test.masks[i])
-        report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
+        pages.write_thumbnail(panel, folder / pages.THUMBS / f"{i:05d}.jpg")  # the report's gallery, every image
+        if i in sampled:
+            report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
 
 
 def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor,
@@ -90,9 +92,11 @@ def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores
     report.write_scores_csv(out / "scores.csv", score_rows(paths, [""] * len(paths), scores, decisions))
     vmax = float(maps.max())
     pixel_threshold = float(np.quantile(maps.numpy(), 0.99))
-    for i, path in enumerate(paths[:OVERLAY_SAMPLES * 4]):
+    for i, path in enumerate(paths):
         panel = report.overlay_panel(loaded.images[i], maps[i], pixel_threshold, vmax)
-        report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
+        pages.write_thumbnail(panel, out / pages.THUMBS / f"{i:05d}.jpg")
+        if i < OVERLAY_SAMPLES * 4:
+            report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
 
 
 def record_threshold(checkpoint_dir: Path, threshold: float, posts: list[str], scorer: str, source: str) -> None:

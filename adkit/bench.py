@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from adkit import artifacts, distributed, render
+from adkit import artifacts, distributed, pages, render
 from adkit.assembly import build_pipeline
 from adkit.config import RunConfig
 from adkit.errors import AdkitError
@@ -51,7 +51,8 @@ def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
     if distributed.is_main():
         render.print_bench(rows)
         artifacts.write_bench(out, rows)
-        render.say(f"bench results in {out}")
+        pages.build(out)
+        render.say(f"bench results in {out} (open {out / pages.PAGE})")
     return rows
 
 

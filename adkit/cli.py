@@ -213,6 +213,15 @@ def synth(out: str, category: tuple[str, ...], seed: int, size: int, n_train: in
     api.synth(Path(out), categories=list(category), seed=seed, size=size, n_train=n_train, n_test=n_test)
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def report(folder: str) -> None:
+    """Rebuild report.html in a run, test, bench or predict folder from the files there."""
+    from adkit import pages
+
+    click.echo(f"wrote {pages.build(Path(folder))}")
+
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",

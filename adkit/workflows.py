@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from adkit import artifacts, deploy, distributed, metrics, render, report
+from adkit import artifacts, deploy, distributed, metrics, pages, render, report
 from adkit.assembly import build_pipeline, load_trained, pipeline_specs, plan_from_checkpoint
 from adkit.config import RunConfig
 from adkit.data.datasets import Sample, load_split
@@ -51,8 +51,9 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     if not main:
         return results
     artifacts.write_summary(out, plan_.config.__dict__, results)
+    pages.build(out)
     render.print_summary(results, f"{plan_.detector} on {plan_.config.data}")
-    render.say(f"results in {out}")
+    render.say(f"results in {out} (open {out / pages.PAGE})")
     return results
 
 
@@ -100,7 +101,8 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
     if main:
         render.print_bench(rows)
         artifacts.write_bench(out, rows)
-        render.say(f"results in {out}")
+        pages.build(out)
+        render.say(f"results in {out} (open {out / pages.PAGE})")
     return rows if main else []
 
 
@@ -153,7 +155,10 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
                 artifacts.record_threshold(checkpoint.parent, evaluation.threshold, plan_.posts, plan_.scorer,
                                            _source(plan_, category, "test"))
     if main:
+        artifacts.write_summary(out, {"checkpoint": str(checkpoint), **plan_.config.__dict__}, results)
+        pages.build(out)
         render.print_summary(results, f"{plan_.detector} from {checkpoint}")
+        render.say(f"results in {out} (open {out / pages.PAGE})")
     return results
 
 
@@ -201,7 +206,9 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
         return out
     artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions)
-    render.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped); results in {out}")
+    pages.build(out)
+    render.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped); results in {out} (open "
+               f"{out / pages.PAGE})")
     return out
 
 
