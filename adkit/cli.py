@@ -215,11 +215,17 @@ def synth(out: str, category: tuple[str, ...], seed: int, size: int, n_train: in
 
 @cli.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-def report(folder: str) -> None:
+@click.option("--screenshot", type=click.Path(dir_okay=False), help="Also render the page in headless Chromium "
+                                                                    "to this PNG (the top 1280 x 1800 px).")
+def report(folder: str, screenshot: str | None) -> None:
     """Rebuild report.html in a run, test, bench or predict folder from the files there."""
     from adkit import pages
 
-    click.echo(f"wrote {pages.build(Path(folder))}")
+    page = pages.build(Path(folder))
+    click.echo(f"wrote {page}")
+    if screenshot:
+        seconds = pages.screenshot(page, Path(screenshot))
+        click.echo(f"rendered it to {screenshot} in {seconds:.1f} s")
 
 
 @cli.command("new-plugin")

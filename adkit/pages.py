@@ -160,7 +160,7 @@ def _gallery(folder: Path, rel: str, rows: list[dict[str, str]], threshold: floa
                      f"{' -> ' + decision if decision else ''} · {float(row['score']):.4g}</figcaption></figure>")
     head = (f"<p>{len(rows)} images by score, highest first"
             + (f"; the {misses} misses at the threshold (outlined) first" if threshold is not None else "")
-            + ". Each picture: input, ground truth where known, heatmap.</p>")
+            + ". Each picture: input, ground truth (where known), heatmap, pixels above the 99th percentile of normal images' maps.</p>")
     return head + "<div class='gallery'>" + "".join(cards) + "</div>"
 
 
@@ -243,6 +243,35 @@ def _predict_page(folder: Path) -> str:
                                                          if decided else "No threshold: no decisions. ")
             + "Highest score first.</p>")
     return head + _gallery(folder, "", rows, None)
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def find_browser() -> str | None:
+    """A headless-capable Chromium on the PATH, or None."""
+    import shutil
+
+    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
+
+
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 1800) -> float:
+    """Render ``page`` in headless Chromium and save the top ``width`` x ``height`` px to ``png``; returns the
+    seconds it took (browser start included)."""
+    import subprocess
+    import time
+
+    browser = find_browser()
+    if browser is None:
+        raise AdkitError("--screenshot needs Chromium on the PATH (Debian: apt install chromium)")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
+                             f"--window-size={width},{height}", f"--screenshot={png.resolve()}",
+                             page.resolve().as_uri()], capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode != 0 or not png.is_file():
+        raise AdkitError(f"{browser} could not render {page}: {result.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - started
 
 
 def write_thumbnail(panel: Any, path: Path, height: int = 96) -> None:

@@ -116,39 +116,24 @@ def save_png_atomic(picture: Image.Image, path: Path) -> None:
 
 def curve_plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, x_label: str, y_label: str,
                x_marker: float | None = None, size: int = 420) -> Image.Image:
-    """A line plot of ``curves`` (label, x, y) with x and y in [0, 1]: axes, a 0.1 grid, a legend, and an
-    optional vertical marker (e.g. the AUPRO FPR limit)."""
-    from PIL import ImageDraw
+    """A matplotlib line plot of ``curves`` (label, x, y) with x and y in [0, 1], a legend and an optional
+    vertical marker (e.g. the AUPRO FPR limit), as a ``size`` x ``size`` px picture."""
+    import matplotlib
 
-    margin_left, margin_bottom, margin_top, margin_right = 50, 40, 28, 12
-    picture = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(picture)
-    width = size - margin_left - margin_right
-    height = size - margin_top - margin_bottom
+    matplotlib.use("Agg")  # files only: no display
+    from matplotlib import pyplot as plt
 
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return margin_left + x * width, margin_top + (1 - y) * height
-
-    for i in range(11):
-        t = i / 10
-        colour = (225, 225, 225) if i not in (0, 10) else (0, 0, 0)
-        draw.line([to_pixel(t, 0), to_pixel(t, 1)], fill=colour)
-        draw.line([to_pixel(0, t), to_pixel(1, t)], fill=colour)
-        if i % 2 == 0:
-            x, y = to_pixel(t, 0)
-            draw.text((x - 8, y + 4), f"{t:.1f}", fill="black")
-            x, y = to_pixel(0, t)
-            draw.text((x - 28, y - 6), f"{t:.1f}", fill="black")
+    figure, axes = plt.subplots(figsize=(size / 100, size / 100), dpi=100)
+    for label, x, y in curves:
+        axes.plot(x, y, label=label, linewidth=1.2)
     if x_marker is not None:
-        draw.line([to_pixel(x_marker, 0), to_pixel(x_marker, 1)], fill=(150, 150, 150), width=1)
-    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    for k, (label, xs, ys) in enumerate(curves):
-        colour = palette[k % len(palette)]
-        points = [to_pixel(float(x), float(y)) for x, y in zip(xs, ys)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        draw.text((margin_left + 8, margin_top + 6 + 14 * k), label, fill=colour)
-    draw.text((margin_left, 6), title, fill="black")
-    draw.text((margin_left + width // 2 - 20, size - 18), x_label, fill="black")
-    draw.text((4, margin_top - 20), y_label, fill="black")
-    return picture
+        axes.axvline(x_marker, color="grey", linestyle=":", linewidth=1)
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), title=title, xlabel=x_label, ylabel=y_label)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")

@@ -8,6 +8,9 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 TINY = "synthetic:size=32,n_train=8,n_test=12"
 
 
@@ -92,3 +95,20 @@ def test_bench_and_predict_pages(invoke, tmp_path):
     assert len(page.figures) == len(scores)
     code, _, err = invoke("report", str(tmp_path))
     assert code == 2 and "holds no adkit results" in err
+
+
+def test_the_page_renders_in_chromium(invoke, tmp_path):
+    from PIL import Image
+
+    from adkit.pages import find_browser
+
+    if find_browser() is None:
+        pytest.skip("Chromium is not installed (Debian: apt install chromium); .ci/run installs it when it can")
+    out = tmp_path / "run"
+    assert invoke("run", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile", "--image-size", "32",
+                  "--out", str(out))[0] == 0
+    code, stdout, err = invoke("report", str(out), "--screenshot", str(tmp_path / "shot.png"))
+    assert code == 0, err
+    assert "rendered it to" in stdout
+    shot = np.asarray(Image.open(tmp_path / "shot.png").convert("L"), dtype=float)
+    assert shot.shape == (1800, 1280) and shot.std() > 10  # a page with content, not a blank or an error page
