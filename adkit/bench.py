@@ -72,9 +72,11 @@ def _bench_job(plan_: RunPlan, category: str, out: Path, train_keys: list[str], 
                 scorer = value
         label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
         evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, posts, scorer))
+        row = {"configuration": label or str(plan_.detector), **evaluation.metrics}
         if not score_keys:  # with re-scoring axes the files of one combination would overwrite another's
             artifacts.write_category(run_.test, category, evaluation, folder)
-        rows.append({"configuration": label or str(plan_.detector), **evaluation.metrics})
+            row["folder"] = str(folder.relative_to(out))  # the report links the row to these files
+        rows.append(row)
     return rows
 
 

@@ -102,7 +102,7 @@ def _run_page(folder: Path) -> str:
                     [[html.escape(r["category"]), *[fmt(r.get(k), 1 if k == "infer_img_s" else 3) for k, _ in METRICS]]
                      for r in results], sortable=True)]
     for result in results:
-        parts.append(_category_section(folder / result["category"], result))
+        parts.append(_category_section(folder, result["category"], result))
     config = summary.get("config", {})
     if (folder / "config.toml").is_file():
         config_text = (folder / "config.toml").read_text()
@@ -112,9 +112,11 @@ def _run_page(folder: Path) -> str:
     return "\n".join(parts)
 
 
-def _category_section(folder: Path, result: dict[str, Any]) -> str:
-    category = html.escape(result["category"])
-    rel = folder.name
+def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title: str | None = None,
+                      anchor: str | None = None) -> str:
+    """One category's results: ``rel`` is its folder relative to the page's."""
+    folder = page_folder / rel
+    category = html.escape(title or result["category"])
     rows = _read_scores(folder / "scores.csv") if (folder / "scores.csv").is_file() else []
     threshold = result.get("threshold")
     figures = [f"{rel}/{name}" for name in ("roc.png", "pro.png") if (folder / name).is_file()]
@@ -127,7 +129,7 @@ def _category_section(folder: Path, result: dict[str, Any]) -> str:
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
                f"image AUROC {fmt(result.get('image_auroc'))}, pixel AUROC {fmt(result.get('pixel_auroc'))}; "
                f"threshold {fmt(threshold, 4)}.</p>")
-    parts = [f"<h2 id='{category}'>{category}</h2>", summary,
+    parts = [f"<h2 id='{html.escape(anchor or result['category'])}'>{category}</h2>", summary,
              "<div class='figures'>" + "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>"
                                                for f in figures) + "</div>"]
     if rows:
@@ -220,19 +222,30 @@ def _bench_page(folder: Path) -> str:
     for r in rows:
         base = first.get(r["category"], {})
         delta = (r["image_auroc"] - base["image_auroc"]) if "image_auroc" in base and "image_auroc" in r else None
-        table_rows.append([html.escape(r["configuration"]), html.escape(r["category"]), fmt(r.get("image_auroc")),
+        name = html.escape(r["configuration"])
+        if r.get("folder") and (folder / r["folder"] / "metrics.json").is_file():
+            name = f"<a href='#{html.escape(_anchor(r))}'>{name}</a>"
+        table_rows.append([name, html.escape(r["category"]), fmt(r.get("image_auroc")),
                            "-" if delta is None else f"{delta:+.3f}", fmt(r.get("pixel_auroc")), fmt(r.get("aupro")),
                            fmt(r.get("train_s"), 1), fmt(r.get("infer_img_s"), 1)])
     means = []
     for c in configurations:
         values = [r["image_auroc"] for r in rows if r["configuration"] == c and "image_auroc" in r]
         means.append([html.escape(c), fmt(float(np.mean(values)) if values else None)])
+    sections = [_category_section(folder, r["folder"], r, title=f"{r['configuration']}: {r['category']}",
+                                  anchor=_anchor(r))
+                for r in rows if r.get("folder") and (folder / r["folder"] / "metrics.json").is_file()]
     return "\n".join([
         f"<h2>Per configuration and category (delta: image AUROC against {html.escape(configurations[0])})</h2>",
         "<p>Click a column to sort.</p>",
         _table(["configuration", "category", "image AUROC", "delta", "pixel AUROC", "AUPRO@0.3", "train s", "img/s"],
                table_rows, sortable=True),
-        "<h2>Mean image AUROC per configuration</h2>", _table(["configuration", "mean image AUROC"], means)])
+        "<h2>Mean image AUROC per configuration</h2>", _table(["configuration", "mean image AUROC"], means),
+        *sections])
+
+
+def _anchor(row: dict[str, Any]) -> str:
+    return "run-" + "".join(c if c.isalnum() else "-" for c in f"{row['configuration']}-{row['category']}")
 
 
 def _predict_page(folder: Path) -> str:

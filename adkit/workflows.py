@@ -86,7 +86,7 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
             evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
             if main:
                 artifacts.write_category(run_.test, category, evaluation, folder)
-            rows.append({"configuration": name, **evaluation.metrics})
+            rows.append({"configuration": name, **evaluation.metrics, "folder": f"{name}/{category}"})
             evaluations.append(evaluation)
             labels = run_.test.labels.numpy()
         if not main:

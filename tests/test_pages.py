@@ -22,11 +22,17 @@ class Page(HTMLParser):
         self.images: list[str] = []
         self.tables: list[list[list[str]]] = []
         self.figures: list[str] = []
+        self.links: list[str] = []
+        self.ids: set[str] = set()
         self._cell: list[str] | None = None
         self.feed(path.read_text())
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a":
+            self.links.append(attrs["href"])
         if tag == "img":
             self.images.append(attrs["src"])
         elif tag == "table":
@@ -85,6 +91,9 @@ def test_bench_and_predict_pages(invoke, tmp_path):
     assert len(table) == 1 + len(rows)
     for cells, row in zip(table[1:], rows):
         assert cells[0] == row["configuration"] and cells[2] == f"{row['image_auroc']:.3f}"
+    page = Page(out / "report.html")  # each detector's row links to its section: curves and gallery
+    assert len(page.links) == 2 and all(link.startswith("#") and link[1:] in page.ids for link in page.links)
+    assert page.images and all((out / src).is_file() for src in page.images)
     code, _, err = invoke("predict", "--checkpoint", str(out / "pixel-gauss-1" / "tile" / "checkpoint.pt"),
                           str(out / "pixel-gauss-1" / "tile" / "overlays"), "--out", str(tmp_path / "p"))
     assert code == 0, err
