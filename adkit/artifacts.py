@@ -107,19 +107,25 @@ def record_threshold(checkpoint_dir: Path, threshold: float, posts: list[str], s
                                                              "scorer": scorer, "fitted_on": source})
 
 
-def recorded_threshold(checkpoint_dir: Path, posts: list[str], scorer: str) -> float | None:
-    """The recorded threshold if it was fitted for these post-processors and scorer; None (with a warning when
-    it was fitted for others) otherwise."""
+def threshold_record(checkpoint_dir: Path, posts: list[str], scorer: str) -> dict[str, Any] | None:
+    """The recorded threshold.json if it was fitted for these post-processors and scorer; None (with a warning
+    when it was fitted for others) otherwise."""
     path = checkpoint_dir / THRESHOLD_FILE
     if not path.is_file():
         return None
     recorded = json.loads(path.read_text())
     if recorded.get("posts") != list(posts) or recorded.get("scorer") != scorer:
         render.warn(f"the threshold in {path} was fitted for post-processors {recorded.get('posts')} and scorer "
-                    f"{recorded.get('scorer')}, not {list(posts)} and {scorer}: no decisions are written; run "
-                    "adkit test with these options to fit one")
+                    f"{recorded.get('scorer')}, not {list(posts)} and {scorer}: it is not used (predict writes no "
+                    "decisions, export refuses); run adkit test with these options to fit one")
         return None
-    return float(recorded["threshold"])
+    return recorded
+
+
+def recorded_threshold(checkpoint_dir: Path, posts: list[str], scorer: str) -> float | None:
+    """The threshold of ``threshold_record``, or None."""
+    record = threshold_record(checkpoint_dir, posts, scorer)
+    return None if record is None else float(record["threshold"])
 
 
 def write_summary(out: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from adkit.assembly import build_pipeline, load_trained, pipeline_specs, plan_fr
 from adkit.config import RunConfig
 from adkit.data.datasets import Sample, load_split
 from adkit.data.io import is_image_file, list_images
-from adkit.deploy import FORMATS, Deployed, Runner, load_runner, read_model
+from adkit.deploy import Deployed, Runner, load_runner, read_model
 from adkit.engine import autocast, load_checkpoint, resolve_device
 from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
@@ -251,20 +250,19 @@ def _warn_resized(paths: list[Path], size: int) -> None:
 
 def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> Path:
     """Export a checkpoint's pipeline with its recorded threshold to ONNX or TorchScript (adkit.deploy)."""
-    if fmt not in FORMATS:
-        raise AdkitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
     posts, scorer = pipeline_specs(config, meta)
-    threshold = artifacts.recorded_threshold(checkpoint.parent, posts, scorer)
-    if threshold is None:
+    record = artifacts.threshold_record(checkpoint.parent, posts, scorer)
+    if record is None:
         raise AdkitError(f"no threshold for post-processors {posts} and scorer {scorer} beside {checkpoint}: run "
                          f"adkit test --checkpoint {checkpoint} with these options first")
+    threshold = float(record["threshold"])
     pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload)
     out = out or checkpoint.parent / f"export-{fmt}"
     info = {"detector": meta["detector"], "backbone": meta.get("backbone"), "posts": posts, "scorer": scorer,
             "category": meta["category"], "checkpoint": str(checkpoint),
-            "threshold_fitted_on": json.loads((checkpoint.parent / artifacts.THRESHOLD_FILE).read_text())["fitted_on"]}
+            "threshold_fitted_on": record["fitted_on"]}
     deploy.export(Deployed(pipeline, threshold), fmt, out, meta["image_size"], info)
     render.say(f"exported to {out} ({fmt}, threshold {threshold:.6g})")
     return out
