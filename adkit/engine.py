@@ -290,39 +290,45 @@ class Predictions:
     own_scores: bool = False  # the detector returned image scores of its own (the scorer was not used)
 
 
+def in_batches(run: Callable[[Tensor], tuple[Tensor, ...]], images: Tensor, batch_size: int, outputs: int,
+               on_batch: Callable[[int], None] | None = None) -> list[Tensor]:
+    """``run`` over ``images`` (N, ...) in batches, each of its ``outputs`` tensors concatenated on the CPU. Under
+    torchrun every rank runs its shard and gets all N rows back, in order. ``on_batch`` gets the number done."""
+    n = images.shape[0]
+    mine = images[distributed.shard(n)] if distributed.world_size() > 1 else images
+    parts: list[list[Tensor]] = [[] for _ in range(outputs)]
+    for i in range(0, mine.shape[0], batch_size):
+        for part, tensor in zip(parts, run(mine[i:i + batch_size])):
+            part.append(tensor.cpu())
+        if on_batch is not None:
+            on_batch(min(i + batch_size, mine.shape[0]))
+    # a rank without images passes empty tensors, whose trailing shape gather_shards ignores
+    joined = [torch.cat(part) if part else torch.zeros(0) for part in parts]
+    return distributed.gather_shards(joined, n) if distributed.world_size() > 1 else joined
+
+
 @torch.inference_mode()
 def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.device,
             on_batch: Callable[[int], None] | None = None, precision: str = "auto") -> Predictions:
     """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches; ``on_batch`` gets
     the number of images done after each batch. Under torchrun every rank scores its shard of the images and
     every rank gets all the predictions back, in order."""
-    n = images.shape[0]
-    if distributed.world_size() > 1:
-        images = images[distributed.shard(n)]
     pipeline.to(device).eval()
-    raw_maps, processed_maps, scores = [], [], []
-    start = time.perf_counter()
-    for x in _batches(images, batch_size, device):
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = x.to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            raw, processed, score = pipeline(x)
-        scores.append(score.cpu())
-        raw_maps.append(raw.cpu())
-        processed_maps.append(processed.cpu())
-        if on_batch is not None:
-            on_batch(sum(m.shape[0] for m in raw_maps))
-    native_size, own_scores = pipeline.native_size, pipeline.own_scores
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+            return pipeline(x)
+
+    start = time.perf_counter()
+    raw, processed, score = in_batches(run, images, batch_size, 3, on_batch)
     seconds = time.perf_counter() - start
-    if raw_maps:
-        raw, processed, score = torch.cat(raw_maps), torch.cat(processed_maps), torch.cat(scores)
-    else:
+    if raw.numel() == 0:
         raw = processed = torch.zeros(0, 1, *images.shape[-2:])
-        score = torch.zeros(0)
+    native_size, own_scores = pipeline.native_size, pipeline.own_scores
     if distributed.world_size() > 1:
-        raw, processed, score = distributed.gather_shards([raw, processed, score], n)
         timings = distributed.all_gather_objects((seconds, native_size))
         seconds = max(t for t, _ in timings)  # the slowest rank sets the pace
         native_size = max(size for _, size in timings)

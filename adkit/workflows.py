@@ -14,7 +14,7 @@ from adkit.config import RunConfig
 from adkit.data.datasets import Sample, load_split
 from adkit.data.io import is_image_file, list_images
 from adkit.deploy import Deployed, Runner, load_runner, read_model
-from adkit.engine import autocast, load_checkpoint, resolve_device
+from adkit.engine import autocast, in_batches, load_checkpoint, resolve_device
 from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
 from adkit.evaluation import CategoryRun, evaluate, train_category
@@ -201,7 +201,7 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     loaded = load_split([Sample(path, 0) for path in paths], size, config.skip_bad)
     if not loaded.samples:
         raise AdkitError("no readable images to score")
-    maps, scores, decisions = _score(runner, loaded.images, config.batch_size or 8)
+    maps, scores, decisions = in_batches(runner, loaded.images, config.batch_size or 8, 3)
     if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
         return out
     artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions)
@@ -219,17 +219,6 @@ def _eager_runner(model: Deployed, device: torch.device, precision: str) -> Runn
             return tuple(t.cpu() for t in model(images.to(device)))  # type: ignore[return-value]
 
     return run
-
-
-def _score(runner: Runner, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``runner`` over ``images`` in batches; under torchrun each rank runs its shard and all get everything."""
-    n = images.shape[0]
-    mine = images[distributed.shard(n)] if distributed.world_size() > 1 else images
-    parts = [runner(mine[i:i + batch_size]) for i in range(0, mine.shape[0], batch_size)]
-    maps, scores, decisions = (torch.cat([p[k] for p in parts]) for k in range(3))
-    if distributed.world_size() > 1:
-        maps, scores, decisions = distributed.gather_shards([maps, scores, decisions], n)
-    return maps, scores, decisions
 
 
 def _warn_resized(paths: list[Path], size: int) -> None:
