@@ -9,8 +9,6 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ from torch import Tensor, nn
 import adkit
 from adkit.components import Pipeline, upsample
 from adkit.errors import AdkitError
-from adkit.report import usual_mode, write_json
+from adkit.report import atomic_dir, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 MODEL_JSON = "model.json"
@@ -59,10 +57,7 @@ def export(model: Deployed, fmt: str, out: Path, image_size: int, info: dict[str
     if blocked:
         raise AdkitError(f"cannot export: {', '.join(blocked)} declare(s) exportable = False")
     model = model.cpu().eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    staging.chmod(usual_mode(directory=True))
-    try:
+    with atomic_dir(out) as staging:
         path = staging / FORMATS[fmt]
         example = _check_images(2, image_size, seed=0)
         try:
@@ -79,9 +74,6 @@ def export(model: Deployed, fmt: str, out: Path, image_size: int, info: dict[str
         write_json(staging / MODEL_JSON, {**model_card(fmt, image_size, float(model.threshold)), **info,
                                           "adkit_version": adkit.__version__,
                                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

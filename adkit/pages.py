@@ -15,6 +15,7 @@ import numpy as np
 
 from adkit import report
 from adkit.errors import AdkitError
+from adkit.render import fmt
 
 PAGE = "report.html"
 THUMBS = "thumbs"
@@ -43,15 +44,6 @@ for (const th of document.querySelectorAll("th.sortable")) {
   });
 }
 """
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """A table cell: numbers with ``digits`` decimals, "-" for missing or NaN."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    if isinstance(value, (int, float)):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def build(folder: Path) -> Path:
@@ -166,20 +158,9 @@ def _gallery(folder: Path, rel: str, rows: list[dict[str, str]], threshold: floa
     return head + "<div class='gallery'>" + "".join(cards) + "</div>"
 
 
-def _figure() -> tuple[Any, Any, Any]:
-    """A small matplotlib figure on the Agg backend (no display): (figure, axes, pyplot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(4.2, 3.2), dpi=100)
-    return figure, axes, plt
-
-
 def _score_histogram(rows: list[dict[str, str]], threshold: float, path: Path, category: str) -> None:
     """Scores of normal and defective test images, and the threshold."""
-    figure, axes, plt = _figure()
+    figure, axes = report.new_figure(420, 320)
     scores = np.array([float(r["score"]) for r in rows])
     labels = np.array([r.get("label", "") for r in rows])
     bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 4)))
@@ -189,10 +170,7 @@ def _score_histogram(rows: list[dict[str, str]], threshold: float, path: Path, c
     axes.axvline(threshold, color="black", linestyle="--", label="threshold")
     axes.set(title=f"test scores, {category}", xlabel="image score", ylabel="images")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    with report.atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
+    report.save_figure_atomic(figure, path)
 
 
 def _history_plot(source: Path, path: Path, category: str) -> bool:
@@ -200,17 +178,14 @@ def _history_plot(source: Path, path: Path, category: str) -> bool:
     rows = _read_scores(source)
     if not rows:
         return False
-    figure, axes, plt = _figure()
+    figure, axes = report.new_figure(420, 320)
     steps = [float(r["step"]) for r in rows]
     for key in rows[0]:
         if key != "step":
             axes.plot(steps, [float(r[key]) if r[key] else np.nan for r in rows], label=key)
     axes.set(title=f"training, {category}", xlabel="step")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    with report.atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
+    report.save_figure_atomic(figure, path)
     return True
 
 

@@ -60,10 +60,12 @@ def print_plugins(catalog: Catalog, show_all: bool = False) -> None:
 
 
 def fmt(value: Any, digits: int = 3) -> str:
-    """A metric cell: ``digits`` decimals, "-" for a missing or NaN value."""
+    """A metric cell: numbers with ``digits`` decimals, "-" for a missing or NaN value, other values as text."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "-"
-    return f"{value:.{digits}f}"
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
 
 
 def mean_row(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,23 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill; on success it gets the usual mode and is renamed to ``path``
+    (which must not exist, or be an empty folder), so readers see the whole folder or none; on failure it is
+    removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield staging
+        staging.chmod(usual_mode(directory=True))  # mkdtemp's 0700 would hide the folder from other users
+        if path.is_dir():
+            path.rmdir()
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -114,16 +132,37 @@ def save_png_atomic(picture: Image.Image, path: Path) -> None:
         picture.save(tmp, format="PNG")
 
 
+def new_figure(width: int, height: int) -> tuple[Any, Any]:
+    """A matplotlib figure of ``width`` x ``height`` px and its axes, on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt.subplots(figsize=(width / 100, height / 100), dpi=100)
+
+
+def figure_png(figure: Any) -> bytes:
+    """The figure laid out tightly as PNG bytes; the figure is closed."""
+    from matplotlib import pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def save_figure_atomic(figure: Any, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        tmp.write_bytes(figure_png(figure))
+
+
 def curve_plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, x_label: str, y_label: str,
                x_marker: float | None = None, size: int = 420) -> Image.Image:
     """A matplotlib line plot of ``curves`` (label, x, y) with x and y in [0, 1], a legend and an optional
     vertical marker (e.g. the AUPRO FPR limit), as a ``size`` x ``size`` px picture."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(size / 100, size / 100), dpi=100)
+    figure, axes = new_figure(size, size)
     for label, x, y in curves:
         axes.plot(x, y, label=label, linewidth=1.2)
     if x_marker is not None:
@@ -131,9 +170,4 @@ def curve_plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, x_l
     axes.set(xlim=(0, 1), ylim=(0, 1.01), title=title, xlabel=x_label, ylabel=y_label)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    return Image.open(io.BytesIO(figure_png(figure))).convert("RGB")

@@ -4,14 +4,12 @@ point, and tests that pass as written (templates in adkit/templates/plugin)."""
 from __future__ import annotations
 
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import adkit
 from adkit.errors import AdkitError
-from adkit.report import usual_mode
+from adkit.report import atomic_dir
 
 TEMPLATES = Path(__file__).parent / "templates" / "plugin"
 KINDS = ("detector", "postprocessor", "scorer", "loss", "sampler", "backbone", "ensemble", "dataset", "command")
@@ -121,19 +119,11 @@ def new_plugin(name: str, kinds: list[str], out: Path | None = None) -> Path:
              f"{package}/__init__.py": "\n".join(module) + "\n",
              **({f"{package}/components.py": "\n".join(components) + "\n"} if kinds != ["command"] else {}),
              f"tests/test_{identifier}.py": "\n".join(tests) + "\n"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    staging.chmod(usual_mode(directory=True))  # mkdtemp's 0700 would hide the package from other users
-    try:  # built beside the target and moved into place: no half-written package on failure
+    with atomic_dir(out) as staging:  # no half-written package on failure
         for relative, text in files.items():
             path = staging / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(_fill(text, values))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
