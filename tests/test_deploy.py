@@ -90,7 +90,9 @@ def test_predict_from_a_model_writes_what_predict_from_the_checkpoint_writes(inv
     for i, image in enumerate(images_for(64)):
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")).save(folder / f"{i}.png")
     Image.new("RGB", (80, 70), (128, 100, 90)).save(folder / "other-size.png")
-    code, _, err = invoke("predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(tmp_path / "a"))
+    # on the CPU as the exported models run (on a GPU, --precision auto would score in bf16)
+    code, _, err = invoke("predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(tmp_path / "a"),
+                          "--device", "cpu")
     assert code == 0, err
     assert "1 of 6 images are not 64x64 px; they are resized" in err
     for fmt in ("onnx", "torchscript"):

@@ -24,7 +24,8 @@ def test_a_generated_package_with_every_kind_passes_its_own_tests(invoke, tmp_pa
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(package)], check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    # prepended: an adkit found through PYTHONPATH (not installed in the interpreter) stays importable
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
                            check=False, cwd=package, env=env, capture_output=True, text=True)
     assert tests.returncode == 0, tests.stdout[-3000:]

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/benchmarks.md in one go, for a machine with a CUDA GPU and adkit installed.
+#
+#     bash benchmarks/gpu_suite.sh OUTDIR [ANOMALIB_ENV]
+#
+# Each benchmark runs under its own time limit, so one failure does not lose the others. OUTDIR/results.jsonl gets
+# one JSON line per benchmark (the last line each script printed, tagged with "bench"); OUTDIR/log.txt everything
+# printed. ANOMALIB_ENV (default: compare_anomalib.py's) is a folder whose bin/python imports anomalib; without it
+# the anomalib comparisons are skipped. PYTHON picks the interpreter (default python3).
+set -u
+out=${1:?usage: gpu_suite.sh OUTDIR [ANOMALIB_ENV]}
+env_dir=${2:-$HOME/.cache/adkit/anomalib-env}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+log="$out/log.txt"
+results="$out/results.jsonl"
+export PYTHONUNBUFFERED=1
+
+bench() {  # bench NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*" | tee -a "$log"
+    local start=$SECONDS
+    if timeout "$limit" "$@" > "$out/.last" 2>&1; then
+        tail -n 1 "$out/.last" | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); r['bench']='$name'; print(json.dumps(r))" >> "$results" \
+            || echo "{\"bench\": \"$name\", \"error\": \"no JSON line\"}" >> "$results"
+    else
+        echo "{\"bench\": \"$name\", \"error\": \"exit $?\"}" >> "$results"
+    fi
+    cat "$out/.last" >> "$log"
+    echo "=== $name: $((SECONDS - start)) s" | tee -a "$log"
+    tail -n 3 "$out/.last"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$log"
+"$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$log"
+
+have_anomalib() { [ -x "$env_dir/bin/python" ]; }
+# most wanted first: a run cut short by a time limit keeps what it finished
+bench draem-bf16 120 "$py" benchmarks/speed.py --size 256 --batch 8 --json
+have_anomalib && bench anomalib-draem-default 150 "$py" benchmarks/compare_anomalib.py --size 256 --batch 8 \
+    --device cuda --env "$env_dir" --json
+bench draem-fp32 120 "$py" benchmarks/speed.py --size 256 --batch 8 --precision fp32 --json
+have_anomalib && bench anomalib-draem-bf16 150 "$py" benchmarks/compare_anomalib.py --size 256 --batch 8 \
+    --device cuda --anomalib-precision bf16 --env "$env_dir" --json
+bench patchcore-10 150 "$py" benchmarks/speed.py --detector patchcore --size 256 --batch 8 --json
+have_anomalib && bench anomalib-patchcore 150 "$py" benchmarks/compare_anomalib.py --detector patchcore \
+    --size 256 --batch 8 --device cuda --env "$env_dir" --json
+bench padim 150 "$py" benchmarks/speed.py --detector padim --size 256 --batch 8 --json
+bench draem-bf16-compile 240 "$py" benchmarks/speed.py --size 256 --batch 8 --compile --json
+rm -f "$out/.last"
