@@ -12,6 +12,9 @@ out=${1:?usage: gpu_suite.sh OUTDIR [ANOMALIB_ENV]}
 env_dir=${2:-$HOME/.cache/adkit/anomalib-env}
 py=${PYTHON:-python3}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+env_dir=$(cd "$env_dir" 2>/dev/null && pwd || echo "$env_dir")
+cd "$(dirname "$0")/.."  # the benchmarks are called by their paths from the repository's root
 log="$out/log.txt"
 results="$out/results.jsonl"
 export PYTHONUNBUFFERED=1
@@ -22,7 +25,8 @@ bench() {  # bench NAME LIMIT_S COMMAND...
     echo "=== $name: $*" | tee -a "$log"
     local start=$SECONDS
     if timeout "$limit" "$@" > "$out/.last" 2>&1; then
-        tail -n 1 "$out/.last" | "$py" -c "import json,sys; r=json.loads(sys.stdin.read()); r['bench']='$name'; print(json.dumps(r))" >> "$results" \
+        tail -n 1 "$out/.last" | "$py" -c 'import json, sys; print(json.dumps({**json.load(sys.stdin), "bench": sys.argv[1]}))' \
+            "$name" >> "$results" 2>> "$log" \
             || echo "{\"bench\": \"$name\", \"error\": \"no JSON line\"}" >> "$results"
     else
         echo "{\"bench\": \"$name\", \"error\": \"exit $?\"}" >> "$results"
