@@ -12,7 +12,7 @@ benchmarks. Where each lives: docs/architecture.md.
 from __future__ import annotations
 
 from adkit import render
-from adkit.artifacts import record_threshold, recorded_threshold, score_rows
+from adkit.artifacts import chosen_threshold, record_threshold, score_rows, threshold_record, validation_record
 from adkit.assembly import build_detector, build_pipeline, load_trained
 from adkit.bench import bench
 from adkit.evaluation import CategoryRun, Evaluation, evaluate, train_category
@@ -21,10 +21,9 @@ from adkit.plugins import Catalog, get_catalog
 from adkit.workflows import export, predict, run, synth, test, train
 
 __all__ = [
-    "CategoryRun", "Evaluation", "RunPlan", "bench", "build_detector", "build_pipeline", "evaluate", "export",
-    "load_trained",
-    "plan", "predict", "print_plugins", "record_threshold", "recorded_threshold", "run", "score_rows", "synth",
-    "test", "train", "train_category",
+    "CategoryRun", "Evaluation", "RunPlan", "bench", "build_detector", "build_pipeline", "chosen_threshold",
+    "evaluate", "export", "load_trained", "plan", "predict", "print_plugins", "record_threshold", "run",
+    "score_rows", "synth", "test", "threshold_record", "train", "train_category", "validation_record",
 ]
 
 

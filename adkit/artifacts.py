@@ -11,12 +11,15 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from adkit import distributed, metrics, pages, render, report
+from adkit import distributed, metrics, pages, render, report, thresholds
 from adkit.data.datasets import LoadedSplit, Sample
+from adkit.errors import AdkitError
 from adkit.evaluation import Evaluation
 
 OVERLAY_SAMPLES = 8
 THRESHOLD_FILE = "threshold.json"
+DECISION_FILE = "decision.json"  # predict's threshold and policy
+VALIDATION_FILE = "validation.json"  # a category's threshold fit and validation scores, for the report's slider
 
 
 def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, folder: Path) -> None:
@@ -24,9 +27,12 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
     result, maps = evaluation.metrics, evaluation.pixel_maps
     folder.mkdir(parents=True, exist_ok=True)
     report.write_json(folder / "metrics.json", result)
+    if evaluation.fit is not None:
+        report.write_json(folder / VALIDATION_FILE, validation_record(evaluation.fit, evaluation.val_scores,
+                                                                      evaluation.val_labels))
     write_curves(test, category, evaluation, folder)
     scores = evaluation.test_scores
-    decisions = None if evaluation.threshold is None else scores > evaluation.threshold
+    decisions = None if evaluation.threshold is None else thresholds.decide(scores, evaluation.threshold)
     report.write_scores_csv(folder / "scores.csv", score_rows([s.path for s in test.samples],
                                                               [s.label for s in test.samples], scores, decisions))
     normal = test.labels == 0
@@ -45,7 +51,7 @@ def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor,
     """scores.csv rows: path, label ("" when unknown), score, and the decision (1 anomalous, 0 normal; blank
     without a threshold)."""
     marks = [""] * len(paths) if decisions is None else [int(d) for d in decisions]
-    return [{"path": str(path), "label": label, "score": f"{float(score):.6g}", "prediction": mark}
+    return [{"path": str(path), "label": label, "score": repr(float(score)), "prediction": mark}
             for path, label, score, mark in zip(paths, labels, scores, marks)]
 
 
@@ -85,11 +91,13 @@ def write_curves(test: LoadedSplit, category: str, evaluation: Evaluation, folde
 
 
 def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores: torch.Tensor,
-                      decisions: torch.Tensor | None) -> None:
-    """predict's files: scores.csv (with decisions where a threshold is known) and overlays of the first images'
-    maps (after the post-processors)."""
+                      decisions: torch.Tensor | None, decision: dict[str, Any] | None) -> None:
+    """predict's files: scores.csv (with decisions where a threshold is known), decision.json (the threshold and
+    its policy, or null) and overlays of the first images' maps (after the post-processors)."""
     paths = [sample.path for sample in loaded.samples]
     report.write_scores_csv(out / "scores.csv", score_rows(paths, [""] * len(paths), scores, decisions))
+    report.write_json(out / DECISION_FILE, None if decision is None else
+                      {k: decision.get(k) for k in ("threshold", "policy", "fit", "fitted_on")})
     vmax = float(maps.max())
     pixel_threshold = float(np.quantile(maps.numpy(), 0.99))
     for i, path in enumerate(paths):
@@ -99,12 +107,23 @@ def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores
             report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
 
 
-def record_threshold(checkpoint_dir: Path, threshold: float, posts: list[str], scorer: str, source: str) -> None:
-    """Write the image-score threshold fitted on validation data beside the checkpoint, with the post-processors
-    and scorer it holds for: ``predict`` reads it after ``train``, ``test`` or ``run`` alike."""
+def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,
+                      labels: torch.Tensor | None) -> dict[str, Any]:
+    """A threshold with its fit and the validation scores it was fitted on (small: one number per image), so that
+    another policy can be fitted later without the images (``predict --threshold``)."""
+    labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels
+    return {"threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict(),
+            "val_scores": [float(s) for s in scores.double()], "val_labels": [int(x) for x in labels]}
+
+
+def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], posts: list[str], scorer: str,
+                     source: str) -> None:
+    """Write the threshold fitted on validation data (a ``validation_record``) beside the checkpoint, with the
+    post-processors and scorer it holds for: ``predict`` and ``export`` read it after ``train``, ``test`` or ``run``
+    alike."""
     if distributed.is_main():
-        report.write_json(checkpoint_dir / THRESHOLD_FILE, {"threshold": threshold, "posts": list(posts),
-                                                             "scorer": scorer, "fitted_on": source})
+        report.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": list(posts), "scorer": scorer,
+                                                             "fitted_on": source})
 
 
 def threshold_record(checkpoint_dir: Path, posts: list[str], scorer: str) -> dict[str, Any] | None:
@@ -122,10 +141,29 @@ def threshold_record(checkpoint_dir: Path, posts: list[str], scorer: str) -> dic
     return recorded
 
 
-def recorded_threshold(checkpoint_dir: Path, posts: list[str], scorer: str) -> float | None:
-    """The threshold of ``threshold_record``, or None."""
-    record = threshold_record(checkpoint_dir, posts, scorer)
-    return None if record is None else float(record["threshold"])
+def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: str) -> dict[str, Any] | None:
+    """The decision to use, as a record (threshold, policy, fit and the stored validation scores): ``record`` as it
+    is, or ``policy`` fitted anew on the validation scores it stores (value:X needs none); None without any.
+    ``where`` names the record's file for errors."""
+    if policy is None:
+        return None if record is None else {"policy": "quantile:0.99", **record}  # before policies: the 0.99 quantile
+    try:
+        parsed = thresholds.parse_policy(policy)
+    except thresholds.PolicyError as exc:
+        raise AdkitError(str(exc)) from None
+    stored = record is not None and "val_scores" in record
+    if parsed.needs_scores and not stored:
+        raise AdkitError(f"--threshold {parsed}: {where} stores no validation scores to fit it on: run adkit test "
+                         "--checkpoint CKPT to store them (then export again), or give --threshold value:X")
+    scores = np.asarray(record["val_scores"] if stored else [], dtype=np.float64)
+    labels = np.asarray(record["val_labels"] if stored else [], dtype=np.int64)
+    try:
+        fit = thresholds.fit(parsed, scores[labels == 0], scores[labels == 1])
+    except thresholds.PolicyError as exc:
+        raise AdkitError(str(exc)) from None
+    if fit.warning:
+        render.warn(fit.warning)
+    return {**(record or {}), "threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict()}
 
 
 def write_summary(out: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> None:

@@ -48,6 +48,8 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images (counted in the report)."),
         click.option("--compile", is_flag=True, default=None, help="torch.compile the training step and the detector's map (first steps are slower)."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="bf16 autocast (auto: on GPUs only; bf16 also suits CPUs with bf16 instructions)."),
+        click.option("--threshold", help="Decision threshold policy: fpr:RATE (default fpr:0.01, fitted on normal "
+                                          "validation images), f1 (needs defective validation images) or value:X."),
         click.option("--pixel-map", type=click.Choice(["raw", "post"]), help="Pixel metrics on the raw or post-processed map."),
     ]
     for option in reversed(options):
@@ -178,12 +180,16 @@ def predict(config: RunConfig, checkpoint: str | None, model: str | None, inputs
 @click.option("--out", type=click.Path(file_okay=False), help="Folder to create (default: export-FORMAT beside the checkpoint).")
 @click.option("--post", multiple=True, help="Post-processors (default: the checkpoint's).")
 @click.option("--scorer", help="Scorer (default: the checkpoint's); its threshold must have been fitted (adkit test).")
-def export(checkpoint: str, fmt: str, out: str | None, post: tuple[str, ...], scorer: str | None) -> None:
-    """Export a checkpoint's pipeline and threshold to ONNX or TorchScript: image batch -> map, score, decision."""
+@click.option("--threshold", help="Threshold policy for model.json (default: the recorded one): fpr:RATE, f1 or "
+                                  "value:X, fitted on the validation scores stored beside the checkpoint.")
+def export(checkpoint: str, fmt: str, out: str | None, post: tuple[str, ...], scorer: str | None,
+           threshold: str | None) -> None:
+    """Export a checkpoint's pipeline to ONNX or TorchScript (images, threshold -> map, score, decision), with its
+    threshold and validation scores in model.json."""
     from adkit import api
 
-    api.export(RunConfig(post=list(post), scorer=scorer), checkpoint=Path(checkpoint), fmt=fmt,
-               out=Path(out) if out else None)
+    config = build_config({}, {"post": list(post), "scorer": scorer, "threshold": threshold})
+    api.export(config, checkpoint=Path(checkpoint), fmt=fmt, out=Path(out) if out else None)
 
 
 @cli.command()

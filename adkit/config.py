@@ -51,6 +51,7 @@ class RunConfig:
     pixel_map: str = "raw"
     compile: bool = False
     precision: str = "auto"
+    threshold: str | None = None  # a decision-threshold policy (adkit.thresholds); None: fpr:0.01, or the recorded one
 
     def to_toml(self) -> str:
         values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -114,6 +115,14 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Ru
             continue
         merged[key] = list(value) if key in LIST_FIELDS else value
     try:
-        return RunConfig(**merged)
+        config = RunConfig(**merged)
     except TypeError as exc:
         raise AdkitError(f"bad configuration: {exc}") from None
+    if config.threshold is not None:  # a bad policy fails before anything is loaded, trained or written
+        from adkit.thresholds import PolicyError, parse_policy
+
+        try:
+            config.threshold = str(parse_policy(config.threshold))
+        except PolicyError as exc:
+            raise AdkitError(str(exc)) from None
+    return config

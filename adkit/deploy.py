@@ -1,7 +1,8 @@
-"""Deployment: a trained pipeline and its threshold as one module (``Deployed``), what ``adkit predict`` runs from a
+"""Deployment: a trained pipeline with its decision as one module (``Deployed``), what ``adkit predict`` runs from a
 checkpoint and what ``adkit export`` traces into TorchScript or ONNX, with a model.json beside the file; and the
 loader that runs an exported file for ``adkit predict --model``. One module, so the exported model and predict
-cannot drift apart."""
+cannot drift apart. The threshold is an input of the module, not a constant inside it: model.json records the
+fitted one and the validation scores it came from, so a line can move it without exporting again."""
 
 from __future__ import annotations
 
@@ -24,31 +25,39 @@ from adkit.report import atomic_dir, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 MODEL_JSON = "model.json"
+INPUTS = ("images", "threshold")
 OUTPUTS = ("anomaly_map", "score", "decision")
 # exported outputs must match the module they were traced from within this (maps relative to their largest value)
 TOLERANCE = 1e-4
 
-Runner = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+# images (B, 3, S, S), threshold (or None: no decisions) -> (maps, scores, decisions) on the CPU
+Runner = Callable[[Tensor, "float | None"], tuple[Tensor, Tensor, Tensor]]
+
+
+def threshold_input(threshold: float | None) -> Tensor:
+    """The module's threshold input: a float32 scalar; NaN (every decision False) when there is none."""
+    return torch.tensor(float("nan") if threshold is None else threshold, dtype=torch.float32)
 
 
 class Deployed(nn.Module):
-    """Images (B, 3, S, S) in [0, 1] -> the anomaly map after the post-processors, upsampled to (B, 1, S, S), the
-    image scores (B,) and the decisions score > threshold (B,) bool. A NaN threshold (none fitted) decides
-    nothing: every decision is False."""
+    """Images (B, 3, S, S) in [0, 1] and a threshold () float32 -> the anomaly map after the post-processors,
+    upsampled to (B, 1, S, S), the image scores (B,) and the decisions score > threshold (B,) bool, compared in
+    float32. A NaN threshold (none fitted) decides nothing: every decision is False."""
 
-    def __init__(self, pipeline: Pipeline, threshold: float | None):
+    def __init__(self, pipeline: Pipeline):
         super().__init__()
         self.pipeline = pipeline
-        self.register_buffer("threshold", torch.tensor(float("nan") if threshold is None else threshold))
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         _, processed, scores = self.pipeline(images)
-        return upsample(processed, images.shape[-2:]), scores, scores > self.threshold
+        return upsample(processed, images.shape[-2:]), scores, scores.float() > threshold.float()
 
 
-def export(model: Deployed, fmt: str, out: Path, image_size: int, info: dict[str, Any]) -> Path:
-    """Trace ``model`` to ``out``/model.onnx or model.pt and write model.json; the folder appears whole or not at
-    all. The exported file is run on check images at two batch sizes and must reproduce ``model``."""
+def export(model: Deployed, fmt: str, out: Path, image_size: int, decision: dict[str, Any],
+           info: dict[str, Any]) -> Path:
+    """Trace ``model`` to ``out``/model.onnx or model.pt and write model.json (with ``decision``: the threshold,
+    its policy and the validation scores it was fitted on); the folder appears whole or not at all. The exported
+    file is run on check images at two batch sizes and must reproduce ``model``."""
     if fmt not in FORMATS:
         raise AdkitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
     if out.exists():
@@ -71,13 +80,13 @@ def export(model: Deployed, fmt: str, out: Path, image_size: int, info: dict[str
         runner = load_runner(path, fmt, torch.device("cpu"))
         for batch in (1, 3):  # another batch size than traced: the batch dimension must stay dynamic
             _compare(model, runner, _check_images(batch, image_size, seed=batch), fmt)
-        write_json(staging / MODEL_JSON, {**model_card(fmt, image_size, float(model.threshold)), **info,
+        write_json(staging / MODEL_JSON, {**model_card(fmt, image_size, decision), **info,
                                           "adkit_version": adkit.__version__,
                                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     return out
 
 
-def model_card(fmt: str, image_size: int, threshold: float) -> dict[str, Any]:
+def model_card(fmt: str, image_size: int, decision: dict[str, Any]) -> dict[str, Any]:
     """What a caller outside adkit needs to feed the model and read its outputs."""
     return {
         "format": fmt, "file": FORMATS[fmt],
@@ -85,10 +94,15 @@ def model_card(fmt: str, image_size: int, threshold: float) -> dict[str, Any]:
                   "layout": "NCHW, RGB", "range": [0.0, 1.0],
                   "resize": f"bilinear with antialiasing to {image_size}x{image_size} (adkit's image loader)",
                   "normalisation": "none: pixel values / 255; the model normalises inside where its network needs it"},
+        "inputs": {"images": "(batch, 3, S, S) float32 as 'input' says",
+                   "threshold": "() float32: decisions are score > threshold; feed 'threshold' below, or your own "
+                                "(NaN decides nothing)"},
         "outputs": {"anomaly_map": f"(batch, 1, {image_size}, {image_size}) float32, after the post-processors, "
                                    "higher = more anomalous",
                     "score": "(batch,) float32 image score", "decision": "(batch,) bool, score > threshold"},
-        "threshold": threshold,
+        "threshold": decision["threshold"],
+        "threshold_policy": decision.get("policy"),
+        "decision": decision,
     }
 
 
@@ -101,27 +115,38 @@ def _check_images(batch: int, size: int, seed: int) -> Tensor:
 
 
 def _trace(model: Deployed, example: Tensor, fmt: str, path: Path) -> None:
+    inputs = (example, threshold_input(0.5))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracers' deprecation and tracer warnings are not the user's business
         if fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
+            torch.jit.save(torch.jit.trace(model, inputs, check_trace=False), str(path))
             return
         _require_onnx()
-        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
-                          output_names=list(OUTPUTS), dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+        torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=list(INPUTS),
+                          output_names=list(OUTPUTS),
+                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}, "threshold": None},
                           verbose=False, external_data=False)
 
 
 def _compare(model: Deployed, runner: Runner, images: Tensor, fmt: str) -> None:
+    """Maps and scores within TOLERANCE; decisions equal at a threshold between two of the scores (the middle
+    of their widest gap), where the scores' agreement makes them meaningful."""
     with torch.inference_mode():
-        expected = model(images)
-    got = runner(images)
+        expected = model(images, threshold_input(None))
+    ordered = expected[1].float().sort().values
+    gaps = ordered[1:] - ordered[:-1]
+    cut = float(ordered[int(gaps.argmax())] + gaps.max() / 2) if len(ordered) > 1 else float(ordered[0])
+    got = runner(images, cut)
     scale = max(float(expected[0].abs().max()), 1e-12)
     map_error = float((got[0] - expected[0]).abs().max()) / scale
     score_error = float((got[1] - expected[1]).abs().max()) / max(float(expected[1].abs().max()), 1e-12)
-    if map_error > TOLERANCE or score_error > TOLERANCE:
+    margin = TOLERANCE * max(float(expected[1].abs().max()), 1e-12)
+    meaningful = (expected[1].float() - cut).abs() > margin
+    if map_error > TOLERANCE or score_error > TOLERANCE or \
+            not torch.equal(got[2][meaningful], (expected[1].float() > cut)[meaningful]):
         raise AdkitError(f"the exported {fmt} model differs from the pipeline at batch {len(images)} (maps by "
-                         f"{map_error:.1e}, scores by {score_error:.1e} of their range): not written")
+                         f"{map_error:.1e}, scores by {score_error:.1e} of their range, or in its decisions): not "
+                         "written")
 
 
 def _require_onnx() -> Any:
@@ -133,15 +158,16 @@ def _require_onnx() -> Any:
 
 
 def load_runner(path: Path, fmt: str, device: torch.device) -> Runner:
-    """A function running an exported file: images (B, 3, S, S) -> (maps, scores, decisions) on the CPU."""
+    """A function running an exported file: images (B, 3, S, S) and a threshold -> (maps, scores, decisions) on
+    the CPU."""
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; it still runs
             module = torch.jit.load(str(path), map_location=device).eval()
 
-        def run_torchscript(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def run_torchscript(images: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor]:
             with torch.inference_mode():
-                maps, scores, decisions = module(images.to(device))
+                maps, scores, decisions = module(images.to(device), threshold_input(threshold).to(device))
             return maps.cpu(), scores.cpu(), decisions.cpu()
 
         return run_torchscript
@@ -153,8 +179,9 @@ def load_runner(path: Path, fmt: str, device: torch.device) -> Runner:
     options.log_severity_level = 3  # errors only
     session = ort.InferenceSession(str(path), options, providers=providers)
 
-    def run_onnx(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        outputs = session.run(list(OUTPUTS), {"images": images.float().cpu().numpy()})
+    def run_onnx(images: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor]:
+        outputs = session.run(list(OUTPUTS), {"images": images.float().cpu().numpy(),
+                                              "threshold": threshold_input(threshold).numpy()})
         return tuple(torch.from_numpy(o) for o in outputs)  # type: ignore[return-value]
 
     return run_onnx
@@ -171,4 +198,7 @@ def read_model(path: Path) -> tuple[Path, dict[str, Any]]:
     file = folder / card.get("file", "")
     if card.get("format") not in FORMATS or not file.is_file():
         raise AdkitError(f"{card_path} names no readable model ({card.get('format')!r}, {file.name}); export again")
+    if "decision" not in card:
+        raise AdkitError(f"{card_path} was written by adkit {card.get('adkit_version', '?')}, whose models hold "
+                         "their threshold inside: export the checkpoint again")
     return file, card

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from adkit import distributed, metrics, render, report
+from adkit import distributed, metrics, render, report, thresholds
 from adkit.assembly import build_detector
 from adkit.components import Detector, Pipeline, upsample
 from adkit.data.datasets import CategorySplits, LoadedSplit, load_split
@@ -52,7 +52,17 @@ class Evaluation:
     test_scores: Tensor  # (N_test,) image scores
     val_scores: Tensor  # (N_val,) image scores of the threshold split
     pixel_maps: Tensor  # (N_test, 1, H, W) the maps pixel metrics were computed on (raw or post-processed)
-    threshold: float | None  # image-score threshold fitted on the threshold split
+    fit: thresholds.ThresholdFit | None  # the decision threshold fitted on the threshold split
+    val_labels: Tensor | None = None  # (N_val,) 0 normal, 1 defective (defective ones only with val_defects)
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.fit is None else self.fit.threshold
+
+    @property
+    def normal_val_scores(self) -> Tensor:
+        """The threshold split's scores of normal images (what ensembles normalise on)."""
+        return self.val_scores if self.val_labels is None else self.val_scores[self.val_labels == 0]
 
 
 def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = False,
@@ -108,15 +118,16 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline) -> Evaluatio
                            on_batch=lambda done: progress.update(task, completed=n_test + done), precision=precision)
     pixel_maps = test.raw if plan_.config.pixel_map == "raw" else upsample(test.processed, test.raw.shape[-2:])
     if not distributed.is_main():
-        return Evaluation({}, test.scores, val.scores, pixel_maps, None)
+        return Evaluation({}, test.scores, val.scores, pixel_maps, None, val_source.labels)
     if test.own_scores and plan_.scorer != plan_.detector_class.default_scorer:
         render.warn(f"{plan_.detector.name} computes its own image scores; --scorer {plan_.scorer} is not used "
                     "(see its score= parameter)")
-    threshold = metrics.fit_threshold(val.scores.numpy())
+    fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category)
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
-                              "n_anomalous": int(labels.sum()), "threshold": threshold,
+                              "n_anomalous": int(labels.sum()),
                               "image_score": "detector" if test.own_scores else plan_.scorer}
+    result.update(threshold_metrics(fit, test.scores, run_.test))
     result.update(metrics.image_metrics(labels, test.scores.numpy()))
     masks = run_.test.masks[:, 0].numpy()
     if masks.any() and test.native_size != (1, 1):  # an image-level detector has no pixel-level opinion
@@ -124,4 +135,30 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline) -> Evaluatio
     result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
     result["train_s"] = run_.train_seconds
     result["skipped"] = [str(p) for p, _ in run_.skipped]
-    return Evaluation(result, test.scores, val.scores, pixel_maps, threshold)
+    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels)
+
+
+def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor,
+                  category: str) -> thresholds.ThresholdFit:
+    """The policy fitted on the threshold split's scores (normal and, where held out, defective images); a warning
+    when the images are too few for the rate asked."""
+    scores_np, labels_np = scores.double().numpy(), labels.numpy()
+    try:
+        fit = thresholds.fit(policy, scores_np[labels_np == 0], scores_np[labels_np == 1])
+    except thresholds.PolicyError as exc:
+        raise AdkitError(f"{category}: {exc}") from None
+    if fit.warning:
+        render.warn(f"{category}: {fit.warning}")
+    return fit
+
+
+def threshold_metrics(fit: thresholds.ThresholdFit, scores: Tensor, split: LoadedSplit) -> dict[str, Any]:
+    """metrics.json's decision fields: the threshold, its policy and validation record, and on the test split
+    false alarms per 1,000 good parts, recall and recall per defect type."""
+    point = thresholds.operating_point(scores.numpy(), split.labels.numpy(), [s.defect for s in split.samples],
+                                       fit.threshold)
+    return {"threshold": fit.threshold, "threshold_policy": fit.policy, "val_normal": fit.n_normal,
+            "val_defective": fit.n_anomalous, "val_false_alarms": fit.val_false_alarms, "val_fpr": fit.val_fpr,
+            "val_fpr_upper95": fit.val_fpr_upper, "threshold_band": [fit.band_low, fit.band_high],
+            "test_false_alarms": point["false_alarms"], "false_alarms_per_1000": point["false_alarms_per_1000"],
+            "recall": point["recall"], "recall_by_defect": point["recall_by_defect"]}

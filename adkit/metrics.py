@@ -115,17 +115,3 @@ def pixel_metrics(anomaly_maps: np.ndarray, masks: np.ndarray, with_aupro: bool 
     if with_aupro:
         out["aupro"] = aupro(maps, labels)
     return out
-
-
-def fit_threshold(normal_scores: np.ndarray, anomalous_scores: np.ndarray | None = None,
-                  quantile: float = 0.99) -> float:
-    """A decision threshold fitted on validation data, never on test labels: the F1-max threshold when
-    validation anomalies exist, else the ``quantile`` of the normal validation scores."""
-    normal = np.asarray(normal_scores, dtype=np.float64).ravel()
-    if anomalous_scores is not None and np.asarray(anomalous_scores).size:
-        anomalous = np.asarray(anomalous_scores, dtype=np.float64).ravel()
-        labels = np.concatenate([np.zeros(normal.size), np.ones(anomalous.size)])
-        return f1_max(labels, np.concatenate([normal, anomalous]))[1]
-    if normal.size == 0:
-        raise ValueError("fit_threshold needs validation scores")
-    return float(np.quantile(normal, quantile))

@@ -21,7 +21,10 @@ PAGE = "report.html"
 THUMBS = "thumbs"
 METRICS = (("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1max", "image F1-max"),
            ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP"), ("aupro", "AUPRO@0.3"),
-           ("threshold", "threshold"), ("infer_img_s", "img/s"))
+           ("threshold", "threshold"), ("threshold_policy", "policy"),
+           ("false_alarms_per_1000", "false alarms / 1,000 good"), ("recall", "defects caught"),
+           ("infer_img_s", "img/s"))
+DIGITS = {"infer_img_s": 1, "false_alarms_per_1000": 1, "threshold": 4}
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
@@ -31,6 +34,8 @@ th.sortable { cursor: pointer; } .figures img { max-width: 32%; margin-right: 1%
 .gallery { display: flex; flex-wrap: wrap; gap: 6px; } .gallery figure { margin: 0; font-size: .75em; }
 .gallery img { display: block; height: 96px; } .miss { outline: 3px solid #d00; } .ok { outline: 1px solid #ccc; }
 pre { background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: .85em; }
+.slider { background: #f7f7f7; padding: .6em; margin: .6em 0; } .slider input { width: 100%; }
+.slider code { display: block; margin-top: .4em; }
 """
 # sorts a table by the clicked column (numbers numerically); inline, so the page needs nothing from a network
 SORT_SCRIPT = """
@@ -42,6 +47,25 @@ for (const th of document.querySelectorAll("th.sortable")) {
     [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (down ? -1 : 1))
       .forEach(r => body.appendChild(r));
   });
+}
+// the threshold sliders: decisions are score > threshold, as the models decide
+for (const box of document.querySelectorAll(".slider")) {
+  const data = JSON.parse(box.querySelector("script").textContent), input = box.querySelector("input");
+  const show = () => {
+    const t = parseFloat(input.value), cells = {};
+    const good = rows => rows.filter(r => r[1] === 0), bad = rows => rows.filter(r => r[1] === 1);
+    const per1000 = rows => rows.length ? (1000 * rows.filter(r => r[0] > t).length / rows.length).toFixed(1) : "-";
+    const caught = rows => rows.length ? (rows.filter(r => r[0] > t).length / rows.length).toFixed(3) : "-";
+    cells.threshold = t.toPrecision(6);
+    cells.val = per1000(good(data.val)) + " (" + good(data.val).length + " images)";
+    cells.test = per1000(good(data.test)) + " (" + good(data.test).length + " images)";
+    cells.recall = caught(bad(data.test)) + " (" + bad(data.test).length + " images)";
+    for (const d of data.defects) cells["defect-" + d] = caught(bad(data.test).filter(r => r[2] === d));
+    for (const el of box.querySelectorAll("[data-cell]")) el.textContent = cells[el.dataset.cell];
+    box.querySelector("code").textContent = data.command.replace("X", t.toPrecision(6));
+  };
+  input.addEventListener("input", show);
+  show();
 }
 """
 
@@ -91,7 +115,7 @@ def _run_page(folder: Path) -> str:
     results = summary["results"]
     parts = ["<h2>Metrics (test split; thresholds fitted on the validation split)</h2>",
              _table(["category", *[label for _, label in METRICS]],
-                    [[html.escape(r["category"]), *[fmt(r.get(k), 1 if k == "infer_img_s" else 3) for k, _ in METRICS]]
+                    [[html.escape(r["category"]), *[html.escape(fmt(r.get(k), DIGITS.get(k, 3))) for k, _ in METRICS]]
                      for r in results], sortable=True)]
     for result in results:
         parts.append(_category_section(folder, result["category"], result))
@@ -111,22 +135,74 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
     category = html.escape(title or result["category"])
     rows = _read_scores(folder / "scores.csv") if (folder / "scores.csv").is_file() else []
     threshold = result.get("threshold")
+    validation = _read_json(folder / "validation.json")
+    band = tuple((validation or {}).get("fit", {}).get(k) for k in ("band_low", "band_high"))
     figures = [f"{rel}/{name}" for name in ("roc.png", "pro.png") if (folder / name).is_file()]
     if rows and threshold is not None:
-        _score_histogram(rows, float(threshold), folder / "scores.png", result["category"])
+        _score_histogram(rows, float(threshold), band, folder / "scores.png", result["category"])
         figures.append(f"{rel}/scores.png")
     if (folder / "history.csv").is_file() and _history_plot(folder / "history.csv", folder / "history.png",
                                                              result["category"]):
         figures.append(f"{rel}/history.png")
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
                f"image AUROC {fmt(result.get('image_auroc'))}, pixel AUROC {fmt(result.get('pixel_auroc'))}; "
-               f"threshold {fmt(threshold, 4)}.</p>")
+               f"threshold {fmt(threshold, 4)}{_decision_text(result)}.</p>")
     parts = [f"<h2 id='{html.escape(anchor or result['category'])}'>{category}</h2>", summary,
              "<div class='figures'>" + "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>"
                                                for f in figures) + "</div>"]
+    if rows and validation is not None:
+        parts.append(_slider(folder, rows, validation))
     if rows:
         parts.append(_gallery(folder, rel, rows, threshold))
     return "\n".join(parts)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _decision_text(result: dict[str, Any]) -> str:
+    """What the threshold means in parts, for a category's summary line."""
+    if result.get("threshold_policy") is None:
+        return ""
+    by_defect = ", ".join(f"{html.escape(d)} {fmt(r)}" for d, r in result.get("recall_by_defect", {}).items())
+    return (f" ({html.escape(result['threshold_policy'])}; on {result['val_normal']} normal validation images "
+            f"{result['val_false_alarms']} false alarms, rate &le; {fmt(result['val_fpr_upper95'])} at 95 % "
+            f"confidence). On the test split: {fmt(result['false_alarms_per_1000'], 1)} false alarms per 1,000 good "
+            f"parts, {fmt(result['recall'])} of defective parts caught" + (f" ({by_defect})" if by_defect else ""))
+
+
+def _slider(folder: Path, rows: list[dict[str, str]], validation: dict[str, Any]) -> str:
+    """A threshold slider over the score axis: false alarms per 1,000 good parts (validation and test) and recall
+    per defect type as it moves, and the command that sets that threshold. Data and script are inline."""
+    test = [[float(r["score"]), int(r["label"]), _defect(r)] for r in rows if r.get("label") in ("0", "1")]
+    val = [[float(s), int(label)] for s, label in zip(validation["val_scores"], validation["val_labels"])]
+    every = [r[0] for r in test] + [r[0] for r in val]
+    if not every:
+        return ""
+    low, high = min(every), max(every)
+    pad = (high - low) * 0.05 or max(abs(high), 1e-6) * 0.05
+    defects = sorted({r[2] for r in test if r[1] == 1})
+    checkpoint = folder / "checkpoint.pt"
+    where = str(checkpoint.resolve()) if checkpoint.is_file() else "CKPT"
+    data = {"val": val, "test": test, "defects": defects,
+            "command": f"adkit predict --checkpoint {where} --threshold value:X IMAGES"}
+    rows_html = [("threshold", "threshold"), ("val", "false alarms per 1,000 good validation parts"),
+                 ("test", "false alarms per 1,000 good test parts"), ("recall", "defective test parts caught")]
+    rows_html += [(f"defect-{d}", f"caught: {d}") for d in defects]
+    table = "".join(f"<tr><td>{html.escape(label)}</td><td class='num' data-cell='{html.escape(key)}'></td></tr>"
+                    for key, label in rows_html)
+    payload = json.dumps(data).replace("</", "<\\/")
+    return (f"<div class='slider'><b>Move the threshold</b> (fitted: {validation['threshold']:.6g}, "
+            f"{html.escape(str(validation.get('policy')))})"
+            f"<input type='range' min='{low - pad!r}' max='{high + pad!r}' step='any' "
+            f"value='{float(validation['threshold'])!r}'><table>{table}</table><code></code>"
+            f"<script type='application/json'>{payload}</script></div>")
+
+
+def _defect(row: dict[str, str]) -> str:
+    """A test image's defect type: the folder it lies in (MVTec layout), "good" for normal images."""
+    return "good" if row.get("label") == "0" else Path(row["path"]).parent.name
 
 
 def _gallery(folder: Path, rel: str, rows: list[dict[str, str]], threshold: float | None) -> str:
@@ -144,7 +220,7 @@ def _gallery(folder: Path, rel: str, rows: list[dict[str, str]], threshold: floa
     cards = []
     for row in ordered:
         thumb = f"{THUMBS}/{int(row['index']):05d}.jpg"
-        name = Path(row["path"]).name
+        name = "/".join(Path(row["path"]).parts[-2:])  # good/015.png and scratch/015.png are different images
         label = {"0": "normal", "1": "defective"}.get(row.get("label", ""), "")
         decision = {"0": "normal", "1": "anomalous"}.get(row.get("prediction", ""), "")
         kind = "miss" if missed(row) else "ok"
@@ -158,8 +234,9 @@ def _gallery(folder: Path, rel: str, rows: list[dict[str, str]], threshold: floa
     return head + "<div class='gallery'>" + "".join(cards) + "</div>"
 
 
-def _score_histogram(rows: list[dict[str, str]], threshold: float, path: Path, category: str) -> None:
-    """Scores of normal and defective test images, and the threshold."""
+def _score_histogram(rows: list[dict[str, str]], threshold: float, band: tuple[float | None, ...], path: Path,
+                     category: str) -> None:
+    """Scores of normal and defective test images, the threshold and (fpr policies) its 95 % band."""
     figure, axes = report.new_figure(420, 320)
     scores = np.array([float(r["score"]) for r in rows])
     labels = np.array([r.get("label", "") for r in rows])
@@ -168,6 +245,10 @@ def _score_histogram(rows: list[dict[str, str]], threshold: float, path: Path, c
         if (labels == value).any():
             axes.hist(scores[labels == value], bins=bins, alpha=0.6, label=name, color=colour)
     axes.axvline(threshold, color="black", linestyle="--", label="threshold")
+    if band and band[0] is not None:
+        high = band[1] if band[1] is not None else max(float(scores.max()), threshold)
+        axes.axvspan(band[0], high, color="grey", alpha=0.2,
+                     label="95 % band" + ("" if band[1] is not None else " (open above)"))
     axes.set(title=f"test scores, {category}", xlabel="image score", ylabel="images")
     axes.legend(fontsize=8)
     report.save_figure_atomic(figure, path)
@@ -227,7 +308,10 @@ def _predict_page(folder: Path) -> str:
     rows = _read_scores(folder / "scores.csv")
     decided = any(r.get("prediction") in ("0", "1") for r in rows)
     flagged = sum(r.get("prediction") == "1" for r in rows)
-    head = (f"<h2>{len(rows)} scored images</h2><p>" + (f"{flagged} anomalous at the recorded threshold. "
+    decision = _read_json(folder / "decision.json") or {}
+    at = (f"threshold {decision['threshold']:.6g} ({html.escape(str(decision.get('policy')))})"
+          if decision.get("threshold") is not None else "the recorded threshold")
+    head = (f"<h2>{len(rows)} scored images</h2><p>" + (f"{flagged} anomalous at {at}. "
                                                          if decided else "No threshold: no decisions. ")
             + "Highest score first.</p>")
     return head + _gallery(folder, "", rows, None)

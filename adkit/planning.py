@@ -19,6 +19,7 @@ from adkit.engine import resolve_device
 from adkit.errors import AdkitError
 from adkit.plugins import Catalog, get_catalog
 from adkit.registry import ComponentSpec, split_spec
+from adkit.thresholds import DEFAULT_POLICY, ThresholdPolicy, parse_policy
 
 log = logging.getLogger("adkit")
 
@@ -42,6 +43,7 @@ class RunPlan:
     dataset: AnomalyDataset
     categories: list[str]
     device: torch.device
+    threshold: ThresholdPolicy  # how decision thresholds are fitted on the validation split
 
     def steps_for(self, n_train: int) -> int:
         if self.steps is not None:
@@ -104,6 +106,13 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
         raise AdkitError("--pixel-map must be raw or post")
     dataset = make_dataset(catalog, config)
     categories = dataset.resolve_categories(list(config.category))
+    threshold = parse_policy(config.threshold or DEFAULT_POLICY)
+    if threshold.kind == "f1":  # refused before any folder is claimed or anything trained
+        for category in categories:
+            if not any(sample.label for sample in dataset.load(category).val):
+                raise AdkitError(f"--threshold f1 needs defective validation images and {category}'s validation "
+                                 "split has none: use fpr:RATE, or hold defective images out for validation "
+                                 "(--data mvtec:val_defects=0.2)")
     for option, value in (("--image-size", config.image_size), ("--batch-size", config.batch_size),
                           ("--steps", config.steps), ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value < 1:
@@ -119,10 +128,10 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     image_size = setting(config.image_size, "image_size") or ENGINE_DEFAULTS["image_size"]
     batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
     resolved = config.replace(preset=preset_name, image_size=image_size, batch_size=batch_size, steps=steps,
-                              post=posts, scorer=scorer, category=categories)
+                              post=posts, scorer=scorer, category=categories, threshold=str(threshold))
     device = distributed.init_from_environment(resolve_device(config.device))
     return RunPlan(resolved, catalog, detector, preset, image_size, batch_size, steps, epochs, posts, scorer,
-                   dataset, categories, device)
+                   dataset, categories, device, threshold)
 
 
 def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,6 +18,8 @@ from adkit.plugins import Catalog
 console = Console(stderr=True)
 
 METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
+# at the decision threshold, on the test split: false alarms per 1,000 good parts and the share of defects caught
+DECISION_COLUMNS = ("false_alarms_per_1000", "recall")
 
 
 def say(message: str) -> None:
@@ -71,34 +74,64 @@ def fmt(value: Any, digits: int = 3) -> str:
 def mean_row(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean over categories of every metric column (NaN and missing values left out)."""
     mean: dict[str, Any] = {"category": "mean"}
-    for column in (*METRIC_COLUMNS, "train_s", "infer_img_s"):
+    for column in (*METRIC_COLUMNS, *DECISION_COLUMNS, "train_s", "infer_img_s"):
         values = [r[column] for r in results if isinstance(r.get(column), float) and not np.isnan(r[column])]
         mean[column] = float(np.mean(values)) if values else float("nan")
     return mean
 
 
+SUMMARY_HEADER = ("category", *METRIC_COLUMNS, "threshold", "FA/1000", "recall", "train s", "img/s")
+# the terminal's table keeps to 80 columns: the APs are in summary.md and metrics.json
+TERMINAL_HEADER = ("category", "image\nAUROC", "pixel\nAUROC", "AUPRO", "thresh-\nold", "FA per\n1,000", "recall",
+                   "train\ns", "img/s")
+
+
 def _summary_cells(row: dict[str, Any]) -> list[str]:
-    return [row["category"], *[fmt(row.get(c)) for c in METRIC_COLUMNS], fmt(row.get("train_s"), 1),
-            fmt(row.get("infer_img_s"), 1)]
+    return [row["category"], *[fmt(row.get(c)) for c in METRIC_COLUMNS], *_decision_cells(row),
+            fmt(row.get("train_s"), 1), fmt(row.get("infer_img_s"), 1)]
+
+
+def _decision_cells(row: dict[str, Any]) -> list[str]:
+    return [fmt(row.get("threshold"), 4), fmt(row.get("false_alarms_per_1000"), 1), fmt(row.get("recall"))]
+
+
+def _terminal_cells(row: dict[str, Any]) -> list[str]:
+    return [row["category"], *[fmt(row.get(c)) for c in ("image_auroc", "pixel_auroc", "aupro")],
+            *_decision_cells(row), fmt(row.get("train_s"), 1), fmt(row.get("infer_img_s"), 1)]
+
+
+def threshold_line(fit: Any) -> str:
+    """A ThresholdFit in one line: the threshold, its policy and what the validation images say of it."""
+    line = f"threshold {fit.threshold:.6g} ({fit.policy})"
+    if fit.val_false_alarms is not None:
+        line += (f": {fit.val_false_alarms} of {fit.n_normal} normal validation images flagged, false-alarm rate "
+                 f"<= {fit.val_fpr_upper:.3g} at 95 % confidence")
+    if fit.val_recall is not None:
+        line += f", {fit.val_recall:.0%} of {fit.n_anomalous} defective validation images caught"
+    return line
 
 
 def print_summary(results: list[dict[str, Any]], title: str) -> None:
-    """One row per category and their mean: the five metrics, training seconds and inference rate."""
-    table = Table(title=title)
-    table.add_column("category")
-    for column in METRIC_COLUMNS:
-        table.add_column(column, justify="right")
-    table.add_column("train s", justify="right")
-    table.add_column("img/s", justify="right")
+    """One row per category and their mean: the five metrics, the decision threshold with its false alarms per
+    1,000 good test parts and recall, training seconds and inference rate; then each threshold's validation
+    record."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in TERMINAL_HEADER:
+        table.add_column(column, justify="left" if column == "category" else "right", no_wrap=True)
     for row in results + [mean_row(results)]:
-        table.add_row(*_summary_cells(row))
+        table.add_row(*_terminal_cells(row))
     Console().print(table)
+    for row in results:
+        if row.get("threshold_policy"):
+            say(f"{row['category']}: threshold {row['threshold']:.6g} ({row['threshold_policy']}) fitted on "
+                f"{row['val_normal']} normal validation images: {row['val_false_alarms']} flagged, false-alarm rate "
+                f"<= {row['val_fpr_upper95']:.3g} (95 %); on the test split {fmt(row['false_alarms_per_1000'], 1)} "
+                f"false alarms per 1,000 good parts, {fmt(row['recall'])} of defective parts caught")
 
 
 def summary_markdown(results: list[dict[str, Any]]) -> str:
     """The summary table as Markdown (summary.md)."""
-    lines = ["| category | " + " | ".join(METRIC_COLUMNS) + " | train s | img/s |",
-             "|" + "---|" * (len(METRIC_COLUMNS) + 3)]
+    lines = ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(_summary_cells(row)) + " |" for row in results + [mean_row(results)]]
     return "\n".join(lines) + "\n"
 

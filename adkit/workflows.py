@@ -9,15 +9,16 @@ from typing import Any
 import torch
 
 from adkit import artifacts, deploy, distributed, metrics, pages, render, report
+from adkit.artifacts import record_threshold, validation_record
 from adkit.assembly import build_pipeline, load_trained, pipeline_specs, plan_from_checkpoint
 from adkit.config import RunConfig
 from adkit.data.datasets import Sample, load_split
 from adkit.data.io import is_image_file, list_images
-from adkit.deploy import Deployed, Runner, load_runner, read_model
+from adkit.deploy import Deployed, Runner, load_runner, read_model, threshold_input
 from adkit.engine import autocast, in_batches, load_checkpoint, resolve_device
 from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
-from adkit.evaluation import CategoryRun, evaluate, train_category
+from adkit.evaluation import CategoryRun, evaluate, fit_threshold, threshold_metrics, train_category
 from adkit.planning import RunPlan, claim_output, configure_log, output_dir, plan
 from adkit.plugins import get_catalog
 
@@ -45,8 +46,8 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         if main:  # under torchrun rank 0 reports; the other ranks helped train and score
             artifacts.write_category(run_.test, category, evaluation, folder)
             results.append(evaluation.metrics)
-            artifacts.record_threshold(folder, evaluation.threshold, plan_.posts, plan_.scorer,
-                                       _source(plan_, category, "run"))
+            record_threshold(folder, validation_record(evaluation.fit, evaluation.val_scores, evaluation.val_labels),
+                             plan_.posts, plan_.scorer, _source(plan_, category, "run"))
     if not main:
         return results
     artifacts.write_summary(out, plan_.config.__dict__, results)
@@ -91,10 +92,12 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
         if not main:
             continue
         ensemble = catalog["ensemble"].create(ensemble_spec)
-        ensemble.fit([e.val_scores for e in evaluations])
+        ensemble.fit([e.normal_val_scores for e in evaluations])
         combined = ensemble.combine([e.test_scores for e in evaluations]).float()
+        fit = fit_threshold(plans[0].threshold, ensemble.combine([e.val_scores for e in evaluations]).float(),
+                            evaluations[0].val_labels, category)
         result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
-                  **metrics.image_metrics(labels, combined.numpy())}
+                  **threshold_metrics(fit, combined, run_.test), **metrics.image_metrics(labels, combined.numpy())}
         report.write_json(out / "ensemble" / category / "metrics.json", result)
         rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
     if main:
@@ -119,11 +122,15 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         report.write_text_atomic(out / "config.toml", plan_.config.to_toml())
     for category in plan_.categories:
         run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
-        # so that predict can decide right after train: the threshold on held-out normal images
-        scores = run_pipeline(build_pipeline(plan_, run_.detector), run_.threshold_split.images,
+        # so that predict can decide right after train: the threshold on held-out validation images
+        split = run_.threshold_split
+        scores = run_pipeline(build_pipeline(plan_, run_.detector), split.images,
                               plan_.scoring_batch, plan_.device, precision=plan_.config.precision).scores
-        artifacts.record_threshold(out / category, metrics.fit_threshold(scores.numpy()), plan_.posts, plan_.scorer,
-                                   _source(plan_, category, "train"))
+        fit = fit_threshold(plan_.threshold, scores, split.labels, category)
+        record_threshold(out / category, validation_record(fit, scores, split.labels), plan_.posts, plan_.scorer,
+                         _source(plan_, category, "train"))
+        if distributed.is_main():
+            render.say(f"{category}: {render.threshold_line(fit)}")
     if distributed.is_main():
         render.say(f"checkpoints in {out}")
     return out
@@ -151,8 +158,9 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
             artifacts.write_category(run_.test, category, evaluation, out / category)
             results.append(evaluation.metrics)
             if category == meta["category"]:  # a threshold for the data the checkpoint was trained on
-                artifacts.record_threshold(checkpoint.parent, evaluation.threshold, plan_.posts, plan_.scorer,
-                                           _source(plan_, category, "test"))
+                record_threshold(checkpoint.parent, validation_record(evaluation.fit, evaluation.val_scores,
+                                                                      evaluation.val_labels),
+                                 plan_.posts, plan_.scorer, _source(plan_, category, "test"))
     if main:
         artifacts.write_summary(out, {"checkpoint": str(checkpoint), **plan_.config.__dict__}, results)
         pages.build(out)
@@ -179,44 +187,52 @@ def _image_paths(inputs: list[Path]) -> list[Path]:
 
 def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], model: Path | None = None) -> Path:
     """Score images without labels, from a checkpoint or from a model ``adkit export`` wrote (the same module
-    either way): scores.csv with decisions at the recorded threshold, and overlays, to --out (default: beside the
-    checkpoint or model)."""
+    either way): scores.csv with decisions at the recorded threshold (or at ``config.threshold``, fitted anew on
+    the stored validation scores), and overlays, to --out (default: beside the checkpoint or model)."""
     if (checkpoint is None) == (model is None):
         raise AdkitError("predict: give --checkpoint CKPT or --model EXPORT_DIR (one of them)")
     device = distributed.init_from_environment(resolve_device(config.device))
     if checkpoint is not None:
         payload = load_checkpoint(checkpoint)
         meta = payload["meta"]
+        record = artifacts.threshold_record(checkpoint.parent, *pipeline_specs(config, meta))
+        decision = artifacts.chosen_threshold(record, config.threshold,
+                                              str(checkpoint.parent / artifacts.THRESHOLD_FILE))
         pipeline, _ = load_trained(config, checkpoint, device, payload)
-        threshold = artifacts.recorded_threshold(checkpoint.parent, *pipeline_specs(config, meta))
-        runner = _eager_runner(Deployed(pipeline, threshold), device, config.precision)
+        runner = _eager_runner(Deployed(pipeline), device, config.precision)
         size, default_out = meta["image_size"], checkpoint.parent / "predict"
     else:
         file, card = read_model(model)
+        decision = artifacts.chosen_threshold(card["decision"], config.threshold, str(file.parent / deploy.MODEL_JSON))
         runner = load_runner(file, card["format"], device)
-        size, threshold, default_out = card["input"]["shape"][-1], card["threshold"], file.parent / "predict"
+        size, default_out = card["input"]["shape"][-1], file.parent / "predict"
+    threshold = None if decision is None else float(decision["threshold"])
     out = Path(config.out) if config.out else default_out
     paths = _image_paths(inputs)
     _warn_resized(paths, size)
     loaded = load_split([Sample(path, 0) for path in paths], size, config.skip_bad)
     if not loaded.samples:
         raise AdkitError("no readable images to score")
-    maps, scores, decisions = in_batches(runner, loaded.images, config.batch_size or 8, 3)
+    maps, scores, decisions = in_batches(lambda images: runner(images, threshold), loaded.images,
+                                         config.batch_size or 8, 3)
     if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
         return out
-    artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions)
+    artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions, decision)
     pages.build(out)
-    render.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped); results in {out} (open "
-               f"{out / pages.PAGE})")
+    decided = "no threshold: no decisions" if decision is None else \
+        f"{int(decisions.sum())} anomalous at threshold {threshold:.6g} ({decision['policy']})"
+    render.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped), {decided}; results in {out} "
+               f"(open {out / pages.PAGE})")
     return out
 
 
 def _eager_runner(model: Deployed, device: torch.device, precision: str) -> Runner:
     model.to(device).eval()
 
-    def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(images: torch.Tensor, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.inference_mode(), autocast(device, precision):
-            return tuple(t.cpu() for t in model(images.to(device)))  # type: ignore[return-value]
+            outputs = model(images.to(device), threshold_input(threshold).to(device))
+        return tuple(t.cpu() for t in outputs)  # type: ignore[return-value]
 
     return run
 
@@ -238,7 +254,8 @@ def _warn_resized(paths: list[Path], size: int) -> None:
 
 
 def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> Path:
-    """Export a checkpoint's pipeline with its recorded threshold to ONNX or TorchScript (adkit.deploy)."""
+    """Export a checkpoint's pipeline to ONNX or TorchScript (adkit.deploy), its recorded threshold (or
+    ``config.threshold`` fitted anew on the stored validation scores) and those scores in model.json."""
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
     posts, scorer = pipeline_specs(config, meta)
@@ -246,14 +263,15 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
     if record is None:
         raise AdkitError(f"no threshold for post-processors {posts} and scorer {scorer} beside {checkpoint}: run "
                          f"adkit test --checkpoint {checkpoint} with these options first")
-    threshold = float(record["threshold"])
+    chosen = artifacts.chosen_threshold(record, config.threshold, str(checkpoint.parent / artifacts.THRESHOLD_FILE))
+    decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
     pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload)
     out = out or checkpoint.parent / f"export-{fmt}"
     info = {"detector": meta["detector"], "backbone": meta.get("backbone"), "posts": posts, "scorer": scorer,
             "category": meta["category"], "checkpoint": str(checkpoint),
             "threshold_fitted_on": record["fitted_on"]}
-    deploy.export(Deployed(pipeline, threshold), fmt, out, meta["image_size"], info)
-    render.say(f"exported to {out} ({fmt}, threshold {threshold:.6g})")
+    deploy.export(Deployed(pipeline), fmt, out, meta["image_size"], decision, info)
+    render.say(f"exported to {out} ({fmt}, threshold {decision['threshold']:.6g}, {decision['policy']})")
     return out
 
 

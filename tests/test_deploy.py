@@ -15,7 +15,7 @@ from PIL import Image
 
 from adkit.assembly import load_trained
 from adkit.config import RunConfig
-from adkit.deploy import Deployed, load_runner, read_model
+from adkit.deploy import Deployed, load_runner, read_model, threshold_input
 from adkit.testing import tiny_defects, tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,14 @@ def images_for(size: int) -> torch.Tensor:
     return torch.cat([normal, defective])
 
 
+def widest_gap_cut(scores: torch.Tensor) -> tuple[float, float]:
+    """(threshold in the middle of the widest gap between adjacent scores, half that gap)."""
+    ordered = scores.float().sort().values
+    gaps = ordered[1:] - ordered[:-1]
+    i = int(gaps.argmax())
+    return float(ordered[i] + gaps[i] / 2), float(gaps[i] / 2)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_exported_models_reproduce_the_checkpoint(invoke, trained, tmp_path, name, fmt):
@@ -63,20 +71,32 @@ def test_exported_models_reproduce_the_checkpoint(invoke, trained, tmp_path, nam
     file, card = read_model(tmp_path / "m")
     size = PIPELINES[name][1]
     assert card["input"]["shape"] == ["batch", 3, size, size] and card["format"] == fmt
+    assert card["decision"]["threshold"] == card["threshold"] and card["threshold_policy"] == "fpr:0.01"
     pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"))
-    reference = Deployed(pipeline, card["threshold"]).eval()
+    reference = Deployed(pipeline).eval()
     exported = load_runner(file, fmt, torch.device("cpu"))
     images = images_for(size)
     with torch.inference_mode():
-        maps, scores, decisions = reference(images)
+        maps, scores, _ = reference(images, threshold_input(None))
+    # scores may differ by this much between the eager module and the exported file (rtol / atol below)
+    tolerance = 1e-4 * float(scores.abs().max()) + 1e-6
+    cut, half_gap = widest_gap_cut(scores)
     for batch in (images, images[:1]):  # dynamic batch: 5 and 1 images, traced at 2
-        got = exported(batch)
         n = len(batch)
-        assert (got[0] - maps[:n]).abs().max() <= 1e-4 * max(float(maps.abs().max()), 1e-12)
-        assert torch.allclose(got[1], scores[:n], rtol=1e-4, atol=1e-6)
-        assert torch.equal(got[2], decisions[:n])
+        for threshold in (card["threshold"], cut):
+            got = exported(batch, threshold)
+            assert (got[0] - maps[:n]).abs().max() <= 1e-4 * max(float(maps.abs().max()), 1e-12)
+            assert torch.allclose(got[1], scores[:n], rtol=1e-4, atol=1e-6)
+            assert torch.equal(got[2], got[1] > threshold_input(threshold))  # the file decides its own scores
+            # a decision is meaningful where the score lies farther from the threshold than the scores may differ;
+            # there, the exported model must decide as the eager one
+            meaningful = (scores[:n].float() - threshold).abs() > tolerance
+            assert torch.equal(got[2][meaningful], (scores[:n].float() > threshold)[meaningful])
+    if half_gap > tolerance:  # at the widest gap every decision is meaningful: a disagreement fails the test
+        assert torch.equal(exported(images, cut)[2], scores.float() > cut)
     if scores.unique().numel() == len(scores):  # no ties: the ranking must be identical
-        assert torch.equal(exported(images)[1].argsort(), scores.argsort())
+        assert torch.equal(exported(images, None)[1].argsort(), scores.argsort())
+    assert not exported(images, None)[2].any()  # no threshold (NaN): no decisions
 
 
 def read_scores(path: Path) -> list[dict[str, str]]:

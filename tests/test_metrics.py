@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adkit.metrics import aupro, auroc, f1_max, fit_threshold, pro_curve, trapezoid_area
+from adkit.metrics import aupro, auroc, f1_max, pro_curve, trapezoid_area
 
 
 def slow_aupro(maps, masks, limit=0.3):
@@ -66,11 +66,6 @@ def test_f1max_and_auroc_against_hand_values():
     f1, threshold = f1_max(labels, scores)
     assert f1 == pytest.approx(0.8) and threshold == pytest.approx(0.35)
     assert np.isnan(auroc(np.zeros(3), np.arange(3)))
-
-
-def test_threshold_never_uses_test_labels():
-    assert fit_threshold(np.arange(101.0), quantile=0.9) == pytest.approx(90.0)
-    assert fit_threshold(np.array([0.1, 0.2]), np.array([0.8, 0.9])) == pytest.approx(0.8)
 
 
 def test_aupro_up_to_an_fpr_limit_of_one():

@@ -66,7 +66,9 @@ def test_run_page_shows_what_the_files_hold(invoke, tmp_path):
     for row in rows:
         metrics = json.loads((out / row[0] / "metrics.json").read_text())
         assert row[1] == f"{metrics['image_auroc']:.3f}" and row[4] == f"{metrics['pixel_auroc']:.3f}"
-        assert row[6] == f"{metrics['aupro']:.3f}" and row[7] == f"{metrics['threshold']:.3f}"
+        assert row[6] == f"{metrics['aupro']:.3f}" and row[7] == f"{metrics['threshold']:.4f}"
+        assert row[8] == metrics["threshold_policy"] == "fpr:0.01"
+        assert row[9] == f"{metrics['false_alarms_per_1000']:.1f}" and row[10] == f"{metrics['recall']:.3f}"
     misses = 0
     for category in ("tile", "wood"):
         with open(out / category / "scores.csv") as handle:

@@ -1,7 +1,9 @@
 """Dataset layouts: MVTec AD (and anything in its layout) and a user's own folders.
 
 A dataset yields, per category, a train split (normal images), a validation split (normal images held out from
-training, for thresholds and ensemble normalisation; never test images) and a labelled test split.
+training, for thresholds and ensemble normalisation; never test images) and a labelled test split. With
+``val_defects`` an MVTec-layout dataset also moves that fraction of each defect type's test images into the
+validation split (and out of the test split), for thresholds that need defective examples (``--threshold f1``).
 """
 
 from __future__ import annotations
@@ -108,14 +110,18 @@ class MVTecDataset(AnomalyDataset):
 
     name = "mvtec"
 
-    def __init__(self, root: str = "", val_fraction: float = 0.1, seed: int = 0):
+    def __init__(self, root: str = "", val_fraction: float = 0.1, seed: int = 0, val_defects: float = 0.0):
         if not root:
             raise AdkitError("mvtec: give the dataset folder with --root DIR (it holds one folder per category)")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise AdkitError(f"mvtec: --root {self.root} is not a folder")
+        if not 0 <= val_defects < 1:
+            raise AdkitError(f"{self.name}: val_defects={val_defects} must be in [0, 1): the fraction of each defect "
+                             "type's test images held out for validation")
         self.val_fraction = val_fraction
         self.seed = seed
+        self.val_defects = val_defects
 
     def categories(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / "train" / "good").is_dir())
@@ -171,7 +177,21 @@ class MVTecDataset(AnomalyDataset):
         if not test:
             raise AdkitError(f"mvtec: {test_dir} holds no test images")
         train, val = split_validation(normal, self.val_fraction, self.seed)
-        return CategorySplits(category, train, val, test)
+        test, val_defective = hold_out_defects(test, self.val_defects, self.seed)
+        return CategorySplits(category, train, val + val_defective, test)
+
+
+def hold_out_defects(test: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Move ``fraction`` of the defective test images (at least one, never all) into a labelled validation set,
+    spread evenly over the defect types (a systematic sample of the images sorted by type, shuffled within each);
+    returns (test, held out)."""
+    rng = random.Random(seed)
+    defective = sorted((s for s in test if s.label == 1), key=lambda s: (s.defect, rng.random()))
+    if fraction <= 0 or len(defective) < 2:
+        return test, []
+    count = min(len(defective) - 1, max(1, round(fraction * len(defective))))
+    held = {defective[int((j + 0.5) * len(defective) / count)].path for j in range(count)}
+    return [s for s in test if s.path not in held], [s for s in test if s.path in held]
 
 
 def _find_mask(folder: Path, stem: str) -> Path | None:

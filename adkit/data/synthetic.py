@@ -257,12 +257,12 @@ class SyntheticDataset(MVTecDataset):
     name = "synthetic"
 
     def __init__(self, size: int = 256, n_train: int = 80, n_test: int = 60, seed: int = 0,
-                 val_fraction: float = 0.1, root: str = ""):
+                 val_fraction: float = 0.1, root: str = "", val_defects: float = 0.0):
         self.size, self.n_train, self.n_test, self.data_seed = size, n_train, n_test, seed
         folder = Path(root) if root else cache_root() / "synthetic" / f"v{FORMAT_VERSION}-s{seed}-{size}px-{n_train}-{n_test}"
         folder.mkdir(parents=True, exist_ok=True)
         self._folder = folder
-        super().__init__(root=str(folder), val_fraction=val_fraction, seed=seed)
+        super().__init__(root=str(folder), val_fraction=val_fraction, seed=seed, val_defects=val_defects)
 
     def categories(self) -> list[str]:
         return list(TEXTURES)
