@@ -13,6 +13,8 @@ from sklearn.metrics import roc_curve
 
 from adkit import distributed, metrics, pages, render, report, thresholds
 from adkit.data.datasets import LoadedSplit, Sample
+from adkit.data.geometry import Geometry
+from adkit.data.io import load_image
 from adkit.errors import AdkitError
 from adkit.evaluation import Evaluation
 
@@ -91,9 +93,11 @@ def write_curves(test: LoadedSplit, category: str, evaluation: Evaluation, folde
 
 
 def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores: torch.Tensor,
-                      decisions: torch.Tensor | None, decision: dict[str, Any] | None) -> None:
+                      decisions: torch.Tensor | None, decision: dict[str, Any] | None, geometry: Geometry,
+                      save_maps: bool = False) -> None:
     """predict's files: scores.csv (with decisions where a threshold is known), decision.json (the threshold and
-    its policy, or null) and overlays of the first images' maps (after the post-processors)."""
+    its policy, or null), overlays of the first images' maps (after the post-processors) at each image's own size,
+    and with ``save_maps`` every map at the image's size as maps/<name>.npy (float32, higher = more anomalous)."""
     paths = [sample.path for sample in loaded.samples]
     report.write_scores_csv(out / "scores.csv", score_rows(paths, [""] * len(paths), scores, decisions))
     report.write_json(out / DECISION_FILE, None if decision is None else
@@ -101,10 +105,15 @@ def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores
     vmax = float(maps.max())
     pixel_threshold = float(np.quantile(maps.numpy(), 0.99))
     for i, path in enumerate(paths):
-        panel = report.overlay_panel(loaded.images[i], maps[i], pixel_threshold, vmax)
+        placement = loaded.placements[i]
+        own_size = geometry.to_original(maps[i], placement)
+        image = loaded.images[i] if placement.original == geometry.size else load_image(path)
+        panel = report.overlay_panel(image, own_size, pixel_threshold, vmax)
         pages.write_thumbnail(panel, out / pages.THUMBS / f"{i:05d}.jpg")
         if i < OVERLAY_SAMPLES * 4:
             report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
+        if save_maps:
+            report.save_npy_atomic(own_size[0].numpy().astype(np.float32), out / "maps" / f"{path.stem}.npy")
 
 
 def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,

@@ -10,10 +10,12 @@ import torch
 
 from adkit.components import Detector, DetectorContext, Pipeline
 from adkit.config import RunConfig
+from adkit.data.geometry import Geometry
 from adkit.engine import load_checkpoint, restore
 from adkit.planning import RunPlan, plan
 from adkit.plugins import Catalog, get_catalog
 from adkit.registry import ComponentSpec
+from adkit.tiling import Tiling
 
 
 def make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfig, image_size: int,
@@ -34,10 +36,17 @@ def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = N
                          plan_.device)
 
 
-def make_pipeline(catalog: Catalog, detector: Detector, posts: list[str], scorer: str, compile_: bool) -> Pipeline:
-    """detector -> post-processors -> scorer, compiled with torch.compile when asked."""
+def make_tiling(geometry: Geometry) -> Tiling | None:
+    """The tiling of a geometry with tiles; None without."""
+    return Tiling(geometry.size, geometry.tile, geometry.overlap) if geometry.tile else None
+
+
+def make_pipeline(catalog: Catalog, detector: Detector, posts: list[str], scorer: str, compile_: bool,
+                  geometry: Geometry | None = None) -> Pipeline:
+    """detector -> post-processors -> scorer (on the tiles of ``geometry`` where it has tiles), compiled with
+    torch.compile when asked."""
     pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
-                        catalog["scorer"].create(scorer))
+                        catalog["scorer"].create(scorer), make_tiling(geometry) if geometry else None)
     if compile_:
         pipeline.compile()
     return pipeline
@@ -47,7 +56,7 @@ def build_pipeline(plan_: RunPlan, detector: Detector, posts: list[str] | None =
                    scorer: str | None = None) -> Pipeline:
     """The plan's pipeline around ``detector``; ``posts`` / ``scorer`` replace the plan's (a bench grid)."""
     return make_pipeline(plan_.catalog, detector, plan_.posts if posts is None else posts, scorer or plan_.scorer,
-                         plan_.config.compile)
+                         plan_.config.compile, plan_.geometry)
 
 
 def pipeline_specs(config: RunConfig, meta: dict[str, Any]) -> tuple[list[str], str]:
@@ -61,7 +70,9 @@ def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
     checkpoint's own category unless ``config`` names others)."""
     meta = payload["meta"]
     posts, scorer = pipeline_specs(config, meta)
-    return plan(config.replace(detector=[meta["detector"]], image_size=meta["image_size"], post=posts,
+    geometry = checkpoint_geometry(meta)
+    return plan(config.replace(detector=[meta["detector"]], image_size=f"{geometry.width}x{geometry.height}",
+                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap, post=posts,
                                backbone=config.backbone or meta.get("backbone"), scorer=scorer,
                                category=list(config.category) or [meta["category"]]))
 
@@ -79,4 +90,9 @@ def load_trained(config: RunConfig, checkpoint: Path, device: torch.device,
     detector = make_detector(catalog, meta["detector"], setup_config, meta["image_size"], device)
     restore(detector, payload, checkpoint)
     posts, scorer = pipeline_specs(config, meta)
-    return make_pipeline(catalog, detector, posts, scorer, config.compile), meta
+    return make_pipeline(catalog, detector, posts, scorer, config.compile, checkpoint_geometry(meta)), meta
+
+
+def checkpoint_geometry(meta: dict[str, Any]) -> Geometry:
+    """The input geometry a checkpoint was trained with (before geometries: a squashed square)."""
+    return Geometry.from_dict(meta.get("geometry"), meta["image_size"])

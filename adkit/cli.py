@@ -40,7 +40,14 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run (auto: CUDA if present)."),
         click.option("--seed", type=int, help="Random seed (default 0)."),
         click.option("--out", type=click.Path(), help="Output folder (default runs/<detector>-<data>-<category>-<time>)."),
-        click.option("--image-size", type=int, help="Override the preset's image size."),
+        click.option("--image-size", help="Input size: a side (256) or WIDTHxHEIGHT (512x256, with --tile); "
+                                          "overrides the preset's."),
+        click.option("--resize", type=click.Choice(["squash", "pad", "crop"]),
+                     help="Images of another shape: squash to the input size, pad (keep the aspect ratio, repeat "
+                          "the border) or crop (keep it, cut the centre). Default squash."),
+        click.option("--tile", type=int, help="Cut the input into square tiles of this side for the detector; "
+                                              "maps are stitched back (large images, small defects)."),
+        click.option("--overlap", type=float, help="Fraction of a tile its neighbours share, in [0, 1) (default 0)."),
         click.option("--batch-size", type=int, help="Override the preset's batch size."),
         click.option("--steps", type=int, help="Override the preset's number of training steps."),
         click.option("--checkpoint-every", type=int, help="Write a checkpoint every N steps."),
@@ -165,13 +172,15 @@ def test(config: RunConfig, checkpoint: str) -> None:
 @run_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint from `adkit train` or `adkit run`.")
 @click.option("--model", type=click.Path(), help="A model `adkit export` wrote (its folder or file), instead of --checkpoint.")
+@click.option("--save-maps", is_flag=True, help="Also write each image's anomaly map at its own size to maps/NAME.npy.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-def predict(config: RunConfig, checkpoint: str | None, model: str | None, inputs: tuple[str, ...]) -> None:
+def predict(config: RunConfig, checkpoint: str | None, model: str | None, save_maps: bool,
+            inputs: tuple[str, ...]) -> None:
     """Score images (files or folders) without labels: scores.csv and heatmap overlays."""
     from adkit import api
 
     api.predict(config, checkpoint=Path(checkpoint) if checkpoint else None, inputs=[Path(p) for p in inputs],
-                model=Path(model) if model else None)
+                model=Path(model) if model else None, save_maps=save_maps)
 
 
 @cli.command()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from adkit.errors import AdkitError
+from adkit.tiling import Tiling
 
 if TYPE_CHECKING:
     from adkit.plugins import Catalog
@@ -287,11 +288,13 @@ class Pipeline(nn.Module):
     all run, so no two of them can score differently. The scorer reduces the post-processed map unless the
     detector returned image scores of its own."""
 
-    def __init__(self, detector: Detector, postprocessors: list[nn.Module], scorer: nn.Module):
+    def __init__(self, detector: Detector, postprocessors: list[nn.Module], scorer: nn.Module,
+                 tiling: Tiling | None = None):
         super().__init__()
         self.detector = detector
         self.postprocessors = nn.ModuleList(postprocessors)
         self.scorer = scorer
+        self.tiling = tiling
         self._detect = detector.detect
         # set by each forward (plain Python values, not traced): the detector's own map size and whether it
         # returned its own image scores
@@ -304,18 +307,22 @@ class Pipeline(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Images (B, 3, H, W) in [0, 1] -> the detector's map upsampled to (B, 1, H, W), the post-processed map
-        (B, 1, H', W') and the image scores (B,), all float32."""
+        (B, 1, H', W') and the image scores (B,), all float32. With a tiling the detector sees the tiles, their
+        maps are stitched, and the scorer scores the stitched map (a tile's own score is not an image's)."""
         check_images(images)
-        detection = self._detect(images)
+        inputs = images if self.tiling is None else self.tiling.split(images)
+        detection = self._detect(inputs)
         name = type(self.detector).__name__
         check_map(detection.anomaly_map, name)
         raw = detection.anomaly_map.float()
         self.native_size = (int(raw.shape[-2]), int(raw.shape[-1]))
-        raw = upsample(raw, images.shape[-2:])
+        raw = upsample(raw, inputs.shape[-2:])
+        if self.tiling is not None:
+            raw = self.tiling.stitch(raw)
         processed = raw
         for post in self.postprocessors:
             processed = post(processed)
-        own = detection.image_scores
+        own = detection.image_scores if self.tiling is None else None
         self.own_scores = own is not None
         scores = own if own is not None else self.scorer(processed)
         if scores.ndim != 1 or scores.shape[0] != images.shape[0]:

@@ -42,7 +42,10 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     out: str | None = None
-    image_size: int | None = None
+    image_size: int | str | None = None  # a side (256) or WIDTHxHEIGHT (512x256)
+    resize: str = "squash"  # how images of another shape reach the input size: squash, pad or crop
+    tile: int | None = None  # cut the input into square tiles of this side for the detector
+    overlap: float = 0.0  # the fraction of a tile its neighbours share
     batch_size: int | None = None
     steps: int | None = None
     checkpoint_every: int | None = None
@@ -85,6 +88,8 @@ def _typed(path: Path, key: str, name: str, value: Any) -> Any:
     value that the flag would refuse is a one-line error naming the file and the key."""
     hint = typing.get_type_hints(RunConfig)[name]
     kinds = set(typing.get_args(hint)) or {hint}
+    if name == "image_size" and isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
     if name in LIST_FIELDS:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
@@ -95,6 +100,13 @@ def _typed(path: Path, key: str, name: str, value: Any) -> Any:
         if isinstance(value, bool) or text in ("true", "false"):
             return value if isinstance(value, bool) else text == "true"
         raise AdkitError(f"config file {path}: {key} must be true or false, got {value!r}")
+    if float in kinds:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise AdkitError(f"config file {path}: {key} must be a number, got {value!r}") from None
     if int in kinds:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 import adkit
 from adkit.components import Pipeline, upsample
+from adkit.data.geometry import Geometry
 from adkit.errors import AdkitError
 from adkit.report import atomic_dir, write_json
 
@@ -53,7 +54,7 @@ class Deployed(nn.Module):
         return upsample(processed, images.shape[-2:]), scores, scores.float() > threshold.float()
 
 
-def export(model: Deployed, fmt: str, out: Path, image_size: int, decision: dict[str, Any],
+def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: dict[str, Any],
            info: dict[str, Any]) -> Path:
     """Trace ``model`` to ``out``/model.onnx or model.pt and write model.json (with ``decision``: the threshold,
     its policy and the validation scores it was fitted on); the folder appears whole or not at all. The exported
@@ -68,7 +69,7 @@ def export(model: Deployed, fmt: str, out: Path, image_size: int, decision: dict
     model = model.cpu().eval()
     with atomic_dir(out) as staging:
         path = staging / FORMATS[fmt]
-        example = _check_images(2, image_size, seed=0)
+        example = _check_images(2, geometry.size, seed=0)
         try:
             _trace(model, example, fmt, path)
         except Exception as exc:  # any tracer failure: name the components and the cause
@@ -79,25 +80,33 @@ def export(model: Deployed, fmt: str, out: Path, image_size: int, decision: dict
                              "of them cannot be traced (a plugin should declare exportable = False)") from exc
         runner = load_runner(path, fmt, torch.device("cpu"))
         for batch in (1, 3):  # another batch size than traced: the batch dimension must stay dynamic
-            _compare(model, runner, _check_images(batch, image_size, seed=batch), fmt)
-        write_json(staging / MODEL_JSON, {**model_card(fmt, image_size, decision), **info,
+            _compare(model, runner, _check_images(batch, geometry.size, seed=batch), fmt)
+        write_json(staging / MODEL_JSON, {**model_card(fmt, geometry, decision), **info,
                                           "adkit_version": adkit.__version__,
                                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     return out
 
 
-def model_card(fmt: str, image_size: int, decision: dict[str, Any]) -> dict[str, Any]:
+RESIZE_TEXT = {"squash": "bilinear with antialiasing to {w}x{h}, aspect ratio not kept",
+               "pad": "scaled to fit inside {w}x{h} keeping the aspect ratio (bilinear, antialiased), centred, the "
+                      "rest filled by repeating the image's border pixels",
+               "crop": "scaled to cover {w}x{h} keeping the aspect ratio (bilinear, antialiased), centre cut out"}
+
+
+def model_card(fmt: str, geometry: Geometry, decision: dict[str, Any]) -> dict[str, Any]:
     """What a caller outside adkit needs to feed the model and read its outputs."""
+    h, w = geometry.size
     return {
         "format": fmt, "file": FORMATS[fmt],
-        "input": {"name": "images", "shape": ["batch", 3, image_size, image_size], "dtype": "float32",
+        "input": {"name": "images", "shape": ["batch", 3, h, w], "dtype": "float32",
                   "layout": "NCHW, RGB", "range": [0.0, 1.0],
-                  "resize": f"bilinear with antialiasing to {image_size}x{image_size} (adkit's image loader)",
+                  "resize": RESIZE_TEXT[geometry.resize].format(w=w, h=h) + " (adkit's image loader)",
                   "normalisation": "none: pixel values / 255; the model normalises inside where its network needs it"},
         "inputs": {"images": "(batch, 3, S, S) float32 as 'input' says",
                    "threshold": "() float32: decisions are score > threshold; feed 'threshold' below, or your own "
                                 "(NaN decides nothing)"},
-        "outputs": {"anomaly_map": f"(batch, 1, {image_size}, {image_size}) float32, after the post-processors, "
+        "geometry": geometry.as_dict(),
+        "outputs": {"anomaly_map": f"(batch, 1, {h}, {w}) float32, after the post-processors, "
                                    "higher = more anomalous",
                     "score": "(batch,) float32 image score", "decision": "(batch,) bool, score > threshold"},
         "threshold": decision["threshold"],
@@ -106,12 +115,13 @@ def model_card(fmt: str, image_size: int, decision: dict[str, Any]) -> dict[str,
     }
 
 
-def _check_images(batch: int, size: int, seed: int) -> Tensor:
+def _check_images(batch: int, size: tuple[int, int], seed: int) -> Tensor:
     """Images for tracing and checking: smooth random fields, so every detector sees image-like input."""
     generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, 3, max(2, size // 8), max(2, size // 8), generator=generator)
-    fine = torch.rand(batch, 3, size, size, generator=generator)
-    return (0.8 * upsample(coarse, (size, size)) + 0.2 * fine).clamp(0, 1)
+    h, w = size
+    coarse = torch.rand(batch, 3, max(2, h // 8), max(2, w // 8), generator=generator)
+    fine = torch.rand(batch, 3, h, w, generator=generator)
+    return (0.8 * upsample(coarse, (h, w)) + 0.2 * fine).clamp(0, 1)
 
 
 def _trace(model: Deployed, example: Tensor, fmt: str, path: Path) -> None:
@@ -198,7 +208,7 @@ def read_model(path: Path) -> tuple[Path, dict[str, Any]]:
     file = folder / card.get("file", "")
     if card.get("format") not in FORMATS or not file.is_file():
         raise AdkitError(f"{card_path} names no readable model ({card.get('format')!r}, {file.name}); export again")
-    if "decision" not in card:
+    if "decision" not in card or "geometry" not in card:
         raise AdkitError(f"{card_path} was written by adkit {card.get('adkit_version', '?')}, whose models hold "
                          "their threshold inside: export the checkpoint again")
     return file, card

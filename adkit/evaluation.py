@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from adkit import distributed, metrics, render, report, thresholds
-from adkit.assembly import build_detector
+from adkit.assembly import build_detector, make_tiling
 from adkit.components import Detector, Pipeline, upsample
 from adkit.data.datasets import CategorySplits, LoadedSplit, load_split
 from adkit.engine import TrainSettings, seed_everything, train_detector
@@ -71,18 +71,21 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     cfg = plan_.config
     seed_everything(cfg.seed)
     splits = plan_.dataset.load(category)
-    train = load_split(splits.train, plan_.image_size, cfg.skip_bad)
-    val = load_split(splits.val, plan_.image_size, cfg.skip_bad)
-    test = load_split(splits.test, plan_.image_size, cfg.skip_bad) if load_test else load_split([], plan_.image_size)
+    geometry = plan_.geometry
+    train = load_split(splits.train, geometry, cfg.skip_bad)
+    val = load_split(splits.val, geometry, cfg.skip_bad)
+    test = load_split(splits.test, geometry, cfg.skip_bad) if load_test else load_split([], geometry)
     if len(train.samples) == 0:
         raise AdkitError(f"{category}: no readable training images")
     detector = build_detector(plan_)
-    steps = plan_.steps_for(len(train.samples)) if detector.trainable else 1
+    # with tiling the detector learns from tiles: (N * tiles, 3, tile, tile)
+    train_images = train.images if not geometry.tile else make_tiling(geometry).split(train.images)
+    steps = plan_.steps_for(len(train_images)) if detector.trainable else 1
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
                              checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
                              precision=cfg.precision)
     meta = {"detector": str(plan_.detector), "backbone": cfg.backbone, "category": category,
-            "image_size": plan_.image_size,
+            "image_size": plan_.image_size, "geometry": geometry.as_dict(),
             "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer}
     with render.progress() as progress:
         task = progress.add_task(f"train {plan_.detector.name} {category}", total=steps, info="")
@@ -93,7 +96,7 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
             info = f"loss {losses['loss']:.4f} | {rate:.1f} img/s" if losses else ""
             progress.update(task, completed=step, info=info if info else progress.tasks[task].fields["info"])
 
-        result = train_detector(detector, train.images, settings, plan_.device, folder / "checkpoint.pt", meta,
+        result = train_detector(detector, train_images, settings, plan_.device, folder / "checkpoint.pt", meta,
                                 resume=resume, on_step=on_step)
         progress.update(task, completed=steps)
     log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)

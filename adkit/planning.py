@@ -15,6 +15,7 @@ from adkit import distributed, render
 from adkit.components import Detector
 from adkit.config import RunConfig
 from adkit.data.datasets import AnomalyDataset
+from adkit.data.geometry import Geometry, GeometryError, parse_size
 from adkit.engine import resolve_device
 from adkit.errors import AdkitError
 from adkit.plugins import Catalog, get_catalog
@@ -44,6 +45,7 @@ class RunPlan:
     categories: list[str]
     device: torch.device
     threshold: ThresholdPolicy  # how decision thresholds are fitted on the validation split
+    geometry: Geometry  # how images reach the input size, and the tiles the detector sees (image_size: their side)
 
     def steps_for(self, n_train: int) -> int:
         if self.steps is not None:
@@ -113,8 +115,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
                 raise AdkitError(f"--threshold f1 needs defective validation images and {category}'s validation "
                                  "split has none: use fpr:RATE, or hold defective images out for validation "
                                  "(--data mvtec:val_defects=0.2)")
-    for option, value in (("--image-size", config.image_size), ("--batch-size", config.batch_size),
-                          ("--steps", config.steps), ("--checkpoint-every", config.checkpoint_every)):
+    for option, value in (("--batch-size", config.batch_size), ("--steps", config.steps),
+                          ("--checkpoint-every", config.checkpoint_every)):
         if value is not None and value < 1:
             raise AdkitError(f"{option} must be >= 1, got {value}")
 
@@ -125,13 +127,26 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     epochs = preset.get("epochs") if steps is None else None
     if steps is None and epochs is None:
         steps = ENGINE_DEFAULTS["steps"]
-    image_size = setting(config.image_size, "image_size") or ENGINE_DEFAULTS["image_size"]
+    geometry = make_geometry(config, setting(None, "image_size"))
     batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
-    resolved = config.replace(preset=preset_name, image_size=image_size, batch_size=batch_size, steps=steps,
-                              post=posts, scorer=scorer, category=categories, threshold=str(threshold))
+    size_text = geometry.height if geometry.height == geometry.width else f"{geometry.width}x{geometry.height}"
+    resolved = config.replace(preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
+                              post=posts, scorer=scorer, category=categories, threshold=str(threshold),
+                              resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
     device = distributed.init_from_environment(resolve_device(config.device))
-    return RunPlan(resolved, catalog, detector, preset, image_size, batch_size, steps, epochs, posts, scorer,
-                   dataset, categories, device, threshold)
+    return RunPlan(resolved, catalog, detector, preset, geometry.detector_size, batch_size, steps, epochs, posts,
+                   scorer, dataset, categories, device, threshold, geometry)
+
+
+def make_geometry(config: RunConfig, preset_size: int | None) -> Geometry:
+    """The input geometry of ``config`` (--image-size, --resize, --tile, --overlap), the preset's size or 256."""
+    if config.tile is not None and config.tile < 1:
+        raise AdkitError(f"--tile must be >= 1, got {config.tile}")
+    try:
+        height, width = parse_size(config.image_size or preset_size or ENGINE_DEFAULTS["image_size"])
+        return Geometry(height, width, config.resize or "squash", config.tile or 0, config.overlap or 0.0)
+    except GeometryError as exc:
+        raise AdkitError(str(exc)) from None
 
 
 def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:

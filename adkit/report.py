@@ -132,6 +132,12 @@ def save_png_atomic(picture: Image.Image, path: Path) -> None:
         picture.save(tmp, format="PNG")
 
 
+def save_npy_atomic(array: np.ndarray, path: Path) -> None:
+    """An array as .npy (no pickling: numbers only)."""
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array, allow_pickle=False)
+
+
 def new_figure(width: int, height: int) -> tuple[Any, Any]:
     """A matplotlib figure of ``width`` x ``height`` px and its axes, on the Agg backend (files only, no display)."""
     import matplotlib

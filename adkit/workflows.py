@@ -10,9 +10,10 @@ import torch
 
 from adkit import artifacts, deploy, distributed, metrics, pages, render, report
 from adkit.artifacts import record_threshold, validation_record
-from adkit.assembly import build_pipeline, load_trained, pipeline_specs, plan_from_checkpoint
+from adkit.assembly import build_pipeline, checkpoint_geometry, load_trained, pipeline_specs, plan_from_checkpoint
 from adkit.config import RunConfig
 from adkit.data.datasets import Sample, load_split
+from adkit.data.geometry import Geometry
 from adkit.data.io import is_image_file, list_images
 from adkit.deploy import Deployed, Runner, load_runner, read_model, threshold_input
 from adkit.engine import autocast, in_batches, load_checkpoint, resolve_device
@@ -148,7 +149,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     results = []
     for category in plan_.categories:
         splits = plan_.dataset.load(category)
-        size, skip = plan_.image_size, plan_.config.skip_bad
+        size, skip = plan_.geometry, plan_.config.skip_bad
         run_ = CategoryRun(category, pipeline.detector, splits, load_split([], size),
                            load_split(splits.val, size, skip), load_split(splits.test, size, skip), 0.0, out)
         if not run_.val.samples:
@@ -185,10 +186,12 @@ def _image_paths(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], model: Path | None = None) -> Path:
+def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], model: Path | None = None,
+            save_maps: bool = False) -> Path:
     """Score images without labels, from a checkpoint or from a model ``adkit export`` wrote (the same module
     either way): scores.csv with decisions at the recorded threshold (or at ``config.threshold``, fitted anew on
-    the stored validation scores), and overlays, to --out (default: beside the checkpoint or model)."""
+    the stored validation scores), overlays at each image's own size (and with ``save_maps`` its map as .npy),
+    to --out (default: beside the checkpoint or model)."""
     if (checkpoint is None) == (model is None):
         raise AdkitError("predict: give --checkpoint CKPT or --model EXPORT_DIR (one of them)")
     device = distributed.init_from_environment(resolve_device(config.device))
@@ -200,24 +203,26 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
                                               str(checkpoint.parent / artifacts.THRESHOLD_FILE))
         pipeline, _ = load_trained(config, checkpoint, device, payload)
         runner = _eager_runner(Deployed(pipeline), device, config.precision)
-        size, default_out = meta["image_size"], checkpoint.parent / "predict"
+        geometry, default_out = checkpoint_geometry(meta), checkpoint.parent / "predict"
     else:
         file, card = read_model(model)
         decision = artifacts.chosen_threshold(card["decision"], config.threshold, str(file.parent / deploy.MODEL_JSON))
         runner = load_runner(file, card["format"], device)
-        size, default_out = card["input"]["shape"][-1], file.parent / "predict"
+        geometry = Geometry.from_dict(card["geometry"], card["input"]["shape"][-1])
+        default_out = file.parent / "predict"
     threshold = None if decision is None else float(decision["threshold"])
     out = Path(config.out) if config.out else default_out
     paths = _image_paths(inputs)
-    _warn_resized(paths, size)
-    loaded = load_split([Sample(path, 0) for path in paths], size, config.skip_bad)
+    _warn_resized(paths, geometry)
+    loaded = load_split([Sample(path, 0) for path in paths], geometry, config.skip_bad)
     if not loaded.samples:
         raise AdkitError("no readable images to score")
     maps, scores, decisions = in_batches(lambda images: runner(images, threshold), loaded.images,
                                          config.batch_size or 8, 3)
     if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
         return out
-    artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions, decision)
+    artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions, decision,
+                                geometry, save_maps)
     pages.build(out)
     decided = "no threshold: no decisions" if decision is None else \
         f"{int(decisions.sum())} anomalous at threshold {threshold:.6g} ({decision['policy']})"
@@ -237,20 +242,22 @@ def _eager_runner(model: Deployed, device: torch.device, precision: str) -> Runn
     return run
 
 
-def _warn_resized(paths: list[Path], size: int) -> None:
-    """One warning when images are not ``size`` x ``size`` px: they are resized as training images were."""
+def _warn_resized(paths: list[Path], geometry: Geometry) -> None:
+    """One warning when images are not of the input size: they are brought to it as training images were."""
     from PIL import Image, UnidentifiedImageError
 
     other = 0
     for path in paths:
         try:
             with Image.open(path) as image:
-                other += image.size != (size, size)
+                other += image.size != (geometry.width, geometry.height)
         except (OSError, UnidentifiedImageError):
             continue  # unreadable: reported (or skipped) by the loader
     if other:
-        render.warn(f"{other} of {len(paths)} images are not {size}x{size} px; they are resized to it (bilinear, "
-                    "antialiased), as the training images were")
+        how = {"squash": "resized to it (bilinear, antialiased)", "pad": "scaled to fit and padded (aspect kept)",
+               "crop": "scaled to cover and cropped (aspect kept)"}[geometry.resize]
+        render.warn(f"{other} of {len(paths)} images are not {geometry.width}x{geometry.height} px; they are {how}, as "
+                    "the training images were; maps and overlays are at each image's own size")
 
 
 def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> Path:
@@ -270,7 +277,7 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
     info = {"detector": meta["detector"], "backbone": meta.get("backbone"), "posts": posts, "scorer": scorer,
             "category": meta["category"], "checkpoint": str(checkpoint),
             "threshold_fitted_on": record["fitted_on"]}
-    deploy.export(Deployed(pipeline), fmt, out, meta["image_size"], decision, info)
+    deploy.export(Deployed(pipeline), fmt, out, checkpoint_geometry(meta), decision, info)
     render.say(f"exported to {out} ({fmt}, threshold {decision['threshold']:.6g}, {decision['policy']})")
     return out
 

@@ -31,6 +31,8 @@ PIPELINES = {  # name: (run arguments, image size)
     "ebm-patch": (["--detector", "ebm-patch:depth=10,widen=1,buffer_size=8,patch_size=8,grid=2", "--steps", "2",
                    "--batch-size", "4"], 32),
     "pixel-gauss": (["--detector", "pixel-gauss"], 32),
+    # tiled: 2 x 2 tiles of 64 px over a 96 px input, stitched inside the exported graph
+    "padim-tiled": (["--detector", "padim", "--tile", "64", "--overlap", "0.5"], 96),
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from adkit.data.geometry import Geometry, Placement
 from adkit.data.io import ImageReadError, list_images, load_image, load_mask
 from adkit.errors import AdkitError
 
@@ -52,6 +53,7 @@ class LoadedSplit:
     masks: torch.Tensor
     labels: torch.Tensor
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    placements: list[Placement] = field(default_factory=list)  # where each image went (its maps go back)
 
 
 class AnomalyDataset(ABC):
@@ -247,15 +249,19 @@ class FolderDataset(AnomalyDataset):
         return CategorySplits(category, train, val, test_normal + abnormal)
 
 
-def load_split(samples: list[Sample], size: int, skip_bad: bool = False) -> LoadedSplit:
-    """Decode and resize a split once. Unreadable files raise, or with ``skip_bad`` are skipped and counted."""
+def load_split(samples: list[Sample], geometry: Geometry | int, skip_bad: bool = False) -> LoadedSplit:
+    """Decode a split once and bring it to ``geometry`` (a square side squashes, as before geometries). Unreadable
+    files raise, or with ``skip_bad`` are skipped and counted."""
+    geometry = Geometry(geometry, geometry) if isinstance(geometry, int) else geometry
+    h, w = geometry.size
     kept: list[Sample] = []
-    images, masks = [], []
+    images, masks, placements = [], [], []
     skipped: list[tuple[Path, str]] = []
     for sample in samples:
         try:
-            image = load_image(sample.path, size)
-            mask = load_mask(sample.mask, size) if sample.mask is not None else torch.zeros(1, size, size)
+            image, placement = geometry.to_input(load_image(sample.path))
+            mask = geometry.to_input(load_mask(sample.mask), mask=True)[0] if sample.mask is not None else \
+                torch.zeros(1, h, w)
         except ImageReadError as exc:
             if not skip_bad:
                 raise
@@ -264,8 +270,9 @@ def load_split(samples: list[Sample], size: int, skip_bad: bool = False) -> Load
         kept.append(sample)
         images.append(image)
         masks.append(mask)
+        placements.append(placement)
     if not kept:
-        return LoadedSplit([], torch.zeros(0, 3, size, size), torch.zeros(0, 1, size, size),
-                           torch.zeros(0, dtype=torch.long), skipped)
+        return LoadedSplit([], torch.zeros(0, 3, h, w), torch.zeros(0, 1, h, w), torch.zeros(0, dtype=torch.long),
+                           skipped)
     labels = torch.tensor([s.label for s in kept], dtype=torch.long)
-    return LoadedSplit(kept, torch.stack(images), torch.stack(masks), labels, skipped)
+    return LoadedSplit(kept, torch.stack(images), torch.stack(masks), labels, skipped, placements)
