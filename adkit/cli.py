@@ -118,11 +118,21 @@ COMPONENT_COMMANDS = ("run", "train", "test", "predict", "bench", "export")
 
 @click.group(cls=AdkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads of this process (default: the cores "
+                                                            "it may use, shared with the other adkit processes).")
 @click.version_option(package_name="adkit")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
     """adkit: plugin-based industrial image anomaly detection."""
+    import os
+
     ctx.obj = {"debug": debug}
+    if threads is not None:
+        os.environ["ADKIT_THREADS"] = str(threads)
+    if ctx.invoked_subcommand in (*COMPONENT_COMMANDS, "synth"):
+        from adkit import threads as shared
+
+        shared.register()
     if ctx.invoked_subcommand in COMPONENT_COMMANDS:
         get_catalog().load_components()  # so that a component dropped for a clash is reported before the run
     if ctx.invoked_subcommand != "plugins":

@@ -11,9 +11,10 @@ describes it for plugin authors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,9 +44,31 @@ def check_map(anomaly_map: Tensor, who: str) -> None:
 class Exportable:
     """What a component declares about export: ``exportable = False`` for one whose forward cannot be traced
     into a graph (data-dependent Python control flow, calls outside torch). Detectors, post-processors and scorers
-    deriving from adkit's base classes inherit True."""
+    deriving from adkit's base classes inherit True. A component with a faster eager-only path (an approximate
+    index) takes its traceable path while ``exporting()`` is true, for the trace and for the check against it."""
 
     exportable: ClassVar[bool] = True
+
+    def export_note(self) -> str | None:
+        """What the exported graph computes differently from the eager module, for model.json; None: nothing."""
+        return None
+
+
+_exporting = [False]
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """While ``adkit export`` traces a pipeline and checks the exported file against it."""
+    _exporting.append(True)
+    try:
+        yield
+    finally:
+        _exporting.pop()
+
+
+def is_exporting() -> bool:
+    return _exporting[-1]
 
 
 def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

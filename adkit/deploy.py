@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import adkit
-from adkit.components import Pipeline, upsample
+from adkit.components import Exportable, Pipeline, exporting, upsample
 from adkit.data.geometry import Geometry
 from adkit.errors import AdkitError
 from adkit.report import atomic_dir, write_json
@@ -67,7 +67,7 @@ def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: d
     if blocked:
         raise AdkitError(f"cannot export: {', '.join(blocked)} declare(s) exportable = False")
     model = model.cpu().eval()
-    with atomic_dir(out) as staging:
+    with atomic_dir(out) as staging, exporting():
         path = staging / FORMATS[fmt]
         example = _check_images(2, geometry.size, seed=0)
         try:
@@ -81,7 +81,9 @@ def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: d
         runner = load_runner(path, fmt, torch.device("cpu"))
         for batch in (1, 3):  # another batch size than traced: the batch dimension must stay dynamic
             _compare(model, runner, _check_images(batch, geometry.size, seed=batch), fmt)
-        write_json(staging / MODEL_JSON, {**model_card(fmt, geometry, decision), **info,
+        parts = (model.pipeline.detector, *model.pipeline.postprocessors, model.pipeline.scorer)
+        notes = [note for part in parts if isinstance(part, Exportable) and (note := part.export_note())]
+        write_json(staging / MODEL_JSON, {**model_card(fmt, geometry, decision), **info, "notes": notes,
                                           "adkit_version": adkit.__version__,
                                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     return out

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adkit import distributed
+from adkit import distributed, threads
 from adkit.components import Detector, Pipeline
 from adkit.errors import AdkitError
 from adkit.report import atomic_path
@@ -200,6 +200,7 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
     detector.on_train_start(images, torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "start")))
     images = _resident(images, device)
     for step in range(first_step, settings.steps):
+        threads.rebalance()
         idx = batch_indices(step * world + rank, n, settings.batch_size, settings.seed)
         x = images[idx.to(images.device, non_blocking=True)].to(device, non_blocking=True)
         if device.type == "cuda":
@@ -298,6 +299,7 @@ def in_batches(run: Callable[[Tensor], tuple[Tensor, ...]], images: Tensor, batc
     mine = images[distributed.shard(n)] if distributed.world_size() > 1 else images
     parts: list[list[Tensor]] = [[] for _ in range(outputs)]
     for i in range(0, mine.shape[0], batch_size):
+        threads.rebalance()
         for part, tensor in zip(parts, run(mine[i:i + batch_size])):
             part.append(tensor.cpu())
         if on_batch is not None:

@@ -55,6 +55,16 @@ def pool_channels(features: Tensor, length: int) -> Tensor:
     return pooled.reshape(b, h, w, length).permute(0, 3, 1, 2)
 
 
+def locally_aware_patches(backbone: Backbone, images: Tensor, layers: Sequence[int], dim: int) -> Tensor:
+    """PatchCore's locally aware patch features (B, dim, h, w) on the first layer's grid: each stage averaged over
+    3x3 neighbourhoods (zero border, as the reference's unfold), deeper stages bilinearly upsampled, each pooled
+    over channels to dim / layers, concatenated."""
+    features = backbone(images, layers)
+    features = align_stages([F.avg_pool2d(f.float(), 3, stride=1, padding=1) for f in features])
+    share = [dim // len(layers) + (i < dim % len(layers)) for i in range(len(layers))]
+    return torch.cat([pool_channels(f, n) for f, n in zip(features, share)], dim=1)
+
+
 def read_state_dict(path: str | Path, who: str) -> dict[str, Tensor]:
     """Tensors of a weights file (.pth / .pt / .bin via torch.load without code execution, or .safetensors);
     a ``state_dict`` or ``model`` wrapper is unwrapped."""

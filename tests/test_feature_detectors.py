@@ -14,7 +14,7 @@ from adkit.components import Detection, Detector, DetectorContext, Pipeline
 from adkit.engine import TrainSettings, load_checkpoint, predict, restore, train_detector
 from adkit.errors import AdkitError
 from adkit_plugins.patchcore.coreset import greedy_coreset, greedy_coreset_reference, partitioned_greedy_coreset
-from adkit_plugins.patchcore.search import knn, knn_projected
+from adkit_plugins.patchcore.search import ivf_index, kmeans, knn, knn_ivf, knn_projected
 
 
 def test_greedy_coreset_matches_the_plain_reference():
@@ -44,6 +44,23 @@ def test_projected_search_with_every_candidate_is_exact():
     exact = knn(queries, bank, k=2)
     assert torch.equal(approximate[1], exact[1])
     torch.testing.assert_close(approximate[0], exact[0])
+
+
+def test_ivf_probing_every_cell_is_exact_and_few_probes_find_most_neighbours():
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(12, 8, generator=g) * 4
+    bank = centres.repeat_interleave(50, 0) + torch.randn(600, 8, generator=g)
+    queries = centres.repeat_interleave(10, 0) + torch.randn(120, 8, generator=g)
+    ordered, centroids, offsets = ivf_index(bank, 12, torch.Generator().manual_seed(0))
+    assert offsets[0] == 0 and offsets[-1] == 600 and sorted(ordered.tolist()) == sorted(bank.tolist())
+    exact_d, exact_i = knn(queries, ordered, 1)
+    every_d, every_i = knn_ivf(queries, ordered, centroids, offsets, probes=12)
+    assert torch.equal(every_i, exact_i)
+    torch.testing.assert_close(every_d, exact_d)
+    few_d, few_i = knn_ivf(queries, ordered, centroids, offsets, probes=2)
+    assert (few_i == exact_i).float().mean() >= 0.95  # well-separated clusters: nearly always in the own cell
+    assert (few_d >= exact_d - 1e-5).all()  # never closer than the true nearest neighbour
+    assert kmeans(bank, 12, torch.Generator().manual_seed(0)).shape == (12, 8)
 
 
 @pytest.fixture
@@ -234,6 +251,47 @@ def test_patchcore_projected_search_with_every_candidate_equals_exact(tiny_catal
         a, b = exact.detect(test), projected.detect(test)
     torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
     torch.testing.assert_close(a.image_scores, b.image_scores)
+
+
+def test_patchcore_ivf_search_and_its_bad_parameters(tiny_catalog, tmp_path, monkeypatch):
+    import adkit_plugins.patchcore.detector as module
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)  # index the tiny bank (512 features)
+    exact = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5")
+    fit(exact, images(4, 0), tmp_path / "exact")
+    ivf = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=ivf,cells=4,probes=4")
+    fit(ivf, images(4, 0), tmp_path / "ivf")  # 512 bank features in 4 cells, all probed: exact
+    assert ivf.ivf_centroids.shape == (4, 6) and int(ivf.ivf_offsets[-1]) == ivf.memory_bank.shape[0]
+    test = images(2, 1)
+    with torch.inference_mode():
+        a, b = exact.detect(test), ivf.detect(test)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
+    torch.testing.assert_close(a.image_scores, b.image_scores)
+    too_many = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=ivf,cells=100")
+    with pytest.raises(AdkitError, match=r"search=ivf,cells=100 needs a bank of at least 6400 features .* fewer cells"):
+        fit(too_many, images(4, 0), tmp_path / "too-many")
+    with pytest.raises(AdkitError, match="probes >= 1"):
+        tiny_catalog["detector"].create("patchcore:search=ivf,probes=0")
+    graph = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512")
+    checkpoint = fit(graph, images(4, 0), tmp_path / "hnsw")  # ef above the bank's size: every node is visited
+    with torch.inference_mode():
+        c = graph.detect(test)
+    torch.testing.assert_close(a.anomaly_map, c.anomaly_map)
+    restored = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512")
+    restore(restored, checkpoint, "test")
+    assert torch.equal(restored.hnsw_graph, graph.hnsw_graph)  # the graph travels in the checkpoint
+    with torch.inference_mode():
+        torch.testing.assert_close(restored.detect(test).anomaly_map, c.anomaly_map)
+    with pytest.raises(AdkitError, match="links >= 2 and ef >= 1"):
+        tiny_catalog["detector"].create("patchcore:search=hnsw,links=1")
+    automatic = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=ivf")
+    fit(automatic, images(4, 0), tmp_path / "auto")
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 4096)
+    fit(automatic, images(4, 0), tmp_path / "auto-small")
+    assert automatic.ivf_centroids.shape[0] == 0  # a small bank: exact search
+    small = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw")
+    fit(small, images(4, 0), tmp_path / "hnsw-small")
+    assert small.hnsw_graph.numel() == 0
 
 
 def test_patchcore_refuses_a_bank_beyond_the_memory_limit(tiny_catalog, tmp_path, monkeypatch):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from adkit import threads
+from adkit.cache import cache_root
 from adkit.data.datasets import CategorySplits, MVTecDataset
 from adkit.data.io import save_image
 from adkit.data.perlin import fractal_noise, perlin_noise
@@ -215,11 +217,13 @@ def write_category(root: Path, category: str, size: int, seed: int, n_train: int
     (base / "train" / "good").mkdir(parents=True, exist_ok=True)
     (base / "test" / "good").mkdir(parents=True, exist_ok=True)
     for i in range(n_train):
+        threads.rebalance()
         save_image(normal_image(category, size, seed, "train", i), base / "train" / "good" / f"{i:03d}.png")
     n_defective = n_test // 2
     for i in range(n_test - n_defective):
         save_image(normal_image(category, size, seed, "test", i), base / "test" / "good" / f"{i:03d}.png")
     for i in range(n_defective):
+        threads.rebalance()
         defect = DEFECTS[i % len(DEFECTS)]
         image, mask = defective_image(category, defect, size, seed, i)
         (base / "test" / defect).mkdir(parents=True, exist_ok=True)
@@ -245,10 +249,6 @@ def write_dataset(out: Path, categories: list[str], size: int, seed: int, n_trai
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ADKIT_CACHE", Path.home() / ".cache" / "adkit"))
 
 
 class SyntheticDataset(MVTecDataset):

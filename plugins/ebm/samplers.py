@@ -1,6 +1,7 @@
 """Samplers for energy networks: PYLD-M-N (JEM++, Yang & Ji, ICCV 2021) and SGLD (JEM).
 
-Both climb f(x) = -E(x) of a network mapping (B, C, H, W) in [-1, 1] to (B,).
+Both climb f(x) = -E(x) of a network mapping inputs in [-1, 1] to (B,): images (B, C, H, W) through a first
+convolution, or feature vectors (B, D) through a first linear layer (the feature-space energy models).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from torch import Tensor, nn
 from adkit.components import Sampler
 
 
-def first_conv(network: nn.Module) -> nn.Conv2d:
-    """The first Conv2d the network registers (its input layer for the built-in WRN and timm CNNs)."""
+def first_conv(network: nn.Module) -> nn.Module:
+    """The first Conv2d or Linear layer the network registers: its input layer for the built-in WRN, timm CNNs
+    and the feature-space MLPs (z1 is this layer's output)."""
     for module in network.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
             return module
-    raise ValueError(f"{type(network).__name__} has no Conv2d layer: PYLD needs a convolutional first layer")
+    raise ValueError(f"{type(network).__name__} has no Conv2d or Linear layer: PYLD needs a linear first layer")
 
 
 def input_layer(network: nn.Module, conv1: nn.Conv2d) -> nn.Module:

@@ -17,12 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adkit import distributed
-from adkit.components import Backbone, Detection, Detector, DetectorContext
+from adkit.components import Backbone, Detection, Detector, DetectorContext, is_exporting
 from adkit.engine import derived_seed
 from adkit.errors import AdkitError
-from adkit.features import align_stages, build_backbone, check_layers, pool_channels
+from adkit.features import build_backbone, check_layers, locally_aware_patches
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
-from adkit_plugins.patchcore.search import knn, knn_projected
+from adkit_plugins.patchcore.search import hnsw_build, hnsw_load, ivf_index, knn, knn_hnsw, knn_ivf, knn_projected
+
+# search=ivf with cells=0 (automatic): about sqrt(bank) cells, each of at least this many features on average;
+# search=ivf (automatic cells) and search=hnsw build no index for banks below INDEX_MIN_BANK features: exact search
+# of such a bank costs a few milliseconds an image
+IVF_MIN_CELL = 64
+INDEX_MIN_BANK = 4096
 
 
 def memory_limit_bytes() -> int:
@@ -40,14 +46,15 @@ class PatchCore(Detector):
     default_postprocessors = ()
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
-    fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected")
+    fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected", "ivf_centroids", "ivf_offsets",
+                                                 "hnsw_graph")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 128,
                  coreset: float = 0.1, projection: int = 128, partition: int = 16384, neighbours: int = 9,
                  score: Literal["reweighted", "max"] = "reweighted", sigma: float = 4.0,
-                 search: Literal["exact", "projected"] = "exact", search_dim: int = 32, candidates: int = 10,
-                 seed: int = 0):
+                 search: Literal["exact", "projected", "ivf", "hnsw"] = "hnsw", search_dim: int = 32,
+                 candidates: int = 10, cells: int = 0, probes: int = 8, links: int = 16, ef: int = 32, seed: int = 0):
         super().__init__()
         self.layers = check_layers(layers, "patchcore")
         if dim < len(self.layers):
@@ -57,6 +64,13 @@ class PatchCore(Detector):
         if projection < 1 or neighbours < 1 or sigma < 0 or candidates < 1 or partition < 0 or search_dim < 1:
             raise ValueError("patchcore needs projection >= 1, partition >= 0, neighbours >= 1, sigma >= 0, "
                              "search_dim >= 1, candidates >= 1")
+        if cells < 0 or probes < 1:
+            raise ValueError(f"patchcore search=ivf needs cells >= 0 (0: automatic) and probes >= 1, got cells={cells}, "
+                             f"probes={probes}")
+        if links < 2 or ef < 1:
+            raise ValueError(f"patchcore search=hnsw needs links >= 2 and ef >= 1, got links={links}, ef={ef}")
+        self.cells, self.probes, self.links, self.ef = cells, probes, links, ef
+        self._graph: tuple[int, object] | None = None  # the deserialised HNSW index, for the graph it came from
         # greedy coreset on random partitions of this many features (0: exact greedy over all; coreset.py)
         self.partition = partition
         self.backbone_spec, self.dim, self.coreset = backbone, dim, coreset
@@ -68,6 +82,11 @@ class PatchCore(Detector):
         # search=projected: candidates come from a scan on this projection of the bank, then exact re-ranking
         self.register_buffer("search_projection", torch.zeros(dim, search_dim))
         self.register_buffer("bank_projected", torch.zeros(0, search_dim))
+        # search=ivf: k-means cells of the bank (memory_bank is stored cell by cell); empty: exact search
+        self.register_buffer("ivf_centroids", torch.zeros(0, dim))
+        self.register_buffer("ivf_offsets", torch.zeros(0, dtype=torch.long))
+        # search=hnsw: faiss's graph of the bank, serialised (built once at fit, deterministic)
+        self.register_buffer("hnsw_graph", torch.zeros(0, dtype=torch.uint8))
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -78,13 +97,8 @@ class PatchCore(Detector):
                        if self.sigma > 0 else None)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Locally aware patch features (B, dim, h, w) on the first layer's grid: each stage averaged over 3x3
-        neighbourhoods (zero border, as the reference's unfold), deeper stages bilinearly upsampled, each pooled
-        over channels to dim / layers, concatenated."""
-        features = self.backbone(images, self.layers)
-        features = align_stages([F.avg_pool2d(f.float(), 3, stride=1, padding=1) for f in features])
-        share = [self.dim // len(self.layers) + (i < self.dim % len(self.layers)) for i in range(len(self.layers))]
-        return torch.cat([pool_channels(f, n) for f, n in zip(features, share)], dim=1)
+        """Locally aware patch features (B, dim, h, w): adkit.features.locally_aware_patches."""
+        return locally_aware_patches(self.backbone, images, self.layers, self.dim)
 
     def fit(self, batches: Iterable[Tensor]) -> None:
         limit = memory_limit_bytes()
@@ -112,14 +126,47 @@ class PatchCore(Detector):
             bank = on_device[partitioned_greedy_coreset(projected, count, generator, self.partition)]
         else:
             bank = features.to(device)
+        cells = self.ivf_cells(bank.shape[0])
+        self.ivf_centroids, self.ivf_offsets = bank.new_zeros(0, self.dim), torch.zeros(0, dtype=torch.long)
+        self.hnsw_graph = torch.zeros(0, dtype=torch.uint8)
+        if cells:
+            generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-ivf"))
+            bank, self.ivf_centroids, self.ivf_offsets = ivf_index(bank, cells, generator)
         self.memory_bank = bank.contiguous()
         self.bank_projected = (bank @ self.search_projection).contiguous()
+        if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
+            self.hnsw_graph = hnsw_build(self.memory_bank, self.links).to(device)
+
+    def ivf_cells(self, bank: int) -> int:
+        """The cells of search=ivf for a bank of ``bank`` features: ``cells``, or about sqrt(bank) with cells=0;
+        0 (exact search) for other searches and for automatic cells on a small bank."""
+        if self.search != "ivf":
+            return 0
+        if self.cells == 0:
+            return 0 if bank < INDEX_MIN_BANK else max(self.probes, round(bank ** 0.5))
+        if bank < self.cells * IVF_MIN_CELL:
+            raise AdkitError(f"patchcore: search=ivf,cells={self.cells} needs a bank of at least "
+                             f"{self.cells * IVF_MIN_CELL} features ({IVF_MIN_CELL} a cell); this one has {bank}: use "
+                             "fewer cells, cells=0 (automatic) or search=exact")
+        return self.cells
 
     def _nearest(self, patches: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        eager = k == 1 and not (is_exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        if eager and self.hnsw_graph.numel():
+            return knn_hnsw(patches, self._hnsw(), self.ef)
+        if eager and self.ivf_centroids.shape[0]:
+            return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, self.probes)
         if self.search == "projected":
             return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k,
                                  self.candidates)
         return knn(patches, self.memory_bank, k)
+
+    def _hnsw(self) -> object:
+        """The HNSW index of ``hnsw_graph``, deserialised once per graph (a restore or refit replaces it)."""
+        key = (self.hnsw_graph.data_ptr(), self.hnsw_graph.numel())
+        if self._graph is None or self._graph[0] != key:
+            self._graph = (key, hnsw_load(self.hnsw_graph))
+        return self._graph[1]
 
     def detect(self, images: Tensor) -> Detection:
         if self.memory_bank.shape[0] == 0:
@@ -152,3 +199,9 @@ class PatchCore(Detector):
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         return self.detect(images).anomaly_map
+
+    def export_note(self) -> str | None:
+        if self.search == "exact":
+            return None
+        return (f"patchcore searches its memory bank exactly in this graph (search={self.search} is an eager-only "
+                "index); its scores can be slightly lower than predict --checkpoint's where the index missed")

@@ -1,14 +1,20 @@
-"""Nearest-neighbour search of patch features in a memory bank, in chunks that bound memory.
+"""Nearest-neighbour search of patch features in a memory bank.
 
-``nearest`` is exact: squared Euclidean distances |q|^2 - 2 q.b + |b|^2 by matrix products over (query chunk x
-bank chunk) blocks, a running minimum per query. ``nearest_projected`` is approximate: candidates from the same
-search on a random projection of both sides, re-ranked with exact distances.
+``knn`` is exact: squared Euclidean distances |q|^2 - 2 q.b + |b|^2 by matrix products over (query chunk x bank
+chunk) blocks that bound memory, a running minimum per query. The approximate searches: ``knn_projected``
+(candidates from the same scan on a random projection, re-ranked exactly), ``knn_ivf`` (an inverted file of
+k-means cells) and ``knn_hnsw`` (faiss's HNSW graph). benchmarks/search.py measures them against ``knn``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
+
+from adkit.errors import AdkitError
 
 # elements of one (queries x bank) distance block: 2^24 floats = 64 MiB
 BLOCK_ELEMENTS = 1 << 24
@@ -77,3 +83,114 @@ def knn_projected(queries: Tensor, bank: Tensor, projection: Tensor, bank_projec
     exact = (queries.float()[:, None, :] - bank.float()[index]).pow(2).sum(-1).sqrt()
     distance, order = exact.topk(min(k, index.shape[1]), dim=1, largest=False)
     return distance, index.gather(1, order)
+
+
+# Inverted file (IVF): the bank cut into cells by k-means; a query scans only the bank features of its ``probes``
+# nearest cells. Exact within the cells it scans, so recall@1 is the share of queries whose nearest bank feature
+# lies in one of them. Eager only: the cells' sizes decide the shapes, which a traced graph cannot follow (an
+# exported PatchCore searches exactly; adkit.components.exporting).
+
+KMEANS_ITERATIONS = 10
+
+
+def kmeans(points: Tensor, cells: int, generator: torch.Generator, iterations: int = KMEANS_ITERATIONS) -> Tensor:
+    """(cells, d) centroids by Lloyd's algorithm from ``cells`` distinct random points; a cell left empty takes
+    the point farthest from its centroid."""
+    points = points.float()
+    n = points.shape[0]
+    if not 0 < cells <= n:
+        raise ValueError(f"k-means of {n} points into {cells} cells")
+    start = torch.randperm(n, generator=generator, device=generator.device)[:cells].to(points.device)
+    centroids = points[start].clone()
+    for _ in range(iterations):
+        distance, assign = knn(points, centroids, 1)
+        assign = assign[:, 0]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=cells)
+        empty = counts == 0
+        centroids = sums / counts.clamp_min(1)[:, None].float()
+        if empty.any():
+            far = distance[:, 0].topk(int(empty.sum())).indices
+            centroids[empty] = points[far]
+    return centroids
+
+
+def ivf_index(bank: Tensor, cells: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(bank reordered so that each cell's features are contiguous, centroids (cells, d), offsets (cells + 1,)):
+    cell c is bank[offsets[c]:offsets[c + 1]]."""
+    centroids = kmeans(bank, cells, generator)
+    assign = knn(bank, centroids, 1)[1][:, 0]
+    order = torch.argsort(assign, stable=True)
+    counts = torch.bincount(assign, minlength=cells)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return bank[order].contiguous(), centroids, offsets
+
+
+def knn_ivf(queries: Tensor, bank: Tensor, centroids: Tensor, offsets: Tensor, probes: int) -> tuple[Tensor, Tensor]:
+    """The nearest bank feature of every query among the cells of its ``probes`` nearest centroids: distances
+    (M, 1) and indices (M, 1) into the cell-ordered ``bank``."""
+    queries, bank = queries.float(), bank.float()
+    m = queries.shape[0]
+    probes = min(probes, centroids.shape[0])
+    _, probed = knn(queries, centroids, probes)  # (M, probes)
+    best_d = torch.full((m,), float("inf"), device=queries.device)
+    best_i = torch.zeros(m, dtype=torch.long, device=queries.device)
+    query_norms = queries.pow(2).sum(1)
+    pairs_cell = probed.reshape(-1)
+    pairs_query = torch.arange(m, device=queries.device).repeat_interleave(probes)
+    order = torch.argsort(pairs_cell, stable=True)
+    pairs_cell, pairs_query = pairs_cell[order], pairs_query[order]
+    bounds = torch.searchsorted(pairs_cell, torch.arange(centroids.shape[0] + 1, device=queries.device))
+    starts, ends = offsets.tolist(), bounds.tolist()
+    for cell in range(centroids.shape[0]):
+        if ends[cell] == ends[cell + 1] or starts[cell] == starts[cell + 1]:
+            continue
+        rows = pairs_query[ends[cell]:ends[cell + 1]]
+        segment = bank[starts[cell]:starts[cell + 1]]
+        distance = torch.addmm(segment.pow(2).sum(1), queries[rows], segment.T, alpha=-2.0)
+        value, where = distance.min(dim=1)
+        better = value < best_d[rows]
+        best_d[rows] = torch.where(better, value, best_d[rows])
+        best_i[rows] = torch.where(better, where + starts[cell], best_i[rows])
+    return (best_d + query_norms).clamp_min_(0).sqrt()[:, None], best_i[:, None]
+
+
+# HNSW (hierarchical navigable small-world graph, faiss's IndexHNSWFlat): a query walks the graph greedily from
+# the top layer down, keeping the ``ef`` best candidates; recall grows with ef. Eager only, like IVF.
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise AdkitError("patchcore search=hnsw needs faiss: pip install faiss-cpu (adkit's install brings it)") from None
+    return faiss
+
+
+def hnsw_build(bank: Tensor, links: int) -> Tensor:
+    """The HNSW graph of ``bank`` (K, d) with ``links`` neighbours a node, serialised to a uint8 tensor (what a
+    checkpoint stores). Built with one thread: the same bank gives the same graph."""
+    faiss = _faiss()
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index = faiss.IndexHNSWFlat(bank.shape[1], links)
+        index.hnsw.efConstruction = max(40, 2 * links)
+        index.add(np.ascontiguousarray(bank.detach().float().cpu().numpy()))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return torch.from_numpy(faiss.serialize_index(index).copy())
+
+
+def hnsw_load(graph: Tensor) -> Any:
+    return _faiss().deserialize_index(graph.cpu().numpy())
+
+
+def knn_hnsw(queries: Tensor, index: Any, ef: int) -> tuple[Tensor, Tensor]:
+    """The nearest bank feature of every query along the graph: distances (M, 1) and bank indices (M, 1)."""
+    faiss = _faiss()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index.hnsw.efSearch = ef
+    squared, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), 1)
+    distance = torch.from_numpy(squared).clamp_min_(0).sqrt().to(queries.device)
+    return distance, torch.from_numpy(found).long().to(queries.device)
