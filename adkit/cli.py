@@ -253,6 +253,28 @@ def report(folder: str, screenshot: str | None) -> None:
         click.echo(f"rendered it to {screenshot} in {seconds:.1f} s")
 
 
+@cli.command()
+@click.argument("models_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (non-loopback needs --token-file).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token every request but /healthz needs.")
+@click.option("--results", "results_dir", type=click.Path(file_okay=False), help="Folder of the decision logs (default: serve-results beside MODELS_DIR).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Most images scored together.")
+@click.option("--max-wait", default=0.01, show_default=True, type=click.FloatRange(0, 10), help="Seconds a batch waits for more requests.")
+@click.option("--queue-size", default=64, show_default=True, type=click.IntRange(1, 100000), help="Requests queued per model before 503.")
+@click.option("--max-request-mb", default=32, show_default=True, type=click.IntRange(1, 4096), help="Largest request body.")
+@click.option("--max-pixels", default=40_000_000, show_default=True, type=click.IntRange(1), help="Largest image, in pixels.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Seconds before a request gives up (504).")
+def serve(models_dir: str, host: str, port: int, token_file: str | None, results_dir: str | None, batch_size: int,
+          max_wait: float, queue_size: int, max_request_mb: int, max_pixels: int, timeout: float) -> None:
+    """Serve every model folder under MODELS_DIR (exports or checkpoints) over HTTP: docs/serve.md."""
+    from adkit.serve import serve as run
+
+    run(Path(models_dir), host, port, Path(token_file) if token_file else None,
+        Path(results_dir) if results_dir else None, batch_size=batch_size, max_wait=max_wait,
+        queue_size=queue_size, max_request_bytes=max_request_mb << 20, max_pixels=max_pixels, timeout=timeout)
+
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",

@@ -6,6 +6,8 @@ dropped, 16-bit images are scaled by 65535. Masks load as (1, H, W) float {0, 1}
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,29 +33,33 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
+def _pixels(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image as float32 (H, W) or (H, W, 3) in [0, 1]."""
+    img.load()
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
+    if mode == "I":
+        raw = np.asarray(img, dtype=np.int64)
+        scale = 65535.0 if raw.max(initial=0) > 255 else 255.0
+        return raw.astype(np.float32) / scale
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return arr / 255.0 if arr.max(initial=0) > 1.0 else arr
+    if mode in ("L", "1"):
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if mode == "LA":
+        return np.asarray(img.getchannel(0), dtype=np.float32) / 255.0
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def _read_array(path: Path) -> np.ndarray:
     """Decode to float32 (H, W, C) in [0, 1] with C in {1, 3}."""
     try:
         if path.stat().st_size == 0:
             raise ImageReadError(f"{path}: empty file; remove it or pass --skip-bad")
         with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                arr = np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0
-            elif mode == "I":
-                raw = np.asarray(img, dtype=np.int64)
-                scale = 65535.0 if raw.max(initial=0) > 255 else 255.0
-                arr = raw.astype(np.float32) / scale
-            elif mode == "F":
-                arr = np.asarray(img, dtype=np.float32)
-                arr = arr / 255.0 if arr.max(initial=0) > 1.0 else arr
-            elif mode in ("L", "1"):
-                arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-            elif mode == "LA":
-                arr = np.asarray(img.getchannel(0), dtype=np.float32) / 255.0
-            else:
-                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            arr = _pixels(img)
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -63,6 +69,32 @@ def _read_array(path: Path) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.clip(arr, 0.0, 1.0)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
+    """Image bytes (an upload) -> RGB float (3, H, W) in [0, 1], as ``load_image`` reads files. The size is read
+    from the header first: more than ``max_pixels`` pixels is refused before anything is decoded (no
+    decompression bombs). Unreadable, truncated or empty data raise ImageReadError naming ``name``."""
+    if not data:
+        raise ImageReadError(f"{name}: empty upload")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageReadError(f"{name}: {width}x{height} px is more than the {max_pixels:,} pixels allowed")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                arr = _pixels(img)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):  # PIL's own limit, read from the header
+        raise ImageReadError(f"{name}: the image header declares more than the {max_pixels:,} pixels allowed") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{name}: not a readable image ({type(exc).__name__})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    tensor = torch.from_numpy(np.ascontiguousarray(np.clip(arr, 0.0, 1.0))).permute(2, 0, 1)
+    return (tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor).contiguous()
 
 
 def _resize(tensor: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:

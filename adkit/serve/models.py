@@ -1,0 +1,108 @@
+"""The models a service serves: every folder under MODELS_DIR holding an export (model.json) or a checkpoint
+(checkpoint.pt), named by the folder. The folder is scanned again and again: a model that appears is loaded, one
+whose files changed is loaded anew and swapped in (requests already queued finish on the old one), one that is
+removed is dropped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adkit.data.geometry import Geometry
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+WATCHED = ("model.json", "model.onnx", "model.pt", "checkpoint.pt", "threshold.json")
+
+
+def valid_name(name: str) -> bool:
+    """A model name that is a plain folder name: letters, digits, '_', '.', '-', not '..' (no path can escape)."""
+    return bool(NAME.match(name)) and ".." not in name
+
+
+def signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a model folder's loading depends on: its watched files' names, sizes and modification times."""
+    out = []
+    for name in WATCHED:
+        path = folder / name
+        if path.is_file():
+            stat = path.stat()
+            out.append((name, stat.st_size, stat.st_mtime_ns))
+    return tuple(out)
+
+
+@dataclass
+class ServedModel:
+    """A loaded model: its runner (images, threshold -> maps, scores, decisions), input geometry, recorded
+    decision and card."""
+
+    name: str
+    runner: Any
+    geometry: Geometry
+    decision: dict[str, Any] | None
+    card: dict[str, Any]
+    sha256: str
+    signature: tuple = ()
+    batcher: Any = field(default=None, repr=False)
+
+    def public_card(self) -> dict[str, Any]:
+        fit = (self.decision or {}).get("fit") or {}
+        return {"name": self.name, "sha256": self.sha256, "format": self.card.get("format"),
+                "detector": self.card.get("detector"), "category": self.card.get("category"),
+                "input": {"width": self.geometry.width, "height": self.geometry.height,
+                          "resize": self.geometry.resize, "tile": self.geometry.tile},
+                "threshold": None if self.decision is None else self.decision["threshold"],
+                "threshold_policy": None if self.decision is None else self.decision.get("policy"),
+                "validation": {k: fit.get(k) for k in ("n_normal", "val_false_alarms", "val_fpr_upper")},
+                "notes": self.card.get("notes", [])}
+
+
+def load_model(folder: Path) -> ServedModel:
+    """Load one model folder (AdkitError, one line, when it cannot be)."""
+    from adkit import artifacts
+    from adkit.assembly import checkpoint_geometry, load_trained, pipeline_specs
+    from adkit.config import RunConfig
+    from adkit.deploy import Deployed, load_runner, read_model, threshold_input
+    from adkit.engine import load_checkpoint
+    from adkit.errors import AdkitError
+
+    sig = signature(folder)
+    if (folder / "model.json").is_file():
+        file, card = read_model(folder)
+        runner = load_runner(file, card["format"], torch.device("cpu"))
+        geometry = Geometry.from_dict(card["geometry"], card["input"]["shape"][-1])
+        return ServedModel(folder.name, runner, geometry, card["decision"], card, card.get("sha256", ""), sig)
+    checkpoint = folder / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise AdkitError(f"{folder} holds neither model.json (adkit export) nor checkpoint.pt")
+    payload = load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"), payload)
+    model = Deployed(pipeline).eval()
+
+    def run(images: torch.Tensor, threshold: float | None):
+        with torch.inference_mode():
+            return model(images, threshold_input(threshold))
+
+    decision = artifacts.threshold_record(folder, *pipeline_specs(RunConfig(), meta))
+    card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"]}
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    return ServedModel(folder.name, run, checkpoint_geometry(meta), decision, card, digest, sig)
+
+
+def scan(root: Path) -> dict[str, Path]:
+    """Model folders under ``root`` by name."""
+    found = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if valid_name(folder.name) and ((folder / "model.json").is_file() or (folder / "checkpoint.pt").is_file()):
+            found[folder.name] = folder
+    return found
+
+
+def card_json(model: ServedModel) -> str:
+    return json.dumps(model.public_card())

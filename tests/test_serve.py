@@ -1,0 +1,240 @@
+"""adkit serve: the real server on a loopback port; every endpoint, the token, 503 on a full queue, a model
+replaced while requests run, and bad uploads answered with a 4xx and one line while the server keeps serving."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn serving create_app(settings) in a thread."""
+
+    def __init__(self, settings):
+        import uvicorn
+
+        from adkit.serve.app import create_app
+
+        self.port = free_port()
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+            method: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def multipart(files: list[tuple[str, bytes]], field: str = "image") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in files:
+        parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def png(size=(32, 32), colour=(120, 110, 100)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A models folder: an ONNX export and a checkpoint of pixel-gauss on the tiny tiles."""
+    from adkit.testing import invoke
+
+    root = tmp_path_factory.mktemp("serve")
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", "synthetic:size=32,n_train=8,n_test=6",
+                          "--category", "tile", "--image-size", "32", "--out", str(root / "run"))
+    assert code == 0, err
+    folder = root / "models"
+    folder.mkdir()
+    code, _, err = invoke("export", "--checkpoint", str(root / "run" / "tile" / "checkpoint.pt"), "--format", "onnx",
+                          "--out", str(folder / "tiles-onnx"))
+    assert code == 0, err
+    shutil.copytree(root / "run" / "tile", folder / "tiles-ckpt", ignore=shutil.ignore_patterns("test", "*.png"))
+    return folder
+
+
+@pytest.fixture
+def server(models, tmp_path):
+    from adkit.serve.app import Settings
+
+    running = Server(Settings(models_dir=models, results_dir=tmp_path / "results", token=TOKEN, queue_size=4,
+                              max_request_bytes=1 << 20, max_pixels=4_000_000, reload_interval=0.2))
+    yield running
+    running.stop()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_every_endpoint_with_the_token(server, tmp_path):
+    status, _, body = request(server.url("/healthz"))  # no token needed
+    assert status == 200 and json.loads(body)["models"] == 2
+    assert request(server.url("/v1/models"))[0] == 401
+    assert request(server.url("/v1/models"), headers={"Authorization": "Bearer wrong"})[0] == 401
+    status, _, body = request(server.url("/v1/models"), headers=AUTH)
+    cards = {m["name"]: m for m in json.loads(body)["models"]}
+    assert status == 200 and set(cards) == {"tiles-onnx", "tiles-ckpt"}
+    assert cards["tiles-onnx"]["threshold_policy"] == "fpr:0.01" and cards["tiles-onnx"]["input"]["width"] == 32
+    data, kind = multipart([("a.png", png()), ("b.png", png(colour=(250, 10, 10)))])
+    results = {}
+    for name in cards:
+        status, _, body = request(server.url(f"/v1/models/{name}/predict?overlay=1"), data,
+                                  {**AUTH, "Content-Type": kind})
+        assert status == 200, body
+        answer = json.loads(body)
+        assert [r["name"] for r in answer["results"]] == ["a.png", "b.png"]
+        results[name] = answer["results"]
+        assert Image.open(io.BytesIO(__import__("base64").b64decode(answer["results"][0]["overlay_png"]))).width > 0
+    for a, b in zip(results["tiles-onnx"], results["tiles-ckpt"]):  # the export and its checkpoint agree
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4) and a["threshold"] == b["threshold"]
+    assert results["tiles-onnx"][1]["score"] > results["tiles-onnx"][0]["score"]  # a red square is not a tile
+    # a raw image body, and a threshold override per request
+    status, _, body = request(server.url("/v1/models/tiles-onnx/predict?threshold=value:0"), png(),
+                              {**AUTH, "Content-Type": "image/png"})
+    assert status == 200 and json.loads(body)["results"][0]["decision"] is True
+    status, _, body = request(server.url("/metrics"), headers=AUTH)
+    text = body.decode()
+    assert 'adkit_requests_total{model="tiles-onnx",code="200"} 2' in text and "adkit_request_seconds_bucket" in text
+    assert 'adkit_decisions_total{model="tiles-onnx"' in text and "adkit_queue_depth" in text
+    status, _, body = request(server.url("/"), headers=AUTH)
+    assert status == 200 and b"<select id=\"model\">" in body
+    log = [json.loads(line) for line in (tmp_path / "results" / "tiles-onnx.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and {"image_sha256", "score", "decision", "threshold", "model_sha256", "time"} <= set(log[0])
+
+
+@pytest.mark.parametrize("path,body,content_type,status,needle", [
+    ("/v1/models/tiles-onnx/predict", png()[:60], "image/png", 400, "not a readable image"),
+    ("/v1/models/tiles-onnx/predict", b"hello, world", "text/plain", 415, "content type 'text/plain'"),
+    ("/v1/models/tiles-onnx/predict", b"", "image/png", 400, "empty upload"),
+    ("/v1/models/nothing/predict", png(), "image/png", 404, "no model 'nothing'"),
+    ("/v1/models/..%2F..%2Fetc/predict", png(), "image/png", 400, "is not a model name"),
+    ("/v1/models/tiles-onnx/predict?threshold=fpr:2", png(), "image/png", 400, "strictly between 0 and 1"),
+])
+def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(server, path, body, content_type,
+                                                                           status, needle):
+    got, _, answer = request(server.url(path), body, {**AUTH, "Content-Type": content_type}, method="POST")
+    assert got in (status, 404 if "%2F" in path else status), answer
+    if got == status:
+        message = json.loads(answer)["error"]
+        assert needle in message and "\n" not in message
+    assert request(server.url("/v1/models/tiles-onnx/predict"), png(), {**AUTH, "Content-Type": "image/png"})[0] == 200
+
+
+def test_a_huge_image_header_and_a_huge_body_are_refused_before_decoding(server):
+    header = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(header, format="PNG")  # 400 MP of zeros: a small file
+    status, _, answer = request(server.url("/v1/models/tiles-onnx/predict"), header.getvalue(),
+                                {**AUTH, "Content-Type": "image/png"})
+    assert status == 413 and "the 4,000,000 pixels allowed" in json.loads(answer)["error"]
+    big = io.BytesIO()
+    Image.new("L", (2500, 2000)).save(big, format="PNG")  # 5 MP: under PIL's limit, over the service's
+    status, _, answer = request(server.url("/v1/models/tiles-onnx/predict"), big.getvalue(),
+                                {**AUTH, "Content-Type": "image/png"})
+    assert status == 413 and "2500x2000 px is more than the 4,000,000 pixels allowed" in json.loads(answer)["error"]
+    status, _, answer = request(server.url("/v1/models/tiles-onnx/predict"), b"0" * (2 << 20),
+                                {**AUTH, "Content-Type": "image/png"})
+    assert status == 413 and "at most 1,048,576" in json.loads(answer)["error"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    service = server.app.state.service
+    model = service.models["tiles-onnx"]
+    slow = model.runner
+
+    def sluggish(images, threshold):
+        time.sleep(0.5)
+        return slow(images, threshold)
+
+    model.runner = sluggish
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: request(server.url("/v1/models/tiles-onnx/predict"), png(),
+                                                      {**AUTH, "Content-Type": "image/png"}), range(12)))
+    finally:
+        model.runner = slow
+    codes = [status for status, _, _ in answers]
+    assert 503 in codes and 200 in codes
+    assert all(headers.get("retry-after") == "1" or headers.get("Retry-After") == "1"
+               for status, headers, _ in answers if status == 503)
+
+
+def test_a_model_replaced_while_requests_run_fails_none(server, models, tmp_path):
+    staging = models.parent / "staging-copy"
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(models / "tiles-onnx", staging)
+
+    def ask(_):
+        return request(server.url("/v1/models/tiles-onnx/predict"), png(), {**AUTH, "Content-Type": "image/png"})[0]
+
+    with ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(ask, i) for i in range(30)]
+        time.sleep(0.1)
+        old = models / "tiles-onnx"
+        aside = models.parent / "old-tiles-onnx"
+        old.rename(aside)  # replace the folder: out, then the new one in (two renames)
+        staging.rename(old)
+        (old / "model.json").touch()
+        codes = [f.result() for f in running]
+    shutil.rmtree(aside)
+    assert all(code in (200, 503) for code in codes) and codes.count(200) >= 10, codes
+    time.sleep(0.6)  # the next scan picks the new folder up
+    assert ask(0) == 200
+
+
+def test_serve_refuses_unsafe_or_impossible_settings_in_one_line(invoke, models, tmp_path):
+    code, _, err = invoke("serve", str(models), "--host", "0.0.0.0")
+    assert code == 2 and "is not a loopback address: give --token-file FILE" in err
+    short = tmp_path / "token"
+    short.write_text("abc")
+    code, _, err = invoke("serve", str(models), "--token-file", str(short))
+    assert code == 2 and "at least 16 characters" in err
+    code, _, err = invoke("serve", str(tmp_path / "missing"))
+    assert code == 2 and "is not a folder" in err
