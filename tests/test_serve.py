@@ -238,3 +238,31 @@ def test_serve_refuses_unsafe_or_impossible_settings_in_one_line(invoke, models,
     assert code == 2 and "at least 16 characters" in err
     code, _, err = invoke("serve", str(tmp_path / "missing"))
     assert code == 2 and "is not a folder" in err
+
+
+def test_the_page_scores_an_uploaded_image_in_chromium(models, tmp_path):
+    from adkit.pages import find_browser
+    from adkit.serve.app import Settings
+    from adkit.serve.browser import Browser
+
+    executable = find_browser()
+    if executable is None:
+        pytest.skip("Chromium is not installed (Debian: apt install chromium); .ci/run installs it when it can")
+    running = Server(Settings(models_dir=models, results_dir=tmp_path / "results"))
+    image = tmp_path / "part.png"
+    image.write_bytes(png(colour=(250, 10, 10)))
+    browser = Browser(executable)
+    try:
+        browser.open(running.url("/"))
+        browser.wait_for("document.querySelectorAll('#model option').length === 2")
+        browser.evaluate("document.getElementById('model').value = 'tiles-onnx'")
+        browser.set_files("#files", [image])
+        browser.wait_for("document.querySelector('.result') !== null")
+        text = browser.evaluate("document.querySelector('.result').innerText")
+        assert "part.png" in text and "score" in text and ("anomalous" in text or "normal" in text)
+        assert browser.evaluate("document.querySelector('.result img').naturalWidth") > 0
+        browser.screenshot(tmp_path / "page.png")
+    finally:
+        browser.close()
+        running.stop()
+    assert (tmp_path / "page.png").stat().st_size > 1000

@@ -1,0 +1,109 @@
+"""Load on `adkit serve` from this machine (loopback only, bounded in requests and time): requests/s and p50/p99
+latency at several concurrencies, against scoring the same images offline with the same exported model, and the
+server process's resident memory across the run.
+
+    python benchmarks/serve_load.py MODELS_DIR MODEL IMAGE_DIR [--requests 200] [--concurrency 1,8,32]
+
+The server runs in this process (uvicorn in a thread, as the tests run it), so its memory is this process's.
+Offline: the model's runner on the decoded images, batch 8 (what `adkit predict --model` does after loading).
+Prints one JSON line per concurrency, then the offline line and the memory line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+from test_serve import Server, request  # noqa: E402
+
+from adkit.data.io import decode_image  # noqa: E402
+from adkit.serve.app import Settings  # noqa: E402
+from adkit.serve.models import load_model  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models_dir", type=Path)
+    parser.add_argument("model")
+    parser.add_argument("images", type=Path)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, default=300)
+    parser.add_argument("--max-wait", type=float, default=0.0)
+    args = parser.parse_args()
+    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    bodies = [(p.name, p.read_bytes()) for p in paths]
+    kinds = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
+    server = Server(Settings(models_dir=args.models_dir, results_dir=args.models_dir.parent / "serve-load-results",
+                             batch_size=args.batch_size, max_wait=args.max_wait, queue_size=1024))
+    url = server.url(f"/v1/models/{args.model}/predict")
+    started_rss = rss_mb()
+    try:
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            latencies: list[float] = []
+
+            def one(i: int) -> int:
+                name, body = bodies[i % len(bodies)]
+                begin = time.perf_counter()
+                status = request(url, body, {"Content-Type": kinds[Path(name).suffix.lower()]})[0]
+                latencies.append(time.perf_counter() - begin)
+                return status
+
+            begin = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                statuses = list(pool.map(one, range(args.requests)))
+            seconds = time.perf_counter() - begin
+            ordered = sorted(latencies)
+            print(json.dumps({"concurrency": concurrency, "requests": args.requests,
+                              "ok": statuses.count(200), "requests_s": round(args.requests / seconds, 1),
+                              "p50_ms": round(1000 * statistics.median(ordered), 1),
+                              "p99_ms": round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 1),
+                              "threads": torch.get_num_threads()}), flush=True)
+            if time.perf_counter() - begin > args.max_seconds:
+                break
+        model = load_model(args.models_dir / args.model)
+
+        def decoded(i: int) -> torch.Tensor:
+            name, body = bodies[i % len(bodies)]
+            return model.geometry.to_input(decode_image(body, name, 10**9))[0]
+
+        images = torch.stack([decoded(i) for i in range(len(bodies))])
+        model.runner(images[:1], None)
+        begin = time.perf_counter()
+        done = 0
+        while done < args.requests:  # decoding included, as the service decodes every upload
+            batch = torch.stack([decoded(done + j) for j in range(args.batch_size)])
+            model.runner(batch, None)
+            done += len(batch)
+        offline = done / (time.perf_counter() - begin)
+        begin = time.perf_counter()
+        for i in range(20):
+            model.runner(images[i % len(images):][:1], None)
+        single_ms = 1000 * (time.perf_counter() - begin) / 20
+        print(json.dumps({"offline_img_s_batch": round(offline, 1), "batch": args.batch_size,
+                          "one_image_ms": round(single_ms, 1)}), flush=True)
+    finally:
+        server.stop()
+    print(json.dumps({"rss_mb_start": round(started_rss), "rss_mb_end": round(rss_mb())}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
