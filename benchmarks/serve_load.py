@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import torch  # noqa: E402
-from test_serve import Server, request  # noqa: E402
+import torch
+from test_serve import Server, request
 
-from adkit.data.io import decode_image  # noqa: E402
-from adkit.serve.app import Settings  # noqa: E402
-from adkit.serve.models import load_model  # noqa: E402
+from adkit.data.io import decode_image
+from adkit.serve.app import Settings
+from adkit.serve.models import load_model
 
 
 def rss_mb() -> float:
@@ -60,7 +60,7 @@ def main() -> None:
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             latencies: list[float] = []
 
-            def one(i: int) -> int:
+            def one(i: int, latencies: list[float] = latencies) -> int:
                 name, body = bodies[i % len(bodies)]
                 begin = time.perf_counter()
                 status = request(url, body, {"Content-Type": kinds[Path(name).suffix.lower()]})[0]

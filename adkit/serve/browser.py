@@ -8,7 +8,6 @@ import base64
 import fcntl
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,19 +19,21 @@ class Browser:
         self.profile = tempfile.TemporaryDirectory()
         to_browser_read, self._write = os.pipe()
         self._read, from_browser_write = os.pipe()
-
-        def pipes_on_3_and_4() -> None:  # in the child: the protocol's fixed descriptors
-            high_read = fcntl.fcntl(to_browser_read, fcntl.F_DUPFD, 10)
-            high_write = fcntl.fcntl(from_browser_write, fcntl.F_DUPFD, 10)
-            os.dup2(high_read, 3)
-            os.dup2(high_write, 4)
-
-        self.process = subprocess.Popen(
-            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}", "about:blank"],
-            pass_fds=(3, 4, to_browser_read, from_browser_write), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pipes_on_3_and_4)
+        arguments = [executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run", f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}",
+                     "about:blank"]
+        # the protocol's descriptors are 3 (commands in) and 4 (replies out); posix_spawn puts the pipes there
+        # (thread-safe, unlike a preexec_fn); above 9 first, so that neither move overwrites the other
+        high_read = fcntl.fcntl(to_browser_read, fcntl.F_DUPFD_CLOEXEC, 10)
+        high_write = fcntl.fcntl(from_browser_write, fcntl.F_DUPFD_CLOEXEC, 10)
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, high_read, 3), (os.POSIX_SPAWN_DUP2, high_write, 4)]
+        self.pid = os.posix_spawn(executable, arguments, dict(os.environ), file_actions=actions)
+        os.close(high_read)
+        os.close(high_write)
         os.close(to_browser_read)
         os.close(from_browser_write)
         self._buffer = b""
@@ -94,10 +95,13 @@ class Browser:
             self.call("Browser.close", timeout=5)
         except (RuntimeError, TimeoutError, OSError):
             pass
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        deadline = time.time() + 10
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.time() > deadline:
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+                break
+            time.sleep(0.05)
         os.close(self._write)
         os.close(self._read)
         self.profile.cleanup()
