@@ -4,17 +4,18 @@ server process's resident memory across the run.
 
     python benchmarks/serve_load.py MODELS_DIR MODEL IMAGE_DIR [--requests 200] [--concurrency 1,8,32]
 
-The server runs in this process (uvicorn in a thread, as the tests run it), so its memory is this process's.
-Offline: the model's runner on the decoded images, batch 8 (what `adkit predict --model` does after loading).
-Prints one JSON line per concurrency, then the offline line and the memory line.
+The server is `adkit serve` in a process of its own (its resident memory is read from /proc after each row); the
+client sends from threads of this process, one connection per request. Offline: the model's runner on the same
+images, decoding included, batch 8 (what `adkit predict --model` does after loading). With --soak N, N more
+requests at concurrency 8 follow, and the server's memory is read every 1,000. Prints one JSON line per row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,19 +24,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch
-from test_serve import Server, request
+from test_serve import free_port, request
 
 from adkit.data.io import decode_image
-from adkit.serve.app import Settings
 from adkit.serve.models import load_model
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
         for line in handle:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")
 
 
 def main() -> None:
@@ -47,15 +47,31 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=300)
-    parser.add_argument("--max-wait", type=float, default=0.0)
+    parser.add_argument("--max-wait", type=float, default=0.01)
+    parser.add_argument("--soak", type=int, default=0)
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
     bodies = [(p.name, p.read_bytes()) for p in paths]
     kinds = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
-    server = Server(Settings(models_dir=args.models_dir, results_dir=args.models_dir.parent / "serve-load-results",
-                             batch_size=args.batch_size, max_wait=args.max_wait, queue_size=1024))
-    url = server.url(f"/v1/models/{args.model}/predict")
-    started_rss = rss_mb()
+    port = free_port()
+    adkit = Path(sys.executable).parent / "adkit"
+    server = subprocess.Popen([str(adkit), "serve", str(args.models_dir), "--port", str(port), "--results",
+                               str(args.models_dir.parent / "serve-load-results"), "--batch-size",
+                               str(args.batch_size), "--max-wait", str(args.max_wait), "--queue-size", "1024"])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if request(base + "/healthz")[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            server.kill()
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
+    url = f"{base}/v1/models/{args.model}/predict"
+    started_rss = rss_mb(server.pid)
     try:
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             latencies: list[float] = []
@@ -76,7 +92,7 @@ def main() -> None:
                               "ok": statuses.count(200), "requests_s": round(args.requests / seconds, 1),
                               "p50_ms": round(1000 * statistics.median(ordered), 1),
                               "p99_ms": round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 1),
-                              "threads": torch.get_num_threads()}), flush=True)
+                              "server_rss_mb": round(rss_mb(server.pid))}), flush=True)
             if time.perf_counter() - begin > args.max_seconds:
                 break
         model = load_model(args.models_dir / args.model)
@@ -100,9 +116,20 @@ def main() -> None:
         single_ms = 1000 * (time.perf_counter() - begin) / 20
         print(json.dumps({"offline_img_s_batch": round(offline, 1), "batch": args.batch_size,
                           "one_image_ms": round(single_ms, 1)}), flush=True)
+        if args.soak:
+            readings = [round(rss_mb(server.pid))]
+            with ThreadPoolExecutor(8) as pool:
+                for start in range(0, args.soak, 1000):
+                    statuses = list(pool.map(lambda i: request(url, bodies[i % len(bodies)][1],
+                                                               {"Content-Type": "image/jpeg"})[0],
+                                             range(start, min(start + 1000, args.soak))))
+                    assert set(statuses) == {200}, set(statuses)
+                    readings.append(round(rss_mb(server.pid)))
+            print(json.dumps({"soak_requests": args.soak, "server_rss_mb_every_1000": readings}), flush=True)
     finally:
-        server.stop()
-    print(json.dumps({"rss_mb_start": round(started_rss), "rss_mb_end": round(rss_mb())}), flush=True)
+        server.terminate()
+        server.wait(timeout=30)
+    print(json.dumps({"server_rss_mb_start": round(started_rss)}), flush=True)
 
 
 if __name__ == "__main__":

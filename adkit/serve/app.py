@@ -233,16 +233,21 @@ class Service:
             decision = artifacts.chosen_threshold(model.decision, policy, f"model {name}")
         except AdkitError as exc:
             raise HTTPError(400, exc.message) from None
-        images, placements = [], []
-        for filename, data in uploads:
-            try:
-                tensor = decode_image(data, filename, self.settings.max_pixels)
-            except ImageReadError as exc:
-                status = 413 if "pixels allowed" in exc.message else 400
-                raise HTTPError(status, exc.message) from None
-            image, placement = model.geometry.to_input(tensor)
-            images.append(image)
-            placements.append(placement)
+        def prepare() -> tuple[list[torch.Tensor], list[Any]]:
+            images, placements = [], []
+            for filename, data in uploads:
+                try:
+                    tensor = decode_image(data, filename, self.settings.max_pixels)
+                except ImageReadError as exc:
+                    status = 413 if "pixels allowed" in exc.message else 400
+                    raise HTTPError(status, exc.message) from None
+                image, placement = model.geometry.to_input(tensor)
+                images.append(image)
+                placements.append(placement)
+            return images, placements
+
+        # decoding and resizing off the event loop, beside the inference of earlier requests
+        images, placements = await asyncio.get_running_loop().run_in_executor(None, prepare)
         future = model.batcher.submit(torch.stack(images))
         try:
             maps, scores = await asyncio.wait_for(future, self.settings.timeout)
