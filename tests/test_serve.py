@@ -3,6 +3,7 @@ replaced while requests run, and bad uploads answered with a 4xx and one line wh
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import shutil
@@ -178,9 +179,23 @@ def test_a_huge_image_header_and_a_huge_body_are_refused_before_decoding(server)
     status, _, answer = request(server.url("/v1/models/tiles-onnx/predict"), big.getvalue(),
                                 {**AUTH, "Content-Type": "image/png"})
     assert status == 413 and "2500x2000 px is more than the 4,000,000 pixels allowed" in json.loads(answer)["error"]
-    status, _, answer = request(server.url("/v1/models/tiles-onnx/predict"), b"0" * (2 << 20),
-                                {**AUTH, "Content-Type": "image/png"})
-    assert status == 413 and "at most 1,048,576" in json.loads(answer)["error"]
+    # a declared length over the limit is refused from the headers, before the body is read
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/models/tiles-onnx/predict")
+    for key, value in {**AUTH, "Content-Type": "image/png", "Content-Length": str(2 << 20)}.items():
+        connection.putheader(key, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "at most 1,048,576" in json.loads(response.read())["error"]
+    connection.close()
+    # a body sent in chunks, without a length, is cut off once it passes the limit
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    chunks = (b"0" * (64 << 10) for _ in range(17))  # just over 1 MiB: the last chunk crosses the limit
+    connection.request("POST", "/v1/models/tiles-onnx/predict", body=chunks, encode_chunked=True,
+                       headers={**AUTH, "Content-Type": "image/png"})
+    response = connection.getresponse()
+    assert response.status == 413 and "request over 1,048,576 bytes" in json.loads(response.read())["error"]
+    connection.close()
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):
@@ -194,9 +209,10 @@ def test_a_full_queue_answers_503_with_retry_after(server):
 
     model.runner = sluggish
     try:
-        with ThreadPoolExecutor(12) as pool:
+        # 24 at once: a batch of 8 runs for 0.5 s, 4 wait in the queue, the rest find it full
+        with ThreadPoolExecutor(24) as pool:
             answers = list(pool.map(lambda _: request(server.url("/v1/models/tiles-onnx/predict"), png(),
-                                                      {**AUTH, "Content-Type": "image/png"}), range(12)))
+                                                      {**AUTH, "Content-Type": "image/png"}), range(24)))
     finally:
         model.runner = slow
     codes = [status for status, _, _ in answers]
