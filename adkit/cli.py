@@ -260,7 +260,7 @@ def report(folder: str, screenshot: str | None) -> None:
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token every request but /healthz needs.")
 @click.option("--results", "results_dir", type=click.Path(file_okay=False), help="Folder of the decision logs (default: serve-results beside MODELS_DIR).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Most images scored together.")
-@click.option("--max-wait", default=0.01, show_default=True, type=click.FloatRange(0, 10), help="Seconds a batch waits for more requests.")
+@click.option("--max-wait", default=0.0, show_default=True, type=click.FloatRange(0, 10), help="Seconds a batch waits for more requests (0: it takes what queued during the previous batch).")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(1, 100000), help="Requests queued per model before 503.")
 @click.option("--max-request-mb", default=32, show_default=True, type=click.IntRange(1, 4096), help="Largest request body.")
 @click.option("--max-pixels", default=40_000_000, show_default=True, type=click.IntRange(1), help="Largest image, in pixels.")

@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=300)
-    parser.add_argument("--max-wait", type=float, default=0.01)
+    parser.add_argument("--max-wait", type=float, default=0.0)
     parser.add_argument("--soak", type=int, default=0)
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))

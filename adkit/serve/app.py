@@ -1,7 +1,8 @@
 """``adkit serve``: an inspection service for many models over HTTP (starlette on uvicorn).
 
-Requests are queued per model and scored in micro-batches (up to ``batch_size`` images, waiting at most
-``max_wait`` seconds for more) off the event loop; a full queue answers 503 with Retry-After. Uploads are checked
+Requests are queued per model and scored in micro-batches off the event loop: a batch takes every request that
+queued while the previous one ran (up to ``batch_size`` images, waiting ``max_wait`` seconds for more; 0 by
+default, so a lone request is scored at once); a full queue answers 503 with Retry-After. Uploads are checked
 before anything is decoded: request size, content type, pixel count (read from the image header). Every decision
 is appended to a JSON-lines log per model. With a token, every request but /healthz needs
 ``Authorization: Bearer TOKEN`` (compared in constant time). API: docs/serve.md.
@@ -40,7 +41,7 @@ class Settings:
     results_dir: Path
     token: str | None = None
     batch_size: int = 8
-    max_wait: float = 0.01
+    max_wait: float = 0.0
     queue_size: int = 64
     max_request_bytes: int = 32 << 20
     max_pixels: int = 40_000_000
