@@ -13,6 +13,7 @@ from adkit.config import RunConfig
 from adkit.errors import AdkitError
 from adkit.evaluation import evaluate, train_category
 from adkit.planning import RunPlan, claim_output, output_dir, plan
+from adkit.registry import split_chain, split_top_level, unwrap
 
 # grid axes that need a training of their own; post and scorer only re-score
 TRAIN_AXES = ("detector", "loss", "preset", "seed")
@@ -28,6 +29,7 @@ def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
     train_keys = [k for k in axes if k in TRAIN_AXES]
     score_keys = [k for k in axes if k in SCORE_AXES]
     base = plan(config)
+    check_score_axes(base, axes)  # a misspelled post-processor or scorer fails before any training
     out = output_dir(base.config, "bench")
     claim_output(out, resume=False)
     jobs: list[tuple[tuple[str, ...], RunPlan, str]] = []
@@ -67,7 +69,7 @@ def _bench_job(plan_: RunPlan, category: str, out: Path, train_keys: list[str], 
         posts, scorer = plan_.posts, plan_.scorer
         for key, value in zip(score_keys, score_values):
             if key == "post":
-                posts = [] if value == "none" else value.split("+")
+                posts = post_chain(value)
             else:
                 scorer = value
         label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
@@ -89,12 +91,27 @@ def parse_grid(grid: list[str]) -> dict[str, list[str]]:
         if not eq or key not in (*TRAIN_AXES, *SCORE_AXES):
             raise AdkitError(f"--grid {item!r}: write KEY=v1,v2 with KEY one of "
                              f"{', '.join((*TRAIN_AXES, *SCORE_AXES))}")
-        axes[key] = [v.strip() for v in values.split(",") if v.strip()]
+        axes[key] = [unwrap(v) for v in split_top_level(values, ",", f"--grid {item!r}") if v.strip()]
         if not axes[key]:
             raise AdkitError(f"--grid {item!r} has no values")
         if key == "seed" and not all(v.isdigit() for v in axes[key]):
             raise AdkitError(f"--grid {item!r}: seeds are non-negative integers")
     return axes
+
+
+def post_chain(value: str) -> list[str]:
+    """A post axis value: ``none`` or a '+' chain of post-processor specs."""
+    return [] if value == "none" else split_chain(value, f"--grid post={value}")
+
+
+def check_score_axes(base: RunPlan, axes: dict[str, list[str]]) -> None:
+    """Build every post-processor and scorer a grid names once, so that a bad value fails now, not after the
+    first training."""
+    for value in axes.get("post", []):
+        for spec in post_chain(value):
+            base.catalog["postprocessor"].create(spec)
+    for value in axes.get("scorer", []):
+        base.catalog["scorer"].create(value)
 
 
 def apply_axis(config: RunConfig, key: str, value: str) -> RunConfig:
@@ -106,7 +123,7 @@ def apply_axis(config: RunConfig, key: str, value: str) -> RunConfig:
     if key == "seed":
         return config.replace(seed=int(value))
     # loss: "default" keeps the detector's losses; "default+color+psnr" adds; names without "default" replace
-    parts = [p for p in value.split("+") if p]
+    parts = split_chain(value, f"--grid loss={value}")
     if "default" in parts:
         return config.replace(loss=[p for p in parts if p != "default"], loss_only=False)
     return config.replace(loss=parts, loss_only=True)

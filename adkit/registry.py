@@ -267,7 +267,7 @@ def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]
         raise AdkitError(f"empty {kind} spec {spec!r}: write name or name:key=value,...")
     raw: dict[str, str] = {}
     if rest.strip():
-        for item in _top_level_items(rest, spec, kind):
+        for item in split_top_level(rest, ",", f"{kind} spec {spec!r}"):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise AdkitError(f"{kind} spec {spec!r}: {item!r} is not key=value")
@@ -278,8 +278,9 @@ def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]
     return name, raw
 
 
-def _top_level_items(text: str, spec: str, kind: str) -> list[str]:
-    """``text`` split at the commas outside parentheses."""
+def split_top_level(text: str, separator: str, what: str) -> list[str]:
+    """``text`` split at ``separator`` outside parentheses (the one spec grammar: a value holding separators of
+    its own is written in parentheses); ``what`` names the text in errors."""
     items, depth, start = [], 0, 0
     for i, char in enumerate(text):
         if char == "(":
@@ -287,14 +288,34 @@ def _top_level_items(text: str, spec: str, kind: str) -> list[str]:
         elif char == ")":
             depth -= 1
             if depth < 0:
-                raise AdkitError(f"{kind} spec {spec!r}: a ')' without its '('")
-        elif char == "," and depth == 0:
+                raise AdkitError(f"{what}: a ')' without its '('")
+        elif char == separator and depth == 0:
             items.append(text[start:i])
             start = i + 1
     if depth:
-        raise AdkitError(f"{kind} spec {spec!r}: a '(' without its ')'")
+        raise AdkitError(f"{what}: a '(' without its ')'")
     items.append(text[start:])
     return items
+
+
+def unwrap(text: str) -> str:
+    """A value without its enclosing parentheses: ``(a:b=1,c=2)`` -> ``a:b=1,c=2``."""
+    text = text.strip()
+    return text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text
+
+
+def split_chain(text: str, what: str) -> list[str]:
+    """A chain of component specs joined by '+' (``avgpool:kernel=21+gaussian``); a '+' inside a parameter's
+    list value stays (``freqmask:kernels=3+5``): a chain link starts with a component name, a list item does
+    not. Parenthesised links keep everything inside."""
+    links: list[str] = []
+    for part in split_top_level(text, "+", what):
+        stripped = part.strip()
+        if links and not (stripped[:1].isalpha() or stripped.startswith("(")):
+            links[-1] += "+" + part  # the next item of a list value, not a new component
+        else:
+            links.append(part)
+    return [unwrap(link) for link in links if link.strip()]
 
 
 def _parse_extra(kind: str, name: str, key: str, value: Any, typ: type) -> Any:

@@ -52,3 +52,30 @@ def test_bench_seed_axis_trains_once_per_seed(invoke, tmp_path):
     assert rows[0]["threshold"] != rows[1]["threshold"]  # different trainings, not one scored twice
     code, _, err = invoke("bench", *common, "--grid", "seed=a", "--out", str(tmp_path / "bad"))
     assert code != 0 and "seeds are non-negative integers" in err
+
+
+def test_grid_values_follow_the_one_spec_grammar():
+    from adkit.bench import parse_grid, post_chain
+    from adkit.registry import split_chain
+
+    assert split_chain("freqmask:kernels=3+5", "t") == ["freqmask:kernels=3+5"]  # a list value, not a chain
+    assert split_chain("avgpool:kernel=21+gaussian", "t") == ["avgpool:kernel=21", "gaussian"]
+    assert split_chain("(freqmask:kernels=3+5,weight=0.5)+gaussian", "t") == ["freqmask:kernels=3+5,weight=0.5",
+                                                                              "gaussian"]
+    axes = parse_grid(["post=freqmask:kernels=3+5,(freqmask:weight=0.5,stride=4)", "scorer=max,maxmin"])
+    assert axes == {"post": ["freqmask:kernels=3+5", "freqmask:weight=0.5,stride=4"], "scorer": ["max", "maxmin"]}
+    assert post_chain("none") == [] and post_chain("avgpool+gaussian") == ["avgpool", "gaussian"]
+
+
+def test_bench_grid_runs_nested_specs_and_refuses_a_misspelled_value_before_training(invoke, tmp_path):
+    common = ["synthetic:size=32,n_train=6,n_test=4", "--categories", "carpet", "--detector", "pixel-gauss",
+              "--image-size", "32"]
+    out = tmp_path / "grid"
+    code, _, err = invoke("bench", *common, "--grid", "post=freqmask:kernels=3+5,(freqmask:weight=0.5,stride=4)",
+                          "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "bench.json").read_text())
+    assert [r["configuration"] for r in rows] == ["post=freqmask:kernels=3+5", "post=freqmask:weight=0.5,stride=4"]
+    code, _, err = invoke("bench", *common, "--grid", "post=avgpool,freqmsk", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "unknown postprocessor 'freqmsk'" in err
+    assert not (tmp_path / "bad").exists()  # refused before the output folder was claimed
