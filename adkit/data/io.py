@@ -24,6 +24,10 @@ class ImageReadError(AdkitError):
     """An image or mask file that cannot be read (corrupt, truncated, empty, or not an image)."""
 
 
+class ImageTooLarge(ImageReadError):
+    """An upload whose header declares more pixels than allowed (refused before decoding)."""
+
+
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
@@ -81,14 +85,14 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageReadError(f"{name}: {width}x{height} px is more than the {max_pixels:,} pixels allowed")
+                raise ImageTooLarge(f"{name}: {width}x{height} px is more than the {max_pixels:,} pixels allowed")
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 arr = _pixels(img)
     except ImageReadError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):  # PIL's own limit, read from the header
-        raise ImageReadError(f"{name}: the image header declares more than the {max_pixels:,} pixels allowed") from None
+        raise ImageTooLarge(f"{name}: the image header declares more than the {max_pixels:,} pixels allowed") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{name}: not a readable image ({type(exc).__name__})") from None
     if arr.ndim == 2:

@@ -223,7 +223,7 @@ class Service:
     async def predict(self, name: str, uploads: list[tuple[str, bytes]], policy: str | None,
                       overlay: bool) -> dict[str, Any]:
         from adkit import artifacts
-        from adkit.data.io import ImageReadError, decode_image
+        from adkit.data.io import ImageReadError, ImageTooLarge, decode_image
         from adkit.errors import AdkitError
         from adkit.thresholds import decide
 
@@ -240,8 +240,7 @@ class Service:
                 try:
                     tensor = decode_image(data, filename, self.settings.max_pixels)
                 except ImageReadError as exc:
-                    status = 413 if "pixels allowed" in exc.message else 400
-                    raise HTTPError(status, exc.message) from None
+                    raise HTTPError(413 if isinstance(exc, ImageTooLarge) else 400, exc.message) from None
                 image, placement = model.geometry.to_input(tensor)
                 images.append(image)
                 placements.append(placement)
