@@ -16,7 +16,7 @@ from adkit.data.datasets import LoadedSplit, Sample
 from adkit.data.geometry import Geometry
 from adkit.data.io import load_image
 from adkit.errors import AdkitError
-from adkit.evaluation import Evaluation
+from adkit.evaluation import Evaluation, fit_threshold
 
 OVERLAY_SAMPLES = 8
 THRESHOLD_FILE = "threshold.json"
@@ -164,14 +164,9 @@ def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: s
     if parsed.needs_scores and not stored:
         raise AdkitError(f"--threshold {parsed}: {where} stores no validation scores to fit it on: run adkit test "
                          "--checkpoint CKPT to store them (then export again), or give --threshold value:X")
-    scores = np.asarray(record["val_scores"] if stored else [], dtype=np.float64)
-    labels = np.asarray(record["val_labels"] if stored else [], dtype=np.int64)
-    try:
-        fit = thresholds.fit(parsed, scores[labels == 0], scores[labels == 1])
-    except thresholds.PolicyError as exc:
-        raise AdkitError(str(exc)) from None
-    if fit.warning:
-        render.warn(fit.warning)
+    scores = torch.tensor(record["val_scores"] if stored else [], dtype=torch.float64)
+    labels = torch.tensor(record["val_labels"] if stored else [], dtype=torch.long)
+    fit = fit_threshold(parsed, scores, labels, where)
     return {**(record or {}), "threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict()}
 
 

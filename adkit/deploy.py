@@ -21,8 +21,10 @@ from torch import Tensor, nn
 import adkit
 from adkit.components import Exportable, Pipeline, exporting, upsample
 from adkit.data.geometry import Geometry
+from adkit.engine import autocast
 from adkit.errors import AdkitError
 from adkit.report import atomic_dir, write_json
+from adkit.thresholds import widest_gap
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 MODEL_JSON = "model.json"
@@ -145,9 +147,7 @@ def _compare(model: Deployed, runner: Runner, images: Tensor, fmt: str) -> None:
     of their widest gap), where the scores' agreement makes them meaningful."""
     with torch.inference_mode():
         expected = model(images, threshold_input(None))
-    ordered = expected[1].float().sort().values
-    gaps = ordered[1:] - ordered[:-1]
-    cut = float(ordered[int(gaps.argmax())] + gaps.max() / 2) if len(ordered) > 1 else float(ordered[0])
+    cut, _ = widest_gap(expected[1])
     got = runner(images, cut)
     scale = max(float(expected[0].abs().max()), 1e-12)
     map_error = float((got[0] - expected[0]).abs().max()) / scale
@@ -167,6 +167,19 @@ def _require_onnx() -> Any:
     except ImportError:
         raise AdkitError("ONNX needs onnxruntime, onnx and onnxscript: pip install 'adkit[onnx]'") from None
     return onnxruntime
+
+
+def eager_runner(model: Deployed, device: torch.device, precision: str = "auto") -> Runner:
+    """A function running ``model`` itself (predict from a checkpoint, a served checkpoint): the same contract as
+    an exported file's runner, outputs on the CPU."""
+    model.to(device).eval()
+
+    def run(images: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.inference_mode(), autocast(device, precision):
+            outputs = model(images.to(device), threshold_input(threshold).to(device))
+        return tuple(t.cpu() for t in outputs)  # type: ignore[return-value]
+
+    return run
 
 
 def load_runner(path: Path, fmt: str, device: torch.device) -> Runner:

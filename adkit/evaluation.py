@@ -143,8 +143,8 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline) -> Evaluatio
 
 def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor,
                   category: str) -> thresholds.ThresholdFit:
-    """The policy fitted on the threshold split's scores (normal and, where held out, defective images); a warning
-    when the images are too few for the rate asked."""
+    """The policy fitted on validation scores (normal and, where held out, defective images); a warning when the
+    images are too few for the rate asked. ``category`` (or the record's file) starts its messages."""
     scores_np, labels_np = scores.double().numpy(), labels.numpy()
     try:
         fit = thresholds.fit(policy, scores_np[labels_np == 0], scores_np[labels_np == 1])

@@ -222,6 +222,17 @@ def describe(policy: str, threshold: float, normal: np.ndarray, anomalous: np.nd
                         recall, below, above, band_low, band_high, warning)
 
 
+def widest_gap(scores: torch.Tensor) -> tuple[float, float]:
+    """(a threshold in the middle of the widest gap between adjacent scores, half that gap): where every score's
+    decision is as far from rounding as these scores allow. One score: (that score, 0)."""
+    ordered = scores.float().sort().values
+    if len(ordered) < 2:
+        return float(ordered[0]), 0.0
+    gaps = ordered[1:] - ordered[:-1]
+    i = int(gaps.argmax())
+    return float(ordered[i] + gaps[i] / 2), float(gaps[i] / 2)
+
+
 def decide(scores: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """Decisions (N,) bool, score > threshold, compared in float32 as the deployed models compare; all False
     without a threshold."""

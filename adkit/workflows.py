@@ -15,8 +15,8 @@ from adkit.config import RunConfig
 from adkit.data.datasets import Sample, load_split
 from adkit.data.geometry import Geometry
 from adkit.data.io import is_image_file, list_images
-from adkit.deploy import Deployed, Runner, load_runner, read_model, threshold_input
-from adkit.engine import autocast, in_batches, load_checkpoint, resolve_device
+from adkit.deploy import Deployed, eager_runner, load_runner, read_model
+from adkit.engine import in_batches, load_checkpoint, resolve_device
 from adkit.engine import predict as run_pipeline
 from adkit.errors import AdkitError
 from adkit.evaluation import CategoryRun, evaluate, fit_threshold, threshold_metrics, train_category
@@ -202,7 +202,7 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
         decision = artifacts.chosen_threshold(record, config.threshold,
                                               str(checkpoint.parent / artifacts.THRESHOLD_FILE))
         pipeline, _ = load_trained(config, checkpoint, device, payload)
-        runner = _eager_runner(Deployed(pipeline), device, config.precision)
+        runner = eager_runner(Deployed(pipeline), device, config.precision)
         geometry, default_out = checkpoint_geometry(meta), checkpoint.parent / "predict"
     else:
         file, card = read_model(model)
@@ -229,17 +229,6 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     render.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped), {decided}; results in {out} "
                f"(open {out / pages.PAGE})")
     return out
-
-
-def _eager_runner(model: Deployed, device: torch.device, precision: str) -> Runner:
-    model.to(device).eval()
-
-    def run(images: torch.Tensor, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(), autocast(device, precision):
-            outputs = model(images.to(device), threshold_input(threshold).to(device))
-        return tuple(t.cpu() for t in outputs)  # type: ignore[return-value]
-
-    return run
 
 
 def _warn_resized(paths: list[Path], geometry: Geometry) -> None:

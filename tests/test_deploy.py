@@ -17,6 +17,7 @@ from adkit.assembly import load_trained
 from adkit.config import RunConfig
 from adkit.deploy import Deployed, load_runner, read_model, threshold_input
 from adkit.testing import tiny_defects, tiny_images
+from adkit.thresholds import widest_gap
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "synthetic:size=64,n_train=8,n_test=6"
@@ -56,14 +57,6 @@ def images_for(size: int) -> torch.Tensor:
     return torch.cat([normal, defective])
 
 
-def widest_gap_cut(scores: torch.Tensor) -> tuple[float, float]:
-    """(threshold in the middle of the widest gap between adjacent scores, half that gap)."""
-    ordered = scores.float().sort().values
-    gaps = ordered[1:] - ordered[:-1]
-    i = int(gaps.argmax())
-    return float(ordered[i] + gaps[i] / 2), float(gaps[i] / 2)
-
-
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_exported_models_reproduce_the_checkpoint(invoke, trained, tmp_path, name, fmt):
@@ -82,7 +75,7 @@ def test_exported_models_reproduce_the_checkpoint(invoke, trained, tmp_path, nam
         maps, scores, _ = reference(images, threshold_input(None))
     # scores may differ by this much between the eager module and the exported file (rtol / atol below)
     tolerance = 1e-4 * float(scores.abs().max()) + 1e-6
-    cut, half_gap = widest_gap_cut(scores)
+    cut, half_gap = widest_gap(scores)
     for batch in (images, images[:1]):  # dynamic batch: 5 and 1 images, traced at 2
         n = len(batch)
         for threshold in (card["threshold"], cut):

@@ -198,9 +198,7 @@ def test_predict_threshold_gives_the_same_decisions_from_the_checkpoint_and_both
                "torchscript": ["--model", str(root / "torchscript")]}
     rows, _ = _predict(invoke, sources["checkpoint"], images, tmp_path / "base")
     scores = torch.tensor([float(r["score"]) for r in rows])
-    ordered = scores.sort().values
-    i = int((ordered[1:] - ordered[:-1]).argmax())
-    cut = float(ordered[i] + ordered[i + 1]) / 2  # every score far from it
+    cut, _ = thresholds.widest_gap(scores)  # every score far from it
     for policy in (f"value:{cut!r}", "fpr:0.3"):
         seen = {}
         for name, source in sources.items():

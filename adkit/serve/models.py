@@ -6,7 +6,6 @@ removed is dropped."""
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,7 @@ def load_model(folder: Path) -> ServedModel:
     from adkit import artifacts
     from adkit.assembly import checkpoint_geometry, load_trained, pipeline_specs
     from adkit.config import RunConfig
-    from adkit.deploy import Deployed, load_runner, read_model, threshold_input
+    from adkit.deploy import Deployed, eager_runner, load_runner, read_model
     from adkit.engine import load_checkpoint
     from adkit.errors import AdkitError
 
@@ -83,12 +82,7 @@ def load_model(folder: Path) -> ServedModel:
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
     pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"), payload)
-    model = Deployed(pipeline).eval()
-
-    def run(images: torch.Tensor, threshold: float | None):
-        with torch.inference_mode():
-            return model(images, threshold_input(threshold))
-
+    run = eager_runner(Deployed(pipeline), torch.device("cpu"))
     decision = artifacts.threshold_record(folder, *pipeline_specs(RunConfig(), meta))
     card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"]}
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -102,7 +96,3 @@ def scan(root: Path) -> dict[str, Path]:
         if valid_name(folder.name) and ((folder / "model.json").is_file() or (folder / "checkpoint.pt").is_file()):
             found[folder.name] = folder
     return found
-
-
-def card_json(model: ServedModel) -> str:
-    return json.dumps(model.public_card())

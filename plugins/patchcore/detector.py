@@ -22,7 +22,16 @@ from adkit.engine import derived_seed
 from adkit.errors import AdkitError
 from adkit.features import build_backbone, check_layers, locally_aware_patches
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
-from adkit_plugins.patchcore.search import hnsw_build, hnsw_load, ivf_index, knn, knn_hnsw, knn_ivf, knn_projected
+from adkit_plugins.patchcore.search import (
+    hnsw_build,
+    hnsw_load,
+    ivf_index,
+    knn,
+    knn_hnsw,
+    knn_ivf,
+    knn_projected,
+    tracing,
+)
 
 # search=ivf with cells=0 (automatic): about sqrt(bank) cells, each of at least this many features on average;
 # search=ivf (automatic cells) and search=hnsw build no index for banks below INDEX_MIN_BANK features: exact search
@@ -151,7 +160,7 @@ class PatchCore(Detector):
         return self.cells
 
     def _nearest(self, patches: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        eager = k == 1 and not (is_exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        eager = k == 1 and not (is_exporting() or tracing())
         if eager and self.hnsw_graph.numel():
             return knn_hnsw(patches, self._hnsw(), self.ef)
         if eager and self.ivf_centroids.shape[0]:

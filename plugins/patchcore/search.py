@@ -31,7 +31,7 @@ def squared_distances(queries: Tensor, bank: Tensor) -> Tensor:
     return (queries.pow(2).sum(1, keepdim=True) - 2 * queries @ bank.T + bank.pow(2).sum(1)).clamp_min_(0)
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """True while torch.jit.trace or torch.export records the graph: the query count is then a symbol of the
     batch size, and a Python loop over query chunks would be frozen at the traced batch."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -42,7 +42,7 @@ def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int = BLOCK_E
     bank chunks depends only on the bank; queries are chunked in eager mode only (one chunk in a traced graph)."""
     n = bank.shape[0]
     k = min(k, n)
-    if _tracing():
+    if tracing():
         return _knn_chunk(queries.float(), bank.float(), bank.float().pow(2).sum(1), k,
                           _blocks(4096, n, block_elements)[1])
     m = queries.shape[0]
