@@ -3,7 +3,7 @@
 Plugin authors import ``hookimpl`` from here; see docs/plugins.md.
 """
 
-from adkit.hookspecs import hookimpl
+from adkit.core.hookspecs import hookimpl
 
 __all__ = ["PLUGIN_API", "PLUGIN_API_SINCE", "hookimpl"]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Everything the CLI does, callable from Python: a facade over the modules that do it.
 
     from adkit import api
-    from adkit.config import RunConfig
+    from adkit.run.config import RunConfig
     api.run(RunConfig(detector=["patchcore"], data="folder", normal="good/", abnormal="bad/"))
 
 The workflows (``run``, ``train``, ``test``, ``predict``, ``bench``, ``synth``) take a :class:`RunConfig`; the
@@ -11,14 +11,14 @@ benchmarks. Where each lives: docs/architecture.md.
 
 from __future__ import annotations
 
-from adkit import render
-from adkit.artifacts import chosen_threshold, record_threshold, score_rows, threshold_record, validation_record
-from adkit.assembly import build_detector, build_pipeline, load_trained
-from adkit.bench import bench
-from adkit.evaluation import CategoryRun, Evaluation, evaluate, train_category
-from adkit.planning import RunPlan, plan
-from adkit.plugins import Catalog, get_catalog
-from adkit.workflows import export, predict, run, synth, test, train
+from adkit.app.bench import bench
+from adkit.app.workflows import export, predict, run, synth, test, train
+from adkit.core.plugins import Catalog, get_catalog
+from adkit.outputs import render
+from adkit.outputs.artifacts import chosen_threshold, record_threshold, score_rows, threshold_record, validation_record
+from adkit.run.assembly import build_detector, build_pipeline, load_trained
+from adkit.run.evaluation import CategoryRun, Evaluation, evaluate, train_category
+from adkit.run.planning import RunPlan, plan
 
 __all__ = [
     "CategoryRun", "Evaluation", "RunPlan", "bench", "build_detector", "build_pipeline", "chosen_threshold",

@@ -1,7 +1,7 @@
 """The ``adkit`` command line: a thin click layer over :mod:`adkit.api`.
 
 Importing this module, ``adkit --help`` and ``adkit --version`` do not import torch: :mod:`adkit.api` is imported
-by the commands that run, and plugins' components load on first use (adkit.plugins.Catalog)."""
+by the commands that run, and plugins' components load on first use (adkit.core.plugins.Catalog)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from adkit.config import RunConfig, build_config, load_config_file
-from adkit.plugins import get_catalog
+from adkit.core.plugins import get_catalog
+from adkit.run.config import RunConfig, build_config, load_config_file
 
 
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,7 +130,7 @@ def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
     if threads is not None:
         os.environ["ADKIT_THREADS"] = str(threads)
     if ctx.invoked_subcommand in (*COMPONENT_COMMANDS, "synth"):
-        from adkit import threads as shared
+        from adkit.core import threads as shared
 
         shared.register()
     if ctx.invoked_subcommand in COMPONENT_COMMANDS:
@@ -244,7 +244,7 @@ def synth(out: str, category: tuple[str, ...], seed: int, size: int, n_train: in
                                                                     "to this PNG (the top 1280 x 1800 px).")
 def report(folder: str, screenshot: str | None) -> None:
     """Rebuild report.html in a run, test, bench or predict folder from the files there."""
-    from adkit import pages
+    from adkit.outputs import pages
 
     page = pages.build(Path(folder))
     click.echo(f"wrote {page}")
@@ -284,7 +284,7 @@ def serve(models_dir: str, host: str, port: int, token_file: str | None, results
                                                               "hold files.")
 def new_plugin(name: str, kinds: tuple[str, ...], out: str | None) -> None:
     """Write a plugin package: a working component of each kind, its entry point, and tests that pass."""
-    from adkit.scaffold import new_plugin as write
+    from adkit.app.scaffold import new_plugin as write
 
     folder = write(name, [k for item in kinds for k in item.split(",") if k], Path(out) if out else None)
     click.echo(f"wrote {folder}; next: cd {folder} && pip install -e \".[test]\" && pytest")

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adkit.components import Backbone, Detector, DetectorContext, Ensemble, Sampler
-from adkit.data.datasets import AnomalyDataset, load_split
-from adkit.engine import TrainSettings, load_checkpoint, restore, seed_everything, train_detector
-from adkit.plugins import Catalog, get_catalog, reset_catalog
+from adkit.core.components import Backbone, Detector, DetectorContext, Ensemble, Sampler
+from adkit.core.datasets import AnomalyDataset
+from adkit.core.plugins import Catalog, get_catalog, reset_catalog
+from adkit.data.datasets import load_split
+from adkit.run.engine import TrainSettings, load_checkpoint, restore, seed_everything, train_detector
 
 # a --data spec for end-to-end tests: 32 px synthetic textures, 8 training and 6 test images per category
 TINY_DATA = "synthetic:size=32,n_train=8,n_test=6"
@@ -101,7 +102,7 @@ def _check_map(anomaly_map: Any, batch: int, who: str) -> None:
 def _build_detector(catalog: Catalog, spec: str, image_size: int, options: dict[str, Any]) -> Detector:
     seed_everything(0)  # as a run does before building: initial weights come from the global generator
     detector = catalog["detector"].create(spec)
-    detector.setup(DetectorContext(catalog=catalog, image_size=image_size, device=torch.device("cpu"), **options))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=image_size, device=torch.device("cpu"), **options))
     return detector
 
 
@@ -202,7 +203,7 @@ def check_loss(spec: str, catalog: Catalog | None = None, size: int = 32) -> nn.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = loss(prediction.detach().bfloat16(), target.bfloat16())
     _expect(low.dtype == torch.float32, f"{spec}: under bf16 autocast it returns {low.dtype}; decorate forward "
-                                        "with adkit.engine.in_float32")
+                                        "with adkit.run.engine.in_float32")
     return loss
 
 

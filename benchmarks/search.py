@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from adkit import metrics
-from adkit.assembly import build_pipeline
-from adkit.config import RunConfig
-from adkit.engine import derived_seed
-from adkit.evaluation import train_category
-from adkit.planning import plan
+from adkit.run.assembly import build_pipeline
+from adkit.run.config import RunConfig
+from adkit.run.engine import derived_seed
+from adkit.run.evaluation import train_category
+from adkit.run.planning import plan
+from adkit.stats import metrics
 from adkit_plugins.patchcore.search import hnsw_build, hnsw_load, ivf_index, knn, knn_hnsw, knn_ivf
 
 

@@ -34,9 +34,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adkit.components import DetectorContext
-from adkit.engine import autocast, resolve_device, uses_bf16
-from adkit.plugins import get_catalog
+from adkit.core.components import DetectorContext
+from adkit.core.plugins import get_catalog
+from adkit.run.engine import autocast, resolve_device, uses_bf16
 from adkit_plugins.draem.synthesis import synthesize
 
 
@@ -136,8 +136,8 @@ def export_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
     import tempfile
     from pathlib import Path
 
-    from adkit.components import Pipeline
-    from adkit.deploy import Deployed, export, load_runner
+    from adkit.core.components import Pipeline
+    from adkit.deploy.export import Deployed, export, load_runner
 
     catalog = get_catalog()
     detector = catalog["detector"].create(spec)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adkit.plugins import get_catalog, reset_catalog
+from adkit.core.plugins import get_catalog, reset_catalog
 
 
 @pytest.fixture(autouse=True, scope="session")

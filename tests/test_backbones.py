@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from adkit import hookimpl
-from adkit.components import Backbone, DetectorContext
-from adkit.errors import AdkitError
-from adkit.features import build_backbone
+from adkit.core.components import Backbone, DetectorContext
+from adkit.core.errors import AdkitError
+from adkit.core.features import build_backbone
 
 
 def photograph(name: str) -> torch.Tensor:
@@ -167,7 +167,7 @@ class TinyBackbonePlugin:
 
 def test_register_backbones_hook_adds_a_backbone(catalog):
     assert catalog.add_plugin(TinyBackbonePlugin(), name="tiny-plugin").status == "ok"
-    context = DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"), backbone="tiny:width=4")
+    context = DetectorContext(build=catalog.builder(), image_size=32, device=torch.device("cpu"), backbone="tiny:width=4")
     backbone = build_backbone(context, "efficientnet-lite0")  # --backbone wins over the detector's default
     assert backbone.spec == "tiny:width=4" and backbone.channels == (4, 8)
     with pytest.raises(AdkitError, match="smaller than the deepest stride"):

@@ -90,7 +90,7 @@ def test_plugin_command(invoke):
 
 def test_python_api_matches_cli(invoke, tmp_path):
     from adkit import api
-    from adkit.config import RunConfig
+    from adkit.run.config import RunConfig
 
     results = api.run(RunConfig(detector=["pixel-gauss"], data=TINY, category=["wood"], image_size=32,
                                 out=str(tmp_path / "py")))
@@ -136,8 +136,8 @@ def test_compile_flag_compiles_the_training_step_and_the_map(invoke, tmp_path, m
 def test_precision_flag(invoke, tmp_path):
     import torch
 
-    from adkit.engine import autocast
-    from adkit.errors import AdkitError
+    from adkit.core.errors import AdkitError
+    from adkit.run.engine import autocast
 
     a = torch.rand(4, 4)
     with autocast(torch.device("cpu"), "bf16"):

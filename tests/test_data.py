@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from adkit.core.errors import AdkitError
 from adkit.data.datasets import FolderDataset, MVTecDataset, load_split
 from adkit.data.io import ImageReadError, load_image, load_mask
 from adkit.data.synthetic import DEFECTS, TEXTURES, defective_image, normal_image, write_dataset
-from adkit.errors import AdkitError
 
 
 def test_grayscale_rgba_and_16bit(tmp_path):

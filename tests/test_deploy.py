@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from adkit.assembly import load_trained
-from adkit.config import RunConfig
-from adkit.deploy import Deployed, load_runner, read_model, threshold_input
+from adkit.deploy.export import Deployed, load_runner, read_model, threshold_input
+from adkit.run.assembly import load_trained
+from adkit.run.config import RunConfig
+from adkit.stats.thresholds import widest_gap
 from adkit.testing import tiny_defects, tiny_images
-from adkit.thresholds import widest_gap
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "synthetic:size=64,n_train=8,n_test=6"

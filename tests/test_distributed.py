@@ -12,17 +12,18 @@ import pytest
 import torch
 
 from adkit import api
-from adkit.config import RunConfig
+from adkit.run.config import RunConfig
 
 SCRIPT = """
 import sys
-from adkit import api, distributed
-from adkit.config import RunConfig
+from adkit import api
+from adkit.core import distributed
+from adkit.run.config import RunConfig
 out = sys.argv[1]
 api.train(RunConfig(detector=["draem:recon_width=4,disc_width=4"], data="synthetic:size=32,n_train=8,n_test=6",
                     category=["wood"], image_size=32, steps=3, batch_size=2, out=out, checkpoint_every=1))
 # rank 0 wrote the checkpoint; every rank reads the same final step
-from adkit.engine import load_checkpoint
+from adkit.run.engine import load_checkpoint
 from pathlib import Path
 print("RANK", distributed.rank(), "WORLD", distributed.world_size(), "STEP",
       load_checkpoint(Path(out) / "wood" / "checkpoint.pt")["step"])
@@ -67,8 +68,9 @@ METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "thres
 EVALUATE = """
 import json, sys
 from pathlib import Path
-from adkit import api, distributed
-from adkit.config import RunConfig
+from adkit import api
+from adkit.core import distributed
+from adkit.run.config import RunConfig
 out = Path(sys.argv[1])
 # the mean scorer and widths 8: a few steps give scores that differ between images
 tiny = dict(data="synthetic:size=32,n_train=8,n_test=6", image_size=32, batch_size=2, scorer="mean")
@@ -110,13 +112,13 @@ def test_metrics_gathered_across_ranks_equal_a_single_process(tmp_path):
 BENCH = """
 import sys
 from adkit import api
-from adkit.config import RunConfig
+from adkit.run.config import RunConfig
 api.bench(RunConfig(detector=["draem:recon_width=4,disc_width=4"], data="synthetic:size=32,n_train=8,n_test=6",
                     category=["carpet", "tile", "wood"], image_size=32, batch_size=2, steps=2, out=sys.argv[1]),
           ["post=avgpool:kernel=5,freqmask"])
 # leaving the group must stop its threads (else a late gloo thread can abort the exit; see distributed.leave)
 import os
-from adkit import distributed
+from adkit.core import distributed
 distributed.leave()
 threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 print("GROUP THREADS LEFT", [t for t in threads if "gloo" in t])
@@ -147,7 +149,7 @@ def test_distributed_bench_writes_the_sequential_table(tmp_path):
 
 
 def test_gather_shards_restores_order_for_uneven_shards(monkeypatch):
-    from adkit import distributed
+    from adkit.core import distributed
 
     n, world = 7, 3
     full = [torch.arange(n * 2.0).view(n, 2), torch.arange(n)]
@@ -165,17 +167,17 @@ def test_gather_shards_restores_order_for_uneven_shards(monkeypatch):
 FIT_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from adkit import distributed
-from adkit.components import DetectorContext
-from adkit.engine import TrainSettings, train_detector
-from adkit.plugins import get_catalog
+from adkit.core import distributed
+from adkit.core.components import DetectorContext
+from adkit.run.engine import TrainSettings, train_detector
+from adkit.core.plugins import get_catalog
 device = distributed.init_from_environment(torch.device("cpu"))
 catalog = get_catalog()
 images = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 out = {}
 for spec in ("patchcore:coreset=0.2,partition=50", "padim:features=20"):
     detector = catalog["detector"].create(spec)
-    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=device))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=32, device=device))
     train_detector(detector, images, TrainSettings(steps=1, batch_size=2), device,
                    Path(sys.argv[1]) / spec.split(":")[0] / "checkpoint.pt", meta={})
     with torch.inference_mode():

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from adkit.components import DetectorContext
+from adkit.core.components import DetectorContext
+from adkit.core.errors import AdkitError
 from adkit.data.perlin import perlin_noise
-from adkit.engine import TrainSettings, load_checkpoint, train_detector
-from adkit.errors import AdkitError
+from adkit.run.engine import TrainSettings, load_checkpoint, train_detector
 from adkit_plugins.draem.detector import Draem, random_crops
 from adkit_plugins.draem.networks import DiscriminativeSubNetwork, ReconstructiveSubNetwork
 from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, rotate, synthesize
@@ -27,7 +27,7 @@ def test_parameter_counts_at_default_widths():
 def tiny_draem(catalog, losses=(), replace=False):
     torch.manual_seed(0)
     detector = Draem(recon_width=4, disc_width=4, lr=1e-3, schedule="constant")
-    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"),
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=32, device=torch.device("cpu"),
                                    losses=list(losses), replace_losses=replace))
     return detector
 
@@ -241,7 +241,7 @@ def test_training_on_crops_and_mapping_whole_images(catalog):
         Draem(crop=48)
     torch.manual_seed(0)
     detector = Draem(recon_width=4, disc_width=4, lr=1e-3, schedule="constant", crop=32)
-    detector.setup(DetectorContext(catalog=catalog, image_size=64, device=torch.device("cpu")))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=64, device=torch.device("cpu")))
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     out = detector.training_step(images, torch.Generator().manual_seed(3))
     assert torch.isfinite(out["loss"])

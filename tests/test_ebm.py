@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adkit.components import DetectorContext
-from adkit.engine import TrainSettings, train_detector
+from adkit.core.components import DetectorContext
+from adkit.run.engine import TrainSettings, train_detector
 from adkit_plugins.ebm.detectors import EBMImage, EBMPatch
 from adkit_plugins.ebm.networks import WideResNetEnergy
 from adkit_plugins.ebm.samplers import PYLD, SGLD, ReplayBuffer, first_conv
@@ -98,7 +98,7 @@ def test_wrn_28_10_trunk_parameters():
 def test_ebm_training_step_and_map(catalog, cls, params):
     torch.manual_seed(0)
     detector = cls(**params, sampler="pyld:M=2,N=2")
-    detector.setup(DetectorContext(catalog=catalog, image_size=16, device=torch.device("cpu")))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=16, device=torch.device("cpu")))
     images = torch.rand(6, 3, 16, 16)
     g = torch.Generator().manual_seed(0)
     detector.on_train_start(images, g)
@@ -116,7 +116,7 @@ def test_energy_penalty_adds_squared_energies(catalog):
     for penalty in (0.0, 0.5):
         torch.manual_seed(0)  # the same network and, below, the same data noise, chains and sampler draws
         detector = EBMImage(depth=10, widen=1, buffer_size=16, sampler="pyld:M=2,N=2", energy_penalty=penalty)
-        detector.setup(DetectorContext(catalog=catalog, image_size=16, device=torch.device("cpu")))
+        detector.setup(DetectorContext(build=catalog.builder(), image_size=16, device=torch.device("cpu")))
         g = torch.Generator().manual_seed(0)
         detector.on_train_start(images, g)
         outs.append(detector.training_step(images[:4], g))
@@ -168,7 +168,7 @@ def test_ebm_training_orders_energies_normal_defective_noise(catalog, tmp_path):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     detector = EBMImage(depth=10, widen=1, buffer_size=64, sampler="pyld:M=5,N=3", lr=1e-3)
-    detector.setup(DetectorContext(catalog=catalog, image_size=16, device=torch.device("cpu")))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=16, device=torch.device("cpu")))
     train_detector(detector, _stripes(64, g), TrainSettings(steps=60, batch_size=16), torch.device("cpu"),
                    tmp_path / "checkpoint.pt", meta={})
     normal, defective = _stripes(40, g), _stripes(40, g)
@@ -183,11 +183,11 @@ def test_ebm_training_orders_energies_normal_defective_noise(catalog, tmp_path):
 
 
 def test_pretrained_trunk_input_layer_is_the_map_to_the_first_convolution(catalog):
-    from adkit.components import DetectorContext
+    from adkit.core.components import DetectorContext
     from adkit_plugins.ebm.samplers import input_layer
 
     detector = catalog["detector"].create("ebm-image:backbone=efficientnet-lite0,trunk_layer=2")
-    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu")))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=32, device=torch.device("cpu")))
     network = detector.network
     conv1 = first_conv(network)
     captured = []
@@ -203,11 +203,11 @@ def test_pretrained_trunk_input_layer_is_the_map_to_the_first_convolution(catalo
 
 @pytest.mark.parametrize("trunk", ["frozen", "finetune"])
 def test_ebm_on_a_pretrained_trunk_trains_its_head_and_checkpoints_what_trained(catalog, tmp_path, trunk):
-    from adkit.components import DetectorContext
-    from adkit.engine import TrainSettings, load_checkpoint, train_detector
+    from adkit.core.components import DetectorContext
+    from adkit.run.engine import TrainSettings, load_checkpoint, train_detector
 
     detector = catalog["detector"].create(f"ebm-image:backbone=efficientnet-lite0,trunk={trunk},buffer_size=8")
-    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"), sampler="pyld:M=1,N=2"))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=32, device=torch.device("cpu"), sampler="pyld:M=1,N=2"))
     stem_before = detector.network.trunk.model.conv_stem.weight.detach().clone()
     head_before = detector.network.head[0].weight.detach().clone()
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))

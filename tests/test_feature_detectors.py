@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_backbones import TinyBackbonePlugin
 
-from adkit.components import Detection, Detector, DetectorContext, Pipeline
-from adkit.engine import TrainSettings, load_checkpoint, predict, restore, train_detector
-from adkit.errors import AdkitError
+from adkit.core.components import Detection, Detector, DetectorContext, Pipeline
+from adkit.core.errors import AdkitError
+from adkit.run.engine import TrainSettings, load_checkpoint, predict, restore, train_detector
 from adkit_plugins.patchcore.coreset import greedy_coreset, greedy_coreset_reference, partitioned_greedy_coreset
 from adkit_plugins.patchcore.search import ivf_index, kmeans, knn, knn_ivf, knn_projected
 
@@ -71,7 +71,7 @@ def tiny_catalog(catalog):
 
 def set_up(catalog, spec: str, backbone: str | None = None) -> Detector:
     detector = catalog["detector"].create(spec)
-    detector.setup(DetectorContext(catalog=catalog, image_size=32, device=torch.device("cpu"), backbone=backbone))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=32, device=torch.device("cpu"), backbone=backbone))
     return detector
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from adkit.core.tiling import Tiling, tile_starts
 from adkit.data.geometry import Geometry, GeometryError, parse_size
-from adkit.tiling import Tiling, tile_starts
 
 
 def test_sizes_parse_as_width_by_height():

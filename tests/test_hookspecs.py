@@ -6,10 +6,10 @@ import pytest
 from torch import nn
 
 from adkit import hookimpl
-from adkit.components import Backbone, Detector, Ensemble, Sampler
-from adkit.data.datasets import AnomalyDataset
-from adkit.errors import AdkitError
-from adkit.plugins import Catalog
+from adkit.core.components import Backbone, Detector, Ensemble, Sampler
+from adkit.core.datasets import AnomalyDataset
+from adkit.core.errors import AdkitError
+from adkit.core.plugins import Catalog
 
 
 class D(Detector):
@@ -150,5 +150,5 @@ def test_a_detector_factory_must_be_a_detector_class():
     assert record.status == "ok"
     assert "t-detector" in catalog["detector"] and "t-function" not in catalog["detector"]
     assert any("detector 't-function' of plugin 'every' is not registered" in w for w in record.warnings)
-    with pytest.raises(AdkitError, match="is not a subclass of adkit.components.Detector"):
+    with pytest.raises(AdkitError, match="is not a subclass of adkit.core.components.Detector"):
         catalog["detector"].get("t-function")

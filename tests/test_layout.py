@@ -1,4 +1,5 @@
-"""The house layout, checked: the core knows no plugin, and one module draws on the terminal."""
+"""The house layout, checked: the core knows no plugin, and two modules draw on the terminal (import layers:
+test_layers.py)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ def test_the_core_never_imports_a_plugin():
     assert offenders == []
 
 
-def test_render_is_the_only_module_that_imports_rich():
-    users = sorted(str(p.relative_to(CORE)) for p in core_modules()
+def test_console_and_render_are_the_only_modules_that_import_rich():
+    """Lines and progress bars (core/console.py, used while running) and result tables (outputs/render.py)."""
+    users = sorted(p.relative_to(CORE).as_posix() for p in core_modules()
                    if any(m.split(".")[0] == "rich" for m in imported_modules(p)))
-    assert users == ["render.py"]
+    assert users == ["core/console.py", "outputs/render.py"]
 
 
 def test_api_is_a_facade():
@@ -64,7 +66,7 @@ def test_the_cli_answers_without_importing_torch(args):
 
 
 def test_running_a_command_loads_the_components():
-    code = ("import sys\nfrom adkit.plugins import get_catalog\ncatalog = get_catalog()\n"
+    code = ("import sys\nfrom adkit.core.plugins import get_catalog\ncatalog = get_catalog()\n"
             "print('torch' in sys.modules, len(catalog['detector']) > 0, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["False", "True", "True"]

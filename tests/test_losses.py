@@ -106,7 +106,7 @@ def test_focal_loss_under_bf16_autocast(loss):
 
 
 def test_in_float32_decorates_a_forward_method_too():
-    from adkit.engine import in_float32
+    from adkit.run.engine import in_float32
 
     class Difference(torch.nn.Module):
         @in_float32
@@ -121,7 +121,7 @@ def test_in_float32_decorates_a_forward_method_too():
 
 
 def test_built_in_losses_are_loss_components(catalog):
-    from adkit.components import Loss
+    from adkit.core.components import Loss
 
     for name in ("l2", "ssim", "focal", "color", "psnr"):
         assert isinstance(catalog["loss"].create(name), Loss)

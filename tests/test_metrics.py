@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adkit.metrics import aupro, auroc, f1_max, pro_curve, trapezoid_area
+from adkit.stats.metrics import aupro, auroc, f1_max, pro_curve, trapezoid_area
 
 
 def slow_aupro(maps, masks, limit=0.3):

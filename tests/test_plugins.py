@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from adkit import hookimpl, hookspecs
-from adkit.components import Detector
-from adkit.errors import AdkitError
-from adkit.plugins import Catalog, load_catalog
+from adkit import hookimpl
+from adkit.core import hookspecs
+from adkit.core.components import Detector
+from adkit.core.errors import AdkitError
+from adkit.core.plugins import Catalog, load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_INS = {"backbones", "datasets", "draem", "ebm", "ensembles", "filters", "freqmask", "losses", "padim", "patchcore",

@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from adkit.errors import AdkitError
-from adkit.registry import ComponentRejected, DuplicateComponentError, Register, Registry, split_spec
+from adkit.core.errors import AdkitError
+from adkit.core.registry import ComponentRejected, DuplicateComponentError, Register, Registry, split_spec
 
 
 def make(a: int = 1, b: float = 0.5, flag: bool = False, mode: Literal["x", "y"] = "x",

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from adkit import report
-from adkit.engine import save_checkpoint
+from adkit.core import files
+from adkit.run.engine import save_checkpoint
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def umask_022():
 
 
 def test_results_and_checkpoints_get_the_usual_mode(tmp_path, umask_022):
-    report.write_json(tmp_path / "metrics.json", {"a": 1})
+    files.write_json(tmp_path / "metrics.json", {"a": 1})
     save_checkpoint(tmp_path / "checkpoint.pt", {"format": 0})
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644

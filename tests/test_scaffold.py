@@ -10,8 +10,8 @@ from pathlib import Path
 
 import adkit
 from adkit import hookimpl
-from adkit.plugins import Catalog
-from adkit.scaffold import KINDS
+from adkit.app.scaffold import KINDS
+from adkit.core.plugins import Catalog
 
 
 def test_a_generated_package_with_every_kind_passes_its_own_tests(invoke, tmp_path):
@@ -85,4 +85,4 @@ def test_a_plugin_for_another_plugin_api_is_refused():
     assert record.status == "broken"
     assert f"written for adkit plugin API {adkit.PLUGIN_API + 1}, but adkit {adkit.__version__} provides plugin " \
            f"API {adkit.PLUGIN_API}" in record.error
-    assert Path(adkit.__file__).parent.joinpath("templates", "plugin", "kinds", "detector.py.tmpl").is_file()
+    assert Path(adkit.__file__).parent.joinpath("app", "templates", "plugin", "kinds", "detector.py.tmpl").is_file()

@@ -257,7 +257,7 @@ def test_serve_refuses_unsafe_or_impossible_settings_in_one_line(invoke, models,
 
 
 def test_the_page_scores_an_uploaded_image_in_chromium(models, tmp_path):
-    from adkit.pages import find_browser
+    from adkit.outputs.pages import find_browser
     from adkit.serve.app import Settings
     from adkit.serve.browser import Browser
 

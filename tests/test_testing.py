@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from adkit import hookimpl, testing
-from adkit.components import Detector, Sampler, Scorer
-from adkit.plugins import Catalog
+from adkit.core.components import Detector, Sampler, Scorer
+from adkit.core.plugins import Catalog
 
 BUILT_IN = [
     (testing.check_detector, "draem:recon_width=4,disc_width=4"),

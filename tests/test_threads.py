@@ -1,4 +1,4 @@
-"""Threads that share the machine (adkit.threads): each registered adkit process takes its share of the cores."""
+"""Threads that share the machine (adkit.core.threads): each registered adkit process takes its share of the cores."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from adkit import threads
-from adkit.errors import AdkitError
+from adkit.core import threads
+from adkit.core.errors import AdkitError
 
 
 def test_cores_are_divided_among_processes():

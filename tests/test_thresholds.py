@@ -1,4 +1,4 @@
-"""Threshold policies (adkit.thresholds): fits checked against hand computations, stability at the boundary, what
+"""Threshold policies (adkit.stats.thresholds): fits checked against hand computations, stability at the boundary, what
 a threshold means in parts; and the policies through the CLI: run, predict and export, bad input."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from adkit import thresholds
-from adkit.thresholds import PolicyError, fit, operating_point, parse_policy
+from adkit.stats import thresholds
+from adkit.stats.thresholds import PolicyError, fit, operating_point, parse_policy
 
 TINY = "synthetic:size=32,n_train=16,n_test=8,val_fraction=0.5"
 

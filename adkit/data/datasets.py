@@ -9,39 +9,21 @@ validation split (and out of the test split), for thresholds that need defective
 from __future__ import annotations
 
 import random
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from adkit.core.datasets import AnomalyDataset, CategorySplits, Sample, split_validation
+from adkit.core.errors import AdkitError
 from adkit.data.geometry import Geometry, Placement
 from adkit.data.io import ImageReadError, list_images, load_image, load_mask
-from adkit.errors import AdkitError
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
                  "transistor", "zipper")
 MVTEC_CATEGORIES = MVTEC_TEXTURES + MVTEC_OBJECTS
 MVTEC_GROUPS = {"textures": MVTEC_TEXTURES, "objects": MVTEC_OBJECTS, "all": MVTEC_CATEGORIES}
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image of a split: label 0 normal, 1 anomalous; ``mask`` None for normal images or unknown masks."""
-
-    path: Path
-    label: int
-    mask: Path | None = None
-    defect: str = "good"
-
-
-@dataclass
-class CategorySplits:
-    name: str
-    train: list[Sample]
-    val: list[Sample]
-    test: list[Sample]
 
 
 @dataclass
@@ -54,57 +36,6 @@ class LoadedSplit:
     labels: torch.Tensor
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     placements: list[Placement] = field(default_factory=list)  # where each image went (its maps go back)
-
-
-class AnomalyDataset(ABC):
-    """A source of categories. Subclasses list their categories and build each one's splits."""
-
-    name = "dataset"
-
-    @abstractmethod
-    def categories(self) -> list[str]:
-        """The categories available (for a root on disk: those present)."""
-
-    def groups(self) -> dict[str, tuple[str, ...]]:
-        """Named groups of categories (e.g. ``textures``)."""
-        return {}
-
-    def default_categories(self) -> list[str]:
-        return self.categories()
-
-    @abstractmethod
-    def load(self, category: str) -> CategorySplits:
-        """The splits of one category; user errors (missing folders, orphan masks) raise AdkitError."""
-
-    def resolve_categories(self, requested: list[str]) -> list[str]:
-        """Expand groups, check names, keep order without duplicates."""
-        if not requested:
-            return self.default_categories()
-        available = self.categories()
-        out: list[str] = []
-        for item in requested:
-            names = self.groups().get(item, (item,))
-            for name in names:
-                if name not in available:
-                    hint = f"; available: {', '.join(available) or 'none'}"
-                    groups = ", ".join(self.groups())
-                    raise AdkitError(f"{self.name}: category {name!r} not found{hint}" + (f" (groups: {groups})" if groups else ""))
-                if name not in out:
-                    out.append(name)
-        return out
-
-
-def split_validation(normal: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out ``fraction`` of the normal training images (at least one when there are two or more)."""
-    if fraction <= 0 or len(normal) < 2:
-        return list(normal), []
-    order = list(range(len(normal)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(normal) - 1, max(1, round(fraction * len(normal))))
-    val_idx = set(order[:n_val])
-    train = [s for i, s in enumerate(normal) if i not in val_idx]
-    val = [s for i, s in enumerate(normal) if i in val_idx]
-    return train, val
 
 
 class MVTecDataset(AnomalyDataset):

@@ -1,7 +1,7 @@
 """Input geometry: how an image of any size and shape becomes the network's input, and how a map goes back.
 
 A ``Geometry`` is the input size (height x width), how images of another shape get there (``resize``), and an
-optional tiling (``tile``, ``overlap``: adkit.tiling) when the input is larger than what the detector sees:
+optional tiling (``tile``, ``overlap``: adkit.core.tiling) when the input is larger than what the detector sees:
 
 - ``squash``: resize to height x width, aspect ratio lost (every image fills the input);
 - ``pad``: scale to fit inside height x width keeping the aspect ratio, centred, the rest filled by repeating the

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from adkit import threads
-from adkit.cache import cache_root
-from adkit.data.datasets import CategorySplits, MVTecDataset
+from adkit.core import threads
+from adkit.core.cache import cache_root
+from adkit.core.datasets import CategorySplits
+from adkit.data.datasets import MVTecDataset
 from adkit.data.io import save_image
 from adkit.data.perlin import fractal_noise, perlin_noise
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from adkit.errors import AdkitError
+from adkit.core.errors import AdkitError
 
 
 def is_loopback(host: str) -> bool:

@@ -222,10 +222,10 @@ class Service:
 
     async def predict(self, name: str, uploads: list[tuple[str, bytes]], policy: str | None,
                       overlay: bool) -> dict[str, Any]:
-        from adkit import artifacts
+        from adkit.core.errors import AdkitError
         from adkit.data.io import ImageReadError, ImageTooLarge, decode_image
-        from adkit.errors import AdkitError
-        from adkit.thresholds import decide
+        from adkit.outputs import artifacts
+        from adkit.stats.thresholds import decide
 
         model = self.model(name)
         if not uploads:
@@ -282,7 +282,7 @@ class Service:
 
 def overlay_png(image: torch.Tensor, anomaly_map: torch.Tensor, placement: Any, model: ServedModel) -> str:
     """The heatmap over the image at its own size, as a base64 PNG."""
-    from adkit.report import overlay_panel
+    from adkit.outputs.report import overlay_panel
 
     own = model.geometry.to_original(anomaly_map, placement)
     picture = model.geometry.to_original(image, placement)

@@ -63,12 +63,12 @@ class ServedModel:
 
 def load_model(folder: Path) -> ServedModel:
     """Load one model folder (AdkitError, one line, when it cannot be)."""
-    from adkit import artifacts
-    from adkit.assembly import checkpoint_geometry, load_trained, pipeline_specs
-    from adkit.config import RunConfig
-    from adkit.deploy import Deployed, eager_runner, load_runner, read_model
-    from adkit.engine import load_checkpoint
-    from adkit.errors import AdkitError
+    from adkit.core.errors import AdkitError
+    from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
+    from adkit.outputs import artifacts
+    from adkit.run.assembly import checkpoint_geometry, load_trained, pipeline_specs
+    from adkit.run.config import RunConfig
+    from adkit.run.engine import load_checkpoint
 
     sig = signature(folder)
     if (folder / "model.json").is_file():

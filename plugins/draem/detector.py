@@ -7,8 +7,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from adkit.components import Detector, DetectorContext
-from adkit.errors import AdkitError
+from adkit.core.components import Detector, DetectorContext
+from adkit.core.errors import AdkitError
 from adkit_plugins.draem.networks import DiscriminativeSubNetwork, ReconstructiveSubNetwork, reference_init
 from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, synthesize
 
@@ -58,15 +58,14 @@ class Draem(Detector):
         self.crop = crop
 
     def setup(self, context: DetectorContext) -> None:
-        losses = context.catalog["loss"]
         specs = list(context.losses) if context.replace_losses else [*DEFAULT_LOSSES, *context.losses]
         if not specs:
             raise AdkitError("draem needs at least one reconstruction loss: drop --loss-only or add --loss")
         self.reconstruction_losses = []
         for text in specs:
-            spec = losses.parse(text)
-            self.reconstruction_losses.append((str(spec), spec.extras["weight"], losses.create(spec)))
-        self.segmentation_loss = losses.create(self.segmentation_loss_spec)
+            spec = context.build.parse("loss", text)
+            self.reconstruction_losses.append((str(spec), spec.extras["weight"], context.build("loss", spec)))
+        self.segmentation_loss = context.build("loss", self.segmentation_loss_spec)
         if context.anomaly_source is not None:
             self.source = AnomalySource(context.anomaly_source, context.image_size, context.device, seed=context.seed)
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.components import Detector, DetectorContext
-from adkit.features import build_backbone
+from adkit.core.components import Detector, DetectorContext
+from adkit.core.features import build_backbone
 from adkit_plugins.ebm.networks import PretrainedEnergy, energy_network
 from adkit_plugins.ebm.samplers import ReplayBuffer
 
@@ -67,7 +67,7 @@ class EBMImage(Detector):
             trunk = build_backbone(context, self.backbone_spec)
             self.network = PretrainedEnergy(trunk, self.trunk_layer, self.head_width, self.trunk_mode == "finetune")
             self.pretrained = True
-        self.sampler = context.catalog["sampler"].create(context.sampler or self.sampler_spec)
+        self.sampler = context.build("sampler", context.sampler or self.sampler_spec)
         size = self.input_size(context)
         self.buffer = ReplayBuffer(self.buffer_size, (3, size, size), self.reinit, self.buffer_init, self.buffer_rank)
 

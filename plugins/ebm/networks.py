@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from adkit.components import Backbone
+from adkit.core.components import Backbone
 
 
 class PreActBlock(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from adkit.components import Sampler
+from adkit.core.components import Sampler
 
 
 def first_conv(network: nn.Module) -> nn.Module:

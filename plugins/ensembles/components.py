@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from adkit.components import Ensemble
+from adkit.core.components import Ensemble
 
 
 def check_weights(weights: tuple[float, ...], count: int) -> None:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.components import Loss
-from adkit.engine import in_float32
+from adkit.core.components import Loss
+from adkit.run.engine import in_float32
 
 
 def _check_pair(prediction: Tensor, target: Tensor, who: str) -> None:

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit import distributed
-from adkit.components import Backbone, Detector, DetectorContext
-from adkit.engine import derived_seed
-from adkit.errors import AdkitError
-from adkit.features import align_stages, build_backbone, check_layers
+from adkit.core import distributed
+from adkit.core.components import Backbone, Detector, DetectorContext
+from adkit.core.errors import AdkitError
+from adkit.core.features import align_stages, build_backbone, check_layers
+from adkit.run.engine import derived_seed
 
 
 class PaDiM(Detector):
@@ -55,7 +55,7 @@ class PaDiM(Detector):
                              f"{self.backbone.spec} have {total} channels; choose features <= {total}")
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "padim-channels"))
         self.channels = torch.randperm(total, generator=generator)[:self.features].sort().values.to(context.device)
-        self.smooth = (context.catalog["postprocessor"].create(f"gaussian:sigma={self.sigma}")
+        self.smooth = (context.build("postprocessor", f"gaussian:sigma={self.sigma}")
                        if self.sigma > 0 else None)
 
     def embed(self, images: Tensor) -> Tensor:

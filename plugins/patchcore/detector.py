@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit import distributed
-from adkit.components import Backbone, Detection, Detector, DetectorContext, is_exporting
-from adkit.engine import derived_seed
-from adkit.errors import AdkitError
-from adkit.features import build_backbone, check_layers, locally_aware_patches
+from adkit.core import distributed
+from adkit.core.components import Backbone, Detection, Detector, DetectorContext, is_exporting
+from adkit.core.errors import AdkitError
+from adkit.core.features import build_backbone, check_layers, locally_aware_patches
+from adkit.run.engine import derived_seed
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.search import (
     hnsw_build,
@@ -102,11 +102,11 @@ class PatchCore(Detector):
         self.backbone.check_stages(self.layers, "patchcore")
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "patchcore-search"))
         self.search_projection = random_projection(self.dim, self.search_dim, generator, context.device)
-        self.smooth = (context.catalog["postprocessor"].create(f"gaussian:sigma={self.sigma}")
+        self.smooth = (context.build("postprocessor", f"gaussian:sigma={self.sigma}")
                        if self.sigma > 0 else None)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Locally aware patch features (B, dim, h, w): adkit.features.locally_aware_patches."""
+        """Locally aware patch features (B, dim, h, w): adkit.core.features.locally_aware_patches."""
         return locally_aware_patches(self.backbone, images, self.layers, self.dim)
 
     def fit(self, batches: Iterable[Tensor]) -> None:

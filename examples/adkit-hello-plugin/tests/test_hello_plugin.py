@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from adkit.engine import TrainSettings, load_checkpoint, restore, train_detector
-from adkit.plugins import load_catalog
+from adkit.core.plugins import load_catalog
+from adkit.run.engine import TrainSettings, load_checkpoint, restore, train_detector
 from adkit.testing import check_detector, check_postprocessor, check_scorer, invoke
 
 

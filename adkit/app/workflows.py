@@ -1,0 +1,290 @@
+"""The workflows the CLI runs: ``run`` (train then test, alone or as an ensemble), ``train``, ``test``,
+``predict`` and ``synth``. Each plans, assembles, evaluates and writes through the modules that own those ideas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adkit.core import console, distributed, files
+from adkit.core.datasets import Sample
+from adkit.core.errors import AdkitError
+from adkit.core.plugins import get_catalog
+from adkit.data.datasets import load_split
+from adkit.data.geometry import Geometry
+from adkit.data.io import is_image_file, list_images
+from adkit.deploy import export as deploy
+from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
+from adkit.outputs import artifacts, pages, render
+from adkit.outputs.artifacts import record_threshold, validation_record
+from adkit.run.assembly import build_pipeline, checkpoint_geometry, load_trained, pipeline_specs, plan_from_checkpoint
+from adkit.run.config import RunConfig
+from adkit.run.engine import in_batches, load_checkpoint, resolve_device
+from adkit.run.engine import predict as run_pipeline
+from adkit.run.evaluation import CategoryRun, evaluate, fit_threshold, threshold_metrics, train_category
+from adkit.run.planning import RunPlan, claim_output, configure_log, output_dir, plan
+from adkit.stats import metrics
+
+
+def _source(plan_: RunPlan, category: str, command: str) -> str:
+    return f"validation split of {plan_.config.data} {category} (adkit {command})"
+
+
+def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Train then test per category; writes everything under the output folder and prints the table.
+    Several detectors (or ``--ensemble``) train each one and report each alone and their ensemble."""
+    if len(config.detector) > 1 or config.ensemble:
+        return run_ensemble(config, resume)
+    plan_ = plan(config)
+    out = output_dir(plan_.config, plan_.detector.name)
+    claim_output(out, resume)
+    main = distributed.is_main()
+    if main:
+        files.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    results = []
+    for category in plan_.categories:
+        folder = out / category
+        run_ = train_category(plan_, category, folder, resume=resume)
+        evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
+        if main:  # under torchrun rank 0 reports; the other ranks helped train and score
+            artifacts.write_category(run_.test, category, evaluation, folder)
+            results.append(evaluation.metrics)
+            record_threshold(folder, validation_record(evaluation.fit, evaluation.val_scores, evaluation.val_labels),
+                             plan_.posts, plan_.scorer, _source(plan_, category, "run"))
+    if not main:
+        return results
+    artifacts.write_summary(out, plan_.config.__dict__, results)
+    pages.build(out)
+    render.print_summary(results, f"{plan_.detector} on {plan_.config.data}")
+    console.say(f"results in {out} (open {out / pages.PAGE})")
+    return results
+
+
+def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Train and test every detector per category, then combine their image scores with the ensemble scorer
+    (fitted on validation normal images). Rows: each detector alone, then the ensemble."""
+    catalog = get_catalog()
+    if len(config.detector) < 2:
+        raise AdkitError("--ensemble combines several detectors: give --detector at least twice")
+    ensemble_spec = config.ensemble or "mean"
+    try:  # fail on bad parameters before training
+        catalog["ensemble"].create(ensemble_spec).check(len(config.detector))
+    except ValueError as exc:
+        raise AdkitError(f"--ensemble {ensemble_spec}: {exc}") from None
+    plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
+    names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
+    out = output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
+    claim_output(out, resume)
+    main = distributed.is_main()
+    if main:
+        files.write_text_atomic(out / "config.toml", config.replace(
+            category=plans[0].categories, ensemble=ensemble_spec).to_toml())
+    rows: list[dict[str, Any]] = []
+    for category in plans[0].categories:
+        evaluations = []
+        labels = None
+        for name, plan_ in zip(names, plans):
+            folder = out / name / category
+            run_ = train_category(plan_, category, folder, resume=resume)
+            evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
+            if main:
+                artifacts.write_category(run_.test, category, evaluation, folder)
+            rows.append({"configuration": name, **evaluation.metrics, "folder": f"{name}/{category}"})
+            evaluations.append(evaluation)
+            labels = run_.test.labels.numpy()
+        if not main:
+            continue
+        ensemble = catalog["ensemble"].create(ensemble_spec)
+        ensemble.fit([e.normal_val_scores for e in evaluations])
+        combined = ensemble.combine([e.test_scores for e in evaluations]).float()
+        fit = fit_threshold(plans[0].threshold, ensemble.combine([e.val_scores for e in evaluations]).float(),
+                            evaluations[0].val_labels, category)
+        result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
+                  **threshold_metrics(fit, combined, run_.test), **metrics.image_metrics(labels, combined.numpy())}
+        files.write_json(out / "ensemble" / category / "metrics.json", result)
+        rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
+    if main:
+        render.print_bench(rows)
+        artifacts.write_bench(out, rows)
+        pages.build(out)
+        console.say(f"results in {out} (open {out / pages.PAGE})")
+    return rows if main else []
+
+
+def _unique_name(name: str, index: int, plans: list[RunPlan]) -> str:
+    same = [p for p in plans if p.detector.name == name]
+    return name if len(same) == 1 else f"{name}-{index + 1}"
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """Train per category; checkpoints in <out>/<category>/checkpoint.pt. Returns the output folder."""
+    plan_ = plan(config)
+    out = output_dir(plan_.config, plan_.detector.name)
+    claim_output(out, resume)
+    if distributed.is_main():
+        files.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    for category in plan_.categories:
+        run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
+        # so that predict can decide right after train: the threshold on held-out validation images
+        split = run_.threshold_split
+        scores = run_pipeline(build_pipeline(plan_, run_.detector), split.images,
+                              plan_.scoring_batch, plan_.device, precision=plan_.config.precision).scores
+        fit = fit_threshold(plan_.threshold, scores, split.labels, category)
+        record_threshold(out / category, validation_record(fit, scores, split.labels), plan_.posts, plan_.scorer,
+                         _source(plan_, category, "train"))
+        if distributed.is_main():
+            console.say(f"{category}: {render.threshold_line(fit)}")
+    if distributed.is_main():
+        console.say(f"checkpoints in {out}")
+    return out
+
+
+def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint on the test split of the configured dataset (its own category by default)."""
+    payload = load_checkpoint(checkpoint)
+    plan_ = plan_from_checkpoint(config, payload)
+    out = Path(config.out) if config.out else checkpoint.parent / "test"
+    main = distributed.is_main()
+    if main:
+        configure_log(out)
+    pipeline, meta = load_trained(plan_.config, checkpoint, plan_.device, payload)
+    results = []
+    for category in plan_.categories:
+        splits = plan_.dataset.load(category)
+        size, skip = plan_.geometry, plan_.config.skip_bad
+        run_ = CategoryRun(category, pipeline.detector, splits, load_split([], size),
+                           load_split(splits.val, size, skip), load_split(splits.test, size, skip), 0.0, out)
+        if not run_.val.samples:
+            run_.train = load_split(splits.train, size, skip)
+        evaluation = evaluate(plan_, run_, pipeline)
+        if main:
+            artifacts.write_category(run_.test, category, evaluation, out / category)
+            results.append(evaluation.metrics)
+            if category == meta["category"]:  # a threshold for the data the checkpoint was trained on
+                record_threshold(checkpoint.parent, validation_record(evaluation.fit, evaluation.val_scores,
+                                                                      evaluation.val_labels),
+                                 plan_.posts, plan_.scorer, _source(plan_, category, "test"))
+    if main:
+        artifacts.write_summary(out, {"checkpoint": str(checkpoint), **plan_.config.__dict__}, results)
+        pages.build(out)
+        render.print_summary(results, f"{plan_.detector} from {checkpoint}")
+        console.say(f"results in {out} (open {out / pages.PAGE})")
+    return results
+
+
+def _image_paths(inputs: list[Path]) -> list[Path]:
+    """The image files ``inputs`` name, folders expanded."""
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise AdkitError(f"{item} holds no images (png, jpg, bmp, tif)")
+            paths += found
+        elif is_image_file(item):
+            paths.append(item)
+        else:
+            raise AdkitError(f"{item} is neither an image file nor a folder")
+    return paths
+
+
+def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], model: Path | None = None,
+            save_maps: bool = False) -> Path:
+    """Score images without labels, from a checkpoint or from a model ``adkit export`` wrote (the same module
+    either way): scores.csv with decisions at the recorded threshold (or at ``config.threshold``, fitted anew on
+    the stored validation scores), overlays at each image's own size (and with ``save_maps`` its map as .npy),
+    to --out (default: beside the checkpoint or model)."""
+    if (checkpoint is None) == (model is None):
+        raise AdkitError("predict: give --checkpoint CKPT or --model EXPORT_DIR (one of them)")
+    device = distributed.init_from_environment(resolve_device(config.device))
+    if checkpoint is not None:
+        payload = load_checkpoint(checkpoint)
+        meta = payload["meta"]
+        record = artifacts.threshold_record(checkpoint.parent, *pipeline_specs(config, meta))
+        decision = artifacts.chosen_threshold(record, config.threshold,
+                                              str(checkpoint.parent / artifacts.THRESHOLD_FILE))
+        pipeline, _ = load_trained(config, checkpoint, device, payload)
+        runner = eager_runner(Deployed(pipeline), device, config.precision)
+        geometry, default_out = checkpoint_geometry(meta), checkpoint.parent / "predict"
+    else:
+        file, card = read_model(model)
+        decision = artifacts.chosen_threshold(card["decision"], config.threshold, str(file.parent / deploy.MODEL_JSON))
+        runner = load_runner(file, card["format"], device)
+        geometry = Geometry.from_dict(card["geometry"], card["input"]["shape"][-1])
+        default_out = file.parent / "predict"
+    threshold = None if decision is None else float(decision["threshold"])
+    out = Path(config.out) if config.out else default_out
+    paths = _image_paths(inputs)
+    _warn_resized(paths, geometry)
+    loaded = load_split([Sample(path, 0) for path in paths], geometry, config.skip_bad)
+    if not loaded.samples:
+        raise AdkitError("no readable images to score")
+    maps, scores, decisions = in_batches(lambda images: runner(images, threshold), loaded.images,
+                                         config.batch_size or 8, 3)
+    if not distributed.is_main():  # under torchrun every rank scored a shard; rank 0 writes
+        return out
+    artifacts.write_predictions(out, loaded, maps, scores, None if threshold is None else decisions, decision,
+                                geometry, save_maps)
+    pages.build(out)
+    decided = "no threshold: no decisions" if decision is None else \
+        f"{int(decisions.sum())} anomalous at threshold {threshold:.6g} ({decision['policy']})"
+    console.say(f"scored {len(loaded.samples)} images ({len(loaded.skipped)} skipped), {decided}; results in {out} "
+               f"(open {out / pages.PAGE})")
+    return out
+
+
+def _warn_resized(paths: list[Path], geometry: Geometry) -> None:
+    """One warning when images are not of the input size: they are brought to it as training images were."""
+    from PIL import Image, UnidentifiedImageError
+
+    other = 0
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                other += image.size != (geometry.width, geometry.height)
+        except (OSError, UnidentifiedImageError):
+            continue  # unreadable: reported (or skipped) by the loader
+    if other:
+        how = {"squash": "resized to it (bilinear, antialiased)", "pad": "scaled to fit and padded (aspect kept)",
+               "crop": "scaled to cover and cropped (aspect kept)"}[geometry.resize]
+        console.warn(f"{other} of {len(paths)} images are not {geometry.width}x{geometry.height} px; they are {how}, as "
+                    "the training images were; maps and overlays are at each image's own size")
+
+
+def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> Path:
+    """Export a checkpoint's pipeline to ONNX or TorchScript (adkit.deploy.export), its recorded threshold (or
+    ``config.threshold`` fitted anew on the stored validation scores) and those scores in model.json."""
+    payload = load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    posts, scorer = pipeline_specs(config, meta)
+    record = artifacts.threshold_record(checkpoint.parent, posts, scorer)
+    if record is None:
+        raise AdkitError(f"no threshold for post-processors {posts} and scorer {scorer} beside {checkpoint}: run "
+                         f"adkit test --checkpoint {checkpoint} with these options first")
+    chosen = artifacts.chosen_threshold(record, config.threshold, str(checkpoint.parent / artifacts.THRESHOLD_FILE))
+    decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
+    pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload)
+    out = out or checkpoint.parent / f"export-{fmt}"
+    info = {"detector": meta["detector"], "backbone": meta.get("backbone"), "posts": posts, "scorer": scorer,
+            "category": meta["category"], "checkpoint": str(checkpoint),
+            "threshold_fitted_on": record["fitted_on"]}
+    deploy.export(Deployed(pipeline), fmt, out, checkpoint_geometry(meta), decision, info)
+    console.say(f"exported to {out} ({fmt}, threshold {decision['threshold']:.6g}, {decision['policy']})")
+    return out
+
+
+def synth(out: Path, categories: list[str], seed: int = 0, size: int = 256, n_train: int = 60,
+          n_test: int = 40) -> Path:
+    """Write the synthetic textures to ``out`` in the MVTec AD layout."""
+    from adkit.data.synthetic import TEXTURES, write_dataset
+
+    unknown = [c for c in categories if c not in TEXTURES]
+    if unknown:
+        raise AdkitError(f"synth: unknown category {unknown[0]!r}; available: {', '.join(TEXTURES)}")
+    if size < 16 or n_train < 1 or n_test < 2:
+        raise AdkitError("synth: --size must be >= 16, --train >= 1 and --test >= 2")
+    write_dataset(out, categories or list(TEXTURES), size, seed, n_train, n_test)
+    console.say(f"wrote {', '.join(categories or TEXTURES)} to {out}")
+    return out

@@ -1,0 +1,358 @@
+"""The contract between component kinds, and the tensors that pass between them.
+
+- image batch: float tensor (B, 3, H, W) with values in [0, 1], on the detector's device;
+- anomaly map: float tensor (B, 1, h, w), higher = more anomalous; h, w may differ from H, W (the pipeline
+  upsamples where pixel metrics need the input size);
+- image scores: float tensor (B,).
+
+The pipeline is detector -> post-processors (a chain, map -> map) -> scorer (map -> score). docs/architecture.md
+describes it for plugin authors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from adkit.core.builder import ComponentBuilder
+from adkit.core.errors import AdkitError
+from adkit.core.tiling import Tiling
+
+
+def check_images(images: Tensor, who: str = "detector") -> None:
+    """Raise if ``images`` is not an image batch (B, 3, H, W) of floats."""
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"{who} expects images (B, 3, H, W) float, got {tuple(images.shape)} {images.dtype}")
+
+
+def check_map(anomaly_map: Tensor, who: str) -> None:
+    """Raise if ``anomaly_map`` is not an anomaly map (B, 1, H, W) of floats."""
+    if anomaly_map.ndim != 4 or anomaly_map.shape[1] != 1 or not anomaly_map.is_floating_point():
+        raise ValueError(f"{who} expects an anomaly map (B, 1, H, W) float, got {tuple(anomaly_map.shape)}")
+
+
+class Exportable:
+    """What a component declares about export: ``exportable = False`` for one whose forward cannot be traced
+    into a graph (data-dependent Python control flow, calls outside torch). Detectors, post-processors and scorers
+    deriving from adkit's base classes inherit True. A component with a faster eager-only path (an approximate
+    index) takes its traceable path while ``exporting()`` is true, for the trace and for the check against it."""
+
+    exportable: ClassVar[bool] = True
+
+    def export_note(self) -> str | None:
+        """What the exported graph computes differently from the eager module, for model.json; None: nothing."""
+        return None
+
+
+_exporting = [False]
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """While ``adkit export`` traces a pipeline and checks the exported file against it."""
+    _exporting.append(True)
+    try:
+        yield
+    finally:
+        _exporting.pop()
+
+
+def is_exporting() -> bool:
+    return _exporting[-1]
+
+
+def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear resize of anomaly maps (N, 1, h, w) to ``size`` (no-op when already there)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@dataclass
+class DetectorContext:
+    """What the engine tells a detector before training: where it runs and how to build other components."""
+
+    build: ComponentBuilder
+    image_size: int
+    device: torch.device
+    seed: int = 0
+    losses: list[str] = field(default_factory=list)  # loss specs the user asked for
+    replace_losses: bool = False  # True: ``losses`` replace the detector's defaults instead of adding to them
+    sampler: str | None = None
+    backbone: str | None = None  # backbone spec the user asked for (--backbone), for detectors that use one
+    anomaly_source: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Detection:
+    """What a detector returns for an image batch: the anomaly map (B, 1, h, w) and, for detectors that compute
+    their own image scores from more than the map (PatchCore's re-weighted score needs the embeddings), the
+    scores (B,); None lets the pipeline's scorer reduce the map."""
+
+    anomaly_map: Tensor
+    image_scores: Tensor | None = None
+
+
+class Backbone(nn.Module, ABC):
+    """A frozen, pretrained feature extractor. ``forward(images, stages)`` maps images (B, 3, H, W) in [0, 1]
+    (the backbone normalises them itself) to one feature map per requested stage, (B, C_i, H / s_i, W / s_i)
+    for stage i's channel count C_i and stride s_i. Its parameters never train and it always stays in eval
+    mode (no BatchNorm drift); the caller decides on autograd (inference mode for fitting, gradients for a
+    sampler that climbs the input). ``spec`` is the component spec it was built from."""
+
+    spec: str = ""
+    # per stage index: channels and stride (declared by the implementation)
+    channels: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._digest: str | None = None
+
+    def freeze(self) -> None:
+        """Turn off gradients of every parameter and switch to eval mode; call at the end of ``__init__``."""
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        # frozen: a detector's .train() must not switch BatchNorm back to batch statistics
+        return super().train(False)
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] -> the input of the first layer (e.g. ImageNet-normalised); identity by default.
+        ``forward`` applies it; energy models climb through it."""
+        return images
+
+    def check_stages(self, stages: Sequence[int], who: str) -> None:
+        """Raise a user error if a stage index does not exist."""
+        bad = [s for s in stages if not 0 <= s < len(self.channels)]
+        if bad or not stages:
+            raise AdkitError(f"{who}: backbone {self.spec or type(self).__name__} has stages 0-{len(self.channels) - 1} "
+                             f"(strides {'/'.join(map(str, self.strides))}); got layers={'+'.join(map(str, stages))}")
+
+    def check_size(self, images: Tensor, stages: Sequence[int], who: str) -> None:
+        """Raise a user error if the images are smaller than the deepest requested stride."""
+        deepest = max(self.strides[s] for s in stages)
+        if min(images.shape[-2:]) < deepest:
+            raise AdkitError(f"{who}: images of {images.shape[-2]}x{images.shape[-1]} px are smaller than the deepest "
+                             f"stride ({deepest} px) of layers {'+'.join(map(str, stages))}; use a larger --image-size")
+
+    def digest(self) -> str:
+        """sha256 of the weights (every tensor of the state dict, in order): what a checkpoint records to refuse a
+        different backbone file later."""
+        if self._digest is None:
+            hasher = hashlib.sha256()
+            for name, tensor in self.state_dict().items():
+                hasher.update(name.encode())
+                hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._digest = hasher.hexdigest()
+        return self._digest
+
+    @abstractmethod
+    def forward(self, images: Tensor, stages: Sequence[int]) -> list[Tensor]:
+        """Features of ``stages`` (indices into ``channels`` / ``strides``), shallowest first as requested."""
+
+
+class Detector(nn.Module, Exportable, ABC):
+    """An anomaly detector. Gradient-trained detectors implement ``training_step`` (and keep ``trainable``
+    True); statistical ones set ``trainable = False`` and implement ``fit``. Both implement ``anomaly_map``
+    (or ``detect``, when they compute image scores of their own)."""
+
+    trainable: bool = True
+    # named settings for a run: {"quick": {"image_size": .., "batch_size": .., "steps": .., "params": {..}}}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # buffers whose shape depends on the data (a memory bank, per-position statistics): a checkpoint restores
+    # them at the saved shape
+    fitted_buffers: ClassVar[tuple[str, ...]] = ()
+    # under torchrun, fit() sees only this rank's share of the training images and combines what every rank
+    # collected itself (adkit.core.distributed.gather_sharded / all_reduce_sum), so all ranks end with the same state;
+    # False: every rank fits on all images
+    fit_shards: ClassVar[bool] = False
+    # the run options this detector reads in setup(): a subset of {"loss", "sampler", "backbone",
+    # "anomaly_source"}; a user who sets another one is told it is ignored
+    consumes: ClassVar[frozenset[str]] = frozenset()
+    # the post-processor specs (a chain) and scorer spec a run uses when the user names none
+    default_postprocessors: ClassVar[tuple[str, ...]] = ()
+    default_scorer: ClassVar[str] = "max"
+
+    def setup(self, context: DetectorContext) -> None:
+        """Build what depends on the run (losses, samplers, backbones, image size); called once before training."""
+
+    def on_train_start(self, images: Tensor, generator: torch.Generator) -> None:
+        """Called once before the first training step with all training images (N, 3, H, W) on the CPU."""
+
+    def training_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """One optimisation step's losses for an image batch; the key ``loss`` is minimised, others are logged.
+        ``generator`` (on the images' device) drives every random draw, so a run is reproducible."""
+        raise NotImplementedError(f"{type(self).__name__} is not trained by gradient steps")
+
+    def configure_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimiser and an optional per-step learning-rate scheduler (None)."""
+        raise NotImplementedError(f"{type(self).__name__} is not trained by gradient steps")
+
+    def fit(self, batches: Iterable[Tensor]) -> None:
+        """Fit a statistical detector on batches of normal images (B, 3, H, W). The engine calls it in eval mode
+        under ``torch.inference_mode``."""
+        raise NotImplementedError(f"{type(self).__name__} is trained by gradient steps, not fit()")
+
+    @abstractmethod
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        """Anomaly map (B, 1, h, w) for images (B, 3, H, W) in [0, 1]."""
+
+    def detect(self, images: Tensor) -> Detection:
+        """The map and, where the detector has them, its own image scores (default: the map alone)."""
+        return Detection(self.anomaly_map(images))
+
+    # -- checkpoints: what was trained or fitted, never the frozen pretrained weights -----------------------------
+
+    def backbones(self) -> dict[str, Backbone]:
+        """The frozen backbones inside this detector, by attribute path (a fine-tuned one trains: its weights
+        belong in checkpoints like any other)."""
+        return {name: module for name, module in self.named_modules()
+                if isinstance(module, Backbone) and not any(p.requires_grad for p in module.parameters())}
+
+    def backbone_identities(self) -> dict[str, dict[str, str]]:
+        """Per backbone: the spec it was built from and the digest of its weights (stored in checkpoints)."""
+        return {name: {"spec": b.spec, "sha256": b.digest()} for name, b in self.backbones().items()}
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """The state dict without the frozen backbones' tensors, on the CPU."""
+        frozen = tuple(name + "." for name in self.backbones())
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(frozen)}
+
+    def load_checkpoint_state(self, state: dict[str, Tensor], identities: dict[str, dict[str, str]],
+                              where: str = "checkpoint") -> None:
+        """Load ``checkpoint_state`` output after checking that this detector's backbones are the ones it was
+        fitted with (same weights digest); anything else missing or unexpected is an error."""
+        mine = self.backbone_identities()
+        for name, saved in identities.items():
+            current = mine.get(name)
+            if current is None or current["sha256"] != saved["sha256"]:
+                now = f"{current['spec']} (sha256 {current['sha256'][:12]})" if current else "no backbone"
+                raise AdkitError(f"{where} was fitted with backbone {saved['spec']} (sha256 {saved['sha256'][:12]}), "
+                                 f"but this run builds {now}: use the same weights (--backbone); a checkpoint "
+                                 "fitted before adkit fed EfficientNet-Lite its own input scale must be fitted again")
+        frozen = tuple(name + "." for name in mine)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise AdkitError(f"{where} does not fit this detector: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a fitted buffer takes the saved shape (its size depends on the data, unknown before fit)
+        for name in self.fitted_buffers:
+            saved = state_dict.get(prefix + name)
+            current = self._buffers.get(name)
+            if saved is not None and current is not None and saved.shape != current.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Loss(nn.Module):
+    """A loss: ``forward(prediction, target)`` returns a scalar (0-dim) tensor, lower is better; the spec's
+    ``weight`` is applied by the detector that sums its losses. What detectors pass: reconstruction losses
+    (DRAEM's l2, ssim, color, psnr) get the reconstruction and the clean image, both (B, 3, H, W) in [0, 1];
+    segmentation losses (focal) get logits (B, 2, H, W) and a mask (B, 1, H, W) in {0, 1}. Compute in float32
+    (decorate ``forward`` with ``adkit.run.engine.in_float32``): networks may run under bf16 autocast. Deriving from
+    it is recommended; any ``nn.Module`` with that forward is accepted."""
+
+
+class PostProcessor(nn.Module, Exportable):
+    """Maps an anomaly map (B, 1, H, W) to an anomaly map (B, 1, H', W'). Subclasses implement ``forward``."""
+
+
+class Scorer(nn.Module, Exportable):
+    """Reduces an anomaly map (B, 1, H, W) to image scores (B,). Subclasses implement ``forward``."""
+
+
+class Sampler(ABC):
+    """Draws low-energy samples of an energy network. The network maps inputs (B, C, H, W) in [-1, 1] to
+    f(x) (B,), high on data; the energy is E(x) = -f(x), so samplers climb f. Samplers count their cost in
+    ``full_passes`` (forward + backward through the whole network) and ``first_layer_passes``."""
+
+    full_passes: int = 0
+    first_layer_passes: int = 0
+
+    @abstractmethod
+    def sample(self, network: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Samples of the same shape as ``x0``, detached; random draws from ``generator``."""
+
+
+class Ensemble(ABC):
+    """Combines image scores of several detectors. ``fit`` sees each detector's scores on held-out normal
+    images (never test labels); ``combine`` maps each detector's test scores (N,) to ensemble scores (N,)."""
+
+    def check(self, count: int) -> None:
+        """Raise ValueError if this ensemble cannot combine ``count`` detectors (e.g. a weight per detector)."""
+
+    @abstractmethod
+    def fit(self, normal_scores: list[Tensor]) -> None:
+        """Learn the per-detector normalisation from validation scores of normal images."""
+
+    @abstractmethod
+    def combine(self, scores: list[Tensor]) -> Tensor:
+        """Ensemble scores (N,) from one score tensor (N,) per detector, in the order given to ``fit``."""
+
+
+class Pipeline(nn.Module):
+    """detector -> post-processors -> scorer as one module: what evaluation, ``adkit predict`` and ``adkit export``
+    all run, so no two of them can score differently. The scorer reduces the post-processed map unless the
+    detector returned image scores of its own."""
+
+    def __init__(self, detector: Detector, postprocessors: list[nn.Module], scorer: nn.Module,
+                 tiling: Tiling | None = None):
+        super().__init__()
+        self.detector = detector
+        self.postprocessors = nn.ModuleList(postprocessors)
+        self.scorer = scorer
+        self.tiling = tiling
+        self._detect = detector.detect
+        # set by each forward (plain Python values, not traced): the detector's own map size and whether it
+        # returned its own image scores
+        self.native_size: tuple[int, int] = (0, 0)
+        self.own_scores = False
+
+    def compile(self) -> None:
+        """Compile the detector's forward with torch.compile (on its first batches; a new shape recompiles)."""
+        self._detect = torch.compile(self.detector.detect)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images (B, 3, H, W) in [0, 1] -> the detector's map upsampled to (B, 1, H, W), the post-processed map
+        (B, 1, H', W') and the image scores (B,), all float32. With a tiling the detector sees the tiles, their
+        maps are stitched, and the scorer scores the stitched map (a tile's own score is not an image's)."""
+        check_images(images)
+        inputs = images if self.tiling is None else self.tiling.split(images)
+        detection = self._detect(inputs)
+        name = type(self.detector).__name__
+        check_map(detection.anomaly_map, name)
+        raw = detection.anomaly_map.float()
+        self.native_size = (int(raw.shape[-2]), int(raw.shape[-1]))
+        raw = upsample(raw, inputs.shape[-2:])
+        if self.tiling is not None:
+            raw = self.tiling.stitch(raw)
+        processed = raw
+        for post in self.postprocessors:
+            processed = post(processed)
+        own = detection.image_scores if self.tiling is None else None
+        self.own_scores = own is not None
+        scores = own if own is not None else self.scorer(processed)
+        if scores.ndim != 1 or scores.shape[0] != images.shape[0]:
+            who = name if own is not None else type(self.scorer).__name__
+            raise ValueError(f"{who} must return image scores (B,), got {tuple(scores.shape)}")
+        return raw, processed.float(), scores.float()
+
+    def not_exportable(self) -> list[str]:
+        """The components that declare they cannot be exported (``exportable = False``)."""
+        parts = [self.detector, *self.postprocessors, self.scorer]
+        return [type(part).__name__ for part in parts if isinstance(part, Exportable) and not part.exportable]
+

@@ -1,0 +1,452 @@
+"""Name -> factory, per component kind, and the ``name:key=value,...`` spec grammar.
+
+A factory's keyword parameters, with their annotations and defaults, are its typed parameters. Values in a spec
+are parsed to the parameter's type: ``int``, ``float``, ``bool`` (true/false/1/0/yes/no), ``str``, ``Literal``
+choices, optional types (``none``), and tuples written with ``+`` (``kernels=3+5``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from adkit.core.errors import AdkitError
+
+KINDS = ("detector", "backbone", "loss", "sampler", "postprocessor", "scorer", "ensemble", "dataset")
+
+# Parameters every component of a kind accepts, consumed by the caller rather than the factory.
+KIND_EXTRAS: dict[str, dict[str, tuple[type, Any]]] = {"loss": {"weight": (float, 1.0)}}
+
+_MISSING = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed parameter of a component factory."""
+
+    name: str
+    annotation: Any
+    default: Any = _MISSING
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.annotation)
+
+    def parse(self, raw: Any) -> Any:
+        """Convert ``raw`` (a spec string or an already typed config value) to this parameter's type."""
+        try:
+            return _convert(raw, self.annotation)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"expects {self.type_name}, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A registered component: what the registry knows of it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    help: str
+    plugin: str
+    params: dict[str, Param] = field(default_factory=dict)
+    builtin: bool = False  # registered by one of adkit's own plugins
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A parsed, type-checked spec: the component's name and its parameter values (factory params + extras)."""
+
+    kind: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        values = {**self.params, **self.extras}
+        if not values:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in values.items())
+
+
+class Register:
+    """The ``register`` callable a hook receives: ``register(name, factory, help=...)``. A component that cannot
+    be registered (a name another plugin already uses, a parameter type specs cannot express, a detector factory
+    that is not a Detector class) is not an error of the plugin as a whole: ``on_conflict`` receives the
+    ComponentRejected and that one component is dropped (built-in components win a name over third-party ones;
+    otherwise the first one stays)."""
+
+    def __init__(self, registry: Registry, plugin: str, builtin: bool = False,
+                 on_conflict: Callable[[ComponentRejected], None] | None = None):
+        self._registry = registry
+        self._plugin = plugin
+        self._builtin = builtin
+        self._on_conflict = on_conflict
+
+    def __call__(self, name: str, factory: Callable[..., Any], help: str | None = None) -> None:
+        try:
+            self._registry.add(name, factory, help=help, plugin=self._plugin, builtin=self._builtin)
+        except ComponentRejected as conflict:
+            if self._on_conflict is None:
+                raise
+            self._on_conflict(conflict)
+
+
+class ComponentRejected(Exception):
+    """A component the registry refused; ``plugins`` names the plugins concerned."""
+
+    def __init__(self, message: str, plugins: tuple[str, ...]):
+        super().__init__(message)
+        self.plugins = plugins
+
+
+class DuplicateComponentError(ComponentRejected):
+    """Two plugins registered the same name for one kind; ``plugins`` names both (the first one registered first)."""
+
+
+class Registry:
+    """The components of one kind, by name."""
+
+    def __init__(self, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown component kind {kind!r}")
+        self.kind = kind
+        self._items: dict[str, ComponentInfo] = {}
+        # set by the catalog: (plugin, error) of the plugins that failed to load, named when a lookup fails
+        self.broken_plugins: Callable[[], list[tuple[str, str]]] = list
+        self._rejected: dict[str, str] = {}  # name -> why it was refused at registration
+
+    def add(self, name: str, factory: Callable[..., Any], help: str | None, plugin: str, builtin: bool = False) -> None:
+        """Register ``name``. If another plugin has it, the built-in one (else the first) keeps it and
+        DuplicateComponentError names both plugins and says whose component was dropped."""
+        if not name or any(c in name for c in ":,= "):
+            raise ValueError(f"{self.kind} name {name!r} must be non-empty without ':', ',', '=' or spaces")
+        try:
+            params = _signature_params(factory)
+            self._check_factory(factory, params)
+        except ValueError as exc:
+            message = f"{self.kind} {name!r} of plugin {plugin!r} is not registered: {exc}"
+            self._rejected.setdefault(name, message)
+            raise ComponentRejected(message, plugins=(plugin,)) from None
+        info = ComponentInfo(kind=self.kind, name=name, factory=factory, help=help or _first_line(factory.__doc__),
+                             plugin=plugin, params=params, builtin=builtin)
+        existing = self._items.get(name)
+        if existing is not None:
+            replace = builtin and not existing.builtin
+            kept, dropped = (info, existing) if replace else (existing, info)
+            if replace:
+                self._items[name] = info
+            raise DuplicateComponentError(
+                f"{self.kind} {name!r} is registered by both plugin {existing.plugin!r} and plugin {plugin!r}: "
+                f"kept from plugin {kept.plugin!r}{' (built-in)' if kept.builtin else ''}, dropped from plugin "
+                f"{dropped.plugin!r}",
+                plugins=(existing.plugin, plugin))
+        self._items[name] = info
+
+    def _check_factory(self, factory: Callable[..., Any], params: dict[str, Param]) -> None:
+        """Raise ValueError if specs could not build this factory: a parameter type the spec grammar cannot
+        parse, or (for detectors, whose class attributes the core reads) a factory that is not a Detector class."""
+        for param in params.values():
+            problem = _unsupported(param.annotation)
+            if problem:
+                raise ValueError(f"parameter {param.name!r} has type {param.type_name} ({problem}); use int, float, "
+                                 "bool, str, Path, a Literal, an optional type or tuple[T, ...]")
+        if self.kind == "detector":
+            expected = kind_type(self.kind)
+            if not (inspect.isclass(factory) and issubclass(factory, expected)):
+                raise ValueError(f"its factory {getattr(factory, '__qualname__', factory)!r} is not a subclass of {expected.__module__}."
+                                 f"{expected.__name__} (the core reads presets and defaults from the class)")
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Forget every component a plugin registered (used when its registration fails half-way)."""
+        self._items = {k: v for k, v in self._items.items() if v.plugin != plugin}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[ComponentInfo]:
+        return iter(sorted(self._items.values(), key=lambda info: info.name))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def get(self, name: str) -> ComponentInfo:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise AdkitError(self._unknown_message(name)) from None
+
+    def parse(self, spec: str | ComponentSpec, overrides: dict[str, Any] | None = None) -> ComponentSpec:
+        """Parse ``name`` or ``name:key=value,...`` into a checked spec; ``overrides`` win over the text."""
+        if isinstance(spec, ComponentSpec):
+            name, raw = spec.name, {**spec.params, **spec.extras}
+        else:
+            name, raw = split_spec(spec, self.kind)
+        raw.update(overrides or {})
+        info = self.get(name)
+        extras_decl = KIND_EXTRAS.get(self.kind, {})
+        params: dict[str, Any] = {}
+        extras: dict[str, Any] = {k: default for k, (_, default) in extras_decl.items()}
+        for key, value in raw.items():
+            if key in extras_decl:
+                extras[key] = _parse_extra(self.kind, name, key, value, extras_decl[key][0])
+                continue
+            if key not in info.params:
+                known = ", ".join(f"{p.name}: {p.type_name}" for p in info.params.values()) or "none"
+                extra = ", ".join(f"{k}: {t.__name__}" for k, (t, _) in extras_decl.items())
+                raise AdkitError(
+                    f"{self.kind} {name!r} has no parameter {key!r}; its parameters: {known}"
+                    + (f" (and {extra})" if extra else "")
+                )
+            try:
+                params[key] = info.params[key].parse(value)
+            except ValueError as exc:
+                raise AdkitError(f"{self.kind} {name!r} parameter {key!r} {exc}") from None
+        missing = [p.name for p in info.params.values() if p.required and p.name not in params]
+        if missing:
+            raise AdkitError(f"{self.kind} {name!r} needs parameter(s) {', '.join(missing)}: write {name}:{missing[0]}=...")
+        return ComponentSpec(kind=self.kind, name=name, params=params, extras=extras)
+
+    def create(self, spec: str | ComponentSpec, **overrides: Any) -> Any:
+        """Build the component a spec names (extras such as a loss weight are not passed to the factory)."""
+        parsed = self.parse(spec, overrides)
+        info = self.get(parsed.name)
+        try:
+            component = info.factory(**parsed.params)
+        except ValueError as exc:  # factories reject out-of-range values with ValueError
+            raise AdkitError(f"{self.kind} {str(parsed)!r}: {exc}") from None
+        expected = kind_type(self.kind)
+        if not isinstance(component, expected):
+            raise AdkitError(f"{self.kind} {parsed.name!r} of plugin {info.plugin!r} returned a "
+                             f"{type(component).__name__}, not a {expected.__module__}.{expected.__name__}: "
+                             "the plugin's factory is wrong")
+        return component
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        available = ", ".join(self.names()) or "none registered"
+        broken = "".join(f"; plugin {plugin!r} is broken ({error}) and may be the one that provides it"
+                         for plugin, error in self.broken_plugins())
+        if name in self._rejected:
+            return f"{self._rejected[name]} (see `adkit plugins`)"
+        return f"unknown {self.kind} {name!r}{hint}{broken} (available: {available}; `adkit plugins` lists them)"
+
+
+def kind_type(kind: str) -> type:
+    """The class every component of ``kind`` is an instance of (imported on first use: torch is heavy)."""
+    from torch import nn
+
+    from adkit.core import components
+    from adkit.core.datasets import AnomalyDataset
+
+    return {"detector": components.Detector, "backbone": components.Backbone, "loss": nn.Module,
+            "sampler": components.Sampler, "postprocessor": nn.Module, "scorer": nn.Module,
+            "ensemble": components.Ensemble, "dataset": AnomalyDataset}[kind]
+
+
+def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]:
+    """Split ``name:key=value,key=value`` into the name and raw string values. A value holding commas of its own
+    (another component's spec) is written in parentheses: ``ebm-image:sampler=(pyld:M=5,N=3)``."""
+    text = spec.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise AdkitError(f"empty {kind} spec {spec!r}: write name or name:key=value,...")
+    raw: dict[str, str] = {}
+    if rest.strip():
+        for item in split_top_level(rest, ",", f"{kind} spec {spec!r}"):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise AdkitError(f"{kind} spec {spec!r}: {item!r} is not key=value")
+            value = value.strip()
+            if value.startswith("(") and value.endswith(")"):
+                value = value[1:-1].strip()
+            raw[key.strip()] = value
+    return name, raw
+
+
+def split_top_level(text: str, separator: str, what: str) -> list[str]:
+    """``text`` split at ``separator`` outside parentheses (the one spec grammar: a value holding separators of
+    its own is written in parentheses); ``what`` names the text in errors."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise AdkitError(f"{what}: a ')' without its '('")
+        elif char == separator and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise AdkitError(f"{what}: a '(' without its ')'")
+    items.append(text[start:])
+    return items
+
+
+def unwrap(text: str) -> str:
+    """A value without its enclosing parentheses: ``(a:b=1,c=2)`` -> ``a:b=1,c=2``."""
+    text = text.strip()
+    return text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text
+
+
+def split_chain(text: str, what: str) -> list[str]:
+    """A chain of component specs joined by '+' (``avgpool:kernel=21+gaussian``); a '+' inside a parameter's
+    list value stays (``freqmask:kernels=3+5``): a chain link starts with a component name, a list item does
+    not. Parenthesised links keep everything inside."""
+    links: list[str] = []
+    for part in split_top_level(text, "+", what):
+        stripped = part.strip()
+        if links and not (stripped[:1].isalpha() or stripped.startswith("(")):
+            links[-1] += "+" + part  # the next item of a list value, not a new component
+        else:
+            links.append(part)
+    return [unwrap(link) for link in links if link.strip()]
+
+
+def _parse_extra(kind: str, name: str, key: str, value: Any, typ: type) -> Any:
+    try:
+        return _convert(value, typ)
+    except (ValueError, TypeError):
+        raise AdkitError(f"{kind} {name!r} parameter {key!r} expects {typ.__name__}, got {value!r}") from None
+
+
+def _signature_params(factory: Callable[..., Any]) -> dict[str, Param]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - unresolvable forward references: fall back to raw annotations
+        hints = {}
+    params: dict[str, Param] = {}
+    for p in inspect.signature(factory).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        annotation = hints.get(p.name, p.annotation)
+        if isinstance(annotation, str):  # get_type_hints failed on another annotation: resolve this one alone
+            annotation = _resolve(annotation, getattr(target, "__globals__", {}))
+        if annotation is _MISSING:
+            annotation = type(p.default) if p.default not in (_MISSING, None) else str
+        params[p.name] = Param(p.name, annotation, p.default)
+    return params
+
+
+def _resolve(annotation: str, namespace: dict[str, Any]) -> Any:
+    """The type a string annotation names, or the string itself when it names none here (registration then
+    refuses the parameter)."""
+    try:
+        return eval(annotation, namespace, {"typing": typing})
+    except Exception:  # noqa: BLE001 - any failure leaves the text, reported as unresolvable
+        return annotation
+
+
+def _unsupported(annotation: Any) -> str:
+    """Why a spec value could not be parsed to ``annotation`` ("" when it can)."""
+    from pathlib import Path
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return next((p for p in (_unsupported(a) for a in args if a is not type(None)) if p), "")
+    if origin is typing.Literal:
+        return ""
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _unsupported(args[0])
+        return "write tuple[T, ...]: spec values are lists of one type"
+    if origin is list:
+        return "specs give tuples: write tuple[T, ...]"
+    if annotation in (int, float, bool, str, Path, Any):
+        return ""
+    if isinstance(annotation, str):
+        return "an annotation the registry could not resolve"
+    return "specs cannot write it"
+
+
+def _convert(raw: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(raw, arg)
+            except (ValueError, TypeError) as exc:
+                errors.append(exc)
+        raise ValueError(str(errors))
+    if origin is typing.Literal:
+        for choice in args:
+            if raw == choice or str(raw) == str(choice):
+                return choice
+        raise ValueError(f"not one of {args}")
+    if origin in (tuple, list):
+        items = raw.split("+") if isinstance(raw, str) else list(raw)
+        item_type = args[0] if args else str
+        return tuple(_convert(item, item_type) for item in items)
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("not a boolean")
+    if annotation is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError("not an integer")
+        return int(raw)
+    if annotation is float:
+        if isinstance(raw, bool):
+            raise ValueError("not a number")
+        return float(raw)
+    if annotation is str:
+        return str(raw)
+    if annotation is Any:
+        return raw
+    return annotation(raw)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (tuple, list):
+        return f"{_type_name(args[0]) if args else 'str'}+..."
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(_format(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and "," in value:  # a nested spec: parentheses keep its commas together
+        return f"({value})"
+    return str(value)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""

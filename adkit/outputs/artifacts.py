@@ -1,0 +1,189 @@
+"""The files a run leaves: per category metrics, scores, curves and overlays; the threshold predict reads beside
+a checkpoint; summaries and bench tables. Every file is written atomically (adkit.outputs.report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+
+from adkit.core import console, distributed, files
+from adkit.core.datasets import Sample
+from adkit.core.errors import AdkitError
+from adkit.data.datasets import LoadedSplit
+from adkit.data.geometry import Geometry
+from adkit.data.io import load_image
+from adkit.outputs import pages, render, report
+from adkit.run.evaluation import Evaluation, fit_threshold
+from adkit.stats import metrics, thresholds
+
+OVERLAY_SAMPLES = 8
+THRESHOLD_FILE = "threshold.json"
+DECISION_FILE = "decision.json"  # predict's threshold and policy
+VALIDATION_FILE = "validation.json"  # a category's threshold fit and validation scores, for the report's slider
+
+
+def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, folder: Path) -> None:
+    """metrics.json, scores.csv, roc.png / pro.png and overlays of a sample of test images."""
+    result, maps = evaluation.metrics, evaluation.pixel_maps
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_json(folder / "metrics.json", result)
+    if evaluation.fit is not None:
+        files.write_json(folder / VALIDATION_FILE, validation_record(evaluation.fit, evaluation.val_scores,
+                                                                      evaluation.val_labels))
+    write_curves(test, category, evaluation, folder)
+    scores = evaluation.test_scores
+    decisions = None if evaluation.threshold is None else thresholds.decide(scores, evaluation.threshold)
+    files.write_scores_csv(folder / "scores.csv", score_rows([s.path for s in test.samples],
+                                                              [s.label for s in test.samples], scores, decisions))
+    normal = test.labels == 0
+    pixel_threshold = float(np.quantile(maps[normal].numpy(), 0.99)) if normal.any() else 0.5
+    vmax = float(maps.max()) if maps.numel() else 1.0
+    sampled = set(overlay_sample(test.samples))
+    for i, sample in enumerate(test.samples):
+        panel = report.overlay_panel(test.images[i], maps[i], pixel_threshold, vmax, test.masks[i])
+        pages.write_thumbnail(panel, folder / pages.THUMBS / f"{i:05d}.jpg")  # the report's gallery, every image
+        if i in sampled:
+            report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
+
+
+def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor,
+               decisions: torch.Tensor | None) -> list[dict[str, Any]]:
+    """scores.csv rows: path, label ("" when unknown), score, and the decision (1 anomalous, 0 normal; blank
+    without a threshold)."""
+    marks = [""] * len(paths) if decisions is None else [int(d) for d in decisions]
+    return [{"path": str(path), "label": label, "score": repr(float(score)), "prediction": mark}
+            for path, label, score, mark in zip(paths, labels, scores, marks)]
+
+
+def overlay_sample(samples: list[Sample], count: int = OVERLAY_SAMPLES) -> list[int]:
+    """Indices of up to ``count`` test images, taken round-robin over defect types (normal images last)."""
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.defect, []).append(i)
+    queues = [groups[k] for k in sorted(groups, key=lambda d: (d == "good", d))]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def write_curves(test: LoadedSplit, category: str, evaluation: Evaluation, folder: Path) -> None:
+    """roc.png (image and pixel ROC) and pro.png (PRO against FPR, the 0.3 limit marked)."""
+    result, maps = evaluation.metrics, evaluation.pixel_maps
+    labels = test.labels.numpy()
+    masks = test.masks[:, 0].numpy() > 0.5
+    curves = []
+    if 0 < labels.sum() < labels.size:
+        fpr, tpr, _ = roc_curve(labels, evaluation.test_scores.numpy())
+        curves.append((f"image AUROC {result['image_auroc']:.3f}", fpr, tpr))
+    if "pixel_auroc" in result and not masks.all():  # no pixel metrics: image-level detector or no masks
+        fpr, tpr, _ = roc_curve(masks.ravel(), maps[:, 0].numpy().ravel())
+        curves.append((f"pixel AUROC {result['pixel_auroc']:.3f}", fpr, tpr))
+        fprs, pros = metrics.pro_curve(maps[:, 0].numpy(), masks)
+        step = max(1, len(fprs) // 2000)
+        report.save_png_atomic(report.curve_plot([(f"AUPRO@0.3 {result['aupro']:.3f}", fprs[::step], pros[::step])],
+                                                 f"PRO curve, {category}", "FPR", "PRO", x_marker=0.3),
+                               folder / "pro.png")
+    if curves:
+        report.save_png_atomic(report.curve_plot(curves, f"ROC, {category}", "FPR", "TPR"), folder / "roc.png")
+
+
+def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores: torch.Tensor,
+                      decisions: torch.Tensor | None, decision: dict[str, Any] | None, geometry: Geometry,
+                      save_maps: bool = False) -> None:
+    """predict's files: scores.csv (with decisions where a threshold is known), decision.json (the threshold and
+    its policy, or null), overlays of the first images' maps (after the post-processors) at each image's own size,
+    and with ``save_maps`` every map at the image's size as maps/<name>.npy (float32, higher = more anomalous)."""
+    paths = [sample.path for sample in loaded.samples]
+    files.write_scores_csv(out / "scores.csv", score_rows(paths, [""] * len(paths), scores, decisions))
+    files.write_json(out / DECISION_FILE, None if decision is None else
+                      {k: decision.get(k) for k in ("threshold", "policy", "fit", "fitted_on")})
+    vmax = float(maps.max())
+    pixel_threshold = float(np.quantile(maps.numpy(), 0.99))
+    for i, path in enumerate(paths):
+        placement = loaded.placements[i]
+        own_size = geometry.to_original(maps[i], placement)
+        image = loaded.images[i] if placement.original == geometry.size else load_image(path)
+        panel = report.overlay_panel(image, own_size, pixel_threshold, vmax)
+        pages.write_thumbnail(panel, out / pages.THUMBS / f"{i:05d}.jpg")
+        if i < OVERLAY_SAMPLES * 4:
+            report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
+        if save_maps:
+            report.save_npy_atomic(own_size[0].numpy().astype(np.float32), out / "maps" / f"{path.stem}.npy")
+
+
+def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,
+                      labels: torch.Tensor | None) -> dict[str, Any]:
+    """A threshold with its fit and the validation scores it was fitted on (small: one number per image), so that
+    another policy can be fitted later without the images (``predict --threshold``)."""
+    labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels
+    return {"threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict(),
+            "val_scores": [float(s) for s in scores.double()], "val_labels": [int(x) for x in labels]}
+
+
+def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], posts: list[str], scorer: str,
+                     source: str) -> None:
+    """Write the threshold fitted on validation data (a ``validation_record``) beside the checkpoint, with the
+    post-processors and scorer it holds for: ``predict`` and ``export`` read it after ``train``, ``test`` or ``run``
+    alike."""
+    if distributed.is_main():
+        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": list(posts), "scorer": scorer,
+                                                             "fitted_on": source})
+
+
+def threshold_record(checkpoint_dir: Path, posts: list[str], scorer: str) -> dict[str, Any] | None:
+    """The recorded threshold.json if it was fitted for these post-processors and scorer; None (with a warning
+    when it was fitted for others) otherwise."""
+    path = checkpoint_dir / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    if recorded.get("posts") != list(posts) or recorded.get("scorer") != scorer:
+        console.warn(f"the threshold in {path} was fitted for post-processors {recorded.get('posts')} and scorer "
+                    f"{recorded.get('scorer')}, not {list(posts)} and {scorer}: it is not used (predict writes no "
+                    "decisions, export refuses); run adkit test with these options to fit one")
+        return None
+    return recorded
+
+
+def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: str) -> dict[str, Any] | None:
+    """The decision to use, as a record (threshold, policy, fit and the stored validation scores): ``record`` as it
+    is, or ``policy`` fitted anew on the validation scores it stores (value:X needs none); None without any.
+    ``where`` names the record's file for errors."""
+    if policy is None:
+        return None if record is None else {"policy": "quantile:0.99", **record}  # before policies: the 0.99 quantile
+    try:
+        parsed = thresholds.parse_policy(policy)
+    except thresholds.PolicyError as exc:
+        raise AdkitError(str(exc)) from None
+    stored = record is not None and "val_scores" in record
+    if parsed.needs_scores and not stored:
+        raise AdkitError(f"--threshold {parsed}: {where} stores no validation scores to fit it on: run adkit test "
+                         "--checkpoint CKPT to store them (then export again), or give --threshold value:X")
+    scores = torch.tensor(record["val_scores"] if stored else [], dtype=torch.float64)
+    labels = torch.tensor(record["val_labels"] if stored else [], dtype=torch.long)
+    fit = fit_threshold(parsed, scores, labels, where)
+    return {**(record or {}), "threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict()}
+
+
+def write_summary(out: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """summary.json (config and per-category rows) and summary.md."""
+    files.write_json(out / "summary.json", {"config": config, "results": results})
+    files.write_text_atomic(out / "summary.md", render.summary_markdown(results))
+
+
+BENCH_COLUMNS = ("configuration", "category", *render.METRIC_COLUMNS, "train_s", "infer_img_s")
+
+
+def write_bench(out: Path, rows: list[dict[str, Any]]) -> None:
+    """bench.md (the table), bench.json (every row) and bench.csv."""
+    files.write_text_atomic(out / "bench.md", render.bench_markdown(rows))
+    files.write_json(out / "bench.json", rows)
+    files.write_csv(out / "bench.csv", list(BENCH_COLUMNS), rows)

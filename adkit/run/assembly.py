@@ -1,0 +1,98 @@
+"""Assembling components: a detector set up for a run, the pipeline around it, and the one path that restores a
+trained checkpoint into both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adkit.core.components import Detector, DetectorContext, Pipeline
+from adkit.core.plugins import Catalog, get_catalog
+from adkit.core.registry import ComponentSpec
+from adkit.core.tiling import Tiling
+from adkit.data.geometry import Geometry
+from adkit.run.config import RunConfig
+from adkit.run.engine import load_checkpoint, restore
+from adkit.run.planning import RunPlan, plan
+
+
+def make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfig, image_size: int,
+                  device: torch.device) -> Detector:
+    """Create a detector from its spec (the registry checks that it is a Detector) and set it up for ``config``
+    (losses, sampler, backbone, anomaly source)."""
+    detector = catalog["detector"].create(spec)
+    detector.setup(DetectorContext(
+        build=catalog.builder(), image_size=image_size, device=device, seed=config.seed,
+        losses=list(config.loss), replace_losses=config.loss_only, sampler=config.sampler, backbone=config.backbone,
+        anomaly_source=Path(config.anomaly_source) if config.anomaly_source else None))
+    return detector
+
+
+def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = None) -> Detector:
+    """A fresh detector for a plan (its own spec unless another is given)."""
+    return make_detector(plan_.catalog, detector_spec or plan_.detector, plan_.config, plan_.image_size,
+                         plan_.device)
+
+
+def make_tiling(geometry: Geometry) -> Tiling | None:
+    """The tiling of a geometry with tiles; None without."""
+    return Tiling(geometry.size, geometry.tile, geometry.overlap) if geometry.tile else None
+
+
+def make_pipeline(catalog: Catalog, detector: Detector, posts: list[str], scorer: str, compile_: bool,
+                  geometry: Geometry | None = None) -> Pipeline:
+    """detector -> post-processors -> scorer (on the tiles of ``geometry`` where it has tiles), compiled with
+    torch.compile when asked."""
+    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
+                        catalog["scorer"].create(scorer), make_tiling(geometry) if geometry else None)
+    if compile_:
+        pipeline.compile()
+    return pipeline
+
+
+def build_pipeline(plan_: RunPlan, detector: Detector, posts: list[str] | None = None,
+                   scorer: str | None = None) -> Pipeline:
+    """The plan's pipeline around ``detector``; ``posts`` / ``scorer`` replace the plan's (a bench grid)."""
+    return make_pipeline(plan_.catalog, detector, plan_.posts if posts is None else posts, scorer or plan_.scorer,
+                         plan_.config.compile, plan_.geometry)
+
+
+def pipeline_specs(config: RunConfig, meta: dict[str, Any]) -> tuple[list[str], str]:
+    """The post-processors and scorer to run a checkpoint with: ``config``'s where it names them, else those the
+    checkpoint was trained and evaluated with."""
+    return list(config.post) or meta.get("posts", []), config.scorer or meta.get("scorer", "max")
+
+
+def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
+    """The plan that evaluates a checkpoint: its detector, image size and backbone, on ``config``'s data (the
+    checkpoint's own category unless ``config`` names others)."""
+    meta = payload["meta"]
+    posts, scorer = pipeline_specs(config, meta)
+    geometry = checkpoint_geometry(meta)
+    return plan(config.replace(detector=[meta["detector"]], image_size=f"{geometry.width}x{geometry.height}",
+                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap, post=posts,
+                               backbone=config.backbone or meta.get("backbone"), scorer=scorer,
+                               category=list(config.category) or [meta["category"]]))
+
+
+def load_trained(config: RunConfig, checkpoint: Path, device: torch.device,
+                 payload: dict[str, Any] | None = None) -> tuple[Pipeline, dict[str, Any]]:
+    """The one restore path of ``test`` and ``predict``: the checkpoint's detector, set up as it was trained (its
+    spec, image size and backbone; run options from ``config``), its trained or fitted state restored, in the
+    pipeline it was evaluated with (post-processors and scorer from the checkpoint unless ``config`` names
+    others). Returns the pipeline and the checkpoint's meta."""
+    payload = payload if payload is not None else load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    catalog = get_catalog()
+    setup_config = config.replace(backbone=config.backbone or meta.get("backbone"))
+    detector = make_detector(catalog, meta["detector"], setup_config, meta["image_size"], device)
+    restore(detector, payload, checkpoint)
+    posts, scorer = pipeline_specs(config, meta)
+    return make_pipeline(catalog, detector, posts, scorer, config.compile, checkpoint_geometry(meta)), meta
+
+
+def checkpoint_geometry(meta: dict[str, Any]) -> Geometry:
+    """The input geometry a checkpoint was trained with (before geometries: a squashed square)."""
+    return Geometry.from_dict(meta.get("geometry"), meta["image_size"])

@@ -1,0 +1,337 @@
+"""Detector-agnostic training and inference.
+
+Every random draw of training step ``s`` comes from a generator seeded by (seed, s), and batch ``s`` is a slice of
+a permutation seeded by (seed, epoch): a run resumed from any checkpoint reaches the same weights as an
+uninterrupted one. Checkpoints are written to a temporary file and renamed, so a run killed at any moment leaves
+the previous checkpoint intact; a non-finite loss stops training before anything is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adkit.core import distributed, threads
+from adkit.core.components import Detector, Pipeline
+from adkit.core.errors import AdkitError
+from adkit.core.files import atomic_path
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AdkitError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise AdkitError(f"--device {name}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*key: object) -> int:
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU in float32:
+    bf16 is slow on CPUs without bf16 instructions, and 2x faster on those with them (AVX512-BF16, AMX), where
+    ``bf16`` is worth asking for (docs/benchmarks.md)."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether ``precision`` on ``device`` means bf16 autocast (see ``autocast``)."""
+    if precision not in PRECISIONS:
+        raise AdkitError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Decorate a loss of two tensors, a function ``f(a, b, ...)`` or a method ``forward(self, a, b, ...)``, to
+    compute in float32 with autocast off, whatever precision the network ran in; floating inputs are cast, others
+    (integer masks) kept. Under bf16 autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2
+    cancels catastrophically: the SSIM denominator reaches zero and the loss is NaN from the first step."""
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs) -> Tensor:
+        lead = 0 if isinstance(args[0], Tensor) else 1  # a method's self comes first
+        first, second = args[lead], args[lead + 1]
+        with torch.autocast(first.device.type, enabled=False):
+            pair = tuple(t.float() if t.is_floating_point() else t for t in (first, second))
+            return loss(*args[:lead], *pair, *args[lead + 2:], **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    compile: bool = False  # torch.compile the training step
+    precision: str = "auto"  # see autocast()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Indices of training batch ``step``: epoch-wise shuffles, deterministic from (seed, epoch)."""
+    if n >= batch_size:
+        per_epoch = n // batch_size
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch)))
+        return perm[i * batch_size:(i + 1) * batch_size]
+    return torch.randint(0, n, (batch_size,), generator=torch.Generator().manual_seed(derived_seed(seed, "step", step)))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AdkitError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file raises many kinds; all mean unreadable
+        raise AdkitError(f"checkpoint {path} cannot be read ({type(exc).__name__}); is it an adkit checkpoint?") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise AdkitError(f"checkpoint {path} is not an adkit checkpoint of format {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def restore(detector: Detector, payload: dict[str, Any], where: Path | str) -> None:
+    """Load a checkpoint's trained or fitted state into ``detector`` (built and set up for the same run); its
+    backbones must have the weights the checkpoint was made with."""
+    detector.load_checkpoint_state(payload["model"], payload.get("backbones", {}), where=f"checkpoint {where}")
+
+
+def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> dict[str, float]:
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if not distributed.all_finite(losses["loss"]):
+        kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
+        raise AdkitError(f"training stopped: non-finite loss ({values['loss']}) at step {step + 1}; {kept}. "
+                         "Lower the learning rate or check the data.")
+    return values
+
+
+def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, device: torch.device,
+                   checkpoint: Path, meta: dict[str, Any], resume: bool = False,
+                   on_step: Callable[[int, int, dict[str, float] | None], None] | None = None) -> TrainResult:
+    """Train ``detector`` on normal ``images`` (N, 3, H, W) in [0, 1]; writes ``checkpoint`` every
+    ``settings.checkpoint_every`` steps and at the end. ``meta`` is stored in the checkpoint to rebuild the run."""
+    detector.to(device)
+    if device.type == "cuda":
+        detector.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    if not detector.trainable:
+        if images.shape[0] == 0:
+            raise AdkitError("no training images to fit on")
+        # statistics of frozen features: no autograd, and BatchNorm layers keep their running statistics
+        detector.eval()
+        mine = images[distributed.shard(images.shape[0])] if detector.fit_shards else images
+        with torch.inference_mode(), autocast(device, settings.precision):
+            detector.fit(_batches(mine, settings.batch_size, device))
+        if distributed.is_main():
+            save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
+        distributed.barrier()
+        return TrainResult(steps=0, seconds=time.perf_counter() - start)
+
+    detector.train()
+    optimizer, scheduler = detector.configure_optimizer(settings.steps)
+    world, rank = distributed.world_size(), distributed.rank()
+    # under torchrun, gradients are averaged across ranks by DistributedDataParallel
+    step_module = _TrainingStep(detector)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        step_module = torch.compile(step_module)
+    first_step, history = 0, []
+    if checkpoint.exists():
+        if not resume:
+            raise AdkitError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+        payload = load_checkpoint(checkpoint)
+        restore(detector, payload, checkpoint)
+        optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler") is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        first_step, history = payload["step"], payload.get("history", [])
+    n = images.shape[0]
+    if n == 0:
+        raise AdkitError("no training images")
+    detector.on_train_start(images, torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "start")))
+    images = _resident(images, device)
+    for step in range(first_step, settings.steps):
+        threads.rebalance()
+        idx = batch_indices(step * world + rank, n, settings.batch_size, settings.seed)
+        x = images[idx.to(images.device, non_blocking=True)].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        rank_key = (rank,) if world > 1 else ()  # single-process seeds stay as they were
+        generator = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "train", step, *rank_key))
+        with autocast(device, settings.precision):
+            losses = step_module(x, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        logged = None
+        # On CPU a check costs nothing; on a GPU only every log_every steps, to avoid host-device syncs.
+        if device.type == "cpu" or (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+            logged = _finite_or_stop(losses, step, checkpoint)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if logged is not None and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
+            history.append({"step": step + 1, **logged})
+        if on_step is not None:
+            on_step(step + 1, settings.steps, logged)
+        at_checkpoint = settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
+        if at_checkpoint or step + 1 == settings.steps:
+            if logged is None:
+                _finite_or_stop(losses, step, checkpoint)
+            if distributed.is_main():
+                save_checkpoint(checkpoint, _payload(detector, optimizer, scheduler, step + 1, settings, meta, history))
+            distributed.barrier()
+    distributed.broadcast_state(detector)
+    return TrainResult(steps=settings.steps - first_step, seconds=time.perf_counter() - start, history=history)
+
+
+RESIDENT_BYTES = 4 << 30
+
+
+def _resident(images: Tensor, device: torch.device) -> Tensor:
+    """The training images where batches are cut from without stalling the GPU: on the GPU itself when they
+    take under RESIDENT_BYTES (an MVTec category at 256 px is ~0.2 GB), else in pinned host memory, whose
+    copies run asynchronously. Unchanged on the CPU."""
+    if device.type != "cuda":
+        return images
+    if images.numel() * images.element_size() < RESIDENT_BYTES:
+        return images.to(device)
+    return images.pin_memory()
+
+
+class _TrainingStep(torch.nn.Module):
+    """Makes ``training_step`` the forward of a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        return self.detector.training_step(images, generator)
+
+
+def _payload(detector: Detector, optimizer: Any, scheduler: Any, step: int, settings: TrainSettings,
+             meta: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "total_steps": settings.steps,
+        "model": detector.checkpoint_state(),  # frozen pretrained weights are named, not stored
+        "backbones": detector.backbone_identities(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": history,
+        "meta": meta,
+    }
+
+
+def _batches(images: Tensor, batch_size: int, device: torch.device):
+    for i in range(0, images.shape[0], batch_size):
+        yield images[i:i + batch_size].to(device)
+
+
+@dataclass
+class Predictions:
+    """raw: detector maps at image size (N, 1, H, W); processed: post-processed maps (N, 1, h, w);
+    scores: image scores (N,). All on the CPU."""
+
+    raw: Tensor
+    processed: Tensor
+    scores: Tensor
+    seconds: float
+    native_size: tuple[int, int] = (0, 0)  # the detector's own map size, before upsampling
+    own_scores: bool = False  # the detector returned image scores of its own (the scorer was not used)
+
+
+def in_batches(run: Callable[[Tensor], tuple[Tensor, ...]], images: Tensor, batch_size: int, outputs: int,
+               on_batch: Callable[[int], None] | None = None) -> list[Tensor]:
+    """``run`` over ``images`` (N, ...) in batches, each of its ``outputs`` tensors concatenated on the CPU. Under
+    torchrun every rank runs its shard and gets all N rows back, in order. ``on_batch`` gets the number done."""
+    n = images.shape[0]
+    mine = images[distributed.shard(n)] if distributed.world_size() > 1 else images
+    parts: list[list[Tensor]] = [[] for _ in range(outputs)]
+    for i in range(0, mine.shape[0], batch_size):
+        threads.rebalance()
+        for part, tensor in zip(parts, run(mine[i:i + batch_size])):
+            part.append(tensor.cpu())
+        if on_batch is not None:
+            on_batch(min(i + batch_size, mine.shape[0]))
+    # a rank without images passes empty tensors, whose trailing shape gather_shards ignores
+    joined = [torch.cat(part) if part else torch.zeros(0) for part in parts]
+    return distributed.gather_shards(joined, n) if distributed.world_size() > 1 else joined
+
+
+@torch.inference_mode()
+def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.device,
+            on_batch: Callable[[int], None] | None = None, precision: str = "auto") -> Predictions:
+    """Run detector -> post-processors -> scorer over ``images`` (N, 3, H, W) in batches; ``on_batch`` gets
+    the number of images done after each batch. Under torchrun every rank scores its shard of the images and
+    every rank gets all the predictions back, in order."""
+    pipeline.to(device).eval()
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = x.to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            return pipeline(x)
+
+    start = time.perf_counter()
+    raw, processed, score = in_batches(run, images, batch_size, 3, on_batch)
+    seconds = time.perf_counter() - start
+    if raw.numel() == 0:
+        raw = processed = torch.zeros(0, 1, *images.shape[-2:])
+    native_size, own_scores = pipeline.native_size, pipeline.own_scores
+    if distributed.world_size() > 1:
+        timings = distributed.all_gather_objects((seconds, native_size))
+        seconds = max(t for t, _ in timings)  # the slowest rank sets the pace
+        native_size = max(size for _, size in timings)
+    return Predictions(raw, processed, score, seconds, native_size, own_scores)

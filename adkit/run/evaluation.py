@@ -1,0 +1,169 @@
+"""Training and evaluating one category: its data loaded, a fresh detector trained or fitted on it, and the test
+metrics of a pipeline as a result object."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from adkit.core import console, distributed, files
+from adkit.core.components import Detector, Pipeline, upsample
+from adkit.core.datasets import CategorySplits
+from adkit.core.errors import AdkitError
+from adkit.data.datasets import LoadedSplit, load_split
+from adkit.run.assembly import build_detector, make_tiling
+from adkit.run.engine import TrainSettings, seed_everything, train_detector
+from adkit.run.engine import predict as run_pipeline
+from adkit.run.planning import RunPlan
+from adkit.stats import metrics, thresholds
+
+log = logging.getLogger("adkit")
+
+
+@dataclass
+class CategoryRun:
+    """A trained detector for one category with its loaded splits."""
+
+    category: str
+    detector: Detector
+    splits: CategorySplits
+    train: LoadedSplit
+    val: LoadedSplit
+    test: LoadedSplit
+    train_seconds: float
+    folder: Path
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def threshold_split(self) -> LoadedSplit:
+        """The normal images thresholds are fitted on: the validation split, or the training images without one."""
+        return self.val if len(self.val.samples) else self.train
+
+
+@dataclass
+class Evaluation:
+    """A pipeline's results on one category's test split. Under torchrun only rank 0 has ``metrics`` and
+    ``threshold``; the other ranks hold an empty dict and None."""
+
+    metrics: dict[str, Any]  # the row of metrics.json: counts, threshold, image and pixel metrics, timings
+    test_scores: Tensor  # (N_test,) image scores
+    val_scores: Tensor  # (N_val,) image scores of the threshold split
+    pixel_maps: Tensor  # (N_test, 1, H, W) the maps pixel metrics were computed on (raw or post-processed)
+    fit: thresholds.ThresholdFit | None  # the decision threshold fitted on the threshold split
+    val_labels: Tensor | None = None  # (N_val,) 0 normal, 1 defective (defective ones only with val_defects)
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.fit is None else self.fit.threshold
+
+    @property
+    def normal_val_scores(self) -> Tensor:
+        """The threshold split's scores of normal images (what ensembles normalise on)."""
+        return self.val_scores if self.val_labels is None else self.val_scores[self.val_labels == 0]
+
+
+def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = False,
+                   load_test: bool = True) -> CategoryRun:
+    """Load one category's data and train a fresh detector on it (checkpoint in ``folder``)."""
+    cfg = plan_.config
+    seed_everything(cfg.seed)
+    splits = plan_.dataset.load(category)
+    geometry = plan_.geometry
+    train = load_split(splits.train, geometry, cfg.skip_bad)
+    val = load_split(splits.val, geometry, cfg.skip_bad)
+    test = load_split(splits.test, geometry, cfg.skip_bad) if load_test else load_split([], geometry)
+    if len(train.samples) == 0:
+        raise AdkitError(f"{category}: no readable training images")
+    detector = build_detector(plan_)
+    # with tiling the detector learns from tiles: (N * tiles, 3, tile, tile)
+    train_images = train.images if not geometry.tile else make_tiling(geometry).split(train.images)
+    steps = plan_.steps_for(len(train_images)) if detector.trainable else 1
+    settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
+                             checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
+                             precision=cfg.precision)
+    meta = {"detector": str(plan_.detector), "backbone": cfg.backbone, "category": category,
+            "image_size": plan_.image_size, "geometry": geometry.as_dict(),
+            "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer}
+    with console.progress() as progress:
+        task = progress.add_task(f"train {plan_.detector.name} {category}", total=steps, info="")
+        started = time.perf_counter()
+
+        def on_step(step: int, total: int, losses: dict[str, float] | None) -> None:
+            rate = (step * plan_.batch_size) / max(time.perf_counter() - started, 1e-9)
+            info = f"loss {losses['loss']:.4f} | {rate:.1f} img/s" if losses else ""
+            progress.update(task, completed=step, info=info if info else progress.tasks[task].fields["info"])
+
+        result = train_detector(detector, train_images, settings, plan_.device, folder / "checkpoint.pt", meta,
+                                resume=resume, on_step=on_step)
+        progress.update(task, completed=steps)
+    log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)
+    if distributed.is_main() and detector.trainable:
+        files.write_history_csv(folder / "history.csv", result.history)
+    skipped = train.skipped + val.skipped + test.skipped
+    return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
+
+
+def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline) -> Evaluation:
+    """Test metrics for one category and pipeline; the threshold is fitted on the validation split. Under
+    torchrun every rank scores a shard of the images; rank 0 gets them all and computes the metrics."""
+    device, batch = plan_.device, plan_.scoring_batch
+    val_source = run_.threshold_split
+    n_test, n_val = len(run_.test.samples), len(val_source.samples)
+    precision = plan_.config.precision
+    with console.progress() as progress:
+        task = progress.add_task(f"evaluate {run_.category}", total=n_test + n_val, info="")
+        test = run_pipeline(pipeline, run_.test.images, batch, device,
+                            on_batch=lambda done: progress.update(task, completed=done), precision=precision)
+        val = run_pipeline(pipeline, val_source.images, batch, device,
+                           on_batch=lambda done: progress.update(task, completed=n_test + done), precision=precision)
+    pixel_maps = test.raw if plan_.config.pixel_map == "raw" else upsample(test.processed, test.raw.shape[-2:])
+    if not distributed.is_main():
+        return Evaluation({}, test.scores, val.scores, pixel_maps, None, val_source.labels)
+    if test.own_scores and plan_.scorer != plan_.detector_class.default_scorer:
+        console.warn(f"{plan_.detector.name} computes its own image scores; --scorer {plan_.scorer} is not used "
+                    "(see its score= parameter)")
+    fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category)
+    labels = run_.test.labels.numpy()
+    result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
+                              "n_anomalous": int(labels.sum()),
+                              "image_score": "detector" if test.own_scores else plan_.scorer}
+    result.update(threshold_metrics(fit, test.scores, run_.test))
+    result.update(metrics.image_metrics(labels, test.scores.numpy()))
+    masks = run_.test.masks[:, 0].numpy()
+    if masks.any() and test.native_size != (1, 1):  # an image-level detector has no pixel-level opinion
+        result.update(metrics.pixel_metrics(pixel_maps[:, 0].numpy(), masks))
+    result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
+    result["train_s"] = run_.train_seconds
+    result["skipped"] = [str(p) for p, _ in run_.skipped]
+    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels)
+
+
+def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor,
+                  category: str) -> thresholds.ThresholdFit:
+    """The policy fitted on validation scores (normal and, where held out, defective images); a warning when the
+    images are too few for the rate asked. ``category`` (or the record's file) starts its messages."""
+    scores_np, labels_np = scores.double().numpy(), labels.numpy()
+    try:
+        fit = thresholds.fit(policy, scores_np[labels_np == 0], scores_np[labels_np == 1])
+    except thresholds.PolicyError as exc:
+        raise AdkitError(f"{category}: {exc}") from None
+    if fit.warning:
+        console.warn(f"{category}: {fit.warning}")
+    return fit
+
+
+def threshold_metrics(fit: thresholds.ThresholdFit, scores: Tensor, split: LoadedSplit) -> dict[str, Any]:
+    """metrics.json's decision fields: the threshold, its policy and validation record, and on the test split
+    false alarms per 1,000 good parts, recall and recall per defect type."""
+    point = thresholds.operating_point(scores.numpy(), split.labels.numpy(), [s.defect for s in split.samples],
+                                       fit.threshold)
+    return {"threshold": fit.threshold, "threshold_policy": fit.policy, "val_normal": fit.n_normal,
+            "val_defective": fit.n_anomalous, "val_false_alarms": fit.val_false_alarms, "val_fpr": fit.val_fpr,
+            "val_fpr_upper95": fit.val_fpr_upper, "threshold_band": [fit.band_low, fit.band_high],
+            "test_false_alarms": point["false_alarms"], "false_alarms_per_1000": point["false_alarms_per_1000"],
+            "recall": point["recall"], "recall_by_defect": point["recall_by_defect"]}

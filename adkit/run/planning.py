@@ -1,0 +1,198 @@
+"""Planning a run: a configuration checked against the catalog and resolved (preset, defaults, device), and the
+folder its files go to."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adkit.core import console, distributed
+from adkit.core.components import Detector
+from adkit.core.datasets import AnomalyDataset
+from adkit.core.errors import AdkitError
+from adkit.core.plugins import Catalog, get_catalog
+from adkit.core.registry import ComponentSpec, split_spec
+from adkit.data.geometry import Geometry, GeometryError, parse_size
+from adkit.run.config import RunConfig
+from adkit.run.engine import resolve_device
+from adkit.stats.thresholds import DEFAULT_POLICY, ThresholdPolicy, parse_policy
+
+log = logging.getLogger("adkit")
+
+ENGINE_DEFAULTS = {"image_size": 256, "batch_size": 8, "steps": 1000}
+
+
+@dataclass
+class RunPlan:
+    """A configuration resolved against the catalog: specs checked, preset applied."""
+
+    config: RunConfig
+    catalog: Catalog
+    detector: ComponentSpec
+    preset: dict[str, Any]
+    image_size: int
+    batch_size: int
+    steps: int | None  # None: derived from epochs and the training-set size
+    epochs: int | None
+    posts: list[str]
+    scorer: str
+    dataset: AnomalyDataset
+    categories: list[str]
+    device: torch.device
+    threshold: ThresholdPolicy  # how decision thresholds are fitted on the validation split
+    geometry: Geometry  # how images reach the input size, and the tiles the detector sees (image_size: their side)
+
+    def steps_for(self, n_train: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, self.epochs * max(1, n_train // self.batch_size))
+
+    @property
+    def detector_class(self) -> type[Detector]:
+        return detector_class(self.catalog, self.detector.name)
+
+    @property
+    def scoring_batch(self) -> int:
+        """Inference batch size: at least 8, since scoring holds no gradients."""
+        return max(self.batch_size, 8)
+
+
+def detector_class(catalog: Catalog, name: str) -> type[Detector]:
+    """The class a detector name registers (the registry admits only Detector classes)."""
+    return catalog["detector"].get(name).factory
+
+
+def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
+    """Check every spec of ``config`` against the catalog and apply the preset."""
+    catalog = catalog or get_catalog()
+    if not config.detector:
+        raise AdkitError(f"give a detector with --detector NAME (available: {', '.join(catalog['detector'].names()) or 'none'})")
+    if len(config.detector) > 1:
+        raise AdkitError("plan() takes one detector; run() trains several as an ensemble")
+    name, raw = split_spec(config.detector[0], "detector")
+    info = catalog["detector"].get(name)
+    cls = detector_class(catalog, name)
+    on_synthetic = split_spec(config.data)[0] == "synthetic" and not config.normal
+    preset_name = config.preset or ("quick" if on_synthetic and "quick" in cls.presets else None)
+    if not cls.presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
+        preset_name = None
+    if preset_name is not None and preset_name not in cls.presets:
+        raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(cls.presets) or 'none'}")
+    preset = cls.presets.get(preset_name, {}) if preset_name else {}
+    # --sampler / --backbone replace the detector's own parameter of that name: the spec shows what is used
+    flags = {key: value for key, value in (("sampler", config.sampler), ("backbone", config.backbone))
+             if value and key in info.params}
+    detector = catalog["detector"].parse(name, overrides={**preset.get("params", {}), **raw, **flags})
+    for option, value in (("loss", config.loss), ("sampler", config.sampler), ("backbone", config.backbone),
+                          ("anomaly-source", config.anomaly_source)):
+        if value and option.replace("-", "_") not in cls.consumes:
+            console.warn(f"--{option} is ignored: detector {name!r} uses no {option.replace('-', ' ')}")
+    for spec in config.loss:
+        catalog["loss"].parse(spec)
+    posts = list(config.post) or list(cls.default_postprocessors)
+    # build them once now so that out-of-range values fail before any data is loaded or trained on
+    for spec in posts:
+        catalog["postprocessor"].create(spec)
+    scorer = config.scorer or cls.default_scorer
+    catalog["scorer"].create(scorer)
+    if config.sampler:
+        catalog["sampler"].parse(config.sampler)
+    if config.backbone:
+        catalog["backbone"].parse(config.backbone)
+    if config.pixel_map not in ("raw", "post"):
+        raise AdkitError("--pixel-map must be raw or post")
+    dataset = make_dataset(catalog, config)
+    categories = dataset.resolve_categories(list(config.category))
+    threshold = parse_policy(config.threshold or DEFAULT_POLICY)
+    if threshold.kind == "f1":  # refused before any folder is claimed or anything trained
+        for category in categories:
+            if not any(sample.label for sample in dataset.load(category).val):
+                raise AdkitError(f"--threshold f1 needs defective validation images and {category}'s validation "
+                                 "split has none: use fpr:RATE, or hold defective images out for validation "
+                                 "(--data mvtec:val_defects=0.2)")
+    for option, value in (("--batch-size", config.batch_size), ("--steps", config.steps),
+                          ("--checkpoint-every", config.checkpoint_every)):
+        if value is not None and value < 1:
+            raise AdkitError(f"{option} must be >= 1, got {value}")
+
+    def setting(value: int | None, key: str) -> int | None:
+        return value if value is not None else preset.get(key)
+
+    steps = setting(config.steps, "steps")
+    epochs = preset.get("epochs") if steps is None else None
+    if steps is None and epochs is None:
+        steps = ENGINE_DEFAULTS["steps"]
+    geometry = make_geometry(config, setting(None, "image_size"))
+    batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
+    size_text = geometry.height if geometry.height == geometry.width else f"{geometry.width}x{geometry.height}"
+    resolved = config.replace(preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
+                              post=posts, scorer=scorer, category=categories, threshold=str(threshold),
+                              resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
+    device = distributed.init_from_environment(resolve_device(config.device))
+    return RunPlan(resolved, catalog, detector, preset, geometry.detector_size, batch_size, steps, epochs, posts,
+                   scorer, dataset, categories, device, threshold, geometry)
+
+
+def make_geometry(config: RunConfig, preset_size: int | None) -> Geometry:
+    """The input geometry of ``config`` (--image-size, --resize, --tile, --overlap), the preset's size or 256."""
+    if config.tile is not None and config.tile < 1:
+        raise AdkitError(f"--tile must be >= 1, got {config.tile}")
+    try:
+        height, width = parse_size(config.image_size or preset_size or ENGINE_DEFAULTS["image_size"])
+        return Geometry(height, width, config.resize or "squash", config.tile or 0, config.overlap or 0.0)
+    except GeometryError as exc:
+        raise AdkitError(str(exc)) from None
+
+
+def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:
+    """The dataset a config names; ``--root`` fills a ``root`` parameter, ``--normal/--abnormal/--masks``
+    select the folder dataset."""
+    name, raw = split_spec(config.data, "dataset")
+    folders = {k: v for k, v in (("normal", config.normal), ("abnormal", config.abnormal),
+                                 ("masks", config.masks)) if v}
+    if folders:
+        if name not in ("folder", "synthetic") or "normal" not in folders:
+            raise AdkitError("--normal/--abnormal/--masks describe the folder dataset: give --normal DIR "
+                             "(and use --data folder or leave --data out)")
+        name = "folder"
+        raw.update(folders)
+    info = catalog["dataset"].get(name)
+    if config.root and "root" in info.params and "root" not in raw:
+        raw["root"] = config.root
+    return catalog["dataset"].create(name, **raw)
+
+
+def output_dir(config: RunConfig, detector: str) -> Path:
+    """``--out``, else runs/<detector>-<data>-<categories>-<time>."""
+    if config.out:
+        return Path(config.out)
+    cats = "-".join(config.category) if len(config.category) <= 2 else f"{len(config.category)}cats"
+    data = split_spec(config.data)[0]
+    default = Path("runs") / f"{detector}-{data}-{cats}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return distributed.all_gather_objects(default)[0]  # under torchrun every rank takes rank 0's clock
+
+
+def claim_output(out: Path, resume: bool) -> None:
+    """Refuse to write into a folder that holds another run's checkpoints (unless resuming it), before any
+    file is written there."""
+    if out.is_dir() and not resume:
+        existing = next(out.rglob("checkpoint.pt"), None)
+        if existing is not None:
+            raise AdkitError(f"{out} already holds a run ({existing}): choose another --out, or pass --resume")
+    if distributed.is_main():
+        configure_log(out)
+    distributed.barrier()  # no rank writes there before every rank has checked
+
+
+def configure_log(out: Path) -> None:
+    """Send adkit's log to <out>/log.txt."""
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers = [handler]
+    log.setLevel(logging.INFO)

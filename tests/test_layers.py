@@ -1,0 +1,112 @@
+"""The import-layer contract: adkit's folders are floors, and a module imports only from its own floor or the floors
+below it, with no import cycle anywhere. Every import counts: top-level, inside functions (lazy) and under
+TYPE_CHECKING, since each one is a dependency a reader must know about."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "adkit"
+
+# bottom to top; a module belongs to the first floor with a prefix it matches
+FLOORS = (
+    ("core", ("adkit", "adkit.core")),  # contracts, registry, grammar, plugin loading, small shared services
+    ("stats", ("adkit.stats",)),  # metrics and thresholds: numbers in, numbers out
+    ("data", ("adkit.data",)),  # datasets on disk, decoding, geometry, the synthetic textures
+    ("run", ("adkit.run",)),  # configuration, planning, assembly, the engine, evaluation
+    ("outputs", ("adkit.outputs",)),  # result files, pictures, report pages, terminal tables
+    ("deploy", ("adkit.deploy",)),  # exported models and their runners
+    ("app", ("adkit.app", "adkit.serve")),  # workflows, bench, scaffold, the inspection service
+    ("entry", ("adkit.cli", "adkit.api", "adkit.testing", "adkit.__main__")),  # what users and plugin authors call
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def floor(module: str) -> int:
+    for index, (_, prefixes) in reversed(list(enumerate(FLOORS))):
+        if any(module == p or module.startswith(p + ".") for p in prefixes if p != "adkit"):
+            return index
+    if module == "adkit":
+        return 0
+    raise AssertionError(f"{module} is on no floor: add its folder to FLOORS")
+
+
+def imports(module: str) -> set[str]:
+    """The adkit modules ``module`` imports."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = imported(path.read_text(), package)
+    found.discard(module)
+    return found
+
+
+def imported(source: str, package: str) -> set[str]:
+    """The adkit modules a source imports (``from adkit.x import y`` counts as adkit.x.y where that is a module)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "adkit")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] != "adkit":
+                continue
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return {m for m in found if m in MODULES}
+
+
+GRAPH = {module: imports(module) for module in MODULES}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_import_reaches_a_higher_floor(module):
+    upward = sorted(t for t in GRAPH[module] if floor(t) > floor(module))
+    assert not upward, (f"{module} (floor {FLOORS[floor(module)][0]}) imports "
+                        + ", ".join(f"{t} (floor {FLOORS[floor(t)][0]})" for t in upward))
+
+
+def test_no_import_cycle():
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(GRAPH[module]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[module] = 2
+        path.pop()
+        return None
+
+    for module in sorted(MODULES):
+        if module not in state:
+            cycle = visit(module)
+            assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_module_is_on_a_floor():
+    for module in MODULES:
+        floor(module)
+
+
+def test_the_contract_sees_lazy_and_type_checking_imports():
+    """The checker reads imports inside functions and under TYPE_CHECKING, and resolves ``from pkg import mod``."""
+    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from adkit.run.planning import RunPlan\n"
+              "def f():\n    from adkit.outputs import render\n")
+    assert imported(source, "adkit.core") == {"adkit.run.planning", "adkit.outputs.render"}
+    assert floor("adkit.run.planning") > floor("adkit.core.registry")
