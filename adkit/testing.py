@@ -109,7 +109,8 @@ def _build_detector(catalog: Catalog, spec: str, image_size: int, options: dict[
 def check_detector(spec: str, catalog: Catalog | None = None, image_size: int = 32, steps: int = 2,
                    batch_size: int = 2, **context: Any) -> Detector:
     """Train (or fit) the detector ``spec`` names on tiny images through adkit's engine and check: the map is
-    (B, 1, h, w) finite floats; own image scores, where ``detect`` gives them, are (B,); each image's map does
+    (B, 1, h, w) finite floats; ``detect`` returns image scores, (B,), exactly when the class declares
+    ``own_scores``, and an ``image_level`` detector's map is (B, 1, 1, 1); each image's map does
     not depend on the rest of its batch; the checkpoint restores a fresh detector to the same maps; and a second
     training with the same seed gives the same maps. ``context`` is passed to DetectorContext (losses, sampler,
     backbone, ...). Returns the trained detector."""
@@ -127,6 +128,12 @@ def check_detector(spec: str, catalog: Catalog | None = None, image_size: int = 
             detection = trained.detect(test)
             maps = detection.anomaly_map
             _check_map(maps, len(test), f"{spec}: detect()")
+            declared = type(trained)
+            _expect((detection.image_scores is not None) == declared.own_scores,
+                    f"{spec}: declares own_scores = {declared.own_scores} but detect() returned "
+                    f"{'no' if detection.image_scores is None else ''} image scores: declare what it does")
+            _expect(not declared.image_level or tuple(maps.shape[-2:]) == (1, 1),
+                    f"{spec}: declares image_level but its map is {tuple(maps.shape[-2:])}, not (1, 1)")
             if detection.image_scores is not None:
                 scores = detection.image_scores
                 _expect(scores.shape == (len(test),), f"{spec}: image scores must be (B,), got {tuple(scores.shape)}")

@@ -56,7 +56,7 @@ def test_bench_seed_axis_trains_once_per_seed(invoke, tmp_path):
 
 def test_grid_values_follow_the_one_spec_grammar():
     from adkit.app.bench import parse_grid, post_chain
-    from adkit.core.registry import split_chain
+    from adkit.core.grammar import split_chain
 
     assert split_chain("freqmask:kernels=3+5", "t") == ["freqmask:kernels=3+5"]  # a list value, not a chain
     assert split_chain("avgpool:kernel=21+gaussian", "t") == ["avgpool:kernel=21", "gaussian"]

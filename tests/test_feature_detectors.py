@@ -86,7 +86,7 @@ def fit(detector: Detector, train: torch.Tensor, tmp_path) -> dict:
 
 
 def test_patchcore_map_is_the_smoothed_nearest_bank_distance_and_scores_reweighted(tiny_catalog, tmp_path):
-    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=1.0,sigma=0")
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=1.0")
     fit(detector, images(5, 0), tmp_path)
     test = images(2, 1)
     with torch.inference_mode():
@@ -146,7 +146,7 @@ def padim_reference(train: np.ndarray, test: np.ndarray, eps: float) -> np.ndarr
 
 
 def test_padim_matches_per_position_numpy_reference(tiny_catalog, tmp_path):
-    detector = set_up(tiny_catalog, "padim:backbone=tiny,layers=0+1,features=5,sigma=0")
+    detector = set_up(tiny_catalog, "padim:backbone=tiny,layers=0+1,features=5")
     train, test = images(9, 0), images(2, 1)
     fit(detector, train, tmp_path)  # batches of 4: the streamed sums cross batch boundaries
     with torch.inference_mode():
@@ -188,6 +188,7 @@ class Probe(Detector):
     """Records the mode fit() runs in; returns its own image scores (the mean of the image)."""
 
     trainable = False
+    own_scores = True
 
     def fit(self, batches):
         self.seen = [(torch.is_inference_mode_enabled(), self.training) for _ in batches]

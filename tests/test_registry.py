@@ -9,7 +9,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from adkit.core.errors import AdkitError
-from adkit.core.registry import ComponentRejected, DuplicateComponentError, Register, Registry, split_spec
+from adkit.core.grammar import split_spec
+from adkit.core.registry import ComponentRejected, DuplicateComponentError, Register, Registry
 
 
 def make(a: int = 1, b: float = 0.5, flag: bool = False, mode: Literal["x", "y"] = "x",
@@ -39,7 +40,7 @@ def test_values_parse_to_parameter_types(registry):
     built = make(**registry.parse("thing:a=7,b=2,flag=yes,mode=y,sizes=3+5+7,name=none").params)
     assert built == {"a": 7, "b": 2.0, "flag": True, "mode": "y", "sizes": (3, 5, 7), "name": None}
     assert make(**registry.parse("thing").params) == make()
-    assert str(registry.parse("thing:sizes=1+2,b=3")) == "thing:sizes=1+2,b=3.0"
+    assert str(registry.parse("thing:sizes=1+2,b=3")) == "thing:b=3.0,sizes=1+2"  # the factory's order
 
 
 def test_help_defaults_to_first_docstring_line(registry):
@@ -126,7 +127,9 @@ def test_nested_specs_round_trip_in_parentheses(catalog):
     registry = catalog["detector"]
     parsed = registry.parse("ebm-image:depth=10,sampler=(pyld:M=5,N=3),lr=0.001")
     assert parsed.params["sampler"] == "pyld:M=5,N=3" and parsed.params["lr"] == 0.001
-    assert str(parsed) == "ebm-image:depth=10,sampler=(pyld:M=5,N=3),lr=0.001"
+    # one text: parameters in the factory's order, whatever order they were written in
+    assert str(parsed) == "ebm-image:depth=10,lr=0.001,sampler=(pyld:M=5,N=3)"
+    assert str(registry.parse("ebm-image:lr=0.001,sampler=(pyld:M=5,N=3),depth=10")) == str(parsed)
     assert registry.parse(str(parsed)) == parsed  # what a checkpoint stores reads back
     with pytest.raises(AdkitError, match="a '\\(' without its '\\)'"):
         registry.parse("ebm-image:sampler=(pyld:M=5")

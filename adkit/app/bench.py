@@ -9,7 +9,7 @@ from typing import Any
 
 from adkit.core import console, distributed
 from adkit.core.errors import AdkitError
-from adkit.core.registry import split_chain, split_top_level, unwrap
+from adkit.core.grammar import split_chain, split_top_level, unwrap
 from adkit.outputs import artifacts, pages, render
 from adkit.run.assembly import build_pipeline
 from adkit.run.config import RunConfig

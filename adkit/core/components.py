@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -168,7 +168,11 @@ class Detector(nn.Module, Exportable, ABC):
     True); statistical ones set ``trainable = False`` and implement ``fit``. Both implement ``anomaly_map``
     (or ``detect``, when they compute image scores of their own)."""
 
-    trainable: bool = True
+    trainable: ClassVar[bool] = True
+    # one value per image (a (B, 1, 1, 1) map): no pixel-level opinion, so no pixel metrics
+    image_level: ClassVar[bool] = False
+    # detect() returns image scores of its own (Detection.image_scores), which replace the pipeline's scorer
+    own_scores: ClassVar[bool] = False
     # named settings for a run: {"quick": {"image_size": .., "batch_size": .., "steps": .., "params": {..}}}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # buffers whose shape depends on the data (a memory bank, per-position statistics): a checkpoint restores
@@ -184,6 +188,9 @@ class Detector(nn.Module, Exportable, ABC):
     # the post-processor specs (a chain) and scorer spec a run uses when the user names none
     default_postprocessors: ClassVar[tuple[str, ...]] = ()
     default_scorer: ClassVar[str] = "max"
+    # which map pixel metrics read unless the user says (--pixel-map): the detector's own ("raw") or the
+    # post-processed one ("post", for a detector whose default post-processing is part of its method)
+    default_pixel_map: ClassVar[Literal["raw", "post"]] = "raw"
 
     def setup(self, context: DetectorContext) -> None:
         """Build what depends on the run (losses, samplers, backbones, image size); called once before training."""
@@ -317,10 +324,9 @@ class Pipeline(nn.Module):
         self.scorer = scorer
         self.tiling = tiling
         self._detect = detector.detect
-        # set by each forward (plain Python values, not traced): the detector's own map size and whether it
-        # returned its own image scores
-        self.native_size: tuple[int, int] = (0, 0)
-        self.own_scores = False
+        # declared by the detector's class; with tiles a tile's own score is not an image's, so the scorer scores
+        # the stitched map
+        self.own_scores = detector.own_scores and tiling is None
 
     def compile(self) -> None:
         """Compile the detector's forward with torch.compile (on its first batches; a new shape recompiles)."""
@@ -336,18 +342,17 @@ class Pipeline(nn.Module):
         name = type(self.detector).__name__
         check_map(detection.anomaly_map, name)
         raw = detection.anomaly_map.float()
-        self.native_size = (int(raw.shape[-2]), int(raw.shape[-1]))
         raw = upsample(raw, inputs.shape[-2:])
         if self.tiling is not None:
             raw = self.tiling.stitch(raw)
         processed = raw
         for post in self.postprocessors:
             processed = post(processed)
-        own = detection.image_scores if self.tiling is None else None
-        self.own_scores = own is not None
-        scores = own if own is not None else self.scorer(processed)
+        if self.detector.own_scores and detection.image_scores is None:
+            raise ValueError(f"{name} declares own_scores but returned no image scores")
+        scores = detection.image_scores if self.own_scores else self.scorer(processed)
         if scores.ndim != 1 or scores.shape[0] != images.shape[0]:
-            who = name if own is not None else type(self.scorer).__name__
+            who = name if self.own_scores else type(self.scorer).__name__
             raise ValueError(f"{who} must return image scores (B,), got {tuple(scores.shape)}")
         return raw, processed.float(), scores.float()
 

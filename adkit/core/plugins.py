@@ -25,19 +25,6 @@ log = logging.getLogger("adkit")
 ENTRY_POINT_GROUP = "adkit"
 CORE_DISTRIBUTION = "adkit"
 
-# kind -> the hook that registers it
-KIND_HOOKS = {
-    "detector": "register_detectors",
-    "backbone": "register_backbones",
-    "loss": "register_losses",
-    "sampler": "register_samplers",
-    "postprocessor": "register_postprocessors",
-    "scorer": "register_scorers",
-    "ensemble": "register_ensembles",
-    "dataset": "register_datasets",
-}
-
-
 @dataclass
 class PluginRecord:
     """What ``adkit plugins`` shows about one plugin."""
@@ -113,7 +100,7 @@ class Catalog:
         return self._register_components(name, record)
 
     def _register_components(self, name: str, record: PluginRecord) -> PluginRecord:
-        for kind, hook_name in KIND_HOOKS.items():
+        for kind, hook_name in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():
                 if impl.plugin_name != name:

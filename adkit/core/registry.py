@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from adkit.core.errors import AdkitError
+from adkit.core.grammar import ComponentSpec, convert, split_spec, type_name, unsupported
 
-KINDS = ("detector", "backbone", "loss", "sampler", "postprocessor", "scorer", "ensemble", "dataset")
+# every component kind and the hook that registers it (hookspecs.py declares one hook per kind; a test holds them
+# equal)
+KINDS = {
+    "detector": "register_detectors",
+    "backbone": "register_backbones",
+    "loss": "register_losses",
+    "sampler": "register_samplers",
+    "postprocessor": "register_postprocessors",
+    "scorer": "register_scorers",
+    "ensemble": "register_ensembles",
+    "dataset": "register_datasets",
+}
+# kinds whose factory must be a class deriving from the kind's base (the registry reads its declarations); the
+# other kinds' factories may be functions, and declare what their class declares when they are classes
+CLASS_KINDS = ("detector",)
 
 # Parameters every component of a kind accepts, consumed by the caller rather than the factory.
 KIND_EXTRAS: dict[str, dict[str, tuple[type, Any]]] = {"loss": {"weight": (float, 1.0)}}
@@ -39,19 +53,48 @@ class Param:
 
     @property
     def type_name(self) -> str:
-        return _type_name(self.annotation)
+        return type_name(self.annotation)
 
     def parse(self, raw: Any) -> Any:
         """Convert ``raw`` (a spec string or an already typed config value) to this parameter's type."""
         try:
-            return _convert(raw, self.annotation)
+            return convert(raw, self.annotation)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"expects {self.type_name}, got {raw!r}") from exc
 
 
 @dataclass(frozen=True)
+class Traits:
+    """What a component declares about itself, read from its class when it is registered, never by building it
+    or probing its outputs (the class attributes of ``adkit.core.components``' base classes)."""
+
+    trainable: bool = False  # detector: trained by gradient steps (else fitted)
+    image_level: bool = False  # detector: one value per image, no pixel-level opinion
+    own_scores: bool = False  # detector: detect() returns image scores of its own (the scorer is not used)
+    exportable: bool = True  # detector, post-processor, scorer: its forward traces into a graph
+    presets: tuple[str, ...] = ()
+    consumes: frozenset[str] = frozenset()  # run options the detector reads (loss, sampler, backbone, ...)
+    default_postprocessors: tuple[str, ...] = ()  # detector: the pipeline a run uses when the user names none
+    default_scorer: str = ""
+    default_pixel_map: str = "raw"  # detector: which map pixel metrics read by default (raw | post)
+
+    @classmethod
+    def of(cls, kind: str, factory: Callable[..., Any]) -> Traits:
+        if not inspect.isclass(factory):
+            return cls()
+        values = {name: getattr(factory, name) for name in ("exportable",) if hasattr(factory, name)}
+        if kind == "detector":
+            values.update(trainable=factory.trainable, image_level=factory.image_level,
+                          own_scores=factory.own_scores, presets=tuple(factory.presets),
+                          consumes=frozenset(factory.consumes),
+                          default_postprocessors=tuple(factory.default_postprocessors),
+                          default_scorer=factory.default_scorer, default_pixel_map=factory.default_pixel_map)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class ComponentInfo:
-    """A registered component: what the registry knows of it."""
+    """A registered component: what the registry knows of it, readable without building it."""
 
     kind: str
     name: str
@@ -60,22 +103,7 @@ class ComponentInfo:
     plugin: str
     params: dict[str, Param] = field(default_factory=dict)
     builtin: bool = False  # registered by one of adkit's own plugins
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """A parsed, type-checked spec: the component's name and its parameter values (factory params + extras)."""
-
-    kind: str
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        values = {**self.params, **self.extras}
-        if not values:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in values.items())
+    traits: Traits = field(default_factory=Traits)
 
 
 class Register:
@@ -138,7 +166,7 @@ class Registry:
             self._rejected.setdefault(name, message)
             raise ComponentRejected(message, plugins=(plugin,)) from None
         info = ComponentInfo(kind=self.kind, name=name, factory=factory, help=help or _first_line(factory.__doc__),
-                             plugin=plugin, params=params, builtin=builtin)
+                             plugin=plugin, params=params, builtin=builtin, traits=Traits.of(self.kind, factory))
         existing = self._items.get(name)
         if existing is not None:
             replace = builtin and not existing.builtin
@@ -156,15 +184,16 @@ class Registry:
         """Raise ValueError if specs could not build this factory: a parameter type the spec grammar cannot
         parse, or (for detectors, whose class attributes the core reads) a factory that is not a Detector class."""
         for param in params.values():
-            problem = _unsupported(param.annotation)
+            problem = unsupported(param.annotation)
             if problem:
                 raise ValueError(f"parameter {param.name!r} has type {param.type_name} ({problem}); use int, float, "
                                  "bool, str, Path, a Literal, an optional type or tuple[T, ...]")
-        if self.kind == "detector":
+        if self.kind in CLASS_KINDS:
             expected = kind_type(self.kind)
             if not (inspect.isclass(factory) and issubclass(factory, expected)):
-                raise ValueError(f"its factory {getattr(factory, '__qualname__', factory)!r} is not a subclass of {expected.__module__}."
-                                 f"{expected.__name__} (the core reads presets and defaults from the class)")
+                raise ValueError(f"its factory {getattr(factory, '__qualname__', factory)!r} is not a subclass of "
+                                 f"{expected.__module__}.{expected.__name__} (the core reads presets and defaults "
+                                 "from the class)")
 
     def remove_plugin(self, plugin: str) -> None:
         """Forget every component a plugin registered (used when its registration fails half-way)."""
@@ -214,6 +243,7 @@ class Registry:
                 params[key] = info.params[key].parse(value)
             except ValueError as exc:
                 raise AdkitError(f"{self.kind} {name!r} parameter {key!r} {exc}") from None
+        params = {key: params[key] for key in info.params if key in params}  # the factory's order: one text
         missing = [p.name for p in info.params.values() if p.required and p.name not in params]
         if missing:
             raise AdkitError(f"{self.kind} {name!r} needs parameter(s) {', '.join(missing)}: write {name}:{missing[0]}=...")
@@ -257,70 +287,9 @@ def kind_type(kind: str) -> type:
             "ensemble": components.Ensemble, "dataset": AnomalyDataset}[kind]
 
 
-def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]:
-    """Split ``name:key=value,key=value`` into the name and raw string values. A value holding commas of its own
-    (another component's spec) is written in parentheses: ``ebm-image:sampler=(pyld:M=5,N=3)``."""
-    text = spec.strip()
-    name, _, rest = text.partition(":")
-    name = name.strip()
-    if not name:
-        raise AdkitError(f"empty {kind} spec {spec!r}: write name or name:key=value,...")
-    raw: dict[str, str] = {}
-    if rest.strip():
-        for item in split_top_level(rest, ",", f"{kind} spec {spec!r}"):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise AdkitError(f"{kind} spec {spec!r}: {item!r} is not key=value")
-            value = value.strip()
-            if value.startswith("(") and value.endswith(")"):
-                value = value[1:-1].strip()
-            raw[key.strip()] = value
-    return name, raw
-
-
-def split_top_level(text: str, separator: str, what: str) -> list[str]:
-    """``text`` split at ``separator`` outside parentheses (the one spec grammar: a value holding separators of
-    its own is written in parentheses); ``what`` names the text in errors."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth < 0:
-                raise AdkitError(f"{what}: a ')' without its '('")
-        elif char == separator and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    if depth:
-        raise AdkitError(f"{what}: a '(' without its ')'")
-    items.append(text[start:])
-    return items
-
-
-def unwrap(text: str) -> str:
-    """A value without its enclosing parentheses: ``(a:b=1,c=2)`` -> ``a:b=1,c=2``."""
-    text = text.strip()
-    return text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text
-
-
-def split_chain(text: str, what: str) -> list[str]:
-    """A chain of component specs joined by '+' (``avgpool:kernel=21+gaussian``); a '+' inside a parameter's
-    list value stays (``freqmask:kernels=3+5``): a chain link starts with a component name, a list item does
-    not. Parenthesised links keep everything inside."""
-    links: list[str] = []
-    for part in split_top_level(text, "+", what):
-        stripped = part.strip()
-        if links and not (stripped[:1].isalpha() or stripped.startswith("(")):
-            links[-1] += "+" + part  # the next item of a list value, not a new component
-        else:
-            links.append(part)
-    return [unwrap(link) for link in links if link.strip()]
-
-
 def _parse_extra(kind: str, name: str, key: str, value: Any, typ: type) -> Any:
     try:
-        return _convert(value, typ)
+        return convert(value, typ)
     except (ValueError, TypeError):
         raise AdkitError(f"{kind} {name!r} parameter {key!r} expects {typ.__name__}, got {value!r}") from None
 
@@ -351,101 +320,6 @@ def _resolve(annotation: str, namespace: dict[str, Any]) -> Any:
         return eval(annotation, namespace, {"typing": typing})
     except Exception:  # noqa: BLE001 - any failure leaves the text, reported as unresolvable
         return annotation
-
-
-def _unsupported(annotation: Any) -> str:
-    """Why a spec value could not be parsed to ``annotation`` ("" when it can)."""
-    from pathlib import Path
-
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return next((p for p in (_unsupported(a) for a in args if a is not type(None)) if p), "")
-    if origin is typing.Literal:
-        return ""
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return _unsupported(args[0])
-        return "write tuple[T, ...]: spec values are lists of one type"
-    if origin is list:
-        return "specs give tuples: write tuple[T, ...]"
-    if annotation in (int, float, bool, str, Path, Any):
-        return ""
-    if isinstance(annotation, str):
-        return "an annotation the registry could not resolve"
-    return "specs cannot write it"
-
-
-def _convert(raw: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(raw, arg)
-            except (ValueError, TypeError) as exc:
-                errors.append(exc)
-        raise ValueError(str(errors))
-    if origin is typing.Literal:
-        for choice in args:
-            if raw == choice or str(raw) == str(choice):
-                return choice
-        raise ValueError(f"not one of {args}")
-    if origin in (tuple, list):
-        items = raw.split("+") if isinstance(raw, str) else list(raw)
-        item_type = args[0] if args else str
-        return tuple(_convert(item, item_type) for item in items)
-    if annotation is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ValueError("not a boolean")
-    if annotation is int:
-        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ValueError("not an integer")
-        return int(raw)
-    if annotation is float:
-        if isinstance(raw, bool):
-            raise ValueError("not a number")
-        return float(raw)
-    if annotation is str:
-        return str(raw)
-    if annotation is Any:
-        return raw
-    return annotation(raw)
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in args)
-    if origin is typing.Literal:
-        return "|".join(str(a) for a in args)
-    if origin in (tuple, list):
-        return f"{_type_name(args[0]) if args else 'str'}+..."
-    if annotation is type(None):
-        return "none"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "+".join(_format(v) for v in value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str) and "," in value:  # a nested spec: parentheses keep its commas together
-        return f"({value})"
-    return str(value)
 
 
 def _first_line(doc: str | None) -> str:

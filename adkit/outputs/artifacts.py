@@ -83,7 +83,7 @@ def write_curves(test: LoadedSplit, category: str, evaluation: Evaluation, folde
     if 0 < labels.sum() < labels.size:
         fpr, tpr, _ = roc_curve(labels, evaluation.test_scores.numpy())
         curves.append((f"image AUROC {result['image_auroc']:.3f}", fpr, tpr))
-    if "pixel_auroc" in result and not masks.all():  # no pixel metrics: image-level detector or no masks
+    if evaluation.pixel_level and masks.any() and not masks.all():
         fpr, tpr, _ = roc_curve(masks.ravel(), maps[:, 0].numpy().ravel())
         curves.append((f"pixel AUROC {result['pixel_auroc']:.3f}", fpr, tpr))
         fprs, pros = metrics.pro_curve(maps[:, 0].numpy(), masks)

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from adkit.core.components import Detector, DetectorContext, Pipeline
+from adkit.core.grammar import ComponentSpec
 from adkit.core.plugins import Catalog, get_catalog
-from adkit.core.registry import ComponentSpec
 from adkit.core.tiling import Tiling
 from adkit.data.geometry import Geometry
 from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint, restore
-from adkit.run.planning import RunPlan, plan
+from adkit.run.planning import NO_POSTPROCESSING, RunPlan, canonical, canonical_posts, plan
 
 
 def make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfig, image_size: int,
@@ -45,7 +45,7 @@ def make_pipeline(catalog: Catalog, detector: Detector, posts: list[str], scorer
                   geometry: Geometry | None = None) -> Pipeline:
     """detector -> post-processors -> scorer (on the tiles of ``geometry`` where it has tiles), compiled with
     torch.compile when asked."""
-    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
+    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in canonical_posts(catalog, posts)],
                         catalog["scorer"].create(scorer), make_tiling(geometry) if geometry else None)
     if compile_:
         pipeline.compile()
@@ -60,9 +60,11 @@ def build_pipeline(plan_: RunPlan, detector: Detector, posts: list[str] | None =
 
 
 def pipeline_specs(config: RunConfig, meta: dict[str, Any]) -> tuple[list[str], str]:
-    """The post-processors and scorer to run a checkpoint with: ``config``'s where it names them, else those the
-    checkpoint was trained and evaluated with."""
-    return list(config.post) or meta.get("posts", []), config.scorer or meta.get("scorer", "max")
+    """The post-processors and scorer to run a checkpoint with, in canonical texts: ``config``'s where it names
+    them, else those the checkpoint was trained and evaluated with (an empty chain stays empty)."""
+    catalog = get_catalog()
+    posts = canonical_posts(catalog, list(config.post) or meta.get("posts", []) or [NO_POSTPROCESSING])
+    return posts, canonical(catalog, "scorer", config.scorer or meta.get("scorer", "max"))
 
 
 def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
@@ -72,7 +74,8 @@ def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
     posts, scorer = pipeline_specs(config, meta)
     geometry = checkpoint_geometry(meta)
     return plan(config.replace(detector=[meta["detector"]], image_size=f"{geometry.width}x{geometry.height}",
-                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap, post=posts,
+                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap,
+                               post=posts or [NO_POSTPROCESSING],
                                backbone=config.backbone or meta.get("backbone"), scorer=scorer,
                                category=list(config.category) or [meta["category"]]))
 

@@ -51,7 +51,7 @@ class RunConfig:
     checkpoint_every: int | None = None
     anomaly_source: str | None = None
     skip_bad: bool = False
-    pixel_map: str = "raw"
+    pixel_map: str | None = None  # raw | post; None: the detector's declared default
     compile: bool = False
     precision: str = "auto"
     threshold: str | None = None  # a decision-threshold policy (adkit.stats.thresholds); None: fpr:0.01, or the recorded one

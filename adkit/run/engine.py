@@ -287,8 +287,6 @@ class Predictions:
     processed: Tensor
     scores: Tensor
     seconds: float
-    native_size: tuple[int, int] = (0, 0)  # the detector's own map size, before upsampling
-    own_scores: bool = False  # the detector returned image scores of its own (the scorer was not used)
 
 
 def in_batches(run: Callable[[Tensor], tuple[Tensor, ...]], images: Tensor, batch_size: int, outputs: int,
@@ -329,9 +327,6 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
     seconds = time.perf_counter() - start
     if raw.numel() == 0:
         raw = processed = torch.zeros(0, 1, *images.shape[-2:])
-    native_size, own_scores = pipeline.native_size, pipeline.own_scores
     if distributed.world_size() > 1:
-        timings = distributed.all_gather_objects((seconds, native_size))
-        seconds = max(t for t, _ in timings)  # the slowest rank sets the pace
-        native_size = max(size for _, size in timings)
-    return Predictions(raw, processed, score, seconds, native_size, own_scores)
+        seconds = max(distributed.all_gather_objects(seconds))  # the slowest rank sets the pace
+    return Predictions(raw, processed, score, seconds)

@@ -56,6 +56,7 @@ class Evaluation:
     pixel_maps: Tensor  # (N_test, 1, H, W) the maps pixel metrics were computed on (raw or post-processed)
     fit: thresholds.ThresholdFit | None  # the decision threshold fitted on the threshold split
     val_labels: Tensor | None = None  # (N_val,) 0 normal, 1 defective (defective ones only with val_defects)
+    pixel_level: bool = True  # the detector declares a pixel-level map (not image_level)
 
     @property
     def threshold(self) -> float | None:
@@ -122,25 +123,27 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline) -> Evaluatio
         val = run_pipeline(pipeline, val_source.images, batch, device,
                            on_batch=lambda done: progress.update(task, completed=n_test + done), precision=precision)
     pixel_maps = test.raw if plan_.config.pixel_map == "raw" else upsample(test.processed, test.raw.shape[-2:])
+    traits = plan_.detector_info.traits
+    pixel_level = not traits.image_level
     if not distributed.is_main():
-        return Evaluation({}, test.scores, val.scores, pixel_maps, None, val_source.labels)
-    if test.own_scores and plan_.scorer != plan_.detector_class.default_scorer:
+        return Evaluation({}, test.scores, val.scores, pixel_maps, None, val_source.labels, pixel_level)
+    if pipeline.own_scores and plan_.scorer != traits.default_scorer:
         console.warn(f"{plan_.detector.name} computes its own image scores; --scorer {plan_.scorer} is not used "
                     "(see its score= parameter)")
     fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category)
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
                               "n_anomalous": int(labels.sum()),
-                              "image_score": "detector" if test.own_scores else plan_.scorer}
+                              "image_score": "detector" if pipeline.own_scores else plan_.scorer}
     result.update(threshold_metrics(fit, test.scores, run_.test))
     result.update(metrics.image_metrics(labels, test.scores.numpy()))
     masks = run_.test.masks[:, 0].numpy()
-    if masks.any() and test.native_size != (1, 1):  # an image-level detector has no pixel-level opinion
+    if masks.any() and pixel_level:
         result.update(metrics.pixel_metrics(pixel_maps[:, 0].numpy(), masks))
     result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
     result["train_s"] = run_.train_seconds
     result["skipped"] = [str(p) for p, _ in run_.skipped]
-    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels)
+    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level)
 
 
 def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor,

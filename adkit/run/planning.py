@@ -15,8 +15,9 @@ from adkit.core import console, distributed
 from adkit.core.components import Detector
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.errors import AdkitError
+from adkit.core.grammar import ComponentSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
-from adkit.core.registry import ComponentSpec, split_spec
+from adkit.core.registry import ComponentInfo
 from adkit.data.geometry import Geometry, GeometryError, parse_size
 from adkit.run.config import RunConfig
 from adkit.run.engine import resolve_device
@@ -24,6 +25,7 @@ from adkit.stats.thresholds import DEFAULT_POLICY, ThresholdPolicy, parse_policy
 
 log = logging.getLogger("adkit")
 
+NO_POSTPROCESSING = "none"  # --post none: no post-processor, not even the detector's default ones
 ENGINE_DEFAULTS = {"image_size": 256, "batch_size": 8, "steps": 1000}
 
 
@@ -55,6 +57,11 @@ class RunPlan:
     @property
     def detector_class(self) -> type[Detector]:
         return detector_class(self.catalog, self.detector.name)
+
+    @property
+    def detector_info(self) -> ComponentInfo:
+        """What the registry knows of the detector, its declared traits among it."""
+        return self.catalog["detector"].get(self.detector.name)
 
     @property
     def scoring_batch(self) -> int:
@@ -90,21 +97,18 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     detector = catalog["detector"].parse(name, overrides={**preset.get("params", {}), **raw, **flags})
     for option, value in (("loss", config.loss), ("sampler", config.sampler), ("backbone", config.backbone),
                           ("anomaly-source", config.anomaly_source)):
-        if value and option.replace("-", "_") not in cls.consumes:
+        if value and option.replace("-", "_") not in info.traits.consumes:
             console.warn(f"--{option} is ignored: detector {name!r} uses no {option.replace('-', ' ')}")
     for spec in config.loss:
         catalog["loss"].parse(spec)
-    posts = list(config.post) or list(cls.default_postprocessors)
-    # build them once now so that out-of-range values fail before any data is loaded or trained on
-    for spec in posts:
-        catalog["postprocessor"].create(spec)
-    scorer = config.scorer or cls.default_scorer
-    catalog["scorer"].create(scorer)
+    posts = canonical_posts(catalog, list(config.post) or list(info.traits.default_postprocessors))
+    scorer = canonical(catalog, "scorer", config.scorer or info.traits.default_scorer or "max")
     if config.sampler:
         catalog["sampler"].parse(config.sampler)
     if config.backbone:
         catalog["backbone"].parse(config.backbone)
-    if config.pixel_map not in ("raw", "post"):
+    pixel_map = config.pixel_map or info.traits.default_pixel_map
+    if pixel_map not in ("raw", "post"):
         raise AdkitError("--pixel-map must be raw or post")
     dataset = make_dataset(catalog, config)
     categories = dataset.resolve_categories(list(config.category))
@@ -131,11 +135,26 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
     size_text = geometry.height if geometry.height == geometry.width else f"{geometry.width}x{geometry.height}"
     resolved = config.replace(preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
-                              post=posts, scorer=scorer, category=categories, threshold=str(threshold),
+                              post=posts, scorer=scorer, pixel_map=pixel_map, category=categories, threshold=str(threshold),
                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
     device = distributed.init_from_environment(resolve_device(config.device))
     return RunPlan(resolved, catalog, detector, preset, geometry.detector_size, batch_size, steps, epochs, posts,
                    scorer, dataset, categories, device, threshold, geometry)
+
+
+def canonical(catalog: Catalog, kind: str, spec: str) -> str:
+    """A spec's one text (parameters in the factory's order, values formatted), built once so that out-of-range
+    values fail before any data is loaded or trained on."""
+    catalog[kind].create(spec)
+    return str(catalog[kind].parse(spec))
+
+
+def canonical_posts(catalog: Catalog, specs: list[str]) -> list[str]:
+    """A post-processor chain in canonical texts; ``none`` alone is the empty chain (a detector's declared
+    default post-processing turned off)."""
+    if [s.strip() for s in specs] == [NO_POSTPROCESSING]:
+        return []
+    return [canonical(catalog, "postprocessor", spec) for spec in specs]
 
 
 def make_geometry(config: RunConfig, preset_size: int | None) -> Geometry:

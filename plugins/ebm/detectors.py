@@ -23,6 +23,7 @@ from adkit_plugins.ebm.samplers import ReplayBuffer
 class EBMImage(Detector):
     """Image-level EBM: whole images, score = energy."""
 
+    image_level = True
     default_postprocessors = ()
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"sampler", "backbone"})
@@ -124,6 +125,7 @@ class EBMPatch(EBMImage):
     """Patch-level EBM: training crops whose corner is drawn around the image centre; test on a grid of patches;
     the grid of energies is the anomaly map, and its max the image score."""
 
+    image_level = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"image_size": 128, "batch_size": 16, "steps": 300,
                   "params": {"depth": 10, "widen": 2, "buffer_size": 100, "patch_size": 32, "crop": 0.25,

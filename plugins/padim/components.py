@@ -25,22 +25,23 @@ class PaDiM(Detector):
     """PaDiM: per-position Gaussians of a random subset of pretrained feature channels; Mahalanobis map."""
 
     trainable = False
-    default_postprocessors = ()
+    # the paper's smoothing (sigma 4 px) as the pipeline's first post-processor, pixel metrics on its output
+    default_postprocessors = ("gaussian:sigma=4",)
+    default_pixel_map = "post"
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("mean", "inverse_covariance")
     fit_shards = True  # under torchrun each rank sums over its share of the images; the sums are all-reduced
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (1, 2, 3),
-                 features: int = 100, regularisation: float = 0.01, sigma: float = 4.0, seed: int = 0):
+                 features: int = 100, regularisation: float = 0.01, seed: int = 0):
         super().__init__()
         self.layers = check_layers(layers, "padim")
-        if features < 1 or regularisation <= 0 or sigma < 0:
-            raise ValueError("padim needs features >= 1, regularisation > 0, sigma >= 0")
+        if features < 1 or regularisation <= 0:
+            raise ValueError("padim needs features >= 1, regularisation > 0")
         self.backbone_spec, self.features, self.regularisation = backbone, features, regularisation
-        self.sigma, self.seed = sigma, seed
+        self.seed = seed
         self.backbone: Backbone | None = None
-        self.smooth = None
         self.register_buffer("channels", torch.zeros(features, dtype=torch.long))
         self.register_buffer("mean", torch.zeros(0, features))  # (positions, d)
         self.register_buffer("inverse_covariance", torch.zeros(0, features, features))  # (positions, d, d)
@@ -55,8 +56,6 @@ class PaDiM(Detector):
                              f"{self.backbone.spec} have {total} channels; choose features <= {total}")
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "padim-channels"))
         self.channels = torch.randperm(total, generator=generator)[:self.features].sort().values.to(context.device)
-        self.smooth = (context.build("postprocessor", f"gaussian:sigma={self.sigma}")
-                       if self.sigma > 0 else None)
 
     def embed(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, d, h, w): the stages concatenated on the first stage's grid (nearest upsampling, as
@@ -103,4 +102,4 @@ class PaDiM(Detector):
         squared = torch.einsum("pbi,pij,pbj->pb", delta, self.inverse_covariance, delta).clamp_min(0)
         distance = squared.sqrt().T.reshape(b, 1, h, w)
         anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return self.smooth(anomaly_map) if self.smooth is not None else anomaly_map
+        return anomaly_map

@@ -52,7 +52,11 @@ class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of locally aware patch features to a coreset memory bank."""
 
     trainable = False
-    default_postprocessors = ()
+    own_scores = True
+    # the paper's smoothing of the upsampled map (sigma 4 px), as the pipeline's first post-processor: it shows in
+    # the recorded pipeline, and pixel metrics read the smoothed map as the method defines it
+    default_postprocessors = ("gaussian:sigma=4",)
+    default_pixel_map = "post"
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected", "ivf_centroids", "ivf_offsets",
@@ -61,7 +65,7 @@ class PatchCore(Detector):
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 128,
                  coreset: float = 0.1, projection: int = 128, partition: int = 16384, neighbours: int = 9,
-                 score: Literal["reweighted", "max"] = "reweighted", sigma: float = 4.0,
+                 score: Literal["reweighted", "max"] = "reweighted",
                  search: Literal["exact", "projected", "ivf", "hnsw"] = "hnsw", search_dim: int = 32,
                  candidates: int = 10, cells: int = 0, probes: int = 8, links: int = 16, ef: int = 32, seed: int = 0):
         super().__init__()
@@ -70,9 +74,9 @@ class PatchCore(Detector):
             raise ValueError(f"patchcore dim must be at least one per layer ({len(self.layers)}), got {dim}")
         if not 0 < coreset <= 1:
             raise ValueError(f"patchcore coreset is a fraction in (0, 1], got {coreset}")
-        if projection < 1 or neighbours < 1 or sigma < 0 or candidates < 1 or partition < 0 or search_dim < 1:
-            raise ValueError("patchcore needs projection >= 1, partition >= 0, neighbours >= 1, sigma >= 0, "
-                             "search_dim >= 1, candidates >= 1")
+        if projection < 1 or neighbours < 1 or candidates < 1 or partition < 0 or search_dim < 1:
+            raise ValueError("patchcore needs projection >= 1, partition >= 0, neighbours >= 1, search_dim >= 1, "
+                             "candidates >= 1")
         if cells < 0 or probes < 1:
             raise ValueError(f"patchcore search=ivf needs cells >= 0 (0: automatic) and probes >= 1, got cells={cells}, "
                              f"probes={probes}")
@@ -84,9 +88,8 @@ class PatchCore(Detector):
         self.partition = partition
         self.backbone_spec, self.dim, self.coreset = backbone, dim, coreset
         self.projection_dim, self.neighbours, self.score_mode = projection, neighbours, score
-        self.sigma, self.search, self.search_dim, self.candidates, self.seed = sigma, search, search_dim, candidates, seed
+        self.search, self.search_dim, self.candidates, self.seed = search, search_dim, candidates, seed
         self.backbone: Backbone | None = None
-        self.smooth = None
         self.register_buffer("memory_bank", torch.zeros(0, dim))
         # search=projected: candidates come from a scan on this projection of the bank, then exact re-ranking
         self.register_buffer("search_projection", torch.zeros(dim, search_dim))
@@ -102,8 +105,6 @@ class PatchCore(Detector):
         self.backbone.check_stages(self.layers, "patchcore")
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "patchcore-search"))
         self.search_projection = random_projection(self.dim, self.search_dim, generator, context.device)
-        self.smooth = (context.build("postprocessor", f"gaussian:sigma={self.sigma}")
-                       if self.sigma > 0 else None)
 
     def embed(self, images: Tensor) -> Tensor:
         """Locally aware patch features (B, dim, h, w): adkit.core.features.locally_aware_patches."""
@@ -187,8 +188,6 @@ class PatchCore(Detector):
         patch_scores = distance[:, 0].view(b, h * w)
         anomaly_map = F.interpolate(patch_scores.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear",
                                     align_corners=False)
-        if self.smooth is not None:
-            anomaly_map = self.smooth(anomaly_map)
         top, where = patch_scores.max(dim=1)
         if self.score_mode == "max":
             return Detection(anomaly_map, top)

@@ -1,0 +1,86 @@
+"""The one spec grammar: every spec has one canonical text that parses back to the same value, and what each
+built-in component declares is readable from the registry without building it."""
+
+from __future__ import annotations
+
+import pytest
+
+from adkit.core.grammar import ComponentSpec, split_chain, split_top_level
+from adkit.core.plugins import get_catalog
+from adkit.run.config import RunConfig
+from adkit.run.planning import plan
+
+SPECS = [
+    ("detector", "patchcore:search=exact,coreset=0.25,layers=2+3"),
+    ("detector", "ebm-image:sampler=(pyld:M=5,N=3),lr=0.001,depth=10"),
+    ("detector", "draem:recon_width=16"),
+    ("postprocessor", "freqmask:kernels=3+5"),
+    ("postprocessor", "freqmask:weight=0.5,stride=4"),
+    ("postprocessor", "gaussian"),
+    ("scorer", "maxmin"),
+    ("loss", "ssim:weight=2"),
+    ("sampler", "pyld:N=3,M=5"),
+    ("dataset", "synthetic:size=32,n_train=8"),
+]
+
+
+@pytest.mark.parametrize(("kind", "text"), SPECS)
+def test_parse_canonical_text_parse_again_is_the_same_value(kind, text):
+    registry = get_catalog()[kind]
+    parsed = registry.parse(text)
+    canonical = str(parsed)
+    again = registry.parse(canonical)
+    assert isinstance(again, ComponentSpec) and again == parsed and str(again) == canonical
+    order = list(registry.get(parsed.name).params)
+    assert [order.index(k) for k in parsed.params] == sorted(order.index(k) for k in parsed.params)
+
+
+def test_written_in_another_order_the_text_is_the_same():
+    registry = get_catalog()["postprocessor"]
+    assert str(registry.parse("freqmask:stride=4,weight=0.5")) == str(registry.parse("freqmask:weight=0.5,stride=4"))
+
+
+def test_chains_keep_list_values_and_parenthesised_specs():
+    assert split_chain("avgpool:kernel=21+freqmask:kernels=3+5", "post") == ["avgpool:kernel=21", "freqmask:kernels=3+5"]
+    assert split_top_level("freqmask:kernels=3+5,(freqmask:weight=0.5,stride=4)", ",", "grid") == [
+        "freqmask:kernels=3+5", "(freqmask:weight=0.5,stride=4)"]
+
+
+def test_every_built_in_declares_its_traits_in_the_registry():
+    catalog = get_catalog()
+    detectors = {info.name: info for info in catalog["detector"] if info.builtin}
+    assert set(detectors) >= {"draem", "patchcore", "padim", "ebm-image", "ebm-patch"}
+    for name, info in detectors.items():
+        cls = info.factory
+        traits = info.traits
+        assert (traits.trainable, traits.image_level, traits.own_scores, traits.exportable) == (
+            cls.trainable, cls.image_level, cls.own_scores, cls.exportable), name
+        assert traits.presets == tuple(cls.presets) and traits.consumes == frozenset(cls.consumes), name
+        assert traits.default_pixel_map in ("raw", "post"), name
+        for spec in traits.default_postprocessors:  # a declared default pipeline must build
+            catalog["postprocessor"].create(spec)
+        catalog["scorer"].create(traits.default_scorer)
+    assert detectors["ebm-image"].traits.image_level and not detectors["ebm-patch"].traits.image_level
+    assert detectors["patchcore"].traits.own_scores and not detectors["padim"].traits.own_scores
+    assert not detectors["patchcore"].traits.trainable and detectors["draem"].traits.trainable
+    assert "quick" in detectors["draem"].traits.presets
+    for kind in ("postprocessor", "scorer"):
+        for info in catalog[kind]:
+            if info.builtin:
+                assert info.traits.exportable == info.factory.exportable, info.name
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_the_smoothing_of_patchcore_and_padim_is_in_their_recorded_pipeline(name):
+    catalog = get_catalog()
+    info = catalog["detector"].get(name)
+    assert info.traits.default_postprocessors == ("gaussian:sigma=4",)
+    assert info.traits.default_pixel_map == "post"
+    config = RunConfig(detector=[name], data="synthetic:size=32,n_train=4,n_test=4", category=["carpet"],
+                       image_size="64")
+    resolved = plan(config)
+    assert resolved.posts == ["gaussian:sigma=4.0"] and resolved.config.post == ["gaussian:sigma=4.0"]
+    assert resolved.config.pixel_map == "post"
+    assert "sigma" not in catalog["detector"].get(name).params  # no hidden second smoothing inside the detector
+    off = plan(config.replace(post=["none"]))
+    assert off.posts == []
