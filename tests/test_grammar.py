@@ -84,3 +84,14 @@ def test_the_smoothing_of_patchcore_and_padim_is_in_their_recorded_pipeline(name
     assert "sigma" not in catalog["detector"].get(name).params  # no hidden second smoothing inside the detector
     off = plan(config.replace(post=["none"]))
     assert off.posts == []
+
+
+def test_a_checkpoint_from_before_declared_pipelines_keeps_its_smoothing():
+    """adkit 0.1 smoothed inside PatchCore and recorded no post-processors; such a checkpoint restores with the
+    declared default chain, while a 0.2 checkpoint's empty chain stays empty."""
+    from adkit.run.assembly import pipeline_specs
+
+    old = {"detector": "patchcore", "posts": [], "scorer": "max"}
+    assert pipeline_specs(RunConfig(), old) == (["gaussian:sigma=4.0"], "max")
+    assert pipeline_specs(RunConfig(), {**old, "declared_pipeline": True}) == ([], "max")
+    assert pipeline_specs(RunConfig(post=["avgpool"]), old)[0] == ["avgpool"]

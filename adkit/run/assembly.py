@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from adkit.core.components import Detector, DetectorContext, Pipeline
-from adkit.core.grammar import ComponentSpec
+from adkit.core.grammar import ComponentSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.tiling import Tiling
 from adkit.data.geometry import Geometry
@@ -63,7 +63,12 @@ def pipeline_specs(config: RunConfig, meta: dict[str, Any]) -> tuple[list[str], 
     """The post-processors and scorer to run a checkpoint with, in canonical texts: ``config``'s where it names
     them, else those the checkpoint was trained and evaluated with (an empty chain stays empty)."""
     catalog = get_catalog()
-    posts = canonical_posts(catalog, list(config.post) or meta.get("posts", []) or [NO_POSTPROCESSING])
+    recorded = meta.get("posts", [])
+    if not recorded and not meta.get("declared_pipeline"):
+        # before adkit 0.2 a detector could post-process inside itself (PatchCore's and PaDiM's smoothing, now
+        # their declared default post-processor): an empty chain then meant the detector's own defaults
+        recorded = list(catalog["detector"].get(split_spec(meta["detector"])[0]).traits.default_postprocessors)
+    posts = canonical_posts(catalog, list(config.post) or recorded or [NO_POSTPROCESSING])
     return posts, canonical(catalog, "scorer", config.scorer or meta.get("scorer", "max"))
 
 

@@ -89,7 +89,8 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
                              precision=cfg.precision)
     meta = {"detector": str(plan_.detector), "backbone": cfg.backbone, "category": category,
             "image_size": plan_.image_size, "geometry": geometry.as_dict(),
-            "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer}
+            "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer,
+            "declared_pipeline": True}  # posts as run, defaults resolved: [] is an empty chain (adkit >= 0.2)
     with console.progress() as progress:
         task = progress.add_task(f"train {plan_.detector.name} {category}", total=steps, info="")
         started = time.perf_counter()
