@@ -145,8 +145,9 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
 def canonical(catalog: Catalog, kind: str, spec: str) -> str:
     """A spec's one text (parameters in the factory's order, values formatted), built once so that out-of-range
     values fail before any data is loaded or trained on."""
-    catalog[kind].create(spec)
-    return str(catalog[kind].parse(spec))
+    parsed = catalog[kind].parse(spec)
+    catalog[kind].create(parsed)
+    return str(parsed)
 
 
 def canonical_posts(catalog: Catalog, specs: list[str]) -> list[str]:
