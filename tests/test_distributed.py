@@ -197,3 +197,30 @@ def test_fitting_shards_images_and_every_rank_holds_the_single_process_state(tmp
         assert torch.equal(got["bank"], single["bank"])  # anomalib #2673: each rank kept only its own part
         torch.testing.assert_close(got["patchcore:coreset=0.2,partition=50"], single["patchcore:coreset=0.2,partition=50"])
         torch.testing.assert_close(got["padim:features=20"], single["padim:features=20"], atol=1e-4, rtol=1e-4)
+
+
+FEATURE_EBM_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from adkit.core import distributed
+from adkit.core.components import DetectorContext
+from adkit.core.plugins import get_catalog
+from adkit.run.engine import TrainSettings, train_detector
+device = distributed.init_from_environment(torch.device("cpu"))
+catalog = get_catalog()
+images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+detector = catalog["detector"].create("feature-ebm-patch:buffer_size=64,steps_batch=16")
+detector.setup(DetectorContext(build=catalog.builder(), image_size=64, device=device))
+train_detector(detector, images, TrainSettings(steps=3, batch_size=2), device, Path(sys.argv[1]) / "checkpoint.pt",
+               meta={})
+with torch.inference_mode():
+    torch.save(detector.detect(images[:2]).anomaly_map, Path(sys.argv[1]) / f"rank{distributed.rank()}.pt")
+"""
+
+
+def test_feature_energy_models_train_under_torchrun_and_every_rank_ends_with_one_model(tmp_path):
+    """Each rank extracts the features and fits the same Gaussian; the tilt trains under DistributedDataParallel
+    and the ranks end with rank 0's state (chains included), so their maps agree."""
+    launch(FEATURE_EBM_SCRIPT, str(tmp_path))
+    torch.testing.assert_close(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
+    assert (tmp_path / "checkpoint.pt").exists()

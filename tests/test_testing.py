@@ -18,6 +18,8 @@ BUILT_IN = [
     (testing.check_detector, "ebm-image:depth=10,widen=1,buffer_size=8"),
     (testing.check_detector, "ebm-patch:depth=10,widen=1,buffer_size=8,patch_size=8,grid=2"),
     (testing.check_detector, "pixel-gauss"),
+    (testing.check_detector, "feature-ebm-patch:buffer_size=64,steps_batch=16"),
+    (testing.check_detector, "feature-ebm-image:buffer_size=64,steps_batch=16"),
     *[(testing.check_postprocessor, s) for s in ("freqmask", "avgpool:kernel=3", "gaussian", "unsharp", "crop",
                                                  "clip")],
     *[(testing.check_scorer, s) for s in ("max", "maxmin", "topk-mean", "mean", "p99")],

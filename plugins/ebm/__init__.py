@@ -8,9 +8,14 @@ from adkit import hookimpl
 @hookimpl
 def register_detectors(register):
     from adkit_plugins.ebm.detectors import EBMImage, EBMPatch
+    from adkit_plugins.ebm.features import FeatureEBMImage, FeatureEBMPatch
 
     register("ebm-image", EBMImage, help="Image-level energy-based model (JEM++ WRN), score = energy")
     register("ebm-patch", EBMPatch, help="Patch-level energy-based model, map = grid of patch energies")
+    register("feature-ebm-patch", FeatureEBMPatch,
+             help="Patch-level energy model on pretrained patch features and position (PYLD-M-N), map = energies")
+    register("feature-ebm-image", FeatureEBMImage,
+             help="Image-level energy model on pooled pretrained features (PYLD-M-N), score = energy")
 
 
 @hookimpl

@@ -1,0 +1,46 @@
+"""Gaussians fitted to feature vectors with few samples per dimension: Ledoit-Wolf shrinkage, batched over many
+independent sets (one per feature-map position), and the whitening that turns the Mahalanobis distance into a
+Euclidean norm. No method is named here."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def ledoit_wolf(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean (..., d), covariance (..., d, d)) of samples (..., n, d), computed in float64: the empirical
+    covariance (divided by n) shrunk towards mu * I (mu its mean variance) by the Ledoit-Wolf (2004) estimate of
+    the optimal weight, as scikit-learn's ``LedoitWolf`` computes it, independently for every leading index."""
+    x = samples.double()
+    n, d = x.shape[-2:]
+    if n < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {n}")
+    mean = x.mean(-2)
+    x = x - mean.unsqueeze(-2)
+    empirical = x.transpose(-1, -2) @ x / n
+    mu = torch.diagonal(empirical, dim1=-2, dim2=-1).sum(-1) / d
+    squared = x * x
+    delta_ = empirical.pow(2).sum((-1, -2))  # |X^T X|_F^2 / n^2
+    beta_ = (squared.transpose(-1, -2) @ squared).sum((-1, -2))
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - d * mu * mu) / d  # |S - mu I|_F^2 / d
+    beta = torch.minimum(beta, delta)
+    shrinkage = torch.where(delta > 0, beta / delta.clamp_min(torch.finfo(delta.dtype).tiny), torch.zeros_like(delta))
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    covariance = (1 - shrinkage)[..., None, None] * empirical + (shrinkage * mu)[..., None, None] * eye
+    return mean, covariance
+
+
+def whitening(covariance: Tensor, floor: float = 1e-6) -> Tensor:
+    """W (..., d, d) with W^T W = covariance^-1: the inverse of the Cholesky factor, so |W (x - mean)|^2 is the
+    squared Mahalanobis distance. Eigenvalues below ``floor`` times the largest are raised to it first, so a
+    (nearly) singular covariance still whitens."""
+    c = covariance.double()
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    factor, info = torch.linalg.cholesky_ex(c)
+    if bool((info != 0).any()):
+        values, vectors = torch.linalg.eigh(c)
+        values = torch.maximum(values, floor * values.amax(-1, keepdim=True).clamp_min(1e-30))
+        factor = torch.linalg.cholesky((vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2))
+    return torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
