@@ -91,7 +91,9 @@ def main() -> None:
             print(json.dumps({"concurrency": concurrency, "requests": args.requests,
                               "ok": statuses.count(200), "requests_s": round(args.requests / seconds, 1),
                               "p50_ms": round(1000 * statistics.median(ordered), 1),
+                              "p90_ms": round(1000 * ordered[int(0.90 * (len(ordered) - 1))], 1),
                               "p99_ms": round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 1),
+                              "max_ms": round(1000 * ordered[-1], 1),
                               "server_rss_mb": round(rss_mb(server.pid))}), flush=True)
             if time.perf_counter() - begin > args.max_seconds:
                 break
@@ -110,12 +112,14 @@ def main() -> None:
             model.runner(batch, None)
             done += len(batch)
         offline = done / (time.perf_counter() - begin)
-        begin = time.perf_counter()
-        for i in range(20):
+        singles = []
+        for i in range(40):
+            begin = time.perf_counter()
             model.runner(images[i % len(images):][:1], None)
-        single_ms = 1000 * (time.perf_counter() - begin) / 20
+            singles.append(time.perf_counter() - begin)
         print(json.dumps({"offline_img_s_batch": round(offline, 1), "batch": args.batch_size,
-                          "one_image_ms": round(single_ms, 1)}), flush=True)
+                          "one_image_ms": round(1000 * statistics.mean(singles), 1),
+                          "one_image_median_ms": round(1000 * statistics.median(singles), 1)}), flush=True)
         if args.soak:
             readings = [round(rss_mb(server.pid))]
             with ThreadPoolExecutor(8) as pool:

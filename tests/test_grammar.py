@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from adkit import hookimpl
+from adkit.core.errors import AdkitError
 from adkit.core.grammar import ComponentSpec, split_chain, split_top_level
 from adkit.core.plugins import get_catalog
+from adkit.data.datasets import FolderDataset, MVTecDataset
 from adkit.run.config import RunConfig
-from adkit.run.planning import plan
+from adkit.run.planning import dataset_spec, plan
+from adkit.testing import tiny_dataset
+from adkit_plugins.draem.detector import Draem
 
 SPECS = [
     ("detector", "patchcore:search=exact,coreset=0.25,layers=2+3"),
@@ -95,3 +100,42 @@ def test_a_checkpoint_from_before_declared_pipelines_keeps_its_smoothing():
     assert pipeline_specs(RunConfig(), old) == (["gaussian:sigma=4.0"], "max")
     assert pipeline_specs(RunConfig(), {**old, "declared_pipeline": True}) == ([], "max")
     assert pipeline_specs(RunConfig(post=["avgpool"]), old)[0] == ["avgpool"]
+
+
+class SmallParts(MVTecDataset):
+    """A third-party dataset of small generated images that asks for the quick presets, as the synthetic
+    textures do, and a second one that takes --normal/--abnormal/--masks."""
+
+    name = "small-parts"
+    default_preset = "quick"
+
+
+class LineFolders(FolderDataset):
+    name = "line-folders"
+
+
+class DatasetsPlugin:
+    @hookimpl
+    def register_datasets(self, register):
+        register("small-parts", SmallParts)
+        register("line-folders", LineFolders)
+
+
+def test_planning_reads_what_datasets_declare_not_their_names(catalog, tmp_path):
+    """The preset a dataset suggests and the dataset that folders select are declarations in the registry:
+    a third-party dataset gets the same treatment as the built-ins, and no dataset is known by name."""
+    catalog.add_plugin(DatasetsPlugin(), name="datasets-plugin")
+    assert catalog["dataset"].get("synthetic").traits.default_preset == "quick"
+    assert catalog["dataset"].get("folder").traits.takes_folders
+    assert catalog["dataset"].get("small-parts").traits.default_preset == "quick"
+    assert not catalog["dataset"].get("mvtec").traits.default_preset
+    root = tmp_path / "parts"
+    tiny_dataset(root, ("wood",), size=32, n_train=4)
+    run = plan(RunConfig(detector=["draem"], data="small-parts", root=str(root)), catalog)
+    assert run.config.preset == "quick" and run.steps == Draem.presets["quick"]["steps"]
+    assert plan(RunConfig(detector=["draem"], data="mvtec", root=str(root)), catalog).config.preset is None
+    normal = root / "wood" / "train" / "good"
+    assert dataset_spec(catalog, RunConfig(normal=str(normal)))[0] == "folder"  # --data left out
+    assert dataset_spec(catalog, RunConfig(data="line-folders", normal=str(normal)))[0] == "line-folders"
+    with pytest.raises(AdkitError, match="use --data folder or --data line-folders or leave --data out"):
+        dataset_spec(catalog, RunConfig(data="mvtec", normal=str(normal)))

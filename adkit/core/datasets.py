@@ -7,6 +7,7 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from adkit.core.errors import AdkitError
 
@@ -30,9 +31,14 @@ class CategorySplits:
 
 
 class AnomalyDataset(ABC):
-    """A source of categories. Subclasses list their categories and build each one's splits."""
+    """A source of categories. Subclasses list their categories and build each one's splits, and declare what
+    the core needs to know of them (read by the registry at registration, never by building them)."""
 
     name = "dataset"
+    # the detector preset that suits this data when the user names none ("quick" for small generated images)
+    default_preset: ClassVar[str] = ""
+    # the dataset that --normal/--abnormal/--masks select: its parameters of those names take the folders
+    takes_folders: ClassVar[bool] = False
 
     @abstractmethod
     def categories(self) -> list[str]:

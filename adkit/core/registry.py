@@ -77,6 +77,8 @@ class Traits:
     default_postprocessors: tuple[str, ...] = ()  # detector: the pipeline a run uses when the user names none
     default_scorer: str = ""
     default_pixel_map: str = "raw"  # detector: which map pixel metrics read by default (raw | post)
+    default_preset: str = ""  # dataset: the detector preset that suits it when the user names none
+    takes_folders: bool = False  # dataset: the one --normal/--abnormal/--masks select
 
     @classmethod
     def of(cls, kind: str, factory: Callable[..., Any]) -> Traits:
@@ -89,6 +91,9 @@ class Traits:
                           consumes=frozenset(factory.consumes),
                           default_postprocessors=tuple(factory.default_postprocessors),
                           default_scorer=factory.default_scorer, default_pixel_map=factory.default_pixel_map)
+        if kind == "dataset":
+            values.update(default_preset=getattr(factory, "default_preset", ""),
+                          takes_folders=getattr(factory, "takes_folders", False))
         return cls(**values)
 
 

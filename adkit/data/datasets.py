@@ -140,6 +140,7 @@ class FolderDataset(AnomalyDataset):
     """A user's own images: a folder of normal images, optional folders of anomalous images and their masks."""
 
     name = "folder"
+    takes_folders = True
 
     def __init__(self, normal: str = "", abnormal: str = "", masks: str = "", test_fraction: float = 0.2,
                  val_fraction: float = 0.1, seed: int = 0):

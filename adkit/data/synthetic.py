@@ -256,6 +256,7 @@ class SyntheticDataset(MVTecDataset):
     """The built-in synthetic textures: generated on first use into the cache, then read as MVTec AD."""
 
     name = "synthetic"
+    default_preset = "quick"  # 256 px generated textures, 80 training images: the quick presets' budget
 
     def __init__(self, size: int = 256, n_train: int = 80, n_test: int = 60, seed: int = 0,
                  val_fraction: float = 0.1, root: str = "", val_defects: float = 0.0):

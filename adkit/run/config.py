@@ -18,6 +18,8 @@ import tomli_w
 from adkit.core.errors import AdkitError
 
 LIST_FIELDS = ("detector", "loss", "post", "category")
+# the data a run uses when --data is left out: the built-in synthetic textures (no download needed)
+DEFAULT_DATA = "synthetic"
 
 
 @dataclass
@@ -32,7 +34,7 @@ class RunConfig:
     sampler: str | None = None
     backbone: str | None = None
     ensemble: str | None = None
-    data: str = "synthetic"
+    data: str = DEFAULT_DATA
     category: list[str] = field(default_factory=list)
     root: str | None = None
     normal: str | None = None

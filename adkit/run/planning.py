@@ -19,7 +19,7 @@ from adkit.core.grammar import ComponentSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.registry import ComponentInfo
 from adkit.data.geometry import Geometry, GeometryError, parse_size
-from adkit.run.config import RunConfig
+from adkit.run.config import DEFAULT_DATA, RunConfig
 from adkit.run.engine import resolve_device
 from adkit.stats.thresholds import DEFAULT_POLICY, ThresholdPolicy, parse_policy
 
@@ -84,8 +84,9 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     name, raw = split_spec(config.detector[0], "detector")
     info = catalog["detector"].get(name)
     cls = detector_class(catalog, name)
-    on_synthetic = split_spec(config.data)[0] == "synthetic" and not config.normal
-    preset_name = config.preset or ("quick" if on_synthetic and "quick" in cls.presets else None)
+    data_name, _ = dataset_spec(catalog, config)
+    suggested = catalog["dataset"].get(data_name).traits.default_preset  # declared by the dataset
+    preset_name = config.preset or (suggested if suggested in cls.presets else None)
     if not cls.presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
         preset_name = None
     if preset_name is not None and preset_name not in cls.presets:
@@ -169,21 +170,31 @@ def make_geometry(config: RunConfig, preset_size: int | None) -> Geometry:
         raise AdkitError(str(exc)) from None
 
 
-def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:
-    """The dataset a config names; ``--root`` fills a ``root`` parameter, ``--normal/--abnormal/--masks``
-    select the folder dataset."""
+def dataset_spec(catalog: Catalog, config: RunConfig) -> tuple[str, dict[str, str]]:
+    """The dataset name and parameters a config means: ``--data``, or with ``--normal/--abnormal/--masks`` the
+    dataset that declares it takes folders (when ``--data`` is left at its default or names such a dataset);
+    ``--root`` fills a ``root`` parameter."""
     name, raw = split_spec(config.data, "dataset")
     folders = {k: v for k, v in (("normal", config.normal), ("abnormal", config.abnormal),
                                  ("masks", config.masks)) if v}
     if folders:
-        if name not in ("folder", "synthetic") or "normal" not in folders:
-            raise AdkitError("--normal/--abnormal/--masks describe the folder dataset: give --normal DIR "
-                             "(and use --data folder or leave --data out)")
-        name = "folder"
-        raw.update(folders)
+        takers = [info.name for info in catalog["dataset"] if info.traits.takes_folders]
+        named = name in catalog["dataset"] and catalog["dataset"].get(name).traits.takes_folders
+        if not takers or "normal" not in folders or not (named or config.data == DEFAULT_DATA):
+            where = f"use --data {' or --data '.join(takers)} or leave --data out" if takers else \
+                "no registered dataset takes folders"
+            raise AdkitError(f"--normal/--abnormal/--masks describe a dataset of folders: give --normal DIR ({where})")
+        name = name if named else takers[0]
+        raw = {**raw, **folders}
     info = catalog["dataset"].get(name)
     if config.root and "root" in info.params and "root" not in raw:
-        raw["root"] = config.root
+        raw = {**raw, "root": config.root}
+    return name, raw
+
+
+def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:
+    """The dataset a config names (``dataset_spec``), built."""
+    name, raw = dataset_spec(catalog, config)
     return catalog["dataset"].create(name, **raw)
 
 
