@@ -195,7 +195,8 @@ def predict(config: RunConfig, checkpoint: str | None, model: str | None, save_m
 
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint to export.")
-@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]), help="Model format.")
+@click.option("--format", "fmt", required=True,
+              help="A registered export format: onnx, torchscript, or a plugin's (adkit plugins lists them).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder to create (default: export-FORMAT beside the checkpoint).")
 @click.option("--post", multiple=True, help="Post-processors (default: the checkpoint's).")
 @click.option("--scorer", help="Scorer (default: the checkpoint's); its threshold must have been fitted (adkit test).")
@@ -203,8 +204,8 @@ def predict(config: RunConfig, checkpoint: str | None, model: str | None, save_m
                                   "value:X, fitted on the validation scores stored beside the checkpoint.")
 def export(checkpoint: str, fmt: str, out: str | None, post: tuple[str, ...], scorer: str | None,
            threshold: str | None) -> None:
-    """Export a checkpoint's pipeline to ONNX or TorchScript (images, threshold -> map, score, decision), with its
-    threshold and validation scores in model.json."""
+    """Export a checkpoint's pipeline to one file of a registered format (ONNX, TorchScript or a plugin's: images,
+    threshold -> map, score, decision), with its threshold and validation scores in model.json."""
     from adkit import api
 
     config = build_config({}, {"post": list(post), "scorer": scorer, "threshold": threshold})

@@ -13,9 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from adkit import hookimpl
+from adkit.core.components import ExportFormat
+from adkit.core.errors import AdkitError
 from adkit.deploy.export import Deployed, load_runner, read_model, threshold_input
 from adkit.run.assembly import load_trained
 from adkit.run.config import RunConfig
+from adkit.serve.models import watched
 from adkit.stats.thresholds import widest_gap
 from adkit.testing import tiny_defects, tiny_images
 
@@ -138,7 +142,7 @@ def test_predict_from_a_model_writes_what_predict_from_the_checkpoint_writes(inv
 def test_bad_export_requests_fail_in_one_line_and_write_nothing(invoke, trained, tmp_path):
     checkpoint = str(trained["pixel-gauss"])
     code, _, err = invoke("export", "--checkpoint", checkpoint, "--format", "tflite")
-    assert code == 2 and "'tflite' is not one of 'onnx', 'torchscript'" in err
+    assert code == 2 and "--format tflite: choose onnx or torchscript" in err
     (tmp_path / "taken").mkdir()
     code, _, err = invoke("export", "--checkpoint", checkpoint, "--format", "onnx", "--out", str(tmp_path / "taken"))
     assert code == 2 and "exists: choose another --out" in err
@@ -155,3 +159,53 @@ def test_bad_export_requests_fail_in_one_line_and_write_nothing(invoke, trained,
     code, _, err = invoke("predict", str(tmp_path))
     assert code == 2 and "give --checkpoint CKPT or --model EXPORT_DIR" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt", "taken"]  # no half-written export
+
+
+class TorchExport(ExportFormat):
+    """A third-party export format: torch.export's ExportedProgram (.pt2), saved and loaded with torch alone."""
+
+    file = "model.pt2"
+
+    def write(self, module, example, path):
+        program = torch.export.export(module, example,
+                                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}, "threshold": None})
+        torch.export.save(program, str(path))
+
+    def load(self, path, device):
+        module = torch.export.load(str(path)).module()
+
+        def run(images, threshold):
+            with torch.inference_mode():
+                return tuple(t.cpu() for t in module(images.to(device), threshold.to(device)))
+
+        return run
+
+
+class TorchExportPlugin:
+    @hookimpl
+    def register_exporters(self, register):
+        register("torch-export", TorchExport, help="torch.export ExportedProgram (.pt2)")
+
+
+def test_an_export_format_from_a_plugin_exports_checks_and_predicts(trained, tmp_path, catalog):
+    """Export formats are a registered kind: a plugin's format goes through the same check against the pipeline,
+    model.json names it, and predict --model and the service read it back by that name; nothing in adkit names
+    it. Unknown formats and a model.json whose format no plugin provides fail in one line."""
+    from adkit import api
+
+    catalog.add_plugin(TorchExportPlugin(), name="torch-export-plugin")
+    out = api.export(RunConfig(), checkpoint=trained["padim"], fmt="torch-export", out=tmp_path / "m")
+    assert (out / "model.pt2").is_file() and read_model(out)[1]["format"] == "torch-export"
+    images = images_for(64)
+    pipeline, _ = load_trained(RunConfig(), trained["padim"], torch.device("cpu"))
+    expected = Deployed(pipeline).eval()(images, torch.tensor(float("nan")))
+    got = load_runner(out / "model.pt2", "torch-export", torch.device("cpu"))(images, None)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5)
+    assert "model.pt2" in watched()
+    with pytest.raises(AdkitError, match="--format tflite: choose onnx or torch-export or torchscript"):
+        api.export(RunConfig(), checkpoint=trained["padim"], fmt="tflite", out=tmp_path / "n")
+    assert not (tmp_path / "n").exists()
+    catalog.remove_plugin("torch-export-plugin")
+    with pytest.raises(AdkitError, match="format 'torch-export' is not a registered export format .* install the "
+                                         "plugin that provides it"):
+        read_model(out)

@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from adkit import hookimpl
-from adkit.core.components import Backbone, Detector, Ensemble, Sampler
+from adkit.core.components import Backbone, Detector, Ensemble, ExportFormat, Sampler
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.errors import AdkitError
 from adkit.core.plugins import Catalog
@@ -43,6 +43,16 @@ class X(AnomalyDataset):
         raise NotImplementedError
 
 
+class F(ExportFormat):
+    file = "model.bin"
+
+    def write(self, module, example, path):
+        path.write_bytes(b"")
+
+    def load(self, path, device):
+        return lambda images, threshold: (images[:, :1], images.mean((1, 2, 3)), images.mean((1, 2, 3)) > threshold)
+
+
 class EveryHook:
     @hookimpl
     def register_detectors(self, register):
@@ -77,6 +87,10 @@ class EveryHook:
     @hookimpl
     def register_datasets(self, register):
         register("t-dataset", X)
+
+    @hookimpl
+    def register_exporters(self, register):
+        register("t-exporter", F)
 
     @hookimpl
     def register_commands(self, cli):
@@ -120,6 +134,10 @@ def test_register_ensembles():
 
 def test_register_datasets():
     assert isinstance(registered("dataset", "t-dataset"), X)
+
+
+def test_register_exporters():
+    assert isinstance(registered("exporter", "t-exporter"), F)
 
 
 def test_register_commands():

@@ -254,8 +254,9 @@ def _warn_resized(paths: list[Path], geometry: Geometry) -> None:
 
 
 def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> Path:
-    """Export a checkpoint's pipeline to ONNX or TorchScript (adkit.deploy.export), its recorded threshold (or
+    """Export a checkpoint's pipeline in a registered format (adkit.deploy.export), its recorded threshold (or
     ``config.threshold`` fitted anew on the stored validation scores) and those scores in model.json."""
+    deploy.export_format(fmt)  # an unknown format fails before anything is read
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
     posts, scorer = pipeline_specs(config, meta)

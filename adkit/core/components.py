@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -67,6 +67,31 @@ def exporting() -> Iterator[None]:
 
 def is_exporting() -> bool:
     return _exporting[-1]
+
+
+# an exported model run: images (B, 3, H, W) float32 and the threshold () float32 -> (maps, scores, decisions)
+ExportedRun = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+class ExportFormat(ABC):
+    """A file format ``adkit export`` writes a deployed pipeline to, and ``adkit predict --model`` and ``adkit
+    serve`` load back (registered by ``register_exporters``; ONNX and TorchScript are built-in plugins).
+
+    The module given to ``write`` takes two inputs, ``images`` (B, 3, H, W) float32 in [0, 1] with a dynamic
+    batch dimension and ``threshold`` () float32, and returns ``anomaly_map`` (B, 1, H, W), ``score`` (B,) and
+    ``decision`` (B,) bool. ``load`` returns a function with the same contract whose outputs are CPU tensors.
+    adkit checks every written file against the module at two batch sizes before the export folder appears."""
+
+    # the model file's name inside the export folder (model.json names it too)
+    file: ClassVar[str] = ""
+
+    @abstractmethod
+    def write(self, module: nn.Module, example: tuple[Tensor, Tensor], path: Path) -> None:
+        """Trace or save ``module`` (run on ``example``) to ``path``; raise on failure (adkit names the cause)."""
+
+    @abstractmethod
+    def load(self, path: Path, device: torch.device) -> ExportedRun:
+        """A function running the file at ``path`` on ``device``."""
 
 
 def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

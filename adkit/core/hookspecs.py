@@ -81,5 +81,14 @@ def register_datasets(register: Register) -> None:
 
 
 @hookspec
+def register_exporters(register: Register) -> None:
+    """Register export formats: factories returning an :class:`adkit.core.components.ExportFormat`, which writes
+    a deployed pipeline (images and threshold in; map, score and decision out) to one file and loads it back.
+    ``adkit export --format NAME`` writes it; ``adkit predict --model`` and ``adkit serve`` read it by the name
+    model.json records. Built-ins: ``onnx`` and ``torchscript``.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add commands to the ``adkit`` click group (``cli.command()`` or ``cli.add_command``)."""

@@ -28,6 +28,7 @@ KINDS = {
     "scorer": "register_scorers",
     "ensemble": "register_ensembles",
     "dataset": "register_datasets",
+    "exporter": "register_exporters",
 }
 # kinds whose factory must be a class deriving from the kind's base (the registry reads its declarations); the
 # other kinds' factories may be functions, and declare what their class declares when they are classes
@@ -289,7 +290,7 @@ def kind_type(kind: str) -> type:
 
     return {"detector": components.Detector, "backbone": components.Backbone, "loss": nn.Module,
             "sampler": components.Sampler, "postprocessor": nn.Module, "scorer": nn.Module,
-            "ensemble": components.Ensemble, "dataset": AnomalyDataset}[kind]
+            "ensemble": components.Ensemble, "dataset": AnomalyDataset, "exporter": components.ExportFormat}[kind]
 
 
 def _parse_extra(kind: str, name: str, key: str, value: Any, typ: type) -> Any:

@@ -1,6 +1,6 @@
 """Deployment: a trained pipeline with its decision as one module (``Deployed``), what ``adkit predict`` runs from a
-checkpoint and what ``adkit export`` traces into TorchScript or ONNX, with a model.json beside the file; and the
-loader that runs an exported file for ``adkit predict --model``. One module, so the exported model and predict
+checkpoint and what ``adkit export`` writes in a registered export format (ONNX, TorchScript, or a plugin's), with
+a model.json beside the file; and the loader that runs an exported file for ``adkit predict --model``. One module, so the exported model and predict
 cannot drift apart. The threshold is an input of the module, not a constant inside it: model.json records the
 fitted one and the validation scores it came from, so a line can move it without exporting again."""
 
@@ -19,17 +19,15 @@ import torch
 from torch import Tensor, nn
 
 import adkit
-from adkit.core.components import Exportable, Pipeline, exporting, upsample
+from adkit.core.components import Exportable, ExportFormat, Pipeline, exporting, upsample
 from adkit.core.errors import AdkitError
 from adkit.core.files import atomic_dir, write_json
+from adkit.core.plugins import get_catalog
 from adkit.data.geometry import Geometry
 from adkit.run.engine import autocast
 from adkit.stats.thresholds import widest_gap
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 MODEL_JSON = "model.json"
-INPUTS = ("images", "threshold")
-OUTPUTS = ("anomaly_map", "score", "decision")
 # exported outputs must match the module they were traced from within this (maps relative to their largest value)
 TOLERANCE = 1e-4
 
@@ -56,13 +54,20 @@ class Deployed(nn.Module):
         return upsample(processed, images.shape[-2:]), scores, scores.float() > threshold.float()
 
 
+def export_format(name: str) -> ExportFormat:
+    """The registered export format ``name``; one line naming the formats there are otherwise."""
+    formats = get_catalog()["exporter"]
+    if name not in formats:
+        raise AdkitError(f"--format {name}: choose {' or '.join(formats.names()) or 'nothing (no format registered)'}")
+    return formats.create(name)
+
+
 def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: dict[str, Any],
            info: dict[str, Any]) -> Path:
-    """Trace ``model`` to ``out``/model.onnx or model.pt and write model.json (with ``decision``: the threshold,
-    its policy and the validation scores it was fitted on); the folder appears whole or not at all. The exported
-    file is run on check images at two batch sizes and must reproduce ``model``."""
-    if fmt not in FORMATS:
-        raise AdkitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
+    """Write ``model`` in the registered format ``fmt`` to ``out`` with model.json beside it (with ``decision``:
+    the threshold, its policy and the validation scores it was fitted on); the folder appears whole or not at
+    all. The exported file is run on check images at two batch sizes and must reproduce ``model``."""
+    writer = export_format(fmt)
     if out.exists():
         raise AdkitError(f"{out} exists: choose another --out (an export never overwrites)")
     blocked = model.pipeline.not_exportable()
@@ -70,10 +75,14 @@ def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: d
         raise AdkitError(f"cannot export: {', '.join(blocked)} declare(s) exportable = False")
     model = model.cpu().eval()
     with atomic_dir(out) as staging, exporting():
-        path = staging / FORMATS[fmt]
+        path = staging / writer.file
         example = _check_images(2, geometry.size, seed=0)
         try:
-            _trace(model, example, fmt, path)
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+                warnings.simplefilter("ignore")  # the tracers' deprecation and tracer warnings are not the user's
+                writer.write(model, (example, threshold_input(0.5)), path)
+        except AdkitError:
+            raise
         except Exception as exc:  # any tracer failure: name the components and the cause
             parts = ", ".join(type(p).__name__ for p in (model.pipeline.detector, *model.pipeline.postprocessors,
                                                          model.pipeline.scorer))
@@ -85,8 +94,8 @@ def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: d
             _compare(model, runner, _check_images(batch, geometry.size, seed=batch), fmt)
         parts = (model.pipeline.detector, *model.pipeline.postprocessors, model.pipeline.scorer)
         notes = [note for part in parts if isinstance(part, Exportable) and (note := part.export_note())]
-        write_json(staging / MODEL_JSON, {**model_card(fmt, geometry, decision), **info, "notes": notes,
-                                          "adkit_version": adkit.__version__,
+        write_json(staging / MODEL_JSON, {**model_card(fmt, writer.file, geometry, decision), **info,
+                                          "notes": notes, "adkit_version": adkit.__version__,
                                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     return out
 
@@ -97,11 +106,11 @@ RESIZE_TEXT = {"squash": "bilinear with antialiasing to {w}x{h}, aspect ratio no
                "crop": "scaled to cover {w}x{h} keeping the aspect ratio (bilinear, antialiased), centre cut out"}
 
 
-def model_card(fmt: str, geometry: Geometry, decision: dict[str, Any]) -> dict[str, Any]:
+def model_card(fmt: str, file: str, geometry: Geometry, decision: dict[str, Any]) -> dict[str, Any]:
     """What a caller outside adkit needs to feed the model and read its outputs."""
     h, w = geometry.size
     return {
-        "format": fmt, "file": FORMATS[fmt],
+        "format": fmt, "file": file,
         "input": {"name": "images", "shape": ["batch", 3, h, w], "dtype": "float32",
                   "layout": "NCHW, RGB", "range": [0.0, 1.0],
                   "resize": RESIZE_TEXT[geometry.resize].format(w=w, h=h) + " (adkit's image loader)",
@@ -128,20 +137,6 @@ def _check_images(batch: int, size: tuple[int, int], seed: int) -> Tensor:
     return (0.8 * upsample(coarse, (h, w)) + 0.2 * fine).clamp(0, 1)
 
 
-def _trace(model: Deployed, example: Tensor, fmt: str, path: Path) -> None:
-    inputs = (example, threshold_input(0.5))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")  # the tracers' deprecation and tracer warnings are not the user's business
-        if fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(model, inputs, check_trace=False), str(path))
-            return
-        _require_onnx()
-        torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=list(INPUTS),
-                          output_names=list(OUTPUTS),
-                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}, "threshold": None},
-                          verbose=False, external_data=False)
-
-
 def _compare(model: Deployed, runner: Runner, images: Tensor, fmt: str) -> None:
     """Maps and scores within TOLERANCE; decisions equal at a threshold between two of the scores (the middle
     of their widest gap), where the scores' agreement makes them meaningful."""
@@ -161,14 +156,6 @@ def _compare(model: Deployed, runner: Runner, images: Tensor, fmt: str) -> None:
                          "written")
 
 
-def _require_onnx() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise AdkitError("ONNX needs onnxruntime, onnx and onnxscript: pip install 'adkit[onnx]'") from None
-    return onnxruntime
-
-
 def eager_runner(model: Deployed, device: torch.device, precision: str = "auto") -> Runner:
     """A function running ``model`` itself (predict from a checkpoint, a served checkpoint): the same contract as
     an exported file's runner, outputs on the CPU."""
@@ -183,33 +170,13 @@ def eager_runner(model: Deployed, device: torch.device, precision: str = "auto")
 
 
 def load_runner(path: Path, fmt: str, device: torch.device) -> Runner:
-    """A function running an exported file: images (B, 3, S, S) and a threshold -> (maps, scores, decisions) on
-    the CPU."""
-    if fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; it still runs
-            module = torch.jit.load(str(path), map_location=device).eval()
+    """A function running the exported file ``path`` of the registered format ``fmt``."""
+    run = export_format(fmt).load(path, device)
 
-        def run_torchscript(images: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor]:
-            with torch.inference_mode():
-                maps, scores, decisions = module(images.to(device), threshold_input(threshold).to(device))
-            return maps.cpu(), scores.cpu(), decisions.cpu()
+    def runner(images: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor]:
+        return run(images, threshold_input(threshold))
 
-        return run_torchscript
-    ort = _require_onnx()
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    session = ort.InferenceSession(str(path), options, providers=providers)
-
-    def run_onnx(images: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor]:
-        outputs = session.run(list(OUTPUTS), {"images": images.float().cpu().numpy(),
-                                              "threshold": threshold_input(threshold).numpy()})
-        return tuple(torch.from_numpy(o) for o in outputs)  # type: ignore[return-value]
-
-    return run_onnx
+    return runner
 
 
 def read_model(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -221,7 +188,11 @@ def read_model(path: Path) -> tuple[Path, dict[str, Any]]:
                          "in it)")
     card = json.loads(card_path.read_text())
     file = folder / card.get("file", "")
-    if card.get("format") not in FORMATS or not file.is_file():
+    formats = get_catalog()["exporter"]
+    if card.get("format") not in formats and isinstance(card.get("format"), str) and file.is_file():
+        raise AdkitError(f"{card_path}: format {card['format']!r} is not a registered export format (registered: "
+                         f"{', '.join(formats.names())}); install the plugin that provides it")
+    if card.get("format") not in formats or not file.is_file():
         raise AdkitError(f"{card_path} names no readable model ({card.get('format')!r}, {file.name}); export again")
     if "decision" not in card or "geometry" not in card:
         raise AdkitError(f"{card_path} was written by adkit {card.get('adkit_version', '?')}, whose models hold "

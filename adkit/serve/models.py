@@ -13,10 +13,17 @@ from typing import Any
 
 import torch
 
+from adkit.core.plugins import get_catalog
 from adkit.data.geometry import Geometry
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-WATCHED = ("model.json", "model.onnx", "model.pt", "checkpoint.pt", "threshold.json")
+
+
+def watched() -> tuple[str, ...]:
+    """The files a model folder's loading depends on: model.json and each registered export format's file, or a
+    checkpoint and its threshold record."""
+    formats = [getattr(info.factory, "file", "") for info in get_catalog()["exporter"]]
+    return ("model.json", *sorted({f for f in formats if f}), "checkpoint.pt", "threshold.json")
 
 
 def valid_name(name: str) -> bool:
@@ -27,7 +34,7 @@ def valid_name(name: str) -> bool:
 def signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
     """What a model folder's loading depends on: its watched files' names, sizes and modification times."""
     out = []
-    for name in WATCHED:
+    for name in watched():
         path = folder / name
         if path.is_file():
             stat = path.stat()
