@@ -25,6 +25,20 @@ def test_bench_grid_trains_once_and_rescores(invoke, tmp_path):
     with open(out / "bench.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 8
     assert "carpet" in stdout and "delta" in stdout
+    # every combination has its own files beside its training's checkpoint: curves, scores, gallery
+    for row in rows:
+        files = out / row["folder"]
+        assert (files / "metrics.json").is_file() and (files / "scores.csv").is_file(), row["folder"]
+        assert (out / row["trained_in"] / "checkpoint.pt").is_file()
+        assert json.loads((files / "metrics.json").read_text())["image_auroc"] == row["image_auroc"]
+    assert len({row["folder"] for row in rows}) == 8
+    page = (out / "report.html").read_text()
+    for category in ("carpet", "tile"):  # the four combinations' maps next to each other, per category
+        assert f"{category}: the same model, the maps of every re-scoring combination side by side" in page
+    side = page.split("combination side by side")[1].split("</table>")[0]
+    assert side.count("<th>") == 1 + 4 and "post=freqmask scorer=maxmin" in side
+    pictures = [src for src in side.split("src='")[1:]]
+    assert pictures and all((out / src.split("'")[0]).is_file() for src in pictures)
 
 
 def test_run_writes_curves_and_overlays_across_defects(invoke, tmp_path):

@@ -76,11 +76,22 @@ def _bench_job(plan_: RunPlan, category: str, out: Path, train_keys: list[str], 
         label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
         evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, posts, scorer))
         row = {"configuration": label or str(plan_.detector), **evaluation.metrics}
-        if not score_keys:  # with re-scoring axes the files of one combination would overwrite another's
-            artifacts.write_category(run_.test, category, evaluation, folder)
-            row["folder"] = str(folder.relative_to(out))  # the report links the row to these files
+        # each re-scoring combination gets its own folder beside the checkpoint (curves, scores, gallery), so
+        # the page can show every combination's maps side by side
+        where = folder / combination_folder(score_keys, score_values) if score_keys else folder
+        artifacts.write_category(run_.test, category, evaluation, where)
+        row["folder"] = str(where.relative_to(out))  # the report links the row to these files
+        if score_keys:
+            row["trained_in"] = str(folder.relative_to(out))
         rows.append(row)
     return rows
+
+
+def combination_folder(keys: list[str], values: tuple[str, ...]) -> str:
+    """A folder name for one re-scoring combination (``post=avgpool_kernel_5-scorer=max``): letters, digits and
+    ``=._-`` only."""
+    text = "-".join(f"{k}={v}" for k, v in zip(keys, values))
+    return "".join(c if c.isalnum() or c in "=._-" else "_" for c in text)
 
 
 def parse_grid(grid: list[str]) -> dict[str, list[str]]:

@@ -33,7 +33,7 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid 
 th { background: #f3f3f3; cursor: default; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th.sortable { cursor: pointer; } .figures img { max-width: 32%; margin-right: 1%; vertical-align: top; }
 .gallery { display: flex; flex-wrap: wrap; gap: 6px; } .gallery figure { margin: 0; font-size: .75em; }
-.gallery img { display: block; height: 96px; } .miss { outline: 3px solid #d00; } .ok { outline: 1px solid #ccc; }
+.gallery img { display: block; height: 96px; } .side img { display: block; height: 96px; } .miss { outline: 3px solid #d00; } .ok { outline: 1px solid #ccc; }
 pre { background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: .85em; }
 .slider { background: #f7f7f7; padding: .6em; margin: .6em 0; } .slider input { width: 100%; }
 .slider code { display: block; margin-top: .4em; }
@@ -289,16 +289,56 @@ def _bench_page(folder: Path) -> str:
     for c in configurations:
         values = [r["image_auroc"] for r in rows if r["configuration"] == c and "image_auroc" in r]
         means.append([html.escape(c), fmt(float(np.mean(values)) if values else None)])
+    with_files = [r for r in rows if r.get("folder") and (folder / r["folder"] / "metrics.json").is_file()]
     sections = [_category_section(folder, r["folder"], r, title=f"{r['configuration']}: {r['category']}",
-                                  anchor=_anchor(r))
-                for r in rows if r.get("folder") and (folder / r["folder"] / "metrics.json").is_file()]
+                                  anchor=_anchor(r)) for r in with_files]
+    trainings: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in with_files:  # the re-scoring combinations of one trained model
+        if r.get("trained_in"):
+            trainings.setdefault((r["trained_in"], r["category"]), []).append(r)
+    side = [_side_by_side(folder, group) for group in trainings.values() if len(group) > 1]
     return "\n".join([
         f"<h2>Per configuration and category (delta: image AUROC against {html.escape(configurations[0])})</h2>",
         "<p>Click a column to sort.</p>",
         _table(["configuration", "category", "image AUROC", "delta", "pixel AUROC", "AUPRO@0.3", "train s", "img/s"],
                table_rows, sortable=True),
         "<h2>Mean image AUROC per configuration</h2>", _table(["configuration", "mean image AUROC"], means),
-        *sections])
+        *side, *sections])
+
+
+def _side_by_side(page_folder: Path, group: list[dict[str, Any]], count: int = 8) -> str:
+    """One trained model's re-scoring combinations next to each other: a row per test image (defective images
+    first, one defect type after another, then normal ones), a column per combination, each cell that
+    combination's picture (input, truth, map, marked pixels) and score."""
+    first = page_folder / group[0]["folder"]
+    rows = _read_scores(first / "scores.csv") if (first / "scores.csv").is_file() else []
+    queues: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        queues.setdefault(_defect(row), []).append(index)
+    ordered = [queues[k] for k in sorted(queues, key=lambda d: (d == "good", d))]
+    picked: list[int] = []
+    while len(picked) < min(count, len(rows)):
+        for queue in ordered:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    scores = {r["folder"]: _read_scores(page_folder / r["folder"] / "scores.csv") for r in group}
+    header = ["image"] + [f"{html.escape(r['configuration'])}<br>image AUROC {fmt(r.get('image_auroc'))}"
+                          for r in group]
+    body = []
+    for index in picked:
+        name = "/".join(Path(rows[index]["path"]).parts[-2:])
+        cells = [html.escape(name)]
+        for r in group:
+            thumb = f"{r['folder']}/{THUMBS}/{index:05d}.jpg"
+            score = scores[r["folder"]][index]["score"] if index < len(scores[r["folder"]]) else "nan"
+            picture = f"<img loading='lazy' src='{html.escape(thumb)}' alt='{html.escape(name)}'>" \
+                if (page_folder / thumb).is_file() else ""
+            cells.append(f"{picture}{float(score):.4g}")
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    title = f"{group[0]['category']}: the same model, the maps of every re-scoring combination side by side"
+    return (f"<h2 id='{html.escape(_anchor({'configuration': 'side', 'category': group[0]['trained_in']}))}'>"
+            f"{html.escape(title)}</h2><table class='side'><tr>" + "".join(f"<th>{h}</th>" for h in header) +
+            "</tr>" + "".join(body) + "</table>")
 
 
 def _anchor(row: dict[str, Any]) -> str:
