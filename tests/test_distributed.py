@@ -224,3 +224,21 @@ def test_feature_energy_models_train_under_torchrun_and_every_rank_ends_with_one
     launch(FEATURE_EBM_SCRIPT, str(tmp_path))
     torch.testing.assert_close(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+PLAN_SCRIPT = """
+import torch.distributed as dist
+from adkit.app.workflows import joined
+from adkit.run.config import RunConfig
+from adkit.run.planning import plan
+plan(RunConfig(detector=["pixel-gauss"], data="synthetic:size=32,n_train=8,n_test=6", category=["wood"]))
+print("after plan", dist.is_initialized())
+joined(lambda config: None)(RunConfig(device="cpu"))
+print("after a workflow's entry", dist.is_initialized(), dist.get_world_size())
+"""
+
+
+def test_planning_joins_no_process_group_and_a_workflow_entry_does():
+    """plan() only computes; the process group is joined in one place, the entry every workflow goes through."""
+    for output in launch(PLAN_SCRIPT):
+        assert "after plan False" in output and "after a workflow's entry True 2" in output

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from adkit.app.workflows import joined
 from adkit.core import console, distributed
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import split_chain, split_top_level, unwrap
@@ -21,6 +22,7 @@ TRAIN_AXES = ("detector", "loss", "preset", "seed")
 SCORE_AXES = ("post", "scorer")
 
 
+@joined
 def bench(config: RunConfig, grid: list[str]) -> list[dict[str, Any]]:
     """Run a configuration over categories; with ``grid`` axes (key=v1,v2) run every combination, training
     once per detector/loss setting and re-scoring for post/scorer changes. Under torchrun the jobs (category x

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,11 +29,26 @@ from adkit.run.evaluation import CategoryRun, evaluate, fit_threshold, threshold
 from adkit.run.planning import RunPlan, claim_output, configure_log, output_dir, plan
 from adkit.stats import metrics
 
+T = TypeVar("T")
+
+
+def joined(workflow: Callable[..., T]) -> Callable[..., T]:
+    """A workflow's entry: join the process group torchrun describes (once; nothing in a single process) before
+    anything is planned, so rank handling starts in one place and ``plan()`` has no side effect."""
+
+    @functools.wraps(workflow)
+    def entry(config: RunConfig, *args: Any, **kwargs: Any) -> T:
+        distributed.init_from_environment(resolve_device(config.device))
+        return workflow(config, *args, **kwargs)
+
+    return entry
+
 
 def _source(plan_: RunPlan, category: str, command: str) -> str:
     return f"validation split of {plan_.config.data} {category} (adkit {command})"
 
 
+@joined
 def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Train then test per category; writes everything under the output folder and prints the table.
     Several detectors (or ``--ensemble``) train each one and report each alone and their ensemble."""
@@ -62,6 +79,7 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     return results
 
 
+@joined
 def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Train and test every detector per category, then combine their image scores with the ensemble scorer
     (fitted on validation normal images). Rows: each detector alone, then the ensemble."""
@@ -118,6 +136,7 @@ def _unique_name(name: str, index: int, plans: list[RunPlan]) -> str:
     return name if len(same) == 1 else f"{name}-{index + 1}"
 
 
+@joined
 def train(config: RunConfig, resume: bool = False) -> Path:
     """Train per category; checkpoints in <out>/<category>/checkpoint.pt. Returns the output folder."""
     plan_ = plan(config)
@@ -141,6 +160,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     return out
 
 
+@joined
 def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     """Evaluate a checkpoint on the test split of the configured dataset (its own category by default)."""
     payload = load_checkpoint(checkpoint)
@@ -190,6 +210,7 @@ def _image_paths(inputs: list[Path]) -> list[Path]:
     return paths
 
 
+@joined
 def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], model: Path | None = None,
             save_maps: bool = False) -> Path:
     """Score images without labels, from a checkpoint or from a model ``adkit export`` wrote (the same module
@@ -198,7 +219,7 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     to --out (default: beside the checkpoint or model)."""
     if (checkpoint is None) == (model is None):
         raise AdkitError("predict: give --checkpoint CKPT or --model EXPORT_DIR (one of them)")
-    device = distributed.init_from_environment(resolve_device(config.device))
+    device = distributed.local_device(resolve_device(config.device))
     if checkpoint is not None:
         payload = load_checkpoint(checkpoint)
         meta = payload["meta"]

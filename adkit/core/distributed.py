@@ -64,12 +64,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_device(device: torch.device) -> torch.device:
+    """This rank's device for ``device``: under torchrun a GPU rank takes cuda:LOCAL_RANK. Changes nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def init_from_environment(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes (once); returns this rank's device. A no-op without torchrun."""
+    """Join the process group torchrun describes (once); returns this rank's device. A no-op without torchrun.
+    The workflows call it once, at their entry (adkit.app.workflows.joined); planning only computes the device
+    (``local_device``)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = local_device(device)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when first imported

@@ -138,7 +138,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     resolved = config.replace(preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
                               post=posts, scorer=scorer, pixel_map=pixel_map, category=categories, threshold=str(threshold),
                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
-    device = distributed.init_from_environment(resolve_device(config.device))
+    device = distributed.local_device(resolve_device(config.device))  # the workflows join the process group
     return RunPlan(resolved, catalog, detector, preset, geometry.detector_size, batch_size, steps, epochs, posts,
                    scorer, dataset, categories, device, threshold, geometry)
 
