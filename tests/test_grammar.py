@@ -61,6 +61,7 @@ def test_every_built_in_declares_its_traits_in_the_registry():
         assert (traits.trainable, traits.image_level, traits.own_scores, traits.exportable) == (
             cls.trainable, cls.image_level, cls.own_scores, cls.exportable), name
         assert traits.presets == tuple(cls.presets) and traits.consumes == frozenset(cls.consumes), name
+        assert {k: dict(v) for k, v in traits.preset_values.items()} == cls.presets, name  # planning reads these
         assert traits.default_pixel_map in ("raw", "post"), name
         for spec in traits.default_postprocessors:  # a declared default pipeline must build
             catalog["postprocessor"].create(spec)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from adkit.core.errors import AdkitError
@@ -74,6 +75,8 @@ class Traits:
     own_scores: bool = False  # detector: detect() returns image scores of its own (the scorer is not used)
     exportable: bool = True  # detector, post-processor, scorer: its forward traces into a graph
     presets: tuple[str, ...] = ()
+    # detector: each preset's settings (image_size, batch_size, steps, epochs, params), read-only
+    preset_values: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
     consumes: frozenset[str] = frozenset()  # run options the detector reads (loss, sampler, backbone, ...)
     default_postprocessors: tuple[str, ...] = ()  # detector: the pipeline a run uses when the user names none
     default_scorer: str = ""
@@ -89,6 +92,8 @@ class Traits:
         if kind == "detector":
             values.update(trainable=factory.trainable, image_level=factory.image_level,
                           own_scores=factory.own_scores, presets=tuple(factory.presets),
+                          preset_values=MappingProxyType({k: MappingProxyType(dict(v))
+                                                          for k, v in factory.presets.items()}),
                           consumes=frozenset(factory.consumes),
                           default_postprocessors=tuple(factory.default_postprocessors),
                           default_scorer=factory.default_scorer, default_pixel_map=factory.default_pixel_map)

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from adkit.core import console, distributed
-from adkit.core.components import Detector
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import ComponentSpec, split_spec
@@ -55,10 +54,6 @@ class RunPlan:
         return max(1, self.epochs * max(1, n_train // self.batch_size))
 
     @property
-    def detector_class(self) -> type[Detector]:
-        return detector_class(self.catalog, self.detector.name)
-
-    @property
     def detector_info(self) -> ComponentInfo:
         """What the registry knows of the detector, its declared traits among it."""
         return self.catalog["detector"].get(self.detector.name)
@@ -67,11 +62,6 @@ class RunPlan:
     def scoring_batch(self) -> int:
         """Inference batch size: at least 8, since scoring holds no gradients."""
         return max(self.batch_size, 8)
-
-
-def detector_class(catalog: Catalog, name: str) -> type[Detector]:
-    """The class a detector name registers (the registry admits only Detector classes)."""
-    return catalog["detector"].get(name).factory
 
 
 def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
@@ -83,15 +73,15 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
         raise AdkitError("plan() takes one detector; run() trains several as an ensemble")
     name, raw = split_spec(config.detector[0], "detector")
     info = catalog["detector"].get(name)
-    cls = detector_class(catalog, name)
+    presets = info.traits.preset_values  # declared by the detector's class, read from the registry
     data_name, _ = dataset_spec(catalog, config)
     suggested = catalog["dataset"].get(data_name).traits.default_preset  # declared by the dataset
-    preset_name = config.preset or (suggested if suggested in cls.presets else None)
-    if not cls.presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
+    preset_name = config.preset or (suggested if suggested in presets else None)
+    if not presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
         preset_name = None
-    if preset_name is not None and preset_name not in cls.presets:
-        raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(cls.presets) or 'none'}")
-    preset = cls.presets.get(preset_name, {}) if preset_name else {}
+    if preset_name is not None and preset_name not in presets:
+        raise AdkitError(f"--preset {preset_name}: detector {name!r} has presets {', '.join(presets) or 'none'}")
+    preset = presets.get(preset_name, {}) if preset_name else {}
     # --sampler / --backbone replace the detector's own parameter of that name: the spec shows what is used
     flags = {key: value for key, value in (("sampler", config.sampler), ("backbone", config.backbone))
              if value and key in info.params}
