@@ -280,7 +280,7 @@ def serve(models_dir: str, host: str, port: int, token_file: str | None, results
 @click.argument("name")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",
               help="A component kind to include (repeatable): detector, postprocessor, scorer, loss, sampler, "
-                   "backbone, ensemble, dataset, command. Default: detector, postprocessor, scorer, command.")
+                   "backbone, ensemble, dataset, exporter, command. Default: detector, postprocessor, scorer, command.")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default ./adkit-NAME); must not "
                                                               "hold files.")
 def new_plugin(name: str, kinds: tuple[str, ...], out: str | None) -> None:

@@ -29,6 +29,8 @@ BUILT_IN = [
     (testing.check_backbone, "efficientnet-lite0"),
     *[(testing.check_ensemble, s) for s in ("mean", "max", "rank")],
     (testing.check_dataset, testing.TINY_DATA),
+    (testing.check_exporter, "onnx"),
+    (testing.check_exporter, "torchscript"),
 ]
 
 

@@ -12,7 +12,8 @@ from adkit.core.errors import AdkitError
 from adkit.core.files import atomic_dir
 
 TEMPLATES = Path(__file__).parent / "templates" / "plugin"
-KINDS = ("detector", "postprocessor", "scorer", "loss", "sampler", "backbone", "ensemble", "dataset", "command")
+KINDS = ("detector", "postprocessor", "scorer", "loss", "sampler", "backbone", "ensemble", "dataset", "exporter",
+         "command")
 DEFAULT_KINDS = ("detector", "postprocessor", "scorer", "command")
 SECTIONS = ("imports", "code", "hook-imports", "hook", "test-imports", "tests")
 

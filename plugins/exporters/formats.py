@@ -60,7 +60,9 @@ class TorchScript(ExportFormat):
     file = "model.pt"
 
     def write(self, module: nn.Module, example: tuple[Tensor, Tensor], path: Path) -> None:
-        torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; it still runs
+            torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(path))
 
     def load(self, path: Path, device: torch.device) -> ExportedRun:
         with warnings.catch_warnings():
