@@ -151,7 +151,7 @@ def test_patch_energies_locate_a_planted_foreign_patch(catalog, tmp_path):
     detector.setup(DetectorContext(build=catalog.builder(), image_size=64, device=CPU))
     train_detector(detector, tiny_images(10, 64, "tile"), TrainSettings(steps=20, batch_size=4, seed=0), CPU,
                    tmp_path / "c.pt", meta={})
-    images, foreign = tiny_images(4, 64, "tile", split="test"), tiny_images(4, 64, "carpet", split="test")
+    images, foreign = tiny_images(4, 64, "tile", split="test"), tiny_images(4, 64, "wood", split="test")
     corners = [(8, 8), (40, 12), (20, 36), (36, 40)]
     for image, other, (y, x) in zip(images, foreign, corners):
         image[:, y:y + 16, x:x + 16] = other[:, y:y + 16, x:x + 16]
