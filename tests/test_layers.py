@@ -4,10 +4,10 @@ TYPE_CHECKING, since each one is a dependency a reader must know about."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from import_graph import import_statements
 
 PACKAGE = Path(__file__).resolve().parent.parent / "adkit"
 
@@ -51,19 +51,10 @@ def imports(module: str) -> set[str]:
 
 
 def imported(source: str, package: str) -> set[str]:
-    """The adkit modules a source imports (``from adkit.x import y`` counts as adkit.x.y where that is a module)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "adkit")
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            if base.split(".")[0] != "adkit":
-                continue
-            for alias in node.names:
-                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    """The adkit modules a source imports (``from adkit.x import y`` counts as adkit.x.y where that is a module,
+    else as adkit.x)."""
+    found = {f"{module}.{name}" if name and f"{module}.{name}" in MODULES else module
+             for module, name in import_statements(source, package)}
     return {m for m in found if m in MODULES}
 
 

@@ -9,19 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from import_graph import import_statements
 
 CORE = Path(__file__).resolve().parents[1] / "adkit"
 
 
 def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+    return {module for module, _ in import_statements(path.read_text())}
 
 
 def core_modules() -> list[Path]:
