@@ -1,7 +1,7 @@
 """Deployment: a trained pipeline with its decision as one module (``Deployed``), what ``adkit predict`` runs from a
 checkpoint and what ``adkit export`` writes in a registered export format (ONNX, TorchScript, or a plugin's), with
-a model.json beside the file; and the loader that runs an exported file for ``adkit predict --model``. One module, so the exported model and predict
-cannot drift apart. The threshold is an input of the module, not a constant inside it: model.json records the
+a model.json beside the file; and the loader that runs an exported file for ``adkit predict --model``. One module,
+so the exported model and predict cannot drift apart. The threshold is an input of the module, not a constant inside it: model.json records the
 fitted one and the validation scores it came from, so a line can move it without exporting again."""
 
 from __future__ import annotations

@@ -62,16 +62,7 @@ def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor,
 
 def overlay_sample(samples: list[Sample], count: int = OVERLAY_SAMPLES) -> list[int]:
     """Indices of up to ``count`` test images, taken round-robin over defect types (normal images last)."""
-    groups: dict[str, list[int]] = {}
-    for i, sample in enumerate(samples):
-        groups.setdefault(sample.defect, []).append(i)
-    queues = [groups[k] for k in sorted(groups, key=lambda d: (d == "good", d))]
-    picked: list[int] = []
-    while len(picked) < count and any(queues):
-        for queue in queues:
-            if queue and len(picked) < count:
-                picked.append(queue.pop(0))
-    return picked
+    return pages.round_robin([sample.defect for sample in samples], count)
 
 
 def write_curves(test: LoadedSplit, category: str, evaluation: Evaluation, folder: Path) -> None:

@@ -33,7 +33,8 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid 
 th { background: #f3f3f3; cursor: default; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th.sortable { cursor: pointer; } .figures img { max-width: 32%; margin-right: 1%; vertical-align: top; }
 .gallery { display: flex; flex-wrap: wrap; gap: 6px; } .gallery figure { margin: 0; font-size: .75em; }
-.gallery img { display: block; height: 96px; } .side img { display: block; height: 96px; } .miss { outline: 3px solid #d00; } .ok { outline: 1px solid #ccc; }
+.gallery img, .side img { display: block; height: 96px; }
+.miss { outline: 3px solid #d00; } .ok { outline: 1px solid #ccc; }
 pre { background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: .85em; }
 .slider { background: #f7f7f7; padding: .6em; margin: .6em 0; } .slider input { width: 100%; }
 .slider code { display: block; margin-top: .4em; }
@@ -306,21 +307,28 @@ def _bench_page(folder: Path) -> str:
         *side, *sections])
 
 
+def round_robin(defects: list[str], count: int) -> list[int]:
+    """Indices of up to ``count`` images, taken round-robin over their defect types in name order, normal
+    ("good") images last: the sample the overlays and the side-by-side view show."""
+    groups: dict[str, list[int]] = {}
+    for i, defect in enumerate(defects):
+        groups.setdefault(defect, []).append(i)
+    queues = [groups[k] for k in sorted(groups, key=lambda d: (d == "good", d))]
+    picked: list[int] = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
+
+
 def _side_by_side(page_folder: Path, group: list[dict[str, Any]], count: int = 8) -> str:
     """One trained model's re-scoring combinations next to each other: a row per test image (defective images
     first, one defect type after another, then normal ones), a column per combination, each cell that
     combination's picture (input, truth, map, marked pixels) and score."""
     first = page_folder / group[0]["folder"]
     rows = _read_scores(first / "scores.csv") if (first / "scores.csv").is_file() else []
-    queues: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        queues.setdefault(_defect(row), []).append(index)
-    ordered = [queues[k] for k in sorted(queues, key=lambda d: (d == "good", d))]
-    picked: list[int] = []
-    while len(picked) < min(count, len(rows)):
-        for queue in ordered:
-            if queue and len(picked) < count:
-                picked.append(queue.pop(0))
+    picked = round_robin([_defect(row) for row in rows], count)
     scores = {r["folder"]: _read_scores(page_folder / r["folder"] / "scores.csv") for r in group}
     header = ["image"] + [f"{html.escape(r['configuration'])}<br>image AUROC {fmt(r.get('image_auroc'))}"
                           for r in group]
