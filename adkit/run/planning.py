@@ -74,7 +74,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     name, raw = split_spec(config.detector[0], "detector")
     info = catalog["detector"].get(name)
     presets = info.traits.preset_values  # declared by the detector's class, read from the registry
-    data_name, _ = dataset_spec(catalog, config)
+    data_name, data_params = dataset_spec(catalog, config)
     suggested = catalog["dataset"].get(data_name).traits.default_preset  # declared by the dataset
     preset_name = config.preset or (suggested if suggested in presets else None)
     if not presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
@@ -101,7 +101,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     pixel_map = config.pixel_map or info.traits.default_pixel_map
     if pixel_map not in ("raw", "post"):
         raise AdkitError("--pixel-map must be raw or post")
-    dataset = make_dataset(catalog, config)
+    dataset = catalog["dataset"].create(data_name, **data_params)
     categories = dataset.resolve_categories(list(config.category))
     threshold = parse_policy(config.threshold or DEFAULT_POLICY)
     if threshold.kind == "f1":  # refused before any folder is claimed or anything trained
@@ -180,12 +180,6 @@ def dataset_spec(catalog: Catalog, config: RunConfig) -> tuple[str, dict[str, st
     if config.root and "root" in info.params and "root" not in raw:
         raw = {**raw, "root": config.root}
     return name, raw
-
-
-def make_dataset(catalog: Catalog, config: RunConfig) -> AnomalyDataset:
-    """The dataset a config names (``dataset_spec``), built."""
-    name, raw = dataset_spec(catalog, config)
-    return catalog["dataset"].create(name, **raw)
 
 
 def output_dir(config: RunConfig, detector: str) -> Path:
