@@ -151,6 +151,8 @@ def plugins(show_all: bool) -> None:
 
 @cli.command()
 @run_options
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Categories trained at once, each in its own process (default: one per CPU core; 1 on a GPU).")
 def run(config: RunConfig) -> None:
     """Train, then test, a detector (or an ensemble) on a dataset."""
     from adkit import api

@@ -11,6 +11,9 @@ from adkit.core.plugins import get_catalog, reset_catalog
 def _cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ADKIT_CACHE", str(tmp_path_factory.mktemp("adkit-cache")))
+    # categories one after the other: a test's monkeypatches do not reach worker processes (tests/test_workers.py
+    # runs categories side by side on purpose)
+    mp.setenv("ADKIT_WORKERS", "1")
     mp.delenv("ADKIT_LOAD_PLUGINS", raising=False)
     mp.delenv("ADKIT_DISABLE_PLUGINS", raising=False)
     yield

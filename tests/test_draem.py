@@ -10,6 +10,7 @@ from adkit.core.components import DetectorContext
 from adkit.core.errors import AdkitError
 from adkit.data.perlin import perlin_noise
 from adkit.run.engine import TrainSettings, load_checkpoint, train_detector
+from adkit_plugins.draem import synthesis
 from adkit_plugins.draem.detector import Draem, random_crops
 from adkit_plugins.draem.networks import DiscriminativeSubNetwork, ReconstructiveSubNetwork
 from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, rotate, synthesize
@@ -249,3 +250,40 @@ def test_training_on_crops_and_mapping_whole_images(catalog):
     detector.eval()
     with torch.no_grad():
         assert detector.anomaly_map(images).shape == (2, 1, 64, 64)  # whole images at test time
+
+
+def test_augmenting_only_the_samples_that_use_an_augmenter_gives_the_whole_batch_result():
+    """The CPU path runs each augmenter on the samples that drew it; the GPU path on the whole batch, keeping
+    those samples. Every augmenter works per sample and draws its magnitudes for the whole batch, so the two
+    agree image for image, whatever was chosen."""
+    images = torch.rand(12, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    for seed in range(6):
+        chosen = synthesis.choose_augmenters(12, 3, torch.Generator().manual_seed(seed), images.device)
+        chosen[0] = False  # a sample with no augmenter, and one with every augmenter
+        chosen[1] = True
+        subset = synthesis.augment(images, chosen, torch.Generator().manual_seed(100 + seed), subset=True)
+        whole = synthesis.augment(images, chosen, torch.Generator().manual_seed(100 + seed), subset=False)
+        torch.testing.assert_close(subset, whole, atol=1e-6, rtol=0)
+        assert torch.equal(subset[0], images[0].clamp(0, 1))
+
+
+def test_noise_texture_pool_is_made_once_from_the_start_generator(catalog, tmp_path):
+    pool = synthesis.noise_texture_pool(70, (16, 16), torch.Generator().manual_seed(3))
+    again = synthesis.noise_texture_pool(70, (16, 16), torch.Generator().manual_seed(3))
+    assert pool.textures.shape == (70, 3, 16, 16) and pool.textures.dtype == torch.uint8
+    assert torch.equal(pool.textures, again.textures)  # two chunks of POOL_CHUNK, the same for the same seed
+    assert len({t.float().mean().item() for t in pool.textures}) == 70  # distinct textures
+    drawn = pool.draw(5, torch.Generator().manual_seed(0))
+    assert drawn.shape == (5, 3, 16, 16) and 0 <= drawn.min() and drawn.max() <= 1
+    # inside training: made at the training images' size before the first step; a resumed run makes the same
+    # pool and reaches the same weights
+    detector = Draem(recon_width=4, disc_width=4, lr=1e-3, schedule="constant", fallback="noise-texture", pool=16)
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=32, device=torch.device("cpu")))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    train_detector(detector, images, TrainSettings(steps=2, batch_size=2), torch.device("cpu"),
+                   tmp_path / "a.pt", meta={})
+    assert detector.source.textures.shape == (16, 3, 32, 32)
+    with pytest.raises(ValueError, match="only with fallback=noise-texture"):
+        Draem(fallback="perlin", pool=8)
+    with pytest.raises(ValueError, match="pool=-1"):
+        Draem(fallback="noise-texture", pool=-1)

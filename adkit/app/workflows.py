@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from adkit.core import console, distributed, files
+from adkit.core import console, distributed, files, threads
 from adkit.core.datasets import Sample
 from adkit.core.errors import AdkitError
 from adkit.core.plugins import get_catalog
@@ -51,7 +54,8 @@ def _source(plan_: RunPlan, category: str, command: str) -> str:
 @joined
 def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     """Train then test per category; writes everything under the output folder and prints the table.
-    Several detectors (or ``--ensemble``) train each one and report each alone and their ensemble."""
+    Several detectors (or ``--ensemble``) train each one and report each alone and their ensemble. On a CPU,
+    categories train side by side in worker processes, one per core (``workers``)."""
     if len(config.detector) > 1 or config.ensemble:
         return run_ensemble(config, resume)
     plan_ = plan(config)
@@ -60,16 +64,11 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     main = distributed.is_main()
     if main:
         files.write_text_atomic(out / "config.toml", plan_.config.to_toml())
-    results = []
-    for category in plan_.categories:
-        folder = out / category
-        run_ = train_category(plan_, category, folder, resume=resume)
-        evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
-        if main:  # under torchrun rank 0 reports; the other ranks helped train and score
-            artifacts.write_category(run_.test, category, evaluation, folder)
-            results.append(evaluation.metrics)
-            record_threshold(folder, validation_record(evaluation.fit, evaluation.val_scores, evaluation.val_labels),
-                             plan_.posts, plan_.scorer, _source(plan_, category, "run"))
+    workers = category_workers(plan_)
+    if workers > 1:
+        results = _categories_in_workers(plan_.config.replace(out=str(out)), plan_.categories, workers, resume)
+    else:
+        results = [_run_category(plan_, category, out / category, resume) for category in plan_.categories]
     if not main:
         return results
     artifacts.write_summary(out, plan_.config.__dict__, results)
@@ -77,6 +76,75 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
     render.print_summary(results, f"{plan_.detector} on {plan_.config.data}")
     console.say(f"results in {out} (open {out / pages.PAGE})")
     return results
+
+
+def _run_category(plan_: RunPlan, category: str, folder: Path, resume: bool) -> dict[str, Any]:
+    """Train, evaluate and write one category of ``run``; its metrics (rank 0 writes and reports)."""
+    run_ = train_category(plan_, category, folder, resume=resume)
+    evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
+    if distributed.is_main():  # under torchrun rank 0 reports; the other ranks helped train and score
+        artifacts.write_category(run_.test, category, evaluation, folder)
+        record_threshold(folder, validation_record(evaluation.fit, evaluation.val_scores, evaluation.val_labels),
+                         plan_.posts, plan_.scorer, _source(plan_, category, "run"))
+    return evaluation.metrics
+
+
+WORKERS_ENV = "ADKIT_WORKERS"
+
+
+def category_workers(plan_: RunPlan) -> int:
+    """How many categories ``run`` trains at once: ``--workers`` (or ADKIT_WORKERS), else on a CPU one per core
+    it may use, up to the number of categories (small networks use one core far better than two: measured in
+    docs/benchmarks.md); one on a GPU and under torchrun, whose ranks already share each category."""
+    requested = plan_.config.workers
+    if requested is None and os.environ.get(WORKERS_ENV, "").strip():
+        text = os.environ[WORKERS_ENV].strip()
+        if not text.isdigit() or int(text) < 1:
+            raise AdkitError(f"{WORKERS_ENV}={text}: give a positive number of worker processes")
+        requested = int(text)
+    if requested is not None and requested < 1:
+        raise AdkitError(f"--workers {requested}: give a positive number of worker processes")
+    if distributed.world_size() > 1:
+        if requested not in (None, 1):
+            raise AdkitError(f"--workers {requested}: under torchrun the ranks share each category; drop --workers")
+        return 1
+    if requested is None:
+        requested = threads.cores_available() if plan_.device.type == "cpu" else 1
+    return max(1, min(requested, len(plan_.categories)))
+
+
+def _categories_in_workers(config: RunConfig, categories: list[str], workers: int,
+                           resume: bool) -> list[dict[str, Any]]:
+    """``_run_category`` for each category in ``workers`` processes; the metrics in the categories' order. The
+    parent leaves the cores to them and shows one bar over the categories. A category that fails stops the
+    others at once (the pool is terminated; their checkpoints are written atomically, so none is half written)."""
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools into the children
+    results: dict[str, dict[str, Any]] = {}
+    console.say(f"{len(categories)} categories, {workers} at a time in worker processes (--workers 1: one after "
+                "the other)")
+    started = time.perf_counter()
+    jobs = [(config, category, resume) for category in categories]
+    with threads.standing_aside(), console.progress() as progress, \
+            context.Pool(workers, initializer=console.show_progress, initargs=(False,)) as pool:
+        task = progress.add_task("categories", total=len(categories), info="")
+        for category, metrics in pool.imap_unordered(_category_job, jobs):
+            results[category] = metrics
+            progress.update(task, advance=1, info=f"{category} done at {time.perf_counter() - started:.0f} s")
+    return [results[category] for category in categories]
+
+
+def _category_job(job: tuple[RunConfig, str, bool]) -> tuple[str, dict[str, Any]]:
+    """One category in a worker process; the worker counts among the running processes only while it works,
+    so the last category takes every core once the others are done."""
+    config, category, resume = job
+    threads.register()
+    try:
+        plan_ = plan(config.replace(category=[category]))
+        out = Path(config.out or ".")
+        configure_log(out)
+        return category, _run_category(plan_, category, out / category, resume)
+    finally:
+        threads.unregister()
 
 
 @joined

@@ -22,8 +22,17 @@ def warn(message: str) -> None:
     say(f"warning: {message}")
 
 
+# False in the worker processes of a run that trains categories side by side: their parent shows the progress
+_bars = {"shown": True}
+
+
+def show_progress(shown: bool) -> None:
+    _bars["shown"] = shown
+
+
 def progress() -> Progress:
-    """A progress bar with a free ``info`` field; shown by rank 0 only under torchrun."""
+    """A progress bar with a free ``info`` field; shown by rank 0 only under torchrun, and not in a run's
+    category workers."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=stderr, transient=False, disable=distributed.process_rank() != 0)
+                    console=stderr, transient=False, disable=distributed.process_rank() != 0 or not _bars["shown"])

@@ -15,8 +15,10 @@ at exit; files of processes that died are ignored and cleaned up), and sets its 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ENV = "ADKIT_THREADS"
@@ -96,6 +98,33 @@ def register() -> None:
         _state["registered"] = path
         atexit.register(path.unlink, missing_ok=True)
     rebalance(force=True)
+
+
+def unregister() -> None:
+    """Leave the running processes (a worker between jobs), so the ones at work share the cores without it."""
+    path = _state["registered"]
+    if isinstance(path, Path):
+        path.unlink(missing_ok=True)
+        _state["registered"] = None
+
+
+@contextlib.contextmanager
+def standing_aside() -> Iterator[None]:
+    """While a process only waits on its workers, it leaves the running processes, so that they share the cores
+    without it; it joins again (and takes its share back) afterwards."""
+    path = _state["registered"]
+    if not isinstance(path, Path):
+        yield
+        return
+    path.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        try:
+            path.touch()
+        except OSError:
+            pass
+        rebalance(force=True)
 
 
 def rebalance(force: bool = False) -> int:

@@ -56,6 +56,7 @@ class RunConfig:
     pixel_map: str | None = None  # raw | post; None: the detector's declared default
     compile: bool = False
     precision: str = "auto"
+    workers: int | None = None  # categories trained side by side in worker processes; None: one per core on a CPU
     threshold: str | None = None  # a decision-threshold policy (adkit.stats.thresholds); None: fpr:0.01, or the recorded one
 
     def to_toml(self) -> str:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from adkit.core.components import Detector, DetectorContext
 from adkit.core.errors import AdkitError
 from adkit_plugins.draem.networks import DiscriminativeSubNetwork, ReconstructiveSubNetwork, reference_init
-from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, synthesize
+from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, TextureBank, noise_texture_pool, synthesize
 
 DEFAULT_LOSSES = ("l2", "ssim")
 
@@ -35,7 +35,7 @@ class Draem(Detector):
 
     def __init__(self, recon_width: int = 128, disc_width: int = 64, lr: float = 1e-4,
                  schedule: Literal["paper", "reference", "constant"] = "paper", segmentation_loss: str = "focal",
-                 fallback: Literal["perlin", "noise-texture", "self"] = "perlin", crop: int = 0):
+                 fallback: Literal["perlin", "noise-texture", "self"] = "perlin", crop: int = 0, pool: int = 0):
         super().__init__()
         if recon_width < 1 or disc_width < 1:
             raise ValueError("draem widths must be >= 1")
@@ -44,6 +44,9 @@ class Draem(Detector):
                              "side five times)")
         if lr <= 0:
             raise ValueError("draem lr must be > 0")
+        if pool < 0 or (pool and fallback != "noise-texture"):
+            raise ValueError(f"draem pool={pool}: a number of noise textures made once per run, >= 0, and only "
+                             "with fallback=noise-texture")
         self.reconstructive = ReconstructiveSubNetwork(3, 3, recon_width)
         self.discriminative = DiscriminativeSubNetwork(6, 2, disc_width)
         self.apply(reference_init)
@@ -51,8 +54,10 @@ class Draem(Detector):
         self.segmentation_loss_spec = segmentation_loss
         self.reconstruction_losses: list[tuple[str, float, nn.Module]] = []
         self.segmentation_loss: nn.Module | None = None
-        self.source: AnomalySource | None = None
+        self.source: TextureBank | None = None
         self.synthesis = SynthesisSettings(fallback=fallback)
+        # the noise-texture fallback drawn from this many textures made once per run (0: fresh ones every step)
+        self.pool = pool
         # train on random crops of this side of the (larger) training images: the cost of small images with the
         # detail of large ones; both networks are fully convolutional, so the map is computed on whole images
         self.crop = crop
@@ -68,6 +73,12 @@ class Draem(Detector):
         self.segmentation_loss = context.build("loss", self.segmentation_loss_spec)
         if context.anomaly_source is not None:
             self.source = AnomalySource(context.anomaly_source, context.image_size, context.device, seed=context.seed)
+
+    def on_train_start(self, images: Tensor, generator: torch.Generator) -> None:
+        if self.pool and self.source is None:  # made from the start generator: a resumed run makes the same pool
+            side = self.crop if self.crop and self.crop < min(images.shape[-2:]) else None
+            size = (side, side) if side else (images.shape[-2], images.shape[-1])
+            self.source = noise_texture_pool(self.pool, size, generator, self.synthesis)
 
     def training_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         if self.segmentation_loss is None:

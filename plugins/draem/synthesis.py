@@ -95,44 +95,76 @@ def _per_sample(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
 
-def augment(images: Tensor, chosen: Tensor, g: torch.Generator) -> Tensor:
-    """Apply, per sample, the augmenters marked in ``chosen`` (B, 10) bool, in the order of AUGMENTERS.
+def _draw(name: str, b: int, g: torch.Generator, device: torch.device) -> tuple[Tensor, ...]:
+    """The random magnitudes of augmenter ``name`` for a batch of ``b``, each with the batch as first dimension,
+    drawn in a fixed order (every augmenter draws for the whole batch, used or not, so the generator advances
+    alike whichever samples use it)."""
+    if name == "gamma":
+        return (_uniform(b * 3, 0.5, 2.0, g, device).view(b, 3, 1, 1),)
+    if name == "brightness":
+        return _uniform(b, 0.8, 1.2, g, device), _uniform(b, -30, 30, g, device) / 255
+    if name == "sharpness":
+        return (_uniform(b, 0.0, 2.0, g, device),)
+    if name == "hue_saturation":
+        return _uniform(b, -50, 50, g, device) / 255 * 2 * math.pi, _uniform(b, -50, 50, g, device) / 255
+    if name == "solarize":
+        return _uniform(b, 32, 128, g, device) / 255, torch.rand(b, generator=g, device=device) < 0.5
+    if name == "posterize":
+        return (torch.randint(1, 8, (b,), generator=g, device=device),)
+    if name == "rotate":
+        return (_uniform(b, -45, 45, g, device),)
+    return ()  # invert, autocontrast, equalize
+
+
+def _apply(name: str, x: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+    """Augmenter ``name`` on every sample of ``x`` (B, 3, H, W) with its magnitudes ``params`` (from ``_draw``).
     Magnitudes follow DRAEM's imgaug ranges (0-255 values mapped to [0, 1])."""
+    if name == "gamma":
+        return x.clamp_min(1e-6) ** params[0]
+    if name == "brightness":
+        return x * _per_sample(params[0]) + _per_sample(params[1])
+    if name == "sharpness":
+        return kornia.enhance.sharpness(x.clamp(0, 1), params[0])
+    if name == "hue_saturation":
+        hsv = kornia.color.rgb_to_hsv(x.clamp(0, 1))
+        h = torch.remainder(hsv[:, :1] + _per_sample(params[0]), 2 * math.pi)
+        s = (hsv[:, 1:2] + _per_sample(params[1])).clamp(0, 1)
+        return kornia.color.hsv_to_rgb(torch.cat((h, s, hsv[:, 2:]), 1))
+    if name == "solarize":
+        return torch.where((x >= _per_sample(params[0])) & _per_sample(params[1]), 1 - x, x)
+    if name == "posterize":
+        levels = _per_sample((2.0 ** params[0]).to(x.dtype))
+        return torch.floor(x.clamp(0, 1) * 255 / (256 / levels)) * (256 / levels) / 255
+    if name == "invert":
+        return 1 - x
+    if name == "autocontrast":
+        low = x.amin(dim=(2, 3), keepdim=True)
+        high = x.amax(dim=(2, 3), keepdim=True)
+        return (x - low) / (high - low).clamp_min(1e-6)
+    if name == "equalize":
+        return kornia.enhance.equalize(x.clamp(0, 1))
+    return rotate(x, params[0])
+
+
+def augment(images: Tensor, chosen: Tensor, g: torch.Generator, subset: bool | None = None) -> Tensor:
+    """Apply, per sample, the augmenters marked in ``chosen`` (B, 10) bool, in the order of AUGMENTERS.
+
+    Every augmenter works per sample, so it may run on the samples that use it only (``subset``, the default on
+    the CPU: 3 of 10 augmenters a sample, about a third of the work) or on the whole batch, keeping the ones
+    drawn (the default on a GPU, where picking the samples out would wait on the device). Both give the same
+    images."""
     b, device = images.shape[0], images.device
+    subset = device.type == "cpu" if subset is None else subset
     x = images
     for k, name in enumerate(AUGMENTERS):
-        use = chosen[:, k]  # every augmenter runs on the whole batch: skipping unused ones would need a host sync
-        if name == "gamma":
-            y = x.clamp_min(1e-6) ** _uniform(b * 3, 0.5, 2.0, g, device).view(b, 3, 1, 1)
-        elif name == "brightness":
-            y = x * _per_sample(_uniform(b, 0.8, 1.2, g, device)) + _per_sample(_uniform(b, -30, 30, g, device)) / 255
-        elif name == "sharpness":
-            y = kornia.enhance.sharpness(x.clamp(0, 1), _uniform(b, 0.0, 2.0, g, device))
-        elif name == "hue_saturation":
-            hue = _uniform(b, -50, 50, g, device) / 255 * 2 * math.pi
-            hsv = kornia.color.rgb_to_hsv(x.clamp(0, 1))
-            h = torch.remainder(hsv[:, :1] + _per_sample(hue), 2 * math.pi)
-            s = (hsv[:, 1:2] + _per_sample(_uniform(b, -50, 50, g, device)) / 255).clamp(0, 1)
-            y = kornia.color.hsv_to_rgb(torch.cat((h, s, hsv[:, 2:]), 1))
-        elif name == "solarize":
-            threshold = _per_sample(_uniform(b, 32, 128, g, device)) / 255
-            apply = _per_sample((torch.rand(b, generator=g, device=device) < 0.5).to(x.dtype))
-            y = torch.where((x >= threshold) & (apply > 0), 1 - x, x)
-        elif name == "posterize":
-            bits = torch.randint(1, 8, (b,), generator=g, device=device)
-            levels = _per_sample((2.0 ** bits).to(x.dtype))
-            y = torch.floor(x.clamp(0, 1) * 255 / (256 / levels)) * (256 / levels) / 255
-        elif name == "invert":
-            y = 1 - x
-        elif name == "autocontrast":
-            low = x.amin(dim=(2, 3), keepdim=True)
-            high = x.amax(dim=(2, 3), keepdim=True)
-            y = (x - low) / (high - low).clamp_min(1e-6)
-        elif name == "equalize":
-            y = kornia.enhance.equalize(x.clamp(0, 1))
-        else:  # rotate
-            y = rotate(x, _uniform(b, -45, 45, g, device))
-        x = torch.where(_per_sample(use), y, x)
+        use = chosen[:, k]
+        params = _draw(name, b, g, device)
+        if subset:
+            rows = use.nonzero()[:, 0]
+            if rows.numel():
+                x = x.index_put((rows,), _apply(name, x[rows], tuple(p[rows] for p in params)))
+        else:
+            x = torch.where(_per_sample(use), _apply(name, x, params), x)
     return x.clamp(0, 1)
 
 
@@ -144,8 +176,19 @@ def choose_augmenters(batch: int, count: int, g: torch.Generator, device: torch.
     return chosen
 
 
-class AnomalySource:
-    """Texture images (DTD layout: ``<dir>/<class>/*.jpg``, any depth) held on the device as uint8."""
+class TextureBank:
+    """Anomaly-source textures held on the device as uint8 (N, 3, H, W); ``draw`` picks a batch at random."""
+
+    def __init__(self, textures: Tensor):
+        self.textures = textures
+
+    def draw(self, batch: int, g: torch.Generator) -> Tensor:
+        index = torch.randint(0, len(self.textures), (batch,), generator=g, device=g.device).to(self.textures.device)
+        return self.textures[index].float() / 255
+
+
+class AnomalySource(TextureBank):
+    """Texture images (DTD layout: ``<dir>/<class>/*.jpg``, any depth)."""
 
     def __init__(self, folder: Path, size: int, device: torch.device, max_images: int = 1000, seed: int = 0):
         folder = Path(folder)
@@ -165,15 +208,28 @@ class AnomalySource:
                 continue  # a broken texture is not worth stopping training for
         if not textures:
             raise AdkitError(f"--anomaly-source {folder}: no readable images")
-        self.textures = torch.stack(textures).to(device)
+        super().__init__(torch.stack(textures).to(device))
         self.paths = paths
 
-    def draw(self, batch: int, g: torch.Generator) -> Tensor:
-        index = torch.randint(0, len(self.textures), (batch,), generator=g, device=g.device).to(self.textures.device)
-        return self.textures[index].float() / 255
+
+POOL_CHUNK = 64
 
 
-def synthesize(images: Tensor, g: torch.Generator, source: AnomalySource | None = None,
+def noise_texture_pool(count: int, size: tuple[int, int], g: torch.Generator,
+                       settings: SynthesisSettings | None = None) -> TextureBank:
+    """``count`` "noise-texture" sources (colour Perlin noise at random resolutions) made once, on the generator's
+    device: drawing from them costs an index where making fresh ones costs a Perlin computation every step.
+    DRAEM's augmenters still run on every draw, so each texture comes back in new colours and geometry."""
+    settings = settings or SynthesisSettings()
+    parts = []
+    for start in range(0, count, POOL_CHUNK):
+        n = min(POOL_CHUNK, count - start)
+        noise = _perlin_at_random_resolutions(n, 3, size, g, settings, g.device)
+        parts.append(((noise * 0.5 + 0.5).clamp(0, 1) * 255 + 0.5).to(torch.uint8))
+    return TextureBank(torch.cat(parts))
+
+
+def synthesize(images: Tensor, g: torch.Generator, source: TextureBank | None = None,
                settings: SynthesisSettings | None = None) -> SynthesisBatch:
     """DRAEM anomalies for a batch of normal images (B, 3, H, W) in [0, 1], on their device."""
     settings = settings or SynthesisSettings()
