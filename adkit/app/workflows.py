@@ -69,8 +69,8 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         results = _categories_in_workers(plan_.config.replace(out=str(out)), plan_.categories, workers, resume)
     else:
         results = [_run_category(plan_, category, out / category, resume) for category in plan_.categories]
-    if not main:
-        return results
+    if not main:  # under torchrun the other ranks helped train and score; rank 0 reports
+        return []
     artifacts.write_summary(out, plan_.config.__dict__, results)
     pages.build(out)
     render.print_summary(results, f"{plan_.detector} on {plan_.config.data}")
