@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adkit.core.components import Backbone, Detector, DetectorContext, Ensemble, Sampler
+from adkit.core.components import Backbone, Detector, DetectorContext, EnergyNetwork, Ensemble, Sampler
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.plugins import Catalog, get_catalog, reset_catalog
 from adkit.data.datasets import load_split
@@ -214,7 +214,7 @@ def check_loss(spec: str, catalog: Catalog | None = None, size: int = 32) -> nn.
     return loss
 
 
-class _TinyEnergy(nn.Module):
+class _TinyEnergy(EnergyNetwork):
     """f(x) (B,) of a small convolutional network: the kind of network samplers climb."""
 
     def __init__(self) -> None:
@@ -222,7 +222,6 @@ class _TinyEnergy(nn.Module):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                  nn.Linear(4, 1))
-        self.input_layer = self.net[0]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)[:, 0]

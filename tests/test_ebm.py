@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adkit.core.components import DetectorContext
+from adkit.core.components import DetectorContext, EnergyNetwork
 from adkit.run.engine import TrainSettings, train_detector
 from adkit_plugins.ebm.detectors import EBMImage, EBMPatch
 from adkit_plugins.ebm.networks import WideResNetEnergy
-from adkit_plugins.ebm.samplers import PYLD, SGLD, ReplayBuffer, first_conv
+from adkit_plugins.ebm.samplers import PYLD, SGLD, ReplayBuffer
 
 
-class QuadraticWell(nn.Module):
+class QuadraticWell(EnergyNetwork):
     """f(x) = -sum (conv1(x) - c)^2 with conv1 the identity: energy is lowest at x = c."""
 
     def __init__(self, centre: float = 0.3):
@@ -59,7 +59,7 @@ def test_pyld_outer_gradients_and_projection():
     x = sampler.sample(network, x0)
     assert x.min() >= -1 and x.max() <= 1 and not x.requires_grad
     assert sampler.full_passes == 3 and sampler.first_layer_passes == 6
-    assert first_conv(network) is network.conv1
+    assert network.first_layer() is network.input_layer() is network.conv1
     eta, p = sampler.outer_gradients(network, x0, network.conv1)
     assert eta.shape == x0.shape and p.shape == (2, 16, 8, 8)
 
@@ -184,12 +184,13 @@ def test_ebm_training_orders_energies_normal_defective_noise(catalog, tmp_path):
 
 def test_pretrained_trunk_input_layer_is_the_map_to_the_first_convolution(catalog):
     from adkit.core.components import DetectorContext
-    from adkit_plugins.ebm.samplers import input_layer
 
     detector = catalog["detector"].create("ebm-image:backbone=efficientnet-lite0,trunk_layer=2")
     detector.setup(DetectorContext(build=catalog.builder(), image_size=32, device=torch.device("cpu")))
     network = detector.network
-    conv1 = first_conv(network)
+    conv1 = network.first_layer()
+    trunk_convs = [m for m in network.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv1 is trunk_convs[0]  # the trunk's stem: the first layer the forward runs
     captured = []
     handle = conv1.register_forward_hook(lambda module, inputs, output: captured.append(output))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -197,8 +198,9 @@ def test_pretrained_trunk_input_layer_is_the_map_to_the_first_convolution(catalo
     handle.remove()
     assert f.shape == (2,)
     # PYLD's inner steps climb sum(z1 * p) through this map: it must give the z1 the full forward computes
-    torch.testing.assert_close(input_layer(network, conv1)(x), captured[0])
-    assert input_layer(WideResNetEnergy(10, 1), WideResNetEnergy(10, 1).conv1) is not None
+    torch.testing.assert_close(network.input_layer()(x), captured[0])
+    with pytest.raises(TypeError, match="pyld samples an adkit.core.components.EnergyNetwork"):
+        PYLD(M=1, N=1).sample(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1)), torch.zeros(2, 3, 2, 2))
 
 
 @pytest.mark.parametrize("trunk", ["frozen", "finetune"])

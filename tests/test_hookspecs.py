@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from adkit import hookimpl
-from adkit.core.components import Backbone, Detector, Ensemble, ExportFormat, Sampler
+from adkit.core.components import Backbone, Detector, Ensemble, ExportFormat, Loss, PostProcessor, Sampler, Scorer
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.errors import AdkitError
 from adkit.core.plugins import Catalog
@@ -20,6 +20,21 @@ class D(Detector):
 class B(Backbone):
     def forward(self, images, stages):
         return [images for _ in stages]
+
+
+class L(Loss):
+    def forward(self, prediction, target):
+        return (prediction - target).abs().mean()
+
+
+class P(PostProcessor):
+    def forward(self, anomaly_map):
+        return anomaly_map
+
+
+class C(Scorer):
+    def forward(self, anomaly_map):
+        return anomaly_map.flatten(1).amax(1)
 
 
 class S(Sampler):
@@ -65,7 +80,8 @@ class EveryHook:
 
     @hookimpl
     def register_losses(self, register):
-        register("t-loss", nn.L1Loss)
+        register("t-loss", L)
+        register("t-plain-loss", nn.L1Loss)
 
     @hookimpl
     def register_samplers(self, register):
@@ -73,12 +89,12 @@ class EveryHook:
 
     @hookimpl
     def register_postprocessors(self, register):
-        register("t-post", nn.Identity)
+        register("t-post", P)
+        register("t-plain-post", nn.Identity)
 
     @hookimpl
     def register_scorers(self, register):
-        register("t-scorer", nn.Identity)
-        register("t-wrong", lambda: "a string")
+        register("t-scorer", C)
 
     @hookimpl
     def register_ensembles(self, register):
@@ -113,7 +129,7 @@ def test_register_backbones():
 
 
 def test_register_losses():
-    assert isinstance(registered("loss", "t-loss"), nn.L1Loss)
+    assert isinstance(registered("loss", "t-loss"), L)
 
 
 def test_register_samplers():
@@ -121,11 +137,11 @@ def test_register_samplers():
 
 
 def test_register_postprocessors():
-    assert isinstance(registered("postprocessor", "t-post"), nn.Identity)
+    assert isinstance(registered("postprocessor", "t-post"), P)
 
 
 def test_register_scorers():
-    assert isinstance(registered("scorer", "t-scorer"), nn.Identity)
+    assert isinstance(registered("scorer", "t-scorer"), C)
 
 
 def test_register_ensembles():
@@ -153,11 +169,25 @@ def test_register_commands():
 
 
 def test_a_factory_returning_the_wrong_kind_fails_when_built():
+    """Losses may come from functions; what one builds must still be a Loss (plugin API 3): a plain nn.Module
+    with the right forward is refused, naming the base class to derive from."""
     catalog = Catalog()
     catalog.add_plugin(EveryHook(), name="every")
-    with pytest.raises(AdkitError, match=r"scorer 't-wrong' of plugin 'every' returned a str, not a "
-                                         r"torch.nn.modules.module.Module"):
-        catalog["scorer"].create("t-wrong")
+    with pytest.raises(AdkitError, match=r"loss 't-plain-loss' of plugin 'every' returned a L1Loss, not a "
+                                         r"adkit.core.components.Loss"):
+        catalog["loss"].create("t-plain-loss")
+
+
+def test_post_processors_scorers_and_datasets_are_classes_of_their_kind():
+    """The registry reads their declarations (exportable; a dataset's default_preset and takes_folders) from the
+    class: a plain nn.Module is refused at registration, like a detector factory that is a function."""
+    catalog = Catalog()
+    record = catalog.add_plugin(EveryHook(), name="every")
+    assert "t-post" in catalog["postprocessor"] and "t-plain-post" not in catalog["postprocessor"]
+    assert any("postprocessor 't-plain-post' of plugin 'every' is not registered" in w for w in record.warnings)
+    with pytest.raises(AdkitError, match="is not a subclass of adkit.core.components.PostProcessor"):
+        catalog["postprocessor"].get("t-plain-post")
+    assert catalog["scorer"].get("t-scorer").traits.exportable
 
 
 def test_a_detector_factory_must_be_a_detector_class():

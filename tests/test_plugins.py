@@ -9,7 +9,7 @@ import pytest
 
 from adkit import hookimpl
 from adkit.core import hookspecs
-from adkit.core.components import Detector
+from adkit.core.components import Detector, Scorer
 from adkit.core.errors import AdkitError
 from adkit.core.plugins import Catalog, load_catalog
 
@@ -59,6 +59,19 @@ class CopyCat(Detector):
         return images[:, :1]
 
 
+class Named(Scorer):
+    """A scorer that says which plugin registered it."""
+
+    who = ""
+
+    def forward(self, anomaly_map):
+        return anomaly_map.flatten(1).amax(1)
+
+
+def scorer_of(who: str) -> type[Scorer]:
+    return type(f"Scorer_{who.replace(' ', '_')}", (Named,), {"who": who})
+
+
 class DuplicatePlugin:
     @hookimpl
     def register_detectors(self, register):
@@ -67,7 +80,7 @@ class DuplicatePlugin:
 
     @hookimpl
     def register_scorers(self, register):
-        register("max", lambda: "not the built-in max")
+        register("max", scorer_of("not the built-in max"))
 
 
 def test_failing_registration_is_reported_and_rolled_back(catalog):
@@ -91,23 +104,23 @@ def test_a_name_clash_drops_only_that_component_and_built_ins_win(catalog):
 class FirstComer:
     @hookimpl
     def register_scorers(self, register):
-        register("p50", lambda: "third party")
-        register("only-mine", lambda: "kept")
+        register("p50", scorer_of("third party"))
+        register("only-mine", scorer_of("kept"))
 
 
 def test_a_built_in_loaded_after_a_third_party_still_wins():
     catalog = Catalog()
     catalog.add_plugin(FirstComer(), name="aaa", source="package aaa")
     catalog.add_plugin(BuiltInLater(), name="zzz", source="built-in")
-    assert catalog["scorer"].get("p50").factory() == "built-in"
-    assert catalog["scorer"].get("only-mine").factory() == "kept"
+    assert catalog["scorer"].get("p50").factory.who == "built-in"
+    assert catalog["scorer"].get("only-mine").factory.who == "kept"
     assert catalog.plugins["aaa"].status == "ok" and catalog.plugins["aaa"].warnings
 
 
 class BuiltInLater:
     @hookimpl
     def register_scorers(self, register):
-        register("p50", lambda: "built-in")
+        register("p50", scorer_of("built-in"))
 
 
 class MisspelledHook:

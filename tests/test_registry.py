@@ -5,9 +5,9 @@ import json
 from typing import Literal
 
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
+from adkit.core.components import Loss
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import split_spec
 from adkit.core.registry import ComponentRejected, DuplicateComponentError, Register, Registry
@@ -21,7 +21,7 @@ def make(a: int = 1, b: float = 0.5, flag: bool = False, mode: Literal["x", "y"]
 
 @pytest.fixture
 def registry():
-    reg = Registry("postprocessor")
+    reg = Registry("sampler")  # a kind whose factories may be functions
     Register(reg, "tests")("thing", make)
     Register(reg, "tests")("other", lambda: None, help="other one")
     return reg
@@ -51,7 +51,7 @@ def test_help_defaults_to_first_docstring_line(registry):
 def test_unknown_name_lists_close_matches(registry):
     with pytest.raises(AdkitError) as info:
         registry.get("thnig")
-    assert "unknown postprocessor 'thnig'" in info.value.message
+    assert "unknown sampler 'thnig'" in info.value.message
     assert "did you mean thing" in info.value.message
 
 
@@ -94,15 +94,24 @@ def takes_pair(pair: tuple[int, str] = (1, "a")):
 def test_parameter_types_specs_cannot_write_are_refused_at_registration(registry, factory, needle):
     with pytest.raises(ComponentRejected) as info:
         Register(registry, "author")("odd", factory)
-    assert "postprocessor 'odd' of plugin 'author' is not registered: " + needle in str(info.value)
+    assert "sampler 'odd' of plugin 'author' is not registered: " + needle in str(info.value)
     assert "odd" not in registry
     with pytest.raises(AdkitError, match="is not registered: parameter"):  # asking for it says why
         registry.get("odd")
 
 
+class MSE(Loss):
+    def __init__(self):
+        super().__init__()
+        self.reduction = "mean"
+
+    def forward(self, prediction, target):
+        return (prediction - target).pow(2).mean()
+
+
 def test_loss_kind_accepts_weight_extra():
     reg = Registry("loss")
-    Register(reg, "tests")("mse", torch.nn.MSELoss)
+    Register(reg, "tests")("mse", MSE)
     spec = reg.parse("mse:weight=0.25")
     assert spec.extras == {"weight": 0.25} and spec.params == {}
     assert reg.parse("mse").extras == {"weight": 1.0}
@@ -112,7 +121,7 @@ def test_loss_kind_accepts_weight_extra():
 
 
 def test_factory_value_error_becomes_user_error():
-    reg = Registry("scorer")
+    reg = Registry("sampler")
 
     def picky(k: int = 1):
         if k < 1:

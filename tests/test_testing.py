@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from adkit import hookimpl, testing
-from adkit.core.components import Detector, Sampler, Scorer
+from adkit.core.components import Detector, Loss, Sampler, Scorer
 from adkit.core.plugins import Catalog
 
 BUILT_IN = [
@@ -73,7 +72,7 @@ class KeepsTheMapDimension(Scorer):
         return anomaly_map.flatten(2).amax(2)  # (B, 1) instead of (B,)
 
 
-class HalfPrecisionLoss(nn.Module):
+class HalfPrecisionLoss(Loss):
     def forward(self, prediction, target):
         return ((prediction - target) ** 2).mean()
 

@@ -295,8 +295,8 @@ class Loss(nn.Module):
     ``weight`` is applied by the detector that sums its losses. What detectors pass: reconstruction losses
     (DRAEM's l2, ssim, color, psnr) get the reconstruction and the clean image, both (B, 3, H, W) in [0, 1];
     segmentation losses (focal) get logits (B, 2, H, W) and a mask (B, 1, H, W) in {0, 1}. Compute in float32
-    (decorate ``forward`` with ``adkit.run.engine.in_float32``): networks may run under bf16 autocast. Deriving from
-    it is recommended; any ``nn.Module`` with that forward is accepted."""
+    (decorate ``forward`` with ``adkit.run.engine.in_float32``): networks may run under bf16 autocast. What a loss
+    factory builds must derive from it (plugin API 3)."""
 
 
 class PostProcessor(nn.Module, Exportable):
@@ -307,16 +307,34 @@ class Scorer(nn.Module, Exportable):
     """Reduces an anomaly map (B, 1, H, W) to image scores (B,). Subclasses implement ``forward``."""
 
 
+class EnergyNetwork(nn.Module):
+    """What samplers climb: ``forward`` maps inputs x in [-1, 1], images (B, C, H, W) or vectors (B, D), to f(x)
+    (B,), high on data (the energy is E(x) = -f(x)). It declares where its first linear map is, which samplers
+    such as PYLD-M-N step through cheaply: ``first_layer()``, the Conv2d or Linear whose output z1 the forward
+    computes, and ``input_layer()``, the whole map from x to z1."""
+
+    def first_layer(self) -> nn.Module:
+        """The layer whose output is z1, called by ``forward``: by default the first Conv2d or Linear registered."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                return module
+        raise ValueError(f"{type(self).__name__} has no Conv2d or Linear layer: override first_layer()")
+
+    def input_layer(self) -> nn.Module:
+        """The map from the network input x to z1: ``first_layer()`` itself, unless the network transforms x before
+        it (a pretrained trunk normalises x first: override this to return that composition)."""
+        return self.first_layer()
+
+
 class Sampler(ABC):
-    """Draws low-energy samples of an energy network. The network maps inputs (B, C, H, W) in [-1, 1] to
-    f(x) (B,), high on data; the energy is E(x) = -f(x), so samplers climb f. Samplers count their cost in
-    ``full_passes`` (forward + backward through the whole network) and ``first_layer_passes``."""
+    """Draws low-energy samples of an energy network (``EnergyNetwork``): samplers climb its f. They count their
+    cost in ``full_passes`` (forward + backward through the whole network) and ``first_layer_passes``."""
 
     full_passes: int = 0
     first_layer_passes: int = 0
 
     @abstractmethod
-    def sample(self, network: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, network: EnergyNetwork, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Samples of the same shape as ``x0``, detached; random draws from ``generator``."""
 
 

@@ -31,9 +31,10 @@ KINDS = {
     "dataset": "register_datasets",
     "exporter": "register_exporters",
 }
-# kinds whose factory must be a class deriving from the kind's base (the registry reads its declarations); the
-# other kinds' factories may be functions, and declare what their class declares when they are classes
-CLASS_KINDS = ("detector",)
+# kinds whose factory must be a class deriving from the kind's base: the registry reads their declarations (Traits)
+# from the class. The other kinds' factories may be functions; what they build is checked against the kind's base
+# class when it is built (kind_type).
+CLASS_KINDS = ("detector", "postprocessor", "scorer", "dataset")
 
 # Parameters every component of a kind accepts, consumed by the caller rather than the factory.
 KIND_EXTRAS: dict[str, dict[str, tuple[type, Any]]] = {"loss": {"weight": (float, 1.0)}}
@@ -86,9 +87,11 @@ class Traits:
 
     @classmethod
     def of(cls, kind: str, factory: Callable[..., Any]) -> Traits:
-        if not inspect.isclass(factory):
+        if kind not in CLASS_KINDS:  # losses, samplers, ensembles, backbones, exporters declare nothing here
             return cls()
-        values = {name: getattr(factory, name) for name in ("exportable",) if hasattr(factory, name)}
+        values: dict[str, Any] = {}
+        if kind in ("detector", "postprocessor", "scorer"):
+            values.update(exportable=factory.exportable)
         if kind == "detector":
             values.update(trainable=factory.trainable, image_level=factory.image_level,
                           own_scores=factory.own_scores, presets=tuple(factory.presets),
@@ -98,8 +101,7 @@ class Traits:
                           default_postprocessors=tuple(factory.default_postprocessors),
                           default_scorer=factory.default_scorer, default_pixel_map=factory.default_pixel_map)
         if kind == "dataset":
-            values.update(default_preset=getattr(factory, "default_preset", ""),
-                          takes_folders=getattr(factory, "takes_folders", False))
+            values.update(default_preset=factory.default_preset, takes_folders=factory.takes_folders)
         return cls(**values)
 
 
@@ -203,7 +205,7 @@ class Registry:
             expected = kind_type(self.kind)
             if not (inspect.isclass(factory) and issubclass(factory, expected)):
                 raise ValueError(f"its factory {getattr(factory, '__qualname__', factory)!r} is not a subclass of "
-                                 f"{expected.__module__}.{expected.__name__} (the core reads presets and defaults "
+                                 f"{expected.__module__}.{expected.__name__} (the core reads its declarations "
                                  "from the class)")
 
     def remove_plugin(self, plugin: str) -> None:
@@ -288,13 +290,11 @@ class Registry:
 
 def kind_type(kind: str) -> type:
     """The class every component of ``kind`` is an instance of (imported on first use: torch is heavy)."""
-    from torch import nn
-
     from adkit.core import components
     from adkit.core.datasets import AnomalyDataset
 
-    return {"detector": components.Detector, "backbone": components.Backbone, "loss": nn.Module,
-            "sampler": components.Sampler, "postprocessor": nn.Module, "scorer": nn.Module,
+    return {"detector": components.Detector, "backbone": components.Backbone, "loss": components.Loss,
+            "sampler": components.Sampler, "postprocessor": components.PostProcessor, "scorer": components.Scorer,
             "ensemble": components.Ensemble, "dataset": AnomalyDataset, "exporter": components.ExportFormat}[kind]
 
 

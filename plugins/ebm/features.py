@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adkit.core.components import Backbone, Detector, DetectorContext
+from adkit.core.components import Backbone, Detector, DetectorContext, EnergyNetwork
 from adkit.core.errors import AdkitError
 from adkit.core.features import build_backbone, check_layers, locally_aware_patches
 from adkit.stats.covariance import ledoit_wolf, whitening
@@ -53,7 +53,7 @@ class TiltLayer(nn.Linear):
         return torch.cat([F.linear(x, self.weight, self.bias), x], -1)
 
 
-class TiltedGaussian(nn.Module):
+class TiltedGaussian(EnergyNetwork):
     """f(x) = -E(x) for vectors x (N, D): g(x) - spread^2 |x[:, :features]|^2 / 2 (module docstring). ``parts``
     also returns g, which the energy penalty keeps small."""
 
@@ -66,6 +66,9 @@ class TiltedGaussian(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.rest = nn.Sequential(*layers)
         self.width, self.features, self.base_weight, self.tilt = width, features, spread**2, tilt
+
+    def first_layer(self) -> nn.Module:
+        return self.first
 
     def forward(self, x: Tensor) -> Tensor:
         return self.parts(x)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from adkit.core.components import Backbone
+from adkit.core.components import Backbone, EnergyNetwork
 
 
 class PreActBlock(nn.Module):
@@ -25,7 +25,7 @@ class PreActBlock(nn.Module):
         return out + self.shortcut(x)
 
 
-class WideResNetEnergy(nn.Module):
+class WideResNetEnergy(EnergyNetwork):
     """WRN-depth-widen (depth = 6n + 4), pre-activation, LeakyReLU, global pooling, Linear(64 * widen, 1).
     WRN-28-10 has a 36.5 M parameter trunk. Returns f(x) of shape (B,)."""
 
@@ -52,7 +52,7 @@ class WideResNetEnergy(nn.Module):
         return self.head(features.mean(dim=(2, 3))).squeeze(1)
 
 
-class TimmEnergy(nn.Module):
+class TimmEnergy(EnergyNetwork):
     """Any timm model with one output as f(x); pretrained weights are never downloaded."""
 
     def __init__(self, name: str):
@@ -80,7 +80,7 @@ class InputLayer(nn.Module):
         return self.conv[0](self.trunk[0].normalise((x + 1) / 2))
 
 
-class PretrainedEnergy(nn.Module):
+class PretrainedEnergy(EnergyNetwork):
     """f(x) = head(global mean of a pretrained trunk's ``stage`` features) for x in [-1, 1]; the head is
     Linear(C, hidden) - LeakyReLU(0.2) - Linear(hidden, 1). With ``finetune`` the trunk's weights train too (its
     BatchNorm statistics stay frozen); otherwise only the head does. Returns (B,)."""
@@ -93,9 +93,11 @@ class PretrainedEnergy(nn.Module):
             for parameter in trunk.parameters():
                 parameter.requires_grad_(True)
         self.head = nn.Sequential(nn.Linear(trunk.channels[stage], hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
-        first = next(m for m in trunk.modules() if isinstance(m, nn.Conv2d))
-        # declared for the samplers: how the network input reaches the first convolution's output
-        self.input_layer = InputLayer(trunk, first)
+        self._input_layer = InputLayer(trunk, self.first_layer())
+
+    def input_layer(self) -> nn.Module:
+        """Normalisation, then the trunk's first convolution: the trunk normalises x before it."""
+        return self._input_layer
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.trunk((x + 1) / 2, (self.stage,))[0]

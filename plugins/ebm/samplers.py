@@ -9,23 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from adkit.core.components import Sampler
-
-
-def first_conv(network: nn.Module) -> nn.Module:
-    """The first Conv2d or Linear layer the network registers: its input layer for the built-in WRN, timm CNNs
-    and the feature-space MLPs (z1 is this layer's output)."""
-    for module in network.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            return module
-    raise ValueError(f"{type(network).__name__} has no Conv2d or Linear layer: PYLD needs a linear first layer")
-
-
-def input_layer(network: nn.Module, conv1: nn.Conv2d) -> nn.Module:
-    """The map from the network input x to z1, the first convolution's output: ``network.input_layer`` where the
-    network declares one (a pretrained trunk normalises x first), else the convolution itself."""
-    declared = network.input_layer if hasattr(network, "input_layer") else None
-    return declared if isinstance(declared, nn.Module) else conv1
+from adkit.core.components import EnergyNetwork, Sampler
 
 
 class PYLD(Sampler):
@@ -57,7 +41,7 @@ class PYLD(Sampler):
 
     def inner_steps(self, conv1: nn.Module, x: Tensor, p: Tensor) -> Tensor:
         """N steps along the gradient of H(x~) = sum(conv1(x~) * p), through the first layer only (``conv1``: the
-        map from x to z1, see ``input_layer``)."""
+        map from x to z1, the network's ``input_layer()``)."""
         x_tilde = x.detach()
         for _ in range(self.N):
             x_tilde = x_tilde.requires_grad_(True)
@@ -68,8 +52,11 @@ class PYLD(Sampler):
         return x_tilde
 
     def sample(self, network: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        conv1 = first_conv(network)
-        layer = input_layer(network, conv1)
+        if not isinstance(network, EnergyNetwork):
+            raise TypeError(f"pyld samples an adkit.core.components.EnergyNetwork, which declares the first layer "
+                            f"its inner steps run through; got a {type(network).__name__}")
+        conv1 = network.first_layer()
+        layer = network.input_layer()
         x = x0.detach()
         generator = generator or torch.Generator(device=x.device).manual_seed(self.generator_seed)
         for _ in range(self.M):
