@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import adkit
+from adkit.core import registry
 from adkit.core.errors import AdkitError
 from adkit.core.files import atomic_dir
 
 TEMPLATES = Path(__file__).parent / "templates" / "plugin"
-KINDS = ("detector", "postprocessor", "scorer", "loss", "sampler", "backbone", "ensemble", "dataset", "exporter",
-         "command")
+# every registered component kind (the registry's one list), then CLI commands; a template per kind in kinds/
+KINDS = (*registry.KINDS, "command")
 DEFAULT_KINDS = ("detector", "postprocessor", "scorer", "command")
 SECTIONS = ("imports", "code", "hook-imports", "hook", "test-imports", "tests")
 

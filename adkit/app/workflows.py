@@ -60,10 +60,7 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         return run_ensemble(config, resume)
     plan_ = plan(config)
     out = output_dir(plan_.config, plan_.detector.name)
-    claim_output(out, resume)
-    main = distributed.is_main()
-    if main:
-        files.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    main = _start(out, plan_.config, resume)
     workers = category_workers(plan_)
     if workers > 1:
         results = _categories_in_workers(plan_.config.replace(out=str(out)), plan_.categories, workers, resume)
@@ -71,11 +68,26 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         results = [_run_category(plan_, category, out / category, resume) for category in plan_.categories]
     if not main:  # under torchrun the other ranks helped train and score; rank 0 reports
         return []
-    artifacts.write_summary(out, plan_.config.__dict__, results)
-    pages.build(out)
-    render.print_summary(results, f"{plan_.detector} on {plan_.config.data}")
-    console.say(f"results in {out} (open {out / pages.PAGE})")
+    _finish(out, plan_.config.__dict__, results, f"{plan_.detector} on {plan_.config.data}")
     return results
+
+
+def _start(out: Path, config: RunConfig, resume: bool) -> bool:
+    """The start every training workflow shares: claim ``out`` (refusing another run's checkpoints unless
+    resuming) and write its config.toml. Returns whether this process reports (rank 0 under torchrun)."""
+    claim_output(out, resume)
+    main = distributed.is_main()
+    if main:
+        files.write_text_atomic(out / "config.toml", config.to_toml())
+    return main
+
+
+def _finish(out: Path, header: dict[str, Any], results: list[dict[str, Any]], title: str) -> None:
+    """The end of ``run`` and ``test`` on rank 0: summary files, the page, the table, and where they are."""
+    artifacts.write_summary(out, header, results)
+    pages.build(out)
+    render.print_summary(results, title)
+    console.say(f"results in {out} (open {out / pages.PAGE})")
 
 
 def _run_category(plan_: RunPlan, category: str, folder: Path, resume: bool) -> dict[str, Any]:
@@ -162,11 +174,7 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
     plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
     names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
     out = output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
-    claim_output(out, resume)
-    main = distributed.is_main()
-    if main:
-        files.write_text_atomic(out / "config.toml", config.replace(
-            category=plans[0].categories, ensemble=ensemble_spec).to_toml())
+    main = _start(out, config.replace(category=plans[0].categories, ensemble=ensemble_spec), resume)
     rows: list[dict[str, Any]] = []
     for category in plans[0].categories:
         evaluations = []
@@ -209,9 +217,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     """Train per category; checkpoints in <out>/<category>/checkpoint.pt. Returns the output folder."""
     plan_ = plan(config)
     out = output_dir(plan_.config, plan_.detector.name)
-    claim_output(out, resume)
-    if distributed.is_main():
-        files.write_text_atomic(out / "config.toml", plan_.config.to_toml())
+    main = _start(out, plan_.config, resume)
     for category in plan_.categories:
         run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
         # so that predict can decide right after train: the threshold on held-out validation images
@@ -221,9 +227,9 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         fit = fit_threshold(plan_.threshold, scores, split.labels, category)
         record_threshold(out / category, validation_record(fit, scores, split.labels), plan_.posts, plan_.scorer,
                          _source(plan_, category, "train"))
-        if distributed.is_main():
+        if main:
             console.say(f"{category}: {render.threshold_line(fit)}")
-    if distributed.is_main():
+    if main:
         console.say(f"checkpoints in {out}")
     return out
 
@@ -255,10 +261,8 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
                                                                       evaluation.val_labels),
                                  plan_.posts, plan_.scorer, _source(plan_, category, "test"))
     if main:
-        artifacts.write_summary(out, {"checkpoint": str(checkpoint), **plan_.config.__dict__}, results)
-        pages.build(out)
-        render.print_summary(results, f"{plan_.detector} from {checkpoint}")
-        console.say(f"results in {out} (open {out / pages.PAGE})")
+        _finish(out, {"checkpoint": str(checkpoint), **plan_.config.__dict__}, results,
+                f"{plan_.detector} from {checkpoint}")
     return results
 
 
