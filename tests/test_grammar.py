@@ -95,12 +95,16 @@ def test_the_smoothing_of_patchcore_and_padim_is_in_their_recorded_pipeline(name
 def test_a_checkpoint_from_before_declared_pipelines_keeps_its_smoothing():
     """adkit 0.1 smoothed inside PatchCore and recorded no post-processors; such a checkpoint restores with the
     declared default chain, while a 0.2 checkpoint's empty chain stays empty."""
-    from adkit.run.assembly import pipeline_specs
+    from adkit.run.assembly import checkpoint_pipeline
 
     old = {"detector": "patchcore", "posts": [], "scorer": "max"}
-    assert pipeline_specs(RunConfig(), old) == (["gaussian:sigma=4.0"], "max")
-    assert pipeline_specs(RunConfig(), {**old, "declared_pipeline": True}) == ([], "max")
-    assert pipeline_specs(RunConfig(post=["avgpool"]), old)[0] == ["avgpool"]
+
+    def scoring(spec):
+        return spec.post_texts, spec.scorer_text
+
+    assert scoring(checkpoint_pipeline(RunConfig(), old)) == (["gaussian:sigma=4.0"], "max")
+    assert scoring(checkpoint_pipeline(RunConfig(), {**old, "declared_pipeline": True})) == ([], "max")
+    assert checkpoint_pipeline(RunConfig(post=["avgpool"]), old).post_texts == ["avgpool"]
 
 
 class SmallParts(MVTecDataset):
@@ -140,3 +144,28 @@ def test_planning_reads_what_datasets_declare_not_their_names(catalog, tmp_path)
     assert dataset_spec(catalog, RunConfig(data="line-folders", normal=str(normal)))[0] == "line-folders"
     with pytest.raises(AdkitError, match="use --data folder or --data line-folders or leave --data out"):
         dataset_spec(catalog, RunConfig(data="mvtec", normal=str(normal)))
+
+
+def test_the_pipeline_is_one_value_from_plan_to_checkpoint_to_threshold_record(tmp_path):
+    """Planning makes the PipelineSpec once; a checkpoint's meta stores its texts and reads back the same value;
+    a threshold record holds for it when its specs parse to the same values (whatever their spelling), and not
+    for another chain."""
+    import json
+
+    from adkit.outputs.artifacts import record_threshold, threshold_record
+    from adkit.run.assembly import checkpoint_pipeline
+
+    planned = plan(RunConfig(detector=["patchcore"], post=["gaussian:sigma=4", "avgpool:kernel=3"],
+                             data="synthetic:size=32,n_train=8,n_test=6", category=["tile"]))
+    spec = planned.pipeline
+    assert str(spec) == f"{spec.detector} -> gaussian:sigma=4.0 -> avgpool:kernel=3 -> max"
+    meta = {**spec.record(), "declared_pipeline": True}
+    assert checkpoint_pipeline(RunConfig(), meta) == spec  # stored as texts, read back as the same value
+    record_threshold(tmp_path, {"threshold": 0.5}, spec, "test")
+    assert threshold_record(tmp_path, spec)["threshold"] == 0.5
+    written = json.loads((tmp_path / "threshold.json").read_text())
+    (tmp_path / "threshold.json").write_text(json.dumps({**written, "posts": ["gaussian:sigma=4", "avgpool"]}))
+    assert threshold_record(tmp_path, spec) is None  # avgpool's default kernel is not 3: another chain
+    (tmp_path / "threshold.json").write_text(json.dumps({**written, "posts": ["gaussian:sigma=4.00",
+                                                                                "avgpool:kernel=3"]}))
+    assert threshold_record(tmp_path, spec)["threshold"] == 0.5  # another spelling of the same values

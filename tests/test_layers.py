@@ -101,3 +101,49 @@ def test_the_contract_sees_lazy_and_type_checking_imports():
               "def f():\n    from adkit.outputs import render\n")
     assert imported(source, "adkit.core") == {"adkit.run.planning", "adkit.outputs.render"}
     assert floor("adkit.run.planning") > floor("adkit.core.registry")
+
+
+@pytest.mark.parametrize("detector", ["pixel-gauss", "draem:recon_width=2,disc_width=2"])
+def test_a_runs_configuration_enters_each_module_at_most_twice(invoke, tmp_path, detector):
+    """From `adkit run` the configuration (RunConfig, then the RunPlan made from it) goes down through the
+    layers and comes back only to the module that holds the loop: every call that receives it from another
+    module counts as an entry, and no module is entered more than twice (when issue #26 was filed the same path
+    climbed back up 17 times: planning 5, engine 6, report 6). The value's own methods do not count."""
+    import collections
+    import sys
+
+    from adkit.run.config import RunConfig
+    from adkit.run.planning import RunPlan
+
+    values = (RunConfig, RunPlan)
+    entries: collections.Counter[str] = collections.Counter()
+    path: list[str] = []
+
+    def carries(value) -> bool:
+        return isinstance(value, values) or (isinstance(value, tuple) and any(isinstance(v, values) for v in value))
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        module = frame.f_globals.get("__name__", "")
+        caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+        if not module.startswith("adkit.") or module == caller:
+            return
+        code = frame.f_code
+        args = [frame.f_locals.get(name) for name in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]]
+        if args and code.co_varnames[0] == "self" and isinstance(args[0], values):
+            return  # a method of the configuration itself
+        if any(carries(value) for value in args):
+            entries[module] += 1
+            path.append(f"{module}.{code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        code, _, err = invoke("run", "--detector", detector, "--data", "synthetic:size=32,n_train=8,n_test=6",
+                              "--category", "tile", "--image-size", "32", "--steps", "2", "--batch-size", "2",
+                              "--out", str(tmp_path / "run"), "--workers", "1")
+    finally:
+        sys.setprofile(None)
+    assert code == 0, err
+    assert "adkit.run.planning" in entries and "adkit.run.evaluation" in entries  # the tracer saw the path
+    assert max(entries.values()) <= 2, " -> ".join(path)

@@ -24,7 +24,13 @@ from adkit.deploy import export as deploy
 from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
 from adkit.outputs import artifacts, pages, render
 from adkit.outputs.artifacts import record_threshold, validation_record
-from adkit.run.assembly import build_pipeline, checkpoint_geometry, load_trained, pipeline_specs, plan_from_checkpoint
+from adkit.run.assembly import (
+    build_pipeline,
+    checkpoint_geometry,
+    checkpoint_pipeline,
+    load_trained,
+    plan_from_checkpoint,
+)
 from adkit.run.config import RunConfig
 from adkit.run.engine import in_batches, load_checkpoint, resolve_device
 from adkit.run.engine import predict as run_pipeline
@@ -97,7 +103,7 @@ def _run_category(plan_: RunPlan, category: str, folder: Path, resume: bool) -> 
     if distributed.is_main():  # under torchrun rank 0 reports; the other ranks helped train and score
         artifacts.write_category(run_.test, category, evaluation, folder)
         record_threshold(folder, validation_record(evaluation.fit, evaluation.val_scores, evaluation.val_labels),
-                         plan_.posts, plan_.scorer, _source(plan_, category, "run"))
+                         plan_.pipeline, _source(plan_, category, "run"))
     return evaluation.metrics
 
 
@@ -225,7 +231,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         scores = run_pipeline(build_pipeline(plan_, run_.detector), split.images,
                               plan_.scoring_batch, plan_.device, precision=plan_.config.precision).scores
         fit = fit_threshold(plan_.threshold, scores, split.labels, category)
-        record_threshold(out / category, validation_record(fit, scores, split.labels), plan_.posts, plan_.scorer,
+        record_threshold(out / category, validation_record(fit, scores, split.labels), plan_.pipeline,
                          _source(plan_, category, "train"))
         if main:
             console.say(f"{category}: {render.threshold_line(fit)}")
@@ -259,7 +265,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
             if category == meta["category"]:  # a threshold for the data the checkpoint was trained on
                 record_threshold(checkpoint.parent, validation_record(evaluation.fit, evaluation.val_scores,
                                                                       evaluation.val_labels),
-                                 plan_.posts, plan_.scorer, _source(plan_, category, "test"))
+                                 plan_.pipeline, _source(plan_, category, "test"))
     if main:
         _finish(out, {"checkpoint": str(checkpoint), **plan_.config.__dict__}, results,
                 f"{plan_.detector} from {checkpoint}")
@@ -295,7 +301,7 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     if checkpoint is not None:
         payload = load_checkpoint(checkpoint)
         meta = payload["meta"]
-        record = artifacts.threshold_record(checkpoint.parent, *pipeline_specs(config, meta))
+        record = artifacts.threshold_record(checkpoint.parent, checkpoint_pipeline(config, meta))
         decision = artifacts.chosen_threshold(record, config.threshold,
                                               str(checkpoint.parent / artifacts.THRESHOLD_FILE))
         pipeline, _ = load_trained(config, checkpoint, device, payload)
@@ -352,16 +358,16 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
     deploy.export_format(fmt)  # an unknown format fails before anything is read
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
-    posts, scorer = pipeline_specs(config, meta)
-    record = artifacts.threshold_record(checkpoint.parent, posts, scorer)
+    spec = checkpoint_pipeline(config, meta)
+    record = artifacts.threshold_record(checkpoint.parent, spec)
     if record is None:
-        raise AdkitError(f"no threshold for post-processors {posts} and scorer {scorer} beside {checkpoint}: run "
-                         f"adkit test --checkpoint {checkpoint} with these options first")
+        raise AdkitError(f"no threshold for post-processors {spec.post_texts} and scorer {spec.scorer_text} beside "
+                         f"{checkpoint}: run adkit test --checkpoint {checkpoint} with these options first")
     chosen = artifacts.chosen_threshold(record, config.threshold, str(checkpoint.parent / artifacts.THRESHOLD_FILE))
     decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
     pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload)
     out = out or checkpoint.parent / f"export-{fmt}"
-    info = {"detector": meta["detector"], "backbone": meta.get("backbone"), "posts": posts, "scorer": scorer,
+    info = {**spec.record(), "backbone": meta.get("backbone"),
             "category": meta["category"], "checkpoint": str(checkpoint),
             "threshold_fitted_on": record["fitted_on"]}
     deploy.export(Deployed(pipeline), fmt, out, checkpoint_geometry(meta), decision, info)

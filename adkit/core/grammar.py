@@ -33,6 +33,41 @@ class ComponentSpec:
         return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in values.items())
 
 
+@dataclass(frozen=True)
+class PipelineSpec:
+    """The pipeline a run evaluates, as one value: the detector, its post-processors in order and its scorer, each
+    a parsed spec (``str`` of each is its canonical text). Planning makes it once; checkpoints and threshold
+    records store its texts (``record``), and what reads them back compares values (``same_scoring``)."""
+
+    detector: ComponentSpec
+    posts: tuple[ComponentSpec, ...]
+    scorer: ComponentSpec
+
+    @property
+    def post_texts(self) -> list[str]:
+        return [str(post) for post in self.posts]
+
+    @property
+    def scorer_text(self) -> str:
+        return str(self.scorer)
+
+    def record(self) -> dict[str, Any]:
+        """The texts a checkpoint's meta and a threshold record store: detector, posts and scorer."""
+        return {"detector": str(self.detector), "posts": self.post_texts, "scorer": self.scorer_text}
+
+    def rescored(self, posts: tuple[ComponentSpec, ...] | None = None,
+                 scorer: ComponentSpec | None = None) -> PipelineSpec:
+        """The same detector with other post-processors or another scorer (a bench grid's re-scoring)."""
+        return PipelineSpec(self.detector, self.posts if posts is None else tuple(posts), scorer or self.scorer)
+
+    def same_scoring(self, other: PipelineSpec) -> bool:
+        """Whether ``other`` post-processes and scores as this one does: what a recorded threshold holds for."""
+        return self.posts == other.posts and self.scorer == other.scorer
+
+    def __str__(self) -> str:
+        return " -> ".join([str(self.detector), *self.post_texts, self.scorer_text])
+
+
 def split_spec(spec: str, kind: str = "component") -> tuple[str, dict[str, str]]:
     """Split ``name:key=value,key=value`` into the name and raw string values. A value holding commas of its own
     (another component's spec) is written in parentheses: ``ebm-image:sampler=(pyld:M=5,N=3)``."""

@@ -14,6 +14,8 @@ from sklearn.metrics import roc_curve
 from adkit.core import console, distributed, files
 from adkit.core.datasets import Sample
 from adkit.core.errors import AdkitError
+from adkit.core.grammar import PipelineSpec
+from adkit.core.plugins import get_catalog
 from adkit.data.datasets import LoadedSplit
 from adkit.data.geometry import Geometry
 from adkit.data.io import load_image
@@ -119,29 +121,44 @@ def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,
             "val_scores": [float(s) for s in scores.double()], "val_labels": [int(x) for x in labels]}
 
 
-def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], posts: list[str], scorer: str,
-                     source: str) -> None:
+def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], pipeline: PipelineSpec, source: str) -> None:
     """Write the threshold fitted on validation data (a ``validation_record``) beside the checkpoint, with the
     post-processors and scorer it holds for: ``predict`` and ``export`` read it after ``train``, ``test`` or ``run``
     alike."""
     if distributed.is_main():
-        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": list(posts), "scorer": scorer,
-                                                             "fitted_on": source})
+        record = pipeline.record()
+        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": record["posts"],
+                                                             "scorer": record["scorer"], "fitted_on": source})
 
 
-def threshold_record(checkpoint_dir: Path, posts: list[str], scorer: str) -> dict[str, Any] | None:
-    """The recorded threshold.json if it was fitted for these post-processors and scorer; None (with a warning
-    when it was fitted for others) otherwise."""
+def threshold_record(checkpoint_dir: Path, pipeline: PipelineSpec) -> dict[str, Any] | None:
+    """The recorded threshold.json if it was fitted for the post-processors and scorer of ``pipeline`` (the
+    recorded specs parsed and compared as values); None (with a warning when it was fitted for others)
+    otherwise."""
     path = checkpoint_dir / THRESHOLD_FILE
     if not path.is_file():
         return None
     recorded = json.loads(path.read_text())
-    if recorded.get("posts") != list(posts) or recorded.get("scorer") != scorer:
+    if not _holds_for(recorded, pipeline):
         console.warn(f"the threshold in {path} was fitted for post-processors {recorded.get('posts')} and scorer "
-                    f"{recorded.get('scorer')}, not {list(posts)} and {scorer}: it is not used (predict writes no "
-                    "decisions, export refuses); run adkit test with these options to fit one")
+                    f"{recorded.get('scorer')}, not {pipeline.post_texts} and {pipeline.scorer_text}: it is not used "
+                    "(predict writes no decisions, export refuses); run adkit test with these options to fit one")
         return None
     return recorded
+
+
+def _holds_for(recorded: dict[str, Any], pipeline: PipelineSpec) -> bool:
+    """Whether a threshold record's post-processors and scorer are ``pipeline``'s (a spec that no longer parses,
+    a plugin gone, is not)."""
+    if not isinstance(recorded.get("posts"), list) or not isinstance(recorded.get("scorer"), str):
+        return False
+    catalog = get_catalog()
+    try:
+        posts = tuple(catalog["postprocessor"].parse(text) for text in recorded["posts"])
+        scorer = catalog["scorer"].parse(recorded["scorer"])
+    except AdkitError:
+        return False
+    return pipeline.same_scoring(pipeline.rescored(posts=posts, scorer=scorer))
 
 
 def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: str) -> dict[str, Any] | None:

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from adkit.core.components import Detector, DetectorContext, Pipeline
-from adkit.core.grammar import ComponentSpec, split_spec
+from adkit.core.grammar import ComponentSpec, PipelineSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.tiling import Tiling
 from adkit.data.geometry import Geometry
 from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint, restore
-from adkit.run.planning import NO_POSTPROCESSING, RunPlan, canonical, canonical_posts, plan
+from adkit.run.planning import NO_POSTPROCESSING, RunPlan, checked, checked_posts, plan
 
 
 def make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfig, image_size: int,
@@ -41,47 +41,46 @@ def make_tiling(geometry: Geometry) -> Tiling | None:
     return Tiling(geometry.size, geometry.tile, geometry.overlap) if geometry.tile else None
 
 
-def make_pipeline(catalog: Catalog, detector: Detector, posts: list[str], scorer: str, compile_: bool,
+def make_pipeline(catalog: Catalog, detector: Detector, spec: PipelineSpec, compile_: bool,
                   geometry: Geometry | None = None) -> Pipeline:
-    """detector -> post-processors -> scorer (on the tiles of ``geometry`` where it has tiles), compiled with
-    torch.compile when asked."""
-    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in canonical_posts(catalog, posts)],
-                        catalog["scorer"].create(scorer), make_tiling(geometry) if geometry else None)
+    """``detector`` -> the post-processors -> the scorer of ``spec`` (on the tiles of ``geometry`` where it has
+    tiles), compiled with torch.compile when asked."""
+    pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in spec.posts],
+                        catalog["scorer"].create(spec.scorer), make_tiling(geometry) if geometry else None)
     if compile_:
         pipeline.compile()
     return pipeline
 
 
-def build_pipeline(plan_: RunPlan, detector: Detector, posts: list[str] | None = None,
-                   scorer: str | None = None) -> Pipeline:
-    """The plan's pipeline around ``detector``; ``posts`` / ``scorer`` replace the plan's (a bench grid)."""
-    return make_pipeline(plan_.catalog, detector, plan_.posts if posts is None else posts, scorer or plan_.scorer,
-                         plan_.config.compile, plan_.geometry)
+def build_pipeline(plan_: RunPlan, detector: Detector, spec: PipelineSpec | None = None) -> Pipeline:
+    """The plan's pipeline around ``detector``, or ``spec``'s (a bench grid's re-scoring)."""
+    return make_pipeline(plan_.catalog, detector, spec or plan_.pipeline, plan_.config.compile, plan_.geometry)
 
 
-def pipeline_specs(config: RunConfig, meta: dict[str, Any]) -> tuple[list[str], str]:
-    """The post-processors and scorer to run a checkpoint with, in canonical texts: ``config``'s where it names
-    them, else those the checkpoint was trained and evaluated with (an empty chain stays empty)."""
+def checkpoint_pipeline(config: RunConfig, meta: dict[str, Any]) -> PipelineSpec:
+    """The pipeline to run a checkpoint with: its detector, and ``config``'s post-processors and scorer where it
+    names them, else those the checkpoint was trained and evaluated with (an empty chain stays empty)."""
     catalog = get_catalog()
     recorded = meta.get("posts", [])
     if not recorded and not meta.get("declared_pipeline"):
         # before adkit 0.2 a detector could post-process inside itself (PatchCore's and PaDiM's smoothing, now
         # their declared default post-processor): an empty chain then meant the detector's own defaults
         recorded = list(catalog["detector"].get(split_spec(meta["detector"])[0]).traits.default_postprocessors)
-    posts = canonical_posts(catalog, list(config.post) or recorded or [NO_POSTPROCESSING])
-    return posts, canonical(catalog, "scorer", config.scorer or meta.get("scorer", "max"))
+    posts = checked_posts(catalog, list(config.post) or recorded or [NO_POSTPROCESSING])
+    return PipelineSpec(catalog["detector"].parse(meta["detector"]), posts,
+                        checked(catalog, "scorer", config.scorer or meta.get("scorer", "max")))
 
 
 def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
     """The plan that evaluates a checkpoint: its detector, image size and backbone, on ``config``'s data (the
     checkpoint's own category unless ``config`` names others)."""
     meta = payload["meta"]
-    posts, scorer = pipeline_specs(config, meta)
+    spec = checkpoint_pipeline(config, meta)
     geometry = checkpoint_geometry(meta)
     return plan(config.replace(detector=[meta["detector"]], image_size=f"{geometry.width}x{geometry.height}",
                                resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap,
-                               post=posts or [NO_POSTPROCESSING],
-                               backbone=config.backbone or meta.get("backbone"), scorer=scorer,
+                               post=spec.post_texts or [NO_POSTPROCESSING],
+                               backbone=config.backbone or meta.get("backbone"), scorer=spec.scorer_text,
                                category=list(config.category) or [meta["category"]]))
 
 
@@ -97,8 +96,8 @@ def load_trained(config: RunConfig, checkpoint: Path, device: torch.device,
     setup_config = config.replace(backbone=config.backbone or meta.get("backbone"))
     detector = make_detector(catalog, meta["detector"], setup_config, meta["image_size"], device)
     restore(detector, payload, checkpoint)
-    posts, scorer = pipeline_specs(config, meta)
-    return make_pipeline(catalog, detector, posts, scorer, config.compile, checkpoint_geometry(meta)), meta
+    return make_pipeline(catalog, detector, checkpoint_pipeline(config, meta), config.compile,
+                         checkpoint_geometry(meta)), meta
 
 
 def checkpoint_geometry(meta: dict[str, Any]) -> Geometry:

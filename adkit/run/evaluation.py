@@ -87,9 +87,9 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
                              checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
                              precision=cfg.precision)
-    meta = {"detector": str(plan_.detector), "backbone": cfg.backbone, "category": category,
+    meta = {**plan_.pipeline.record(), "backbone": cfg.backbone, "category": category,
             "image_size": plan_.image_size, "geometry": geometry.as_dict(),
-            "config": cfg.to_toml(), "posts": plan_.posts, "scorer": plan_.scorer,
+            "config": cfg.to_toml(),
             "declared_pipeline": True}  # posts as run, defaults resolved: [] is an empty chain (adkit >= 0.2)
     with console.progress() as progress:
         task = progress.add_task(f"train {plan_.detector.name} {category}", total=steps, info="")

@@ -14,7 +14,7 @@ import torch
 from adkit.core import console, distributed
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.errors import AdkitError
-from adkit.core.grammar import ComponentSpec, split_spec
+from adkit.core.grammar import ComponentSpec, PipelineSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.registry import ComponentInfo
 from adkit.data.geometry import Geometry, GeometryError, parse_size
@@ -34,19 +34,30 @@ class RunPlan:
 
     config: RunConfig
     catalog: Catalog
-    detector: ComponentSpec
+    pipeline: PipelineSpec  # detector -> post-processors -> scorer, made here once
     preset: dict[str, Any]
     image_size: int
     batch_size: int
     steps: int | None  # None: derived from epochs and the training-set size
     epochs: int | None
-    posts: list[str]
-    scorer: str
     dataset: AnomalyDataset
     categories: list[str]
     device: torch.device
     threshold: ThresholdPolicy  # how decision thresholds are fitted on the validation split
     geometry: Geometry  # how images reach the input size, and the tiles the detector sees (image_size: their side)
+
+    @property
+    def detector(self) -> ComponentSpec:
+        return self.pipeline.detector
+
+    @property
+    def posts(self) -> list[str]:
+        """The post-processors' canonical texts."""
+        return self.pipeline.post_texts
+
+    @property
+    def scorer(self) -> str:
+        return self.pipeline.scorer_text
 
     def steps_for(self, n_train: int) -> int:
         if self.steps is not None:
@@ -92,8 +103,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
             console.warn(f"--{option} is ignored: detector {name!r} uses no {option.replace('-', ' ')}")
     for spec in config.loss:
         catalog["loss"].parse(spec)
-    posts = canonical_posts(catalog, list(config.post) or list(info.traits.default_postprocessors))
-    scorer = canonical(catalog, "scorer", config.scorer or info.traits.default_scorer or "max")
+    pipeline = PipelineSpec(detector, checked_posts(catalog, list(config.post) or list(info.traits.default_postprocessors)),
+                            checked(catalog, "scorer", config.scorer or info.traits.default_scorer or "max"))
     if config.sampler:
         catalog["sampler"].parse(config.sampler)
     if config.backbone:
@@ -126,27 +137,32 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
     size_text = geometry.height if geometry.height == geometry.width else f"{geometry.width}x{geometry.height}"
     resolved = config.replace(preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
-                              post=posts, scorer=scorer, pixel_map=pixel_map, category=categories, threshold=str(threshold),
+                              post=pipeline.post_texts, scorer=pipeline.scorer_text, pixel_map=pixel_map, category=categories, threshold=str(threshold),
                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
     device = distributed.local_device(resolve_device(config.device))  # the workflows join the process group
-    return RunPlan(resolved, catalog, detector, preset, geometry.detector_size, batch_size, steps, epochs, posts,
-                   scorer, dataset, categories, device, threshold, geometry)
+    return RunPlan(resolved, catalog, pipeline, preset, geometry.detector_size, batch_size, steps, epochs, dataset,
+                   categories, device, threshold, geometry)
+
+
+def checked(catalog: Catalog, kind: str, spec: str | ComponentSpec) -> ComponentSpec:
+    """A spec parsed and built once, so that out-of-range values fail before any data is loaded or trained on;
+    its ``str`` is its one text (parameters in the factory's order, values formatted)."""
+    parsed = catalog[kind].parse(spec)
+    catalog[kind].create(parsed)
+    return parsed
+
+
+def checked_posts(catalog: Catalog, specs: list[str]) -> tuple[ComponentSpec, ...]:
+    """A post-processor chain, each checked; ``none`` alone is the empty chain (a detector's declared default
+    post-processing turned off)."""
+    if [s.strip() for s in specs] == [NO_POSTPROCESSING]:
+        return ()
+    return tuple(checked(catalog, "postprocessor", spec) for spec in specs)
 
 
 def canonical(catalog: Catalog, kind: str, spec: str) -> str:
-    """A spec's one text (parameters in the factory's order, values formatted), built once so that out-of-range
-    values fail before any data is loaded or trained on."""
-    parsed = catalog[kind].parse(spec)
-    catalog[kind].create(parsed)
-    return str(parsed)
-
-
-def canonical_posts(catalog: Catalog, specs: list[str]) -> list[str]:
-    """A post-processor chain in canonical texts; ``none`` alone is the empty chain (a detector's declared
-    default post-processing turned off)."""
-    if [s.strip() for s in specs] == [NO_POSTPROCESSING]:
-        return []
-    return [canonical(catalog, "postprocessor", spec) for spec in specs]
+    """A spec's one text, checked (``checked``)."""
+    return str(checked(catalog, kind, spec))
 
 
 def make_geometry(config: RunConfig, preset_size: int | None) -> Geometry:

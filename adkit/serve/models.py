@@ -73,7 +73,7 @@ def load_model(folder: Path) -> ServedModel:
     from adkit.core.errors import AdkitError
     from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
     from adkit.outputs import artifacts
-    from adkit.run.assembly import checkpoint_geometry, load_trained, pipeline_specs
+    from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained
     from adkit.run.config import RunConfig
     from adkit.run.engine import load_checkpoint
 
@@ -90,7 +90,7 @@ def load_model(folder: Path) -> ServedModel:
     meta = payload["meta"]
     pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"), payload)
     run = eager_runner(Deployed(pipeline), torch.device("cpu"))
-    decision = artifacts.threshold_record(folder, *pipeline_specs(RunConfig(), meta))
+    decision = artifacts.threshold_record(folder, checkpoint_pipeline(RunConfig(), meta))
     card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"]}
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     return ServedModel(folder.name, run, checkpoint_geometry(meta), decision, card, digest, sig)
