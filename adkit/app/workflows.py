@@ -249,7 +249,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     main = distributed.is_main()
     if main:
         configure_log(out)
-    pipeline, meta = load_trained(plan_.config, checkpoint, plan_.device, payload)
+    pipeline, meta = load_trained(plan_.config, checkpoint, plan_.device, payload, plan_.pipeline)
     results = []
     for category in plan_.categories:
         splits = plan_.dataset.load(category)
@@ -301,10 +301,11 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     if checkpoint is not None:
         payload = load_checkpoint(checkpoint)
         meta = payload["meta"]
-        record = artifacts.threshold_record(checkpoint.parent, checkpoint_pipeline(config, meta))
+        spec = checkpoint_pipeline(config, meta)
+        record = artifacts.threshold_record(checkpoint.parent, spec)
         decision = artifacts.chosen_threshold(record, config.threshold,
                                               str(checkpoint.parent / artifacts.THRESHOLD_FILE))
-        pipeline, _ = load_trained(config, checkpoint, device, payload)
+        pipeline, _ = load_trained(config, checkpoint, device, payload, spec)
         runner = eager_runner(Deployed(pipeline), device, config.precision)
         geometry, default_out = checkpoint_geometry(meta), checkpoint.parent / "predict"
     else:
@@ -365,7 +366,7 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
                          f"{checkpoint}: run adkit test --checkpoint {checkpoint} with these options first")
     chosen = artifacts.chosen_threshold(record, config.threshold, str(checkpoint.parent / artifacts.THRESHOLD_FILE))
     decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
-    pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload)
+    pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload, spec)
     out = out or checkpoint.parent / f"export-{fmt}"
     info = {**spec.record(), "backbone": meta.get("backbone"),
             "category": meta["category"], "checkpoint": str(checkpoint),

@@ -84,19 +84,20 @@ def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
                                category=list(config.category) or [meta["category"]]))
 
 
-def load_trained(config: RunConfig, checkpoint: Path, device: torch.device,
-                 payload: dict[str, Any] | None = None) -> tuple[Pipeline, dict[str, Any]]:
+def load_trained(config: RunConfig, checkpoint: Path, device: torch.device, payload: dict[str, Any] | None = None,
+                 spec: PipelineSpec | None = None) -> tuple[Pipeline, dict[str, Any]]:
     """The one restore path of ``test`` and ``predict``: the checkpoint's detector, set up as it was trained (its
     spec, image size and backbone; run options from ``config``), its trained or fitted state restored, in the
     pipeline it was evaluated with (post-processors and scorer from the checkpoint unless ``config`` names
-    others). Returns the pipeline and the checkpoint's meta."""
+    others; ``spec`` when the caller has made it already, ``checkpoint_pipeline``). Returns the pipeline and the
+    checkpoint's meta."""
     payload = payload if payload is not None else load_checkpoint(checkpoint)
     meta = payload["meta"]
     catalog = get_catalog()
     setup_config = config.replace(backbone=config.backbone or meta.get("backbone"))
     detector = make_detector(catalog, meta["detector"], setup_config, meta["image_size"], device)
     restore(detector, payload, checkpoint)
-    return make_pipeline(catalog, detector, checkpoint_pipeline(config, meta), config.compile,
+    return make_pipeline(catalog, detector, spec or checkpoint_pipeline(config, meta), config.compile,
                          checkpoint_geometry(meta)), meta
 
 

@@ -88,9 +88,10 @@ def load_model(folder: Path) -> ServedModel:
         raise AdkitError(f"{folder} holds neither model.json (adkit export) nor checkpoint.pt")
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
-    pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"), payload)
+    spec = checkpoint_pipeline(RunConfig(), meta)
+    pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"), payload, spec)
     run = eager_runner(Deployed(pipeline), torch.device("cpu"))
-    decision = artifacts.threshold_record(folder, checkpoint_pipeline(RunConfig(), meta))
+    decision = artifacts.threshold_record(folder, spec)
     card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"]}
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     return ServedModel(folder.name, run, checkpoint_geometry(meta), decision, card, digest, sig)
