@@ -30,7 +30,9 @@ def test_bench_grid_trains_once_and_rescores(invoke, tmp_path):
         files = out / row["folder"]
         assert (files / "metrics.json").is_file() and (files / "scores.csv").is_file(), row["folder"]
         assert (out / row["trained_in"] / "checkpoint.pt").is_file()
-        assert json.loads((files / "metrics.json").read_text())["image_auroc"] == row["image_auroc"]
+        written = json.loads((files / "metrics.json").read_text())
+        assert written["image_auroc"] == row["image_auroc"]
+        assert written["image_score"] == row["configuration"].split("scorer=")[1]  # the combination's scorer
     assert len({row["folder"] for row in rows}) == 8
     page = (out / "report.html").read_text()
     for category in ("carpet", "tile"):  # the four combinations' maps next to each other, per category

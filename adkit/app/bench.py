@@ -76,7 +76,7 @@ def _bench_job(plan_: RunPlan, category: str, out: Path, train_keys: list[str], 
             else:
                 spec = spec.rescored(scorer=checked(plan_.catalog, "scorer", value))
         label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
-        evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, spec))
+        evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, spec), spec)
         row = {"configuration": label or str(plan_.detector), **evaluation.metrics}
         # each re-scoring combination gets its own folder beside the checkpoint (curves, scores, gallery), so
         # the page can show every combination's maps side by side

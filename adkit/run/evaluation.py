@@ -15,6 +15,7 @@ from adkit.core import console, distributed, files
 from adkit.core.components import Detector, Pipeline, upsample
 from adkit.core.datasets import CategorySplits
 from adkit.core.errors import AdkitError
+from adkit.core.grammar import PipelineSpec
 from adkit.data.datasets import LoadedSplit, load_split
 from adkit.run.assembly import build_detector, make_tiling
 from adkit.run.engine import TrainSettings, seed_everything, train_detector
@@ -110,9 +111,10 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
 
 
-def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline) -> Evaluation:
-    """Test metrics for one category and pipeline; the threshold is fitted on the validation split. Under
-    torchrun every rank scores a shard of the images; rank 0 gets them all and computes the metrics."""
+def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: PipelineSpec | None = None) -> Evaluation:
+    """Test metrics for one category and pipeline (built from ``spec``, by default the plan's); the threshold is
+    fitted on the validation split. Under torchrun every rank scores a shard of the images; rank 0 gets them all
+    and computes the metrics."""
     device, batch = plan_.device, plan_.scoring_batch
     val_source = run_.threshold_split
     n_test, n_val = len(run_.test.samples), len(val_source.samples)
@@ -128,14 +130,15 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline) -> Evaluatio
     pixel_level = not traits.image_level
     if not distributed.is_main():
         return Evaluation({}, test.scores, val.scores, pixel_maps, None, val_source.labels, pixel_level)
-    if pipeline.own_scores and plan_.scorer != traits.default_scorer:
-        console.warn(f"{plan_.detector.name} computes its own image scores; --scorer {plan_.scorer} is not used "
+    scorer = (spec or plan_.pipeline).scorer_text
+    if pipeline.own_scores and scorer != traits.default_scorer:
+        console.warn(f"{plan_.detector.name} computes its own image scores; --scorer {scorer} is not used "
                     "(see its score= parameter)")
     fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category)
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
                               "n_anomalous": int(labels.sum()),
-                              "image_score": "detector" if pipeline.own_scores else plan_.scorer}
+                              "image_score": "detector" if pipeline.own_scores else scorer}
     result.update(threshold_metrics(fit, test.scores, run_.test))
     result.update(metrics.image_metrics(labels, test.scores.numpy()))
     masks = run_.test.masks[:, 0].numpy()
