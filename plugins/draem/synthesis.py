@@ -81,14 +81,18 @@ def _perlin_at_random_resolutions(batch: int, channels: int, size: tuple[int, in
     return noise.view(batch, channels, *size)
 
 
+def noise_textures(batch: int, size: tuple[int, int], g: torch.Generator, settings: SynthesisSettings,
+                   device: torch.device) -> Tensor:
+    """(B, 3, H, W) "noise-texture" sources in [0, 1]: colour Perlin noise, each sample at its own resolution."""
+    return (_perlin_at_random_resolutions(batch, 3, size, g, settings, device) * 0.5 + 0.5).clamp(0, 1)
+
+
 def fallback_textures(images: Tensor, g: torch.Generator, settings: SynthesisSettings) -> Tensor:
     """Raw anomaly sources (B, 3, H, W) in [0, 1] for the "noise-texture" and "self" fallbacks."""
-    b, device = images.shape[0], images.device
     if settings.fallback == "self":
         # a different image of the batch where there is one; rotation and colour come from the augmenters
         return images.roll(1, dims=0)
-    noise = _perlin_at_random_resolutions(b, 3, (images.shape[-2], images.shape[-1]), g, settings, device)
-    return (noise * 0.5 + 0.5).clamp(0, 1)
+    return noise_textures(images.shape[0], (images.shape[-2], images.shape[-1]), g, settings, images.device)
 
 
 def _per_sample(values: Tensor) -> Tensor:
@@ -224,8 +228,7 @@ def noise_texture_pool(count: int, size: tuple[int, int], g: torch.Generator,
     parts = []
     for start in range(0, count, POOL_CHUNK):
         n = min(POOL_CHUNK, count - start)
-        noise = _perlin_at_random_resolutions(n, 3, size, g, settings, g.device)
-        parts.append(((noise * 0.5 + 0.5).clamp(0, 1) * 255 + 0.5).to(torch.uint8))
+        parts.append((noise_textures(n, size, g, settings, g.device) * 255 + 0.5).to(torch.uint8))
     return TextureBank(torch.cat(parts))
 
 
