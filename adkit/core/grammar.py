@@ -37,7 +37,7 @@ class ComponentSpec:
 class PipelineSpec:
     """The pipeline a run evaluates, as one value: the detector, its post-processors in order and its scorer, each
     a parsed spec (``str`` of each is its canonical text). Planning makes it once; checkpoints and threshold
-    records store its texts (``record``), and what reads them back compares values (``same_scoring``)."""
+    records store its texts (``record``), and what reads them back parses them and compares the values."""
 
     detector: ComponentSpec
     posts: tuple[ComponentSpec, ...]
@@ -59,10 +59,6 @@ class PipelineSpec:
                  scorer: ComponentSpec | None = None) -> PipelineSpec:
         """The same detector with other post-processors or another scorer (a bench grid's re-scoring)."""
         return PipelineSpec(self.detector, self.posts if posts is None else tuple(posts), scorer or self.scorer)
-
-    def same_scoring(self, other: PipelineSpec) -> bool:
-        """Whether ``other`` post-processes and scores as this one does: what a recorded threshold holds for."""
-        return self.posts == other.posts and self.scorer == other.scorer
 
     def __str__(self) -> str:
         return " -> ".join([str(self.detector), *self.post_texts, self.scorer_text])

@@ -126,9 +126,8 @@ def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], pipeline:
     post-processors and scorer it holds for: ``predict`` and ``export`` read it after ``train``, ``test`` or ``run``
     alike."""
     if distributed.is_main():
-        record = pipeline.record()
-        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": record["posts"],
-                                                             "scorer": record["scorer"], "fitted_on": source})
+        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": pipeline.post_texts,
+                                                             "scorer": pipeline.scorer_text, "fitted_on": source})
 
 
 def threshold_record(checkpoint_dir: Path, pipeline: PipelineSpec) -> dict[str, Any] | None:
@@ -158,7 +157,7 @@ def _holds_for(recorded: dict[str, Any], pipeline: PipelineSpec) -> bool:
         scorer = catalog["scorer"].parse(recorded["scorer"])
     except AdkitError:
         return False
-    return pipeline.same_scoring(pipeline.rescored(posts=posts, scorer=scorer))
+    return posts == pipeline.posts and scorer == pipeline.scorer
 
 
 def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: str) -> dict[str, Any] | None:
