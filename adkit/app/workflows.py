@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,11 +114,8 @@ def category_workers(plan_: RunPlan) -> int:
     it may use, up to the number of categories (small networks use one core far better than two: measured in
     docs/benchmarks.md); one on a GPU and under torchrun, whose ranks already share each category."""
     requested = plan_.config.workers
-    if requested is None and os.environ.get(WORKERS_ENV, "").strip():
-        text = os.environ[WORKERS_ENV].strip()
-        if not text.isdigit() or int(text) < 1:
-            raise AdkitError(f"{WORKERS_ENV}={text}: give a positive number of worker processes")
-        requested = int(text)
+    if requested is None:
+        requested = threads.env_count(WORKERS_ENV, "give a positive number of worker processes")
     if requested is not None and requested < 1:
         raise AdkitError(f"--workers {requested}: give a positive number of worker processes")
     if distributed.world_size() > 1:

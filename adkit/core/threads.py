@@ -72,16 +72,22 @@ def share(cores: int, processes: int) -> int:
     return max(1, cores // max(1, processes))
 
 
-def fixed_threads() -> int | None:
-    """ADKIT_THREADS as a count, None when unset; a one-line error when it is not a positive integer."""
-    text = os.environ.get(ENV, "").strip()
+def env_count(name: str, hint: str) -> int | None:
+    """The environment variable ``name`` as a positive count, None when unset; a one-line error ending in
+    ``hint`` when it is anything else."""
+    text = os.environ.get(name, "").strip()
     if not text:
         return None
     if not text.isdigit() or int(text) < 1:
         from adkit.core.errors import AdkitError
 
-        raise AdkitError(f"{ENV}={text}: give a positive number of threads (or unset it to share the cores)")
+        raise AdkitError(f"{name}={text}: {hint}")
     return int(text)
+
+
+def fixed_threads() -> int | None:
+    """ADKIT_THREADS as a count, None when unset; a one-line error when it is not a positive integer."""
+    return env_count(ENV, "give a positive number of threads (or unset it to share the cores)")
 
 
 def register() -> None:
