@@ -137,9 +137,16 @@ def test_every_endpoint_with_the_token(server, tmp_path):
         assert a["score"] == pytest.approx(b["score"], rel=1e-4) and a["threshold"] == b["threshold"]
     assert results["tiles-onnx"][1]["score"] > results["tiles-onnx"][0]["score"]  # a red square is not a tile
     # a raw image body, and a threshold override per request
-    status, _, body = request(server.url("/v1/models/tiles-onnx/predict?threshold=value:0"), png(),
-                              {**AUTH, "Content-Type": "image/png"})
+    status, headers, body = request(server.url("/v1/models/tiles-onnx/predict?threshold=value:0"), png(),
+                                    {**AUTH, "Content-Type": "image/png"})
     assert status == 200 and json.loads(body)["results"][0]["decision"] is True
+    # where the time went, as a Server-Timing header: each part at least 0 and none longer than the whole
+    timing = {key.lower(): value for key, value in headers.items()}["server-timing"]
+    parts = dict(item.split(";dur=") for item in timing.split(", "))
+    assert list(parts) == ["decode", "queue", "infer", "total"]
+    durations = {name: float(value) for name, value in parts.items()}
+    assert min(durations.values()) >= 0  # each rounded to 0.01 ms, so their sum may pass the total by 0.015 ms
+    assert durations["decode"] + durations["queue"] + durations["infer"] <= durations["total"] + 0.02
     status, _, body = request(server.url("/metrics"), headers=AUTH)
     text = body.decode()
     assert 'adkit_requests_total{model="tiles-onnx",code="200"} 2' in text and "adkit_request_seconds_bucket" in text
@@ -254,6 +261,36 @@ def test_serve_refuses_unsafe_or_impossible_settings_in_one_line(invoke, models,
     assert code == 2 and "at least 16 characters" in err
     code, _, err = invoke("serve", str(tmp_path / "missing"))
     assert code == 2 and "is not a folder" in err
+
+
+def test_serve_shortens_openmp_spinning_before_torch_loads(tmp_path):
+    """libgomp reads GOMP_SPINCOUNT when torch loads, so `adkit serve` must set it before anything imports torch;
+    a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, sys\n"
+              "import adkit.serve as s\n"
+              "seen = []\n"
+              "quiet = s.quiet_openmp\n"
+              "def watched():\n"
+              "    seen.append('torch' in sys.modules)\n"
+              "    quiet()\n"
+              "def start(*args, **kwargs):\n"  # stops before uvicorn starts
+              "    seen.append(os.environ.get('GOMP_SPINCOUNT'))\n"
+              "    raise SystemExit(0)\n"
+              "s.quiet_openmp, s.read_token = watched, start\n"
+              "from adkit.cli import main\n"
+              "try:\n"
+              f"    main(['serve', {str(tmp_path)!r}])\n"
+              "finally:\n"
+              "    print(seen)\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for extra, expected in (({}, "10000"), ({"GOMP_SPINCOUNT": "500"}, "500"), ({"OMP_WAIT_POLICY": "active"}, None)):
+        done = subprocess.run([sys.executable, "-c", script], env={**base, **extra}, capture_output=True, text=True,
+                              timeout=120)
+        assert done.stdout.strip() == str([False, expected]), done.stderr
 
 
 def test_the_page_scores_an_uploaded_image_in_chromium(models, tmp_path):
