@@ -38,6 +38,25 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def percentiles(seconds: list[float], prefix: str) -> dict[str, float]:
+    """p50, p90, p99 and the maximum in ms (the p-th percentile: the value at rank p/100 * (n - 1))."""
+    ordered = sorted(seconds)
+    if not ordered:
+        return {}
+    at = {f"p{p}": ordered[int(p / 100 * (len(ordered) - 1))] for p in (50, 90, 99)}
+    at["max"] = ordered[-1]
+    return {f"{prefix}{name}_ms": round(1000 * value, 1) for name, value in at.items()}
+
+
+def server_timing(headers: dict[str, str], client: float) -> dict[str, float]:
+    """The Server-Timing header's parts in seconds, and the client's latency ({} without the header)."""
+    text = {key.lower(): value for key, value in headers.items()}.get("server-timing")
+    if not text:
+        return {}
+    parts = {name: float(value) / 1000 for name, value in (item.split(";dur=") for item in text.split(", "))}
+    return {**parts, "client": client}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models_dir", type=Path)
@@ -75,25 +94,31 @@ def main() -> None:
     try:
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             latencies: list[float] = []
+            timings: list[dict[str, float]] = []
 
-            def one(i: int, latencies: list[float] = latencies) -> int:
+            def one(i: int, latencies: list[float] = latencies, timings: list[dict[str, float]] = timings) -> int:
                 name, body = bodies[i % len(bodies)]
                 begin = time.perf_counter()
-                status = request(url, body, {"Content-Type": kinds[Path(name).suffix.lower()]})[0]
+                status, headers, _ = request(url, body, {"Content-Type": kinds[Path(name).suffix.lower()]})
                 latencies.append(time.perf_counter() - begin)
+                timings.append(server_timing(headers, latencies[-1]))
                 return status
 
             begin = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 statuses = list(pool.map(one, range(args.requests)))
             seconds = time.perf_counter() - begin
-            ordered = sorted(latencies)
             print(json.dumps({"concurrency": concurrency, "requests": args.requests,
                               "ok": statuses.count(200), "requests_s": round(args.requests / seconds, 1),
-                              "p50_ms": round(1000 * statistics.median(ordered), 1),
-                              "p90_ms": round(1000 * ordered[int(0.90 * (len(ordered) - 1))], 1),
-                              "p99_ms": round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 1),
-                              "max_ms": round(1000 * ordered[-1], 1),
+                              **percentiles(latencies, ""),
+                              # the server's own account (Server-Timing): its batches' inference, and the rest
+                              # of the request's time at the client (HTTP, decoding, queue, thread hops)
+                              **percentiles([t["infer"] for t in timings if t], "infer_"),
+                              **percentiles([t["client"] - t["infer"] for t in timings if t], "rest_"),
+                              **percentiles([t["decode"] for t in timings if t], "decode_"),
+                              **percentiles([t["total"] - t["infer"] - t["decode"] for t in timings if t],
+                                            "handler_"),
+                              **percentiles([t["client"] - t["total"] for t in timings if t], "outside_"),
                               "server_rss_mb": round(rss_mb(server.pid))}), flush=True)
             if time.perf_counter() - begin > args.max_seconds:
                 break

@@ -59,6 +59,21 @@ class HTTPError(Exception):
 class Job:
     images: torch.Tensor  # (n, 3, H, W)
     future: asyncio.Future
+    queued: float = 0.0  # time.perf_counter() when submitted
+
+
+@dataclass
+class Timing:
+    """Where one request's time went, in seconds: decoding its uploads, waiting for its batch to start, the
+    batch's inference (shared with the batch's other requests). Sent as a Server-Timing header."""
+
+    decode: float = 0.0
+    queue: float = 0.0
+    infer: float = 0.0
+
+    def header(self, total: float) -> str:
+        parts = [("decode", self.decode), ("queue", self.queue), ("infer", self.infer), ("total", total)]
+        return ", ".join(f"{name};dur={1000 * seconds:.2f}" for name, seconds in parts)
 
 
 class Batcher:
@@ -72,7 +87,7 @@ class Batcher:
     def submit(self, images: torch.Tensor) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait(Job(images, future))
+            self.queue.put_nowait(Job(images, future, time.perf_counter()))
         except asyncio.QueueFull:
             raise HTTPError(503, f"model {self.model.name} is busy: its queue of {self.settings.queue_size} "
                                  "requests is full; retry shortly", {"Retry-After": "1"}) from None
@@ -103,8 +118,9 @@ class Batcher:
             if not live:
                 continue
             batch = torch.cat([j.images for j in live])
+            started = time.perf_counter()
             try:
-                maps, scores, _ = await loop.run_in_executor(None, self.model.runner, batch, None)
+                maps, scores, _, finished = await loop.run_in_executor(None, self.timed, batch)
             except Exception as exc:  # noqa: BLE001 - a model failing on a batch fails its requests, not the service
                 for j in live:
                     if not j.future.done():
@@ -114,8 +130,13 @@ class Batcher:
             for j in live:
                 n = len(j.images)
                 if not j.future.done():
-                    j.future.set_result((maps[start:start + n], scores[start:start + n]))
+                    timing = Timing(queue=started - j.queued, infer=finished - started)
+                    j.future.set_result((maps[start:start + n], scores[start:start + n], timing))
                 start += n
+
+    def timed(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        maps, scores, decisions = self.model.runner(batch, None)
+        return maps, scores, decisions, time.perf_counter()
 
     async def stop(self) -> None:
         await self.queue.put(None)
@@ -247,10 +268,12 @@ class Service:
             return images, placements
 
         # decoding and resizing off the event loop, beside the inference of earlier requests
+        began = time.perf_counter()
         images, placements = await asyncio.get_running_loop().run_in_executor(None, prepare)
+        decoded = time.perf_counter() - began
         future = model.batcher.submit(torch.stack(images))
         try:
-            maps, scores = await asyncio.wait_for(future, self.settings.timeout)
+            maps, scores, timing = await asyncio.wait_for(future, self.settings.timeout)
         except TimeoutError:
             raise HTTPError(504, f"model {name} took longer than {self.settings.timeout:g} s") from None
         threshold = None if decision is None else float(decision["threshold"])
@@ -267,7 +290,8 @@ class Service:
                 row["overlay_png"] = overlay_png(images[i], maps[i], placements[i], model)
             results.append(row)
         self.append_log(model, results)
-        return {"model": name, "model_sha256": model.sha256, "results": results}
+        timing.decode = decoded
+        return {"model": name, "model_sha256": model.sha256, "results": results}, timing
 
     def append_log(self, model: ServedModel, results: list[dict[str, Any]]) -> None:
         folder = self.settings.results_dir
@@ -351,6 +375,7 @@ def create_app(settings: Settings):
 
     @handled("predict")
     async def predict(request: Request) -> Response:
+        started = time.perf_counter()
         name = request.path_params["name"]
         service.model(name)  # 400 / 404 before reading the body
         length = request.headers.get("content-length")
@@ -365,7 +390,8 @@ def create_app(settings: Settings):
         uploads = await read_uploads(request, content_type, body)
         params = request.query_params
         overlay = params.get("overlay", "").lower() in ("1", "true", "yes")
-        return JSONResponse(await service.predict(name, uploads, params.get("threshold"), overlay))
+        answer, timing = await service.predict(name, uploads, params.get("threshold"), overlay)
+        return JSONResponse(answer, headers={"Server-Timing": timing.header(time.perf_counter() - started)})
 
     async def read_uploads(request: Request, content_type: str, body: bytes) -> list[tuple[str, bytes]]:
         if content_type == "multipart/form-data":
