@@ -263,6 +263,17 @@ def test_serve_refuses_unsafe_or_impossible_settings_in_one_line(invoke, models,
     assert code == 2 and "is not a folder" in err
 
 
+def test_a_model_is_warmed_up_on_its_input_shape_before_it_serves(models):
+    from adkit.serve import models as served
+
+    calls = []
+    model = served.load_model(models / "tiles-onnx")
+    real = model.runner
+    model.runner = lambda images, threshold: calls.append((tuple(images.shape), threshold)) or real(images, threshold)
+    assert served.warmed(model) is model
+    assert calls == [((1, 3, 32, 32), None)] * served.WARM_UP_ROUNDS
+
+
 def test_serve_shortens_openmp_spinning_before_torch_loads(tmp_path):
     """libgomp reads GOMP_SPINCOUNT when torch loads, so `adkit serve` must set it before anything imports torch;
     a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""

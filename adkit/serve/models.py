@@ -82,7 +82,7 @@ def load_model(folder: Path) -> ServedModel:
         file, card = read_model(folder)
         runner = load_runner(file, card["format"], torch.device("cpu"))
         geometry = Geometry.from_dict(card["geometry"], card["input"]["shape"][-1])
-        return ServedModel(folder.name, runner, geometry, card["decision"], card, card.get("sha256", ""), sig)
+        return warmed(ServedModel(folder.name, runner, geometry, card["decision"], card, card.get("sha256", ""), sig))
     checkpoint = folder / "checkpoint.pt"
     if not checkpoint.is_file():
         raise AdkitError(f"{folder} holds neither model.json (adkit export) nor checkpoint.pt")
@@ -94,7 +94,20 @@ def load_model(folder: Path) -> ServedModel:
     decision = artifacts.threshold_record(folder, spec)
     card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"]}
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    return ServedModel(folder.name, run, checkpoint_geometry(meta), decision, card, digest, sig)
+    return warmed(ServedModel(folder.name, run, checkpoint_geometry(meta), decision, card, digest, sig))
+
+
+WARM_UP_ROUNDS = 2
+
+
+def warmed(model: ServedModel) -> ServedModel:
+    """The model after scoring a blank image WARM_UP_ROUNDS times, before it serves: a first call allocates
+    (onnxruntime's arenas, torch's caches) and took 2-3x a steady call (twice for PatchCore), so without this the
+    line's first parts after a model (re)loads wait for it."""
+    blank = torch.zeros(1, 3, model.geometry.height, model.geometry.width)
+    for _ in range(WARM_UP_ROUNDS):
+        model.runner(blank, None)
+    return model
 
 
 def scan(root: Path) -> dict[str, Path]:
