@@ -151,6 +151,9 @@ def test_every_endpoint_with_the_token(server, tmp_path):
     text = body.decode()
     assert 'adkit_requests_total{model="tiles-onnx",code="200"} 2' in text and "adkit_request_seconds_bucket" in text
     assert 'adkit_decisions_total{model="tiles-onnx"' in text and "adkit_queue_depth" in text
+    # one batch per request here (they came one at a time); the two-image request was one batch
+    assert 'adkit_inference_seconds_count{model="tiles-onnx"} 2' in text
+    assert 'adkit_inference_seconds_bucket{model="tiles-onnx",le="+Inf"} 2' in text
     status, _, body = request(server.url("/"), headers=AUTH)
     assert status == 200 and b"<select id=\"model\">" in body
     log = [json.loads(line) for line in (tmp_path / "results" / "tiles-onnx.jsonl").read_text().splitlines()]

@@ -79,8 +79,8 @@ class Timing:
 class Batcher:
     """One model's queue and the worker that scores it in micro-batches."""
 
-    def __init__(self, model: ServedModel, settings: Settings, loop: asyncio.AbstractEventLoop):
-        self.model, self.settings = model, settings
+    def __init__(self, model: ServedModel, settings: Settings, loop: asyncio.AbstractEventLoop, metrics: Metrics):
+        self.model, self.settings, self.metrics = model, settings, metrics
         self.queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=settings.queue_size)
         self.task = loop.create_task(self.work())
 
@@ -126,6 +126,7 @@ class Batcher:
                     if not j.future.done():
                         j.future.set_exception(HTTPError(500, f"model {self.model.name} failed: {exc}"))
                 continue
+            self.metrics.inference[self.model.name].observe(finished - started)
             start = 0
             for j in live:
                 n = len(j.images)
@@ -144,32 +145,47 @@ class Batcher:
 
 
 @dataclass
+class Histogram:
+    """A Prometheus histogram: cumulative counts per bucket bound, the sum and the count."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+        self.total += seconds
+        self.count += 1
+
+    def lines(self, name: str, model: str) -> list[str]:
+        out = [f'{name}_bucket{{model="{model}",le="{bound}"}} {n}' for bound, n in zip(LATENCY_BUCKETS, self.buckets)]
+        return [*out, f'{name}_bucket{{model="{model}",le="+Inf"}} {self.count}',
+                f'{name}_sum{{model="{model}"}} {self.total:.6f}', f'{name}_count{{model="{model}"}} {self.count}']
+
+
+@dataclass
 class Metrics:
     requests: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
     decisions: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    latency: dict[str, list[int]] = field(default_factory=dict)
-    latency_sum: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    latency_count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    latency: dict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
+    inference: dict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
 
     def observe(self, model: str, status: int, seconds: float) -> None:
         self.requests[(model, status)] += 1
-        buckets = self.latency.setdefault(model, [0] * len(LATENCY_BUCKETS))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                buckets[i] += 1
-        self.latency_sum[model] += seconds
-        self.latency_count[model] += 1
+        self.latency[model].observe(seconds)
 
     def text(self, queues: dict[str, int]) -> str:
         lines = ["# TYPE adkit_requests_total counter"]
         lines += [f'adkit_requests_total{{model="{m}",code="{c}"}} {n}' for (m, c), n in sorted(self.requests.items())]
         lines.append("# TYPE adkit_request_seconds histogram")
-        for model, buckets in sorted(self.latency.items()):
-            for bound, n in zip(LATENCY_BUCKETS, buckets):
-                lines.append(f'adkit_request_seconds_bucket{{model="{model}",le="{bound}"}} {n}')
-            lines.append(f'adkit_request_seconds_bucket{{model="{model}",le="+Inf"}} {self.latency_count[model]}')
-            lines.append(f'adkit_request_seconds_sum{{model="{model}"}} {self.latency_sum[model]:.6f}')
-            lines.append(f'adkit_request_seconds_count{{model="{model}"}} {self.latency_count[model]}')
+        for model, histogram in sorted(self.latency.items()):
+            lines += histogram.lines("adkit_request_seconds", model)
+        lines.append("# HELP adkit_inference_seconds One micro-batch's inference (its count is the batches run).")
+        lines.append("# TYPE adkit_inference_seconds histogram")
+        for model, histogram in sorted(self.inference.items()):
+            lines += histogram.lines("adkit_inference_seconds", model)
         lines.append("# TYPE adkit_queue_depth gauge")
         lines += [f'adkit_queue_depth{{model="{m}"}} {n}' for m, n in sorted(queues.items())]
         lines.append("# TYPE adkit_decisions_total counter")
@@ -224,7 +240,7 @@ class Service:
             except Exception as exc:  # noqa: BLE001 - reported, and the old model keeps serving
                 log.warning("model %s not loaded: %s", name, exc)
                 continue
-            model.batcher = Batcher(model, self.settings, loop)
+            model.batcher = Batcher(model, self.settings, loop, self.metrics)
             self.models[name] = model  # new requests go to the new model; queued ones finish on the old
             if current is not None:
                 loop.create_task(current.batcher.stop())
