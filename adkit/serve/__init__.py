@@ -38,7 +38,8 @@ def quiet_openmp() -> None:
     threads spin for about 300,000 rounds (milliseconds) after each region, so the decoding thread's team took the
     cores onnxruntime needed next: 3.5-5 ms more per image on 2 cores. 10,000 rounds remove that and leave torch's
     own inference (checkpoints) as fast as before within the noise, where sleeping at once
-    (OMP_WAIT_POLICY=PASSIVE) made it 25 % slower (docs/benchmarks.md). libgomp reads this when torch loads: it must be set before torch is imported."""
+    (OMP_WAIT_POLICY=PASSIVE) made it 25 % slower (docs/benchmarks.md). libgomp reads this when torch loads: it
+    must be set before torch is imported."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = "10000"
 

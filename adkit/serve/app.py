@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class Job:
     queued: float = 0.0  # time.perf_counter() when submitted
 
 
-@dataclass
+@dataclass(frozen=True)
 class Timing:
     """Where one request's time went, in seconds: decoding its uploads, waiting for its batch to start, the
     batch's inference (shared with the batch's other requests). Sent as a Server-Timing header."""
@@ -306,8 +306,7 @@ class Service:
                 row["overlay_png"] = overlay_png(images[i], maps[i], placements[i], model)
             results.append(row)
         self.append_log(model, results)
-        timing.decode = decoded
-        return {"model": name, "model_sha256": model.sha256, "results": results}, timing
+        return {"model": name, "model_sha256": model.sha256, "results": results}, replace(timing, decode=decoded)
 
     def append_log(self, model: ServedModel, results: list[dict[str, Any]]) -> None:
         folder = self.settings.results_dir
