@@ -16,11 +16,14 @@ outside_* = HTTP and the client).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +42,25 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+_connections = threading.local()
+
+
+def kept_alive(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """POST over this thread's open connection (opened on first use, and again after an error)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = getattr(_connections, "connection", None)
+    if connection is None:
+        connection = _connections.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("POST", parts.path, body, headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    except (OSError, http.client.HTTPException):
+        connection.close()
+        _connections.connection = None
+        raise
 
 
 def percentiles(seconds: list[float], prefix: str) -> dict[str, float]:
@@ -71,6 +93,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=300)
     parser.add_argument("--max-wait", type=float, default=0.0)
     parser.add_argument("--soak", type=int, default=0)
+    parser.add_argument("--keep-alive", action="store_true", help="each client thread keeps one connection open (as "
+                                                                   "a line's client would) instead of one per request")
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
     bodies = [(p.name, p.read_bytes()) for p in paths]
@@ -102,7 +126,8 @@ def main() -> None:
             def one(i: int, latencies: list[float] = latencies, timings: list[dict[str, float]] = timings) -> int:
                 name, body = bodies[i % len(bodies)]
                 begin = time.perf_counter()
-                status, headers, _ = request(url, body, {"Content-Type": kinds[Path(name).suffix.lower()]})
+                send = kept_alive if args.keep_alive else request
+                status, headers, _ = send(url, body, {"Content-Type": kinds[Path(name).suffix.lower()]})
                 latencies.append(time.perf_counter() - begin)
                 timings.append(server_timing(headers, latencies[-1]))
                 return status
