@@ -5,12 +5,12 @@ server process's resident memory across the run.
     python benchmarks/serve_load.py MODELS_DIR MODEL IMAGE_DIR [--requests 200] [--concurrency 1,8,32]
 
 The server is `adkit serve` in a process of its own (its resident memory is read from /proc after each row); the
-client sends from threads of this process, one connection per request. Offline: the model's runner on the same
+client sends from threads of this process, one connection per request (--keep-alive: one per thread). Offline: the model's runner on the same
 images, decoding included, batch 8 (what `adkit predict --model` does after loading). With --soak N, N more
 requests at concurrency 8 follow, and the server's memory is read every 1,000. Prints one JSON line per row:
 the client's latency (p50/p90/p99/max), and from each answer's Server-Timing header the server's inference
-(infer_*) and the rest of the latency (rest_* = client - infer; decode_*, handler_* = the server's other work,
-outside_* = HTTP and the client).
+(infer_*) and the rest of the latency (rest_* = client - infer; decode_*, handler_* = the server's other work
+with the wait for a batch, outside_* = HTTP and the client).
 """
 
 from __future__ import annotations
