@@ -120,7 +120,7 @@ class Batcher:
             batch = torch.cat([j.images for j in live])
             started = time.perf_counter()
             try:
-                maps, scores, _, finished = await loop.run_in_executor(None, self.timed, batch)
+                maps, scores, finished = await loop.run_in_executor(None, self.timed, batch)
             except Exception as exc:  # noqa: BLE001 - a model failing on a batch fails its requests, not the service
                 for j in live:
                     if not j.future.done():
@@ -135,9 +135,10 @@ class Batcher:
                     j.future.set_result((maps[start:start + n], scores[start:start + n], timing))
                 start += n
 
-    def timed(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        maps, scores, decisions = self.model.runner(batch, None)
-        return maps, scores, decisions, time.perf_counter()
+    def timed(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The batch's maps and scores (decisions are made per request, with its threshold), and when it ended."""
+        maps, scores, _ = self.model.runner(batch, None)
+        return maps, scores, time.perf_counter()
 
     async def stop(self) -> None:
         await self.queue.put(None)
