@@ -273,12 +273,14 @@ def test_patchcore_ivf_search_and_its_bad_parameters(tiny_catalog, tmp_path, mon
         fit(too_many, images(4, 0), tmp_path / "too-many")
     with pytest.raises(AdkitError, match="probes >= 1"):
         tiny_catalog["detector"].create("patchcore:search=ivf,probes=0")
-    graph = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512")
-    checkpoint = fit(graph, images(4, 0), tmp_path / "hnsw")  # ef above the bank's size: every node is visited
+    # ef above the bank's size: every node is visited; recall=0: the graph is kept whatever its check measures
+    graph = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512,recall=0")
+    checkpoint = fit(graph, images(4, 0), tmp_path / "hnsw")
+    assert graph.hnsw_graph.numel() > 0
     with torch.inference_mode():
         c = graph.detect(test)
     torch.testing.assert_close(a.anomaly_map, c.anomaly_map)
-    restored = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512")
+    restored = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512,recall=0")
     restore(restored, checkpoint, "test")
     assert torch.equal(restored.hnsw_graph, graph.hnsw_graph)  # the graph travels in the checkpoint
     with torch.inference_mode():

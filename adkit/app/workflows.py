@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from adkit.core import console, distributed, files, threads
+from adkit.core.components import exporting
 from adkit.core.datasets import Sample
 from adkit.core.errors import AdkitError
 from adkit.core.plugins import get_catalog
@@ -364,9 +365,11 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
     decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
     pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload, spec)
     out = out or checkpoint.parent / f"export-{fmt}"
+    with exporting():  # what the exported graph computes, which may differ from the eager path
+        approximations = pipeline.detector.approximations()
     info = {**spec.record(), "backbone": meta.get("backbone"),
             "category": meta["category"], "checkpoint": str(checkpoint),
-            "threshold_fitted_on": record["fitted_on"]}
+            "threshold_fitted_on": record["fitted_on"], "approximations": approximations}
     deploy.export(Deployed(pipeline), fmt, out, checkpoint_geometry(meta), decision, info)
     console.say(f"exported to {out} ({fmt}, threshold {decision['threshold']:.6g}, {decision['policy']})")
     return out

@@ -237,6 +237,19 @@ class Detector(nn.Module, Exportable, ABC):
         under ``torch.inference_mode``."""
         raise NotImplementedError(f"{type(self).__name__} is trained by gradient steps, not fit()")
 
+    def calibrate(self, batches: Iterable[Tensor]) -> None:
+        """Check an approximation against the exact path on held-out normal images (B, 3, H, W), after ``fit``:
+        the validation split's normal images (the training images where there is none). A detector with an
+        approximate path (a search index, a lower precision) measures its agreement here, falls back where it
+        misses, keeps what it measured in its fitted state and reports it by ``approximations``. Called in eval
+        mode under ``torch.inference_mode``; the default checks nothing."""
+
+    def approximations(self) -> dict[str, Any]:
+        """What approximate paths the fitted detector takes and how they measured against the exact ones, for the
+        log, metrics.json, report.html and the model card: {name: {"summary": one line, ...}}, JSON values;
+        {} for a detector without any."""
+        return {}
+
     @abstractmethod
     def anomaly_map(self, images: Tensor) -> Tensor:
         """Anomaly map (B, 1, h, w) for images (B, 3, H, W) in [0, 1]."""

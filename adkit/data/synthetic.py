@@ -4,6 +4,10 @@ Five texture categories resembling MVTec's (carpet, grid, leather, tile, wood) b
 periodic patterns, with per-image variation (offset, rotation, colour, lighting). Six defect types resembling the
 real ones (scratch, cut, hole, stain, crease, thread), each with an exact ground-truth mask: every pixel a defect
 changes is in its mask, at several sizes and at contrasts from subtle to strong.
+
+With ``object`` the texture is an object instead: shrunk to that fraction of the image side and placed near the
+centre of a flat dark background (defects only on the object), the way many inspection images show one part.
+Most patches of such images are the same background, a case approximate searches can miss.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from adkit.core import threads
 from adkit.core.cache import cache_root
 from adkit.core.datasets import CategorySplits
+from adkit.core.errors import AdkitError
 from adkit.data.datasets import MVTecDataset
 from adkit.data.io import save_image
 from adkit.data.perlin import fractal_noise, perlin_noise
@@ -211,29 +217,65 @@ def defective_image(category: str, defect: str, size: int, seed: int, index: int
     return _lighting(image, g), mask
 
 
-def write_category(root: Path, category: str, size: int, seed: int, n_train: int, n_test: int) -> None:
+BACKGROUND = 0.08  # the flat background of object images: dark grey, as a part photographed on a dark table
+BACKGROUND_NOISE = 0.01  # its per-pixel noise (standard deviation)
+
+
+def as_object(image: torch.Tensor, mask: torch.Tensor | None, fraction: float,
+              g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The texture (3, S, S) shrunk to ``fraction`` of the side and placed on a flat background, its centre
+    within S / 16 of the image's; the mask (1, S, S) goes with it: every pixel the shrunk defect touches."""
+    size = image.shape[-1]
+    side = max(1, round(fraction * size))
+    jitter = size // 16
+    y0, x0 = ((size - side) // 2 + int(torch.randint(-jitter, jitter + 1, (), generator=g)) for _ in range(2))
+    y0, x0 = min(max(y0, 0), size - side), min(max(x0, 0), size - side)
+    # a photographed background: the same dark grey, a little brighter or darker per image, with sensor noise
+    level = BACKGROUND * _uniform(g, 0.85, 1.15)
+    out = level + BACKGROUND_NOISE * torch.randn(image.shape, generator=g)
+    out[:, y0:y0 + side, x0:x0 + side] = F.interpolate(image[None], size=(side, side), mode="bilinear",
+                                                       antialias=True, align_corners=False)[0]
+    if mask is None:
+        return out.clamp(0, 1), None
+    placed = torch.zeros_like(mask)
+    small = F.interpolate(mask[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+    placed[:, y0:y0 + side, x0:x0 + side] = (small > 0).float()
+    return out.clamp(0, 1), placed
+
+
+def write_category(root: Path, category: str, size: int, seed: int, n_train: int, n_test: int,
+                   object_fraction: float = 0.0) -> None:
     """Write one category in the MVTec layout under ``root/category``: half the test images are defective,
-    spread evenly over the defect types."""
+    spread evenly over the defect types. With ``object_fraction`` each texture is an object on a flat background
+    (``as_object``)."""
     base = root / category
     (base / "train" / "good").mkdir(parents=True, exist_ok=True)
     (base / "test" / "good").mkdir(parents=True, exist_ok=True)
+
+    def placed(image: torch.Tensor, mask: torch.Tensor | None, *key: object):
+        return (image, mask) if not object_fraction else \
+            as_object(image, mask, object_fraction, _generator(seed, category, "object", *key))
+
     for i in range(n_train):
         threads.rebalance()
-        save_image(normal_image(category, size, seed, "train", i), base / "train" / "good" / f"{i:03d}.png")
+        image, _ = placed(normal_image(category, size, seed, "train", i), None, "train", i)
+        save_image(image, base / "train" / "good" / f"{i:03d}.png")
     n_defective = n_test // 2
     for i in range(n_test - n_defective):
-        save_image(normal_image(category, size, seed, "test", i), base / "test" / "good" / f"{i:03d}.png")
+        image, _ = placed(normal_image(category, size, seed, "test", i), None, "test", i)
+        save_image(image, base / "test" / "good" / f"{i:03d}.png")
     for i in range(n_defective):
         threads.rebalance()
         defect = DEFECTS[i % len(DEFECTS)]
-        image, mask = defective_image(category, defect, size, seed, i)
+        image, mask = placed(*defective_image(category, defect, size, seed, i), "defect", i)
         (base / "test" / defect).mkdir(parents=True, exist_ok=True)
         (base / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
         save_image(image, base / "test" / defect / f"{i:03d}.png")
         save_image(mask, base / "ground_truth" / defect / f"{i:03d}_mask.png")
 
 
-def write_dataset(out: Path, categories: list[str], size: int, seed: int, n_train: int, n_test: int) -> None:
+def write_dataset(out: Path, categories: list[str], size: int, seed: int, n_train: int, n_test: int,
+                  object_fraction: float = 0.0) -> None:
     """Write categories atomically: each is built in a temporary folder beside ``out`` and renamed into place."""
     out.mkdir(parents=True, exist_ok=True)
     for category in categories:
@@ -242,7 +284,7 @@ def write_dataset(out: Path, categories: list[str], size: int, seed: int, n_trai
             continue
         tmp = Path(tempfile.mkdtemp(prefix=f".{category}-", dir=out))
         try:
-            write_category(tmp, category, size, seed, n_train, n_test)
+            write_category(tmp, category, size, seed, n_train, n_test, object_fraction)
             try:
                 os.replace(tmp / category, final)
             except OSError:
@@ -259,9 +301,15 @@ class SyntheticDataset(MVTecDataset):
     default_preset = "quick"  # 256 px generated textures, 80 training images: the quick presets' budget
 
     def __init__(self, size: int = 256, n_train: int = 80, n_test: int = 60, seed: int = 0,
-                 val_fraction: float = 0.1, root: str = "", val_defects: float = 0.0):
+                 val_fraction: float = 0.1, root: str = "", val_defects: float = 0.0, object: float = 0.0):
+        if not 0 <= object < 1:
+            raise AdkitError(f"synthetic: object={object} is the object's side as a fraction of the image's, in (0, 1) "
+                             "(0: the texture fills the image)")
         self.size, self.n_train, self.n_test, self.data_seed = size, n_train, n_test, seed
-        folder = Path(root) if root else cache_root() / "synthetic" / f"v{FORMAT_VERSION}-s{seed}-{size}px-{n_train}-{n_test}"
+        self.object = object
+        shape = f"-object{object:g}" if object else ""
+        folder = Path(root) if root else \
+            cache_root() / "synthetic" / f"v{FORMAT_VERSION}-s{seed}-{size}px-{n_train}-{n_test}{shape}"
         folder.mkdir(parents=True, exist_ok=True)
         self._folder = folder
         super().__init__(root=str(folder), val_fraction=val_fraction, seed=seed, val_defects=val_defects)
@@ -275,6 +323,9 @@ class SyntheticDataset(MVTecDataset):
     def resolve_categories(self, requested: list[str]) -> list[str]:
         return super(MVTecDataset, self).resolve_categories(requested)
 
+    def shape(self, category: str) -> tuple[int, int]:
+        return self.size, self.size  # square by construction: nothing is generated to find it out
+
     def load(self, category: str) -> CategorySplits:
-        write_dataset(self._folder, [category], self.size, self.data_seed, self.n_train, self.n_test)
+        write_dataset(self._folder, [category], self.size, self.data_seed, self.n_train, self.n_test, self.object)
         return super().load(category)

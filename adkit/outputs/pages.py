@@ -148,7 +148,7 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
         figures.append(f"{rel}/history.png")
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
                f"image AUROC {fmt(result.get('image_auroc'))}, pixel AUROC {fmt(result.get('pixel_auroc'))}; "
-               f"threshold {fmt(threshold, 4)}{_decision_text(result)}.</p>")
+               f"threshold {fmt(threshold, 4)}{_decision_text(result)}.</p>" + _approximations_text(result))
     parts = [f"<h2 id='{html.escape(anchor or result['category'])}'>{category}</h2>", summary,
              "<div class='figures'>" + "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>"
                                                for f in figures) + "</div>"]
@@ -157,6 +157,15 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
     if rows:
         parts.append(_gallery(folder, rel, rows, threshold))
     return "\n".join(parts)
+
+
+def _approximations_text(result: dict[str, Any]) -> str:
+    """The detector's approximate paths and what they measured against the exact ones (its search, ...)."""
+    records = result.get("approximations") or {}
+    items = "".join(f"<li>{html.escape(name)}: {html.escape(record.get('summary', ''))}</li>"
+                    for name, record in records.items())
+    return f"<p class='approximations'>Approximations, checked against the exact path:</p><ul>{items}</ul>" \
+        if items else ""
 
 
 def _read_json(path: Path) -> Any:

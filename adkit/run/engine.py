@@ -154,9 +154,12 @@ def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> d
 
 def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, device: torch.device,
                    checkpoint: Path, meta: dict[str, Any], resume: bool = False,
-                   on_step: Callable[[int, int, dict[str, float] | None], None] | None = None) -> TrainResult:
+                   on_step: Callable[[int, int, dict[str, float] | None], None] | None = None,
+                   held_out: Tensor | None = None) -> TrainResult:
     """Train ``detector`` on normal ``images`` (N, 3, H, W) in [0, 1]; writes ``checkpoint`` every
-    ``settings.checkpoint_every`` steps and at the end. ``meta`` is stored in the checkpoint to rebuild the run."""
+    ``settings.checkpoint_every`` steps and at the end. ``meta`` is stored in the checkpoint to rebuild the run.
+    A fitted detector then checks its approximations on ``held_out`` normal images (``Detector.calibrate``; the
+    training images when None) before its checkpoint is written."""
     detector.to(device)
     if device.type == "cuda":
         detector.to(memory_format=torch.channels_last)
@@ -169,6 +172,7 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         mine = images[distributed.shard(images.shape[0])] if detector.fit_shards else images
         with torch.inference_mode(), autocast(device, settings.precision):
             detector.fit(_batches(mine, settings.batch_size, device))
+            detector.calibrate(_batches(images if held_out is None else held_out, settings.batch_size, device))
         if distributed.is_main():
             save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
         distributed.barrier()

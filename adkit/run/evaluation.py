@@ -83,7 +83,10 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
         raise AdkitError(f"{category}: no readable training images")
     detector = build_detector(plan_)
     # with tiling the detector learns from tiles: (N * tiles, 3, tile, tile)
-    train_images = train.images if not geometry.tile else make_tiling(geometry).split(train.images)
+    tiles = (lambda images: images) if not geometry.tile else make_tiling(geometry).split
+    train_images = tiles(train.images)
+    # a fitted detector checks its approximations on normal images it was not fitted on
+    held_out = tiles(val.images[val.labels == 0]) if bool((val.labels == 0).any()) else None
     steps = plan_.steps_for(len(train_images)) if detector.trainable else 1
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
                              checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
@@ -102,9 +105,13 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
             progress.update(task, completed=step, info=info if info else progress.tasks[task].fields["info"])
 
         result = train_detector(detector, train_images, settings, plan_.device, folder / "checkpoint.pt", meta,
-                                resume=resume, on_step=on_step)
+                                resume=resume, on_step=on_step, held_out=held_out)
         progress.update(task, completed=steps)
     log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)
+    for name, record in detector.approximations().items():
+        log.info("%s: %s: %s", category, name, record["summary"])
+        if distributed.is_main() and record.get("trail"):  # a check ran: say what it chose
+            console.say(f"{category}: {name}: {record['summary']}")
     if distributed.is_main() and detector.trainable:
         files.write_history_csv(folder / "history.csv", result.history)
     skipped = train.skipped + val.skipped + test.skipped
@@ -146,6 +153,7 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
         result.update(metrics.pixel_metrics(pixel_maps[:, 0].numpy(), masks))
     result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
     result["train_s"] = run_.train_seconds
+    result["approximations"] = pipeline.detector.approximations()
     result["skipped"] = [str(p) for p, _ in run_.skipped]
     return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level)
 

@@ -2,15 +2,17 @@
 docs/methods/patchcore.md give our reading.
 
 fit: locally aware patch features of every training image -> greedy coreset on a random projection -> memory
-bank. detect: distance of each test patch to its nearest bank feature is the patch map, upsampled to the image and
-Gaussian-smoothed (sigma 4); the image score is the paper's re-weighted maximum (or the plain maximum).
+bank -> search index. calibrate: the index's recall@1 against exact search on held-out normal patches and on the
+bank, its effort raised until both reach ``recall`` or exact search instead. detect: distance of each test patch
+to its nearest bank feature is the patch map, upsampled to the image and Gaussian-smoothed (sigma 4); the image
+score is the paper's re-weighted maximum (or the plain maximum).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,10 @@ from adkit.core.components import Backbone, Detection, Detector, DetectorContext
 from adkit.core.errors import AdkitError
 from adkit.core.features import build_backbone, check_layers, locally_aware_patches
 from adkit.run.engine import derived_seed
+from adkit.stats.thresholds import CONFIDENCE, clopper_pearson_upper
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.search import (
+    found,
     hnsw_build,
     hnsw_load,
     ivf_index,
@@ -38,6 +42,12 @@ from adkit_plugins.patchcore.search import (
 # of such a bank costs a few milliseconds an image
 IVF_MIN_CELL = 64
 INDEX_MIN_BANK = 4096
+# the search check: at most this many held-out patches (whole images, in order) and bank features as queries
+CHECK_QUERIES = 65536
+# the search effort is doubled at most this many times before the check falls back to exact search
+EFFORT_DOUBLINGS = 4
+# what each approximate search's effort is called (its parameter)
+EFFORT = {"hnsw": "ef", "ivf": "probes", "projected": "candidates"}
 
 
 def memory_limit_bytes() -> int:
@@ -46,6 +56,16 @@ def memory_limit_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError):
         return 8 << 30
+
+
+def lower_bound(recall: float, n: int) -> float:
+    """The one-sided lower CONFIDENCE bound of a recall measured on ``n`` queries (Clopper-Pearson)."""
+    return 1 - clopper_pearson_upper(round((1 - recall) * n), int(n), CONFIDENCE) if n else 0.0
+
+
+def recall_bound(hits: Tensor) -> float:
+    """``lower_bound`` of the share of true values in ``hits`` (M,) bool."""
+    return lower_bound(float(hits.double().mean()), hits.numel()) if hits.numel() else 0.0
 
 
 class PatchCore(Detector):
@@ -60,14 +80,15 @@ class PatchCore(Detector):
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected", "ivf_centroids", "ivf_offsets",
-                                                 "hnsw_graph")
+                                                 "hnsw_graph", "search_trail")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 128,
                  coreset: float = 0.1, projection: int = 128, partition: int = 16384, neighbours: int = 9,
                  score: Literal["reweighted", "max"] = "reweighted",
                  search: Literal["exact", "projected", "ivf", "hnsw"] = "hnsw", search_dim: int = 32,
-                 candidates: int = 10, cells: int = 0, probes: int = 8, links: int = 16, ef: int = 32, seed: int = 0):
+                 candidates: int = 10, cells: int = 0, probes: int = 8, links: int = 16, ef: int = 32,
+                 recall: float = 0.999, seed: int = 0):
         super().__init__()
         self.layers = check_layers(layers, "patchcore")
         if dim < len(self.layers):
@@ -82,7 +103,10 @@ class PatchCore(Detector):
                              f"probes={probes}")
         if links < 2 or ef < 1:
             raise ValueError(f"patchcore search=hnsw needs links >= 2 and ef >= 1, got links={links}, ef={ef}")
-        self.cells, self.probes, self.links, self.ef = cells, probes, links, ef
+        if not 0 <= recall <= 1:
+            raise ValueError(f"patchcore recall is the recall@1 an approximate search must show, in [0, 1] (0: not "
+                             f"enforced), got {recall}")
+        self.cells, self.probes, self.links, self.ef, self.recall = cells, probes, links, ef, recall
         self._graph: tuple[int, object] | None = None  # the deserialised HNSW index, for the graph it came from
         # greedy coreset on random partitions of this many features (0: exact greedy over all; coreset.py)
         self.partition = partition
@@ -99,6 +123,12 @@ class PatchCore(Detector):
         self.register_buffer("ivf_offsets", torch.zeros(0, dtype=torch.long))
         # search=hnsw: faiss's graph of the bank, serialised (built once at fit, deterministic)
         self.register_buffer("hnsw_graph", torch.zeros(0, dtype=torch.uint8))
+        # the effort (ef, probes or candidates) the search runs at after the check; 0: exact search
+        self.register_buffer("search_effort", torch.zeros((), dtype=torch.long))
+        self.effort = 0  # search_effort as a Python number: a traced graph must not read a buffer's value
+        # one row per effort the check tried: effort, recall@1 on held-out patches and on the bank, and how many
+        # held-out patches and bank features were searched
+        self.register_buffer("search_trail", torch.zeros(0, 5, dtype=torch.float64))
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -146,6 +176,124 @@ class PatchCore(Detector):
         self.bank_projected = (bank @ self.search_projection).contiguous()
         if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
             self.hnsw_graph = hnsw_build(self.memory_bank, self.links).to(device)
+        indexed = self.hnsw_graph.numel() > 0 or self.ivf_centroids.shape[0] > 0 or self.search == "projected"
+        self._set_effort(getattr(self, EFFORT[self.search]) if indexed else 0)
+        self.search_trail = torch.zeros(0, 5, dtype=torch.float64, device=device)
+
+    def _set_effort(self, effort: int) -> None:
+        self.effort = int(effort)
+        self.search_effort = torch.tensor(self.effort, dtype=torch.long, device=self.memory_bank.device)
+
+    def calibrate(self, batches: Iterable[Tensor]) -> None:
+        """The search check. An approximate search's recall@1 against exact search is measured on the patches of
+        held-out normal images (which test images resemble) and on the bank itself; while the held-out recall's
+        lower 95 % confidence bound, or the bank's recall (its bound when the bank is sampled), is below ``recall``
+        the effort doubles (EFFORT_DOUBLINGS times at most), and when that is not enough the search becomes exact. Every effort tried stays in ``search_trail``
+        (checkpoint, model card, report)."""
+        if not self.effort:  # exact search: asked for, or a bank too small for an index
+            return
+        held_out = self._held_out_patches(batches)
+        bank = self.memory_bank
+        step = max(1, -(-bank.shape[0] // CHECK_QUERIES))
+        own = torch.arange(0, bank.shape[0], step, device=bank.device)  # each bank feature is its own nearest
+        nearest_held = knn(held_out, bank, 1)[1]
+        trail, effort, ceiling = [], self.effort, self._effort_ceiling()
+        for _ in range(EFFORT_DOUBLINGS + 1):
+            held = found(held_out, bank, self._search(held_out, 1, effort)[1], nearest_held)
+            itself = found(bank[own], bank, self._search(bank[own], 1, effort)[1], own)
+            trail.append((effort, float(held.double().mean()), float(itself.double().mean()), held.numel(),
+                          itself.numel()))
+            # held-out patches sample what test images will ask; the bank is searched whole up to CHECK_QUERIES
+            # features (its recall is then exact), else as a sample too
+            on_bank = float(itself.double().mean()) if step == 1 else recall_bound(itself)
+            passed = self._exact_at(effort) or (recall_bound(held) >= self.recall and on_bank >= self.recall)
+            if passed or effort >= ceiling:
+                break
+            effort = min(2 * effort, ceiling)
+        self.search_trail = torch.tensor(trail, dtype=torch.float64, device=bank.device)
+        if passed:
+            self._set_effort(effort)
+            return
+        self._set_effort(0)  # exact search; the index is dropped from the checkpoint
+        self.hnsw_graph = torch.zeros(0, dtype=torch.uint8, device=bank.device)
+        self.ivf_centroids = bank.new_zeros(0, self.dim)
+        self.ivf_offsets = torch.zeros(0, dtype=torch.long, device=bank.device)
+
+    def _held_out_patches(self, batches: Iterable[Tensor]) -> Tensor:
+        """The patch features of whole held-out images, in order, up to CHECK_QUERIES of them: (M, dim)."""
+        collected, total = [], 0
+        for images in batches:
+            patches = self.embed(images).permute(0, 2, 3, 1).reshape(images.shape[0], -1, self.dim)
+            room = max(1, (CHECK_QUERIES - total) // patches.shape[1])
+            collected.append(patches[:room].reshape(-1, self.dim))
+            total += collected[-1].shape[0]
+            if total >= CHECK_QUERIES:
+                break
+        return torch.cat(collected) if collected else self.memory_bank.new_zeros(0, self.dim)
+
+    def _exact_at(self, effort: int) -> bool:
+        """Whether the search is exact by construction at ``effort``: IVF probing every cell, the projected search
+        re-ranking every bank feature (a graph walk never is)."""
+        if self.search == "ivf":
+            return effort >= self.ivf_centroids.shape[0]
+        return self.search == "projected" and effort >= self.memory_bank.shape[0]
+
+    def _effort_ceiling(self) -> int:
+        """The highest effort worth trying: every cell probed (IVF is then exact), every bank feature a candidate,
+        the HNSW ef doubled EFFORT_DOUBLINGS times."""
+        if self.search == "ivf":
+            return self.ivf_centroids.shape[0]
+        if self.search == "projected":
+            return self.memory_bank.shape[0]
+        return self.effort * 2 ** EFFORT_DOUBLINGS
+
+    def approximations(self) -> dict[str, Any]:
+        """The search: what was asked, what runs, and the recall@1 the check measured at each effort it tried
+        (with its lower 95 % confidence bound, which the check holds to ``recall``)."""
+        name = EFFORT.get(self.search)
+        asked = self.search if name is None else f"{self.search} {name}={getattr(self, name)}"
+        trail = [{name: int(effort), "recall_held_out": round(held, 6), "recall_bank": round(own, 6),
+                  "held_out_patches": int(n_held), "bank_queries": int(n_own),
+                  "recall_held_out_lower95": round(lower_bound(held, n_held), 6),
+                  # a bank searched whole has its recall measured, not estimated
+                  "recall_bank_lower95": round(own if n_own >= self.memory_bank.shape[0] else lower_bound(own, n_own),
+                                               6)}
+                 for effort, held, own, n_held, n_own in self.search_trail.tolist()] if name else []
+        used = "exact" if not self.effort else f"{self.search} {name}={self.effort}"
+        record: dict[str, Any] = {"asked": asked, "used": used, "target_recall": self.recall, "trail": trail}
+        if self.search == "exact":
+            record["summary"] = "exact search"
+        elif not trail and not self.effort:
+            record["summary"] = (f"exact search: a bank of {self.memory_bank.shape[0]:,} features is below "
+                                 f"{INDEX_MIN_BANK:,}, where {asked} builds no index")
+        elif not trail:
+            record["summary"] = f"{used}, recall not measured (fitted before adkit 0.4: fit again to check it)"
+        else:
+            last = trail[-1]
+            measured = (f"recall@1 {last['recall_held_out']:.4f} (>= {last['recall_held_out_lower95']:.4f} at 95 %) "
+                        f"on {last['held_out_patches']:,} held-out patches, {last['recall_bank']:.4f} on the bank")
+            if not self.effort:
+                record["summary"] = (f"exact search: {self.search} up to {name}={last[name]} reached only {measured} "
+                                     f"(target {self.recall})")
+            elif len(trail) > 1:
+                record["summary"] = f"{used} (raised from {asked}): {measured}"
+            else:
+                record["summary"] = f"{used}: {measured}"
+            record["recall_held_out"], record["recall_bank"] = last["recall_held_out"], last["recall_bank"]
+        if self.effort and self.search in ("hnsw", "ivf") and is_exporting():  # the graph and cells are eager-only
+            record["used"] = "exact"
+            record["summary"] = f"exact search in the exported graph (the checkpoint's: {record['summary']})"
+        return {"search": record}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "search_effort" not in state_dict:  # fitted before the search check (adkit < 0.4)
+            indexed = state_dict[prefix + "hnsw_graph"].numel() > 0 or \
+                state_dict[prefix + "ivf_centroids"].shape[0] > 0 or self.search == "projected"
+            name = EFFORT.get(self.search)
+            state_dict[prefix + "search_effort"] = torch.tensor(getattr(self, name) if indexed and name else 0)
+            state_dict[prefix + "search_trail"] = torch.zeros(0, 5, dtype=torch.float64)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.effort = int(self.search_effort)
 
     def ivf_cells(self, bank: int) -> int:
         """The cells of search=ivf for a bank of ``bank`` features: ``cells``, or about sqrt(bank) with cells=0;
@@ -161,14 +309,18 @@ class PatchCore(Detector):
         return self.cells
 
     def _nearest(self, patches: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return self._search(patches, k, self.effort)
+
+    def _search(self, patches: Tensor, k: int, effort: int) -> tuple[Tensor, Tensor]:
+        """The k nearest bank features by the fitted search at ``effort`` (ef, probes or candidates; 0: exact).
+        The graph and the cells are eager-only: an exported graph searches exactly."""
         eager = k == 1 and not (is_exporting() or tracing())
-        if eager and self.hnsw_graph.numel():
-            return knn_hnsw(patches, self._hnsw(), self.ef)
-        if eager and self.ivf_centroids.shape[0]:
-            return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, self.probes)
-        if self.search == "projected":
-            return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k,
-                                 self.candidates)
+        if effort and eager and self.hnsw_graph.numel():
+            return knn_hnsw(patches, self._hnsw(), effort)
+        if effort and eager and self.ivf_centroids.shape[0]:
+            return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, effort)
+        if effort and self.search == "projected":
+            return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k, effort)
         return knn(patches, self.memory_bank, k)
 
     def _hnsw(self) -> object:

@@ -194,3 +194,23 @@ def knn_hnsw(queries: Tensor, index: Any, ef: int) -> tuple[Tensor, Tensor]:
     squared, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), 1)
     distance = torch.from_numpy(squared).clamp_min_(0).sqrt().to(queries.device)
     return distance, torch.from_numpy(found).long().to(queries.device)
+
+
+# Recall of an approximate search against exact search. Distances are recomputed directly as |q - b| for the
+# bank features each search returned: the expansion |q|^2 - 2 q.b + |b|^2 that ``knn`` uses has an absolute
+# error of about sqrt(eps) |q|, which would count a found neighbour at distance ~0 (a uniform background's
+# patch) as missed.
+
+
+def direct_distances(queries: Tensor, bank: Tensor, index: Tensor) -> Tensor:
+    """|queries[i] - bank[index[i]]| for index (M,) or (M, 1): (M,) float64."""
+    return (queries.double() - bank.double()[index.reshape(-1)]).norm(dim=1)
+
+
+def found(queries: Tensor, bank: Tensor, found_index: Tensor, exact_index: Tensor,
+          relative: float = 1e-4) -> Tensor:
+    """(M,) bool: whether each query's found bank feature is as near as the exact nearest one (within
+    ``relative`` of its distance, or 1e-6 of the bank's mean norm for a distance of about zero)."""
+    slack = 1e-6 * float(bank.double().norm(dim=1).mean()) if bank.shape[0] else 0.0
+    found_d = direct_distances(queries, bank, found_index)
+    return found_d <= direct_distances(queries, bank, exact_index) * (1 + relative) + slack

@@ -1,0 +1,125 @@
+"""PatchCore's search check: an approximate search proves itself on held-out normal patches or searches harder,
+and falls back to exact search when no effort is enough. The failure class it guards against: images that are
+mostly one flat background, whose few bank features a greedy graph walk does not reach."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adkit_plugins.patchcore.search import found, knn
+
+# textures as small objects on a flat background, 128 px: a bank of ~700 features, indexed for the test; 12
+# validation images, whose 3,072 patches can show a recall of 0.999 at 95 % confidence
+DATA = "synthetic:size=128,n_train=40,n_test=20,object=0.375,val_fraction=0.3"
+
+
+@pytest.fixture
+def small_index(monkeypatch):
+    import adkit_plugins.patchcore.detector as module
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 256)
+
+
+def run(invoke, tmp_path, detector: str, category: str = "tile") -> dict:
+    out = tmp_path / detector.replace(":", "-").replace(",", "-")
+    code, _, err = invoke("run", "--detector", detector, "--data", DATA, "--category", category,
+                          "--image-size", "128", "--out", str(out))
+    assert code == 0, err
+    return json.loads((out / category / "metrics.json").read_text())
+
+
+def test_the_check_makes_a_failing_graph_search_equal_exact_search(invoke, tmp_path, small_index):
+    exact = run(invoke, tmp_path, "patchcore:search=exact")
+    # ef=1 is a greedy walk: here it misses the flat background's few bank features for most patches
+    unchecked = run(invoke, tmp_path, "patchcore:ef=1,recall=0")
+    checked = run(invoke, tmp_path, "patchcore:ef=1")
+    default = run(invoke, tmp_path, "patchcore")
+    assert exact["approximations"]["search"]["used"] == "exact"
+    first = unchecked["approximations"]["search"]["trail"]
+    assert len(first) == 1 and first[0]["recall_held_out"] < 0.99  # measured, recorded, not acted on
+    assert abs(unchecked["image_auroc"] - exact["image_auroc"]) > 0.005  # the failure the check exists for
+    search = checked["approximations"]["search"]
+    assert search["trail"][0]["ef"] == 1 and search["trail"][0]["recall_held_out"] < 0.999
+    assert search["used"] == "exact" or (search["recall_held_out"] >= 0.999 and search["recall_bank"] >= 0.999)
+    assert abs(checked["image_auroc"] - exact["image_auroc"]) <= 0.005
+    assert abs(default["image_auroc"] - exact["image_auroc"]) <= 0.005
+    assert default["approximations"]["search"]["trail"], "the default search is checked"
+
+
+def test_the_check_falls_back_to_exact_search_and_the_checkpoint_says_so(tiny_catalog, tmp_path, monkeypatch):
+    from test_feature_detectors import images, set_up
+
+    import adkit_plugins.patchcore.detector as module
+    from adkit.run.engine import TrainSettings, load_checkpoint, restore, train_detector
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
+    monkeypatch.setattr(module, "EFFORT_DOUBLINGS", 0)  # ef=1 and nothing more: no effort is enough
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=1,recall=1")
+    checkpoint = tmp_path / "checkpoint.pt"
+    train_detector(detector, images(4, 0), TrainSettings(steps=1, batch_size=4), torch.device("cpu"), checkpoint,
+                   meta={}, held_out=images(2, 5))
+    record = detector.approximations()["search"]
+    assert record["used"] == "exact" and record["summary"].startswith("exact search: hnsw up to ef=1 reached only")
+    assert detector.hnsw_graph.numel() == 0 and detector.effort == 0
+    restored = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=1,recall=1")
+    restore(restored, load_checkpoint(checkpoint), "checkpoint")
+    assert restored.approximations() == detector.approximations()
+    exact = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=exact")
+    train_detector(exact, images(4, 0), TrainSettings(steps=1, batch_size=4), torch.device("cpu"),
+                   tmp_path / "exact.pt", meta={})
+    test = images(2, 1)
+    with torch.inference_mode():
+        a, b = restored.detect(test), exact.detect(test)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
+    torch.testing.assert_close(a.image_scores, b.image_scores)
+
+
+def test_a_checkpoint_from_before_the_check_loads_and_says_its_recall_is_unmeasured(tiny_catalog, tmp_path,
+                                                                                  monkeypatch):
+    from test_feature_detectors import fit, set_up
+    from test_feature_detectors import images as make_images
+
+    import adkit_plugins.patchcore.detector as module
+    from adkit.run.engine import restore
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=64,recall=0")
+    payload = fit(detector, make_images(4, 0), tmp_path)  # the graph kept (a check that cannot fail)
+    for key in ("search_effort", "search_trail"):
+        del payload["model"][key]
+    old = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=64")
+    restore(old, payload, "old checkpoint")
+    assert old.effort == 64 and "recall not measured" in old.approximations()["search"]["summary"]
+
+
+def test_recall_counts_a_neighbour_as_near_as_the_exact_one_as_found():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 8, generator=g) * 10
+    queries = torch.cat([bank[:10], bank[10:20] + 0.01 * torch.randn(10, 8, generator=g)])  # ten at distance ~0
+    exact = knn(queries, bank, 1)[1]
+    assert found(queries, bank, exact, exact).all()
+    duplicate = torch.cat([bank, bank[:1]])  # the same feature twice: either copy is the nearest
+    assert found(bank[:1], duplicate, torch.tensor([[50]]), torch.tensor([[0]])).all()
+    wrong = exact.clone()
+    wrong[:5] = (wrong[:5] + 1) % 50
+    assert found(queries, bank, wrong, exact).tolist() == [False] * 5 + [True] * 15
+
+
+def test_the_recall_bound_needs_enough_queries():
+    from adkit_plugins.patchcore.detector import lower_bound
+
+    assert lower_bound(1.0, 1024) < 0.999  # 1,024 patches, none missed: not yet proof of 0.999
+    assert lower_bound(1.0, 3000) >= 0.999  # 1 - 0.05 ** (1 / n) >= 0.999 from n = 2,995
+    assert lower_bound(1.0, 2990) < 0.999
+    assert lower_bound(0.9995, 60000) >= 0.999 > lower_bound(0.999, 60000)
+
+
+@pytest.fixture
+def tiny_catalog(catalog):
+    from test_backbones import TinyBackbonePlugin
+
+    catalog.add_plugin(TinyBackbonePlugin(), name="tiny-plugin")
+    return catalog
