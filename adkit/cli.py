@@ -44,7 +44,8 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
                                           "overrides the preset's."),
         click.option("--resize", type=click.Choice(["squash", "pad", "crop"]),
                      help="Images of another shape: squash to the input size, pad (keep the aspect ratio, repeat "
-                          "the border) or crop (keep it, cut the centre). Default squash."),
+                          "the border) or crop (keep it, cut the centre). Default squash; with no geometry option at all, "
+                          "images 1.5 times longer than wide (or wider than long) are tiled at their own aspect."),
         click.option("--tile", type=int, help="Cut the input into square tiles of this side for the detector; "
                                               "maps are stitched back (large images, small defects)."),
         click.option("--overlap", type=float, help="Fraction of a tile its neighbours share, in [0, 1) (default 0)."),
@@ -141,12 +142,14 @@ def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
 
 @cli.command()
 @click.option("--all", "show_all", is_flag=True, help="Also list every component's parameters.")
-def plugins(show_all: bool) -> None:
-    """List plugins and the components they register."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: plugins and components with their parameters.")
+def plugins(show_all: bool, as_json: bool) -> None:
+    """List plugins and the components they register: tables on a terminal, one tab-separated line each when
+    piped (e.g. to grep)."""
     from adkit import api
 
     cli.add_plugin_commands()  # a plugin whose command hook fails shows as broken here too
-    api.print_plugins(show_all=show_all)
+    api.print_plugins(show_all=show_all, as_json=as_json)
 
 
 @cli.command()

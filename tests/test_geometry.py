@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from adkit.core.tiling import Tiling, tile_starts
-from adkit.data.geometry import Geometry, GeometryError, parse_size
+from adkit.data.geometry import Geometry, GeometryError, native_geometry, parse_size
 
 
 def test_sizes_parse_as_width_by_height():
@@ -114,6 +114,29 @@ def test_a_one_to_three_image_keeps_its_shape_and_its_defect_where_the_mask_says
         assert mask[max(0, y - 1):y + 2, max(0, x - 1):x + 2].any()  # the peak on the defect (within a pixel)
     overlay = Image.open(tmp_path / "p" / "overlays" / f"{images[0].stem}.png")
     assert overlay.height == 96  # panels at the image's own size
+
+
+def test_the_default_geometry_tiles_long_images_at_their_own_aspect():
+    assert native_geometry(256, (1257, 500)) == Geometry(640, 256, "squash", 256, 0.25)  # KolektorSDD, 1:2.5
+    assert native_geometry(256, (300, 760)) == Geometry(256, 640, "squash", 256, 0.25)  # landscape
+    assert native_geometry(64, (1257, 500)) == Geometry(160, 64, "squash", 64, 0.25)  # a preset's side
+    for near_square in ((300, 300), (261, 229), (200, 299), None):  # up to 1:1.5 squashed as before
+        assert native_geometry(256, near_square) == Geometry(256, 256)
+    assert tile_starts(640, 256, 0.25) == [0, 192, 384]  # the long side is whole strides: no tile moved back
+
+
+def test_a_run_on_long_images_tiles_them_unless_a_geometry_is_given(invoke, tmp_path):
+    root = write_category(tmp_path / "data", (96, 32), defect=5)  # 1:3, portrait
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", "mvtec", "--root", str(root),
+                          "--out", str(tmp_path / "auto"))
+    assert code == 0, err
+    assert "tiles of 256 px over 256x832, at their own aspect" in " ".join(err.split())
+    config = (tmp_path / "auto" / "config.toml").read_text()
+    assert 'image_size = "256x832"' in config and "tile = 256" in config and "overlap = 0.25" in config
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", "mvtec", "--root", str(root), "--image-size",
+                          "64", "--out", str(tmp_path / "given"))
+    assert code == 0, err
+    assert "image_size = 64" in (tmp_path / "given" / "config.toml").read_text()
 
 
 @pytest.mark.parametrize("args,needle", [

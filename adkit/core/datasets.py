@@ -7,9 +7,12 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import ClassVar
 
 from adkit.core.errors import AdkitError
+
+SHAPE_SAMPLE = 32  # training images whose headers tell a category's typical shape
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,17 @@ class AnomalyDataset(ABC):
     def load(self, category: str) -> CategorySplits:
         """The splits of one category; user errors (missing folders, orphan masks) raise AdkitError."""
 
+    def shape(self, category: str) -> tuple[int, int] | None:
+        """The typical (height, width) of the category's training images, or None when unknown: what the default
+        input geometry follows (images far from square are tiled at their own aspect). By default the median
+        over the headers of up to SHAPE_SAMPLE training images, read without decoding them."""
+        train = self.load(category).train
+        step = max(1, len(train) // SHAPE_SAMPLE)
+        shapes = [s for s in (image_shape(sample.path) for sample in train[::step][:SHAPE_SAMPLE]) if s]
+        if not shapes:
+            return None
+        return int(median(h for h, _ in shapes)), int(median(w for _, w in shapes))
+
     def resolve_categories(self, requested: list[str]) -> list[str]:
         """Expand groups, check names, keep order without duplicates."""
         if not requested:
@@ -84,3 +98,15 @@ def split_validation(normal: list[Sample], fraction: float, seed: int) -> tuple[
     train = [s for i, s in enumerate(normal) if i not in val_idx]
     val = [s for i, s in enumerate(normal) if i in val_idx]
     return train, val
+
+
+def image_shape(path: Path) -> tuple[int, int] | None:
+    """(height, width) from an image file's header, without decoding it; None for an unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    return height, width

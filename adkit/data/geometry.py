@@ -144,3 +144,21 @@ def _resize(tensor: torch.Tensor, size: tuple[int, int], antialias: bool = True)
         return tensor
     return F.interpolate(tensor[None].float(), size=tuple(size), mode="bilinear", align_corners=False,
                          antialias=antialias)[0]
+
+
+# the default geometry: images whose long side is at least LONG_ASPECT times the short one are tiled at their own
+# aspect instead of squashed (KolektorSDD's 1:2.5 parts: docs/benchmarks.md, "The real-data suite")
+LONG_ASPECT = 1.5
+TILE_OVERLAP = 0.25
+
+
+def native_geometry(side: int, shape: tuple[int, int] | None) -> Geometry:
+    """The default geometry for images of typical ``shape`` (height, width): a ``side`` square, squashed, for
+    images near square (or of unknown shape); for long ones, square tiles of ``side`` along the long side, which
+    becomes the whole number of tile strides (TILE_OVERLAP overlap) nearest to ``side`` times the aspect."""
+    if shape is None or min(shape) < 1 or max(shape) / min(shape) < LONG_ASPECT:
+        return Geometry(side, side)
+    stride = max(1, round(side * (1 - TILE_OVERLAP)))
+    long = side + max(1, round((side * max(shape) / min(shape) - side) / stride)) * stride
+    height, width = (long, side) if shape[0] > shape[1] else (side, long)
+    return Geometry(height, width, "squash", side, TILE_OVERLAP)

@@ -45,9 +45,9 @@ class RunConfig:
     seed: int = 0
     out: str | None = None
     image_size: int | str | None = None  # a side (256) or WIDTHxHEIGHT (512x256)
-    resize: str = "squash"  # how images of another shape reach the input size: squash, pad or crop
+    resize: str | None = None  # how images of another shape reach the input size: squash, pad or crop
     tile: int | None = None  # cut the input into square tiles of this side for the detector
-    overlap: float = 0.0  # the fraction of a tile its neighbours share
+    overlap: float | None = None  # the fraction of a tile its neighbours share
     batch_size: int | None = None
     steps: int | None = None
     checkpoint_every: int | None = None

@@ -17,7 +17,7 @@ from adkit.core.errors import AdkitError
 from adkit.core.grammar import ComponentSpec, PipelineSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.registry import ComponentInfo
-from adkit.data.geometry import Geometry, GeometryError, parse_size
+from adkit.data.geometry import Geometry, GeometryError, native_geometry, parse_size
 from adkit.run.config import DEFAULT_DATA, RunConfig
 from adkit.run.engine import resolve_device
 from adkit.stats.thresholds import DEFAULT_POLICY, ThresholdPolicy, parse_policy
@@ -133,7 +133,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     epochs = preset.get("epochs") if steps is None else None
     if steps is None and epochs is None:
         steps = ENGINE_DEFAULTS["steps"]
-    geometry = make_geometry(config, setting(None, "image_size"))
+    geometry = make_geometry(config, setting(None, "image_size"), dataset, categories)
     batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
     size_text = geometry.height if geometry.height == geometry.width else f"{geometry.width}x{geometry.height}"
     resolved = config.replace(preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
@@ -165,12 +165,26 @@ def canonical(catalog: Catalog, kind: str, spec: str) -> str:
     return str(checked(catalog, kind, spec))
 
 
-def make_geometry(config: RunConfig, preset_size: int | None) -> Geometry:
-    """The input geometry of ``config`` (--image-size, --resize, --tile, --overlap), the preset's size or 256."""
+def make_geometry(config: RunConfig, preset_size: int | None, dataset: AnomalyDataset | None = None,
+                  categories: list[str] | None = None) -> Geometry:
+    """The input geometry of ``config`` (--image-size, --resize, --tile, --overlap), the preset's size or 256.
+    With none of those options it follows the images (``native_geometry``): squashed to a square, or, when the
+    categories' training images are all far from square the same way, tiled at their own aspect."""
     if config.tile is not None and config.tile < 1:
         raise AdkitError(f"--tile must be >= 1, got {config.tile}")
+    side = preset_size or ENGINE_DEFAULTS["image_size"]
+    chosen = (config.image_size, config.resize, config.tile, config.overlap)
+    if all(option is None for option in chosen) and dataset is not None and categories:
+        shapes = [dataset.shape(category) for category in categories]
+        geometries = {native_geometry(side, shape) for shape in shapes}
+        if len(geometries) == 1 and (geometry := geometries.pop()).tile:
+            h, w = shapes[0]
+            console.say(f"images of about {w}x{h} px are far from square: tiles of {geometry.tile} px over "
+                        f"{geometry.width}x{geometry.height}, at their own aspect (--image-size {side} squashes "
+                        "them to a square)")
+            return geometry
     try:
-        height, width = parse_size(config.image_size or preset_size or ENGINE_DEFAULTS["image_size"])
+        height, width = parse_size(config.image_size or side)
         return Geometry(height, width, config.resize or "squash", config.tile or 0, config.overlap or 0.0)
     except GeometryError as exc:
         raise AdkitError(str(exc)) from None
