@@ -27,8 +27,8 @@ __all__ = [
 ]
 
 
-def print_plugins(show_all: bool = False, catalog: Catalog | None = None) -> None:
-    """The plugins and every registered component (with parameters when ``show_all``)."""
+def print_plugins(show_all: bool = False, catalog: Catalog | None = None, as_json: bool = False) -> None:
+    """The plugins and every registered component (with parameters when ``show_all``; JSON with ``as_json``)."""
     catalog = catalog or get_catalog()
     catalog.load_components()  # their statuses and warnings are known once their hooks have run
-    render.print_plugins(catalog, show_all=show_all)
+    render.print_plugins(catalog, show_all=show_all, as_json=as_json)

@@ -110,7 +110,8 @@ def test_folder_flags(invoke, tmp_path, mvtec_tree):
                           "--abnormal", str(base / "test" / "scratch"), "--masks", str(base / "ground_truth" / "scratch"),
                           "--image-size", "16", "--out", str(out))
     assert code == 0, err
-    metrics = json.loads((out / "good" / "metrics.json").read_text())
+    # named by the folder the normal images' folder sits in (train/good -> train)
+    metrics = json.loads((out / "train" / "metrics.json").read_text())
     assert metrics["n_anomalous"] == 2 and metrics["n_test"] == 3
     code, _, err = invoke("run", "--detector", "pixel-gauss", "--abnormal", str(base), "--image-size", "16")
     assert code != 0 and "give --normal DIR" in err
@@ -151,6 +152,20 @@ def test_precision_flag(invoke, tmp_path):
                           "--steps", "2", "--batch-size", "2", "--precision", "bf16", "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert 'precision = "bf16"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_plugins_listing_piped_is_one_line_per_component_and_json_on_request(invoke):
+    code, out, _ = invoke("plugins", "--all")  # stdout is not a terminal here, as under | grep
+    assert code == 0
+    line = next(line for line in out.splitlines() if "\tfeature-ebm-patch\t" in line)
+    assert line.startswith("component\tdetector\tfeature-ebm-patch\tebm\t") and "backbone: str" in line
+    assert "plugin\tpatchcore\t" in out
+    code, out, _ = invoke("plugins", "--json")
+    listing = json.loads(out)
+    patchcore = next(c for c in listing["components"] if c["name"] == "patchcore")
+    assert patchcore["kind"] == "detector" and {"name": "ef", "type": "int", "required": False, "default": 32} in \
+        patchcore["parameters"]
+    assert any(p["plugin"] == "hello" and p["status"] == "ok" for p in listing["plugins"])
 
 
 def test_plugins_listing_keeps_square_brackets_of_help_text(invoke):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -18,28 +19,57 @@ METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 DECISION_COLUMNS = ("false_alarms_per_1000", "recall")
 
 
-def print_plugins(catalog: Catalog, show_all: bool = False) -> None:
-    """A table of plugins, then one of every registered component (with parameters when ``show_all``)."""
+def print_plugins(catalog: Catalog, show_all: bool = False, as_json: bool = False) -> None:
+    """The plugins, then every registered component (with parameters when ``show_all``): tables on a terminal;
+    one tab-separated line per plugin or component when the output is piped (``grep`` finds a whole name);
+    JSON with ``as_json``."""
     out = Console()
+    plugins = [{"plugin": r.name, "version": r.version, "source": r.source, "status": r.status,
+                "error": r.error or None, "warnings": list(r.warnings)}
+               for r in sorted(catalog.plugins.values(), key=lambda r: r.name)]
+    components = [{"kind": kind, "name": info.name, "plugin": info.plugin, "help": info.help,
+                   "parameters": [{"name": p.name, "type": p.type_name, "required": p.required,
+                                   "default": None if p.required else p.default} for p in info.params.values()]}
+                  for kind, registry in catalog.registries.items() for info in registry]
+    if as_json:
+        print(json.dumps({"plugins": plugins, "components": components}, indent=1, default=repr))
+    elif not out.is_terminal:
+        for row in plugins:
+            status = row["status"] + (f": {row['error']}" if row["error"] else "")
+            status += "".join(f"; warning: {w}" for w in row["warnings"])
+            print("\t".join(("plugin", row["plugin"], row["version"], row["source"], status)))
+        for row in components:
+            cells = ["component", row["kind"], row["name"], row["plugin"], row["help"]]
+            print("\t".join(cells + ([_parameters(row["parameters"])] if show_all else [])))
+    else:
+        out.print(_plugin_table(plugins))
+        out.print(_component_table(components, show_all))
+
+
+def _parameters(parameters: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{p['name']}: {p['type']}" + ("" if p["required"] else f" = {p['default']!r}")
+                     for p in parameters)
+
+
+def _plugin_table(plugins: list[dict[str, Any]]) -> Table:
     table = Table(title="adkit plugins")
     for column in ("plugin", "version", "source", "status"):
         table.add_column(column)
-    for record in sorted(catalog.plugins.values(), key=lambda r: r.name):
-        status = record.status if record.status != "broken" else f"[red]broken[/red]: {escape(record.error)}"
-        status += "".join(f"\n[yellow]warning[/yellow]: {escape(w)}" for w in record.warnings)
-        table.add_row(record.name, record.version, record.source, status)
-    out.print(table)
-    components = Table(title="components")
+    for row in plugins:
+        status = row["status"] if row["status"] != "broken" else f"[red]broken[/red]: {escape(row['error'] or '')}"
+        status += "".join(f"\n[yellow]warning[/yellow]: {escape(w)}" for w in row["warnings"])
+        table.add_row(row["plugin"], row["version"], row["source"], status)
+    return table
+
+
+def _component_table(components: list[dict[str, Any]], show_all: bool) -> Table:
+    table = Table(title="components")
     for column in ("kind", "name", "plugin", "help") + (("parameters",) if show_all else ()):
-        components.add_column(column, overflow="fold")
-    for kind, registry in catalog.registries.items():
-        for info in registry:
-            row = [kind, info.name, info.plugin, escape(info.help)]  # help text is plain text, not rich markup
-            if show_all:
-                row.append(escape(", ".join(f"{p.name}: {p.type_name}" + ("" if p.required else f" = {p.default!r}")
-                                            for p in info.params.values())))
-            components.add_row(*row)
-    out.print(components)
+        table.add_column(column, overflow="fold")
+    for row in components:
+        cells = [row["kind"], row["name"], row["plugin"], escape(row["help"])]  # help is plain text, not markup
+        table.add_row(*cells, *([escape(_parameters(row["parameters"]))] if show_all else []))
+    return table
 
 
 def fmt(value: Any, digits: int = 3) -> str:
