@@ -7,7 +7,7 @@ from PIL import Image
 
 from adkit.core.errors import AdkitError
 from adkit.data.datasets import FolderDataset, MVTecDataset, load_split
-from adkit.data.io import ImageReadError, load_image, load_mask
+from adkit.data.io import ImageReadError, load_image, load_mask, save_image
 from adkit.data.synthetic import DEFECTS, TEXTURES, defective_image, normal_image, write_dataset
 
 
@@ -98,6 +98,27 @@ def test_folder_dataset(mvtec_tree):
     assert splits.val and not {s.path for s in splits.val} & {s.path for s in splits.train}
     with pytest.raises(AdkitError, match="is not a folder"):
         FolderDataset(normal=str(base / "nothing"))
+    # the category is named by the folder the normal folder sits in, or by the user; never 'good' or 'normal'
+    assert ds.categories() == ["train"]
+    assert FolderDataset(normal=str(base / "train" / "good"), name="widget").categories() == ["widget"]
+    with pytest.raises(AdkitError, match="must be a plain name"):
+        FolderDataset(normal=str(base / "train" / "good"), name="a/b")
+
+
+def test_folder_runs_name_their_category_after_the_product(invoke, tmp_path):
+    product = tmp_path / "bracket"
+    (product / "normal").mkdir(parents=True)
+    (product / "defective").mkdir()
+    for i in range(8):
+        save_image(normal_image("wood", 32, 0, "train", i), product / "normal" / f"{i}.png")
+    for i in range(2):
+        save_image(defective_image("wood", DEFECTS[i], 32, 0, i)[0], product / "defective" / f"{i}.png")
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--normal", str(product / "normal"),
+                          "--abnormal", str(product / "defective"), "--image-size", "32", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert (tmp_path / "run" / "bracket" / "metrics.json").is_file()
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "| bracket |" in summary and "| normal |" not in summary
 
 
 def test_synthetic_is_deterministic_and_masks_are_exact():

@@ -143,7 +143,7 @@ class FolderDataset(AnomalyDataset):
     takes_folders = True
 
     def __init__(self, normal: str = "", abnormal: str = "", masks: str = "", test_fraction: float = 0.2,
-                 val_fraction: float = 0.1, seed: int = 0):
+                 val_fraction: float = 0.1, seed: int = 0, name: str = ""):
         if not normal:
             raise AdkitError("folder: give the normal images with --data folder:normal=DIR[,abnormal=DIR,masks=DIR]")
         self.normal = Path(normal).expanduser()
@@ -157,9 +157,14 @@ class FolderDataset(AnomalyDataset):
         self.test_fraction = test_fraction
         self.val_fraction = val_fraction
         self.seed = seed
+        # the category's name in results: the user's, else the folder the normal images' folder sits in
+        # (data/elpv/normal -> elpv), which names the product where the normal folder's own name names a label
+        self.category = name or self.normal.resolve().parent.name or self.normal.resolve().name or "images"
+        if "/" in self.category or self.category in (".", ".."):
+            raise AdkitError(f"folder: name={self.category} must be a plain name (it names the results' folder)")
 
     def categories(self) -> list[str]:
-        return [self.normal.name]
+        return [self.category]
 
     def load(self, category: str) -> CategorySplits:
         normal = [Sample(p, 0) for p in list_images(self.normal)]

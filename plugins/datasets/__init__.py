@@ -15,5 +15,5 @@ def register_datasets(register):
     from adkit.data.synthetic import SyntheticDataset
 
     register("mvtec", MVTecDataset, help="MVTec AD layout under --root (any category folder in that layout)")
-    register("folder", FolderDataset, help="Your own images: normal=DIR[,abnormal=DIR,masks=DIR]")
+    register("folder", FolderDataset, help="Your own images: normal=DIR[,abnormal=DIR,masks=DIR,name=CATEGORY]")
     register("synthetic", SyntheticDataset, help="Built-in procedural textures with exact defect masks")
