@@ -154,8 +154,9 @@ def test_every_endpoint_with_the_token(server, tmp_path):
     # one batch per request here (they came one at a time); the two-image request was one batch
     assert 'adkit_inference_seconds_count{model="tiles-onnx"} 2' in text
     assert 'adkit_inference_seconds_bucket{model="tiles-onnx",le="+Inf"} 2' in text
-    status, _, body = request(server.url("/"), headers=AUTH)
+    status, headers, body = request(server.url("/"))  # the page needs no token: it sends the one typed into it
     assert status == 200 and b"<select id=\"model\">" in body
+    assert {k.lower(): v for k, v in headers.items()}["content-type"].startswith("text/html")
     log = [json.loads(line) for line in (tmp_path / "results" / "tiles-onnx.jsonl").read_text().splitlines()]
     assert len(log) == 3 and {"image_sha256", "score", "decision", "threshold", "model_sha256", "time"} <= set(log[0])
 
@@ -316,12 +317,16 @@ def test_the_page_scores_an_uploaded_image_in_chromium(models, tmp_path):
     executable = find_browser()
     if executable is None:
         pytest.skip("Chromium is not installed (Debian: apt install chromium); .ci/run installs it when it can")
-    running = Server(Settings(models_dir=models, results_dir=tmp_path / "results"))
+    running = Server(Settings(models_dir=models, results_dir=tmp_path / "results", token=TOKEN))
     image = tmp_path / "part.png"
     image.write_bytes(png(colour=(250, 10, 10)))
     browser = Browser(executable)
     try:
-        browser.open(running.url("/"))
+        browser.open(running.url("/"))  # the page opens without the token; the API answers 401 until it is typed
+        browser.wait_for("document.getElementById('card').textContent.includes('token')")
+        assert browser.evaluate("document.querySelectorAll('#model option').length") == 0
+        browser.evaluate(f"const t = document.getElementById('token'); t.value = {TOKEN!r}; "
+                         "t.dispatchEvent(new Event('change'))")
         browser.wait_for("document.querySelectorAll('#model option').length === 2")
         browser.evaluate("document.getElementById('model').value = 'tiles-onnx'")
         browser.set_files("#files", [image])

@@ -4,7 +4,7 @@ Requests are queued per model and scored in micro-batches off the event loop: a 
 queued while the previous one ran (up to ``batch_size`` images, waiting ``max_wait`` seconds for more; 0 by
 default, so a lone request is scored at once); a full queue answers 503 with Retry-After. Uploads are checked
 before anything is decoded: request size, content type, pixel count (read from the image header). Every decision
-is appended to a JSON-lines log per model. With a token, every request but /healthz needs
+is appended to a JSON-lines log per model. With a token, every request but /healthz and the page at / needs
 ``Authorization: Bearer TOKEN`` (compared in constant time). API: docs/serve.md.
 """
 
@@ -333,6 +333,11 @@ def overlay_png(image: torch.Tensor, anomaly_map: torch.Tensor, placement: Any, 
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+# served without the token: the health check, and the page, which holds no data and sends the token the user
+# types to the API routes (so a browser can open it at all)
+PUBLIC_ROUTES = ("healthz", "page")
+
+
 def create_app(settings: Settings):
     """The starlette application."""
     from starlette.applications import Starlette
@@ -359,7 +364,7 @@ def create_app(settings: Settings):
                 started = time.perf_counter()
                 model = request.path_params.get("name", route_name)
                 try:
-                    if route_name != "healthz":
+                    if route_name not in PUBLIC_ROUTES:
                         authorised(request)
                     response = await handler(request)
                 except HTTPError as exc:
