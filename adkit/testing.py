@@ -31,6 +31,7 @@ from adkit.core.datasets import AnomalyDataset
 from adkit.core.plugins import Catalog, get_catalog, reset_catalog
 from adkit.data.datasets import load_split
 from adkit.run.engine import TrainSettings, load_checkpoint, restore, seed_everything, train_detector
+from adkit.stats.thresholds import widest_gap
 
 # a --data spec for end-to-end tests: 32 px synthetic textures, 8 training and 6 test images per category
 TINY_DATA = "synthetic:size=32,n_train=8,n_test=6"
@@ -331,21 +332,30 @@ def check_exporter(spec: str, catalog: Catalog | None = None, size: int = 32) ->
         for batch in (1, 3):
             images = torch.rand(batch, 3, size, size, generator=generator)
             with torch.no_grad():
-                expected = module(images, torch.tensor(0.5))
-                threshold = expected[1].median()  # decisions on both sides
-                expected = module(images, threshold)
-            got = run(images, threshold)
-            _expect(isinstance(got, tuple) and len(got) == 3, f"{spec}: load()'s function must return (maps, "
-                                                              "scores, decisions)")
-            maps, scores, decisions = got
-            _expect(all(isinstance(t, Tensor) and t.device.type == "cpu" for t in got),
-                    f"{spec}: outputs must be CPU tensors")
-            _expect(tuple(maps.shape) == (batch, 1, size, size) and tuple(scores.shape) == (batch,) and
-                    tuple(decisions.shape) == (batch,) and decisions.dtype == torch.bool,
-                    f"{spec}: at batch {batch} outputs must be (B, 1, H, W), (B,), (B,) bool; got "
-                    f"{tuple(maps.shape)}, {tuple(scores.shape)}, {tuple(decisions.shape)} {decisions.dtype}")
-            _expect(torch.allclose(maps, expected[0], atol=1e-4) and torch.allclose(scores, expected[1], atol=1e-4)
-                    and torch.equal(decisions, expected[2]),
-                    f"{spec}: the loaded file differs from the module at batch {batch} (the batch dimension must "
-                    "stay dynamic)")
+                scores = module(images, torch.tensor(0.5))[1]
+            # thresholds well away from every score (the file's scores may differ from the module's by 1e-4):
+            # below all, above all, and in the middle of the widest gap between them (decisions on both sides)
+            cut, half_gap = widest_gap(scores)
+            margin = 0.1 + 0.1 * float(scores.abs().max())
+            cuts = [float(scores.min()) - margin, float(scores.max()) + margin] + ([cut] if half_gap > 1e-3 else [])
+            for threshold in cuts:
+                with torch.no_grad():
+                    expected = module(images, torch.tensor(threshold))
+                got = run(images, torch.tensor(threshold))
+                _check_export_outputs(spec, got, expected, batch, size)
     return exporter
+
+
+def _check_export_outputs(spec: str, got: Any, expected: tuple[Tensor, Tensor, Tensor], batch: int, size: int) -> None:
+    _expect(isinstance(got, tuple) and len(got) == 3, f"{spec}: load()'s function must return (maps, scores, "
+                                                      "decisions)")
+    maps, scores, decisions = got
+    _expect(all(isinstance(t, Tensor) and t.device.type == "cpu" for t in got), f"{spec}: outputs must be CPU tensors")
+    _expect(tuple(maps.shape) == (batch, 1, size, size) and tuple(scores.shape) == (batch,) and
+            tuple(decisions.shape) == (batch,) and decisions.dtype == torch.bool,
+            f"{spec}: at batch {batch} outputs must be (B, 1, H, W), (B,), (B,) bool; got "
+            f"{tuple(maps.shape)}, {tuple(scores.shape)}, {tuple(decisions.shape)} {decisions.dtype}")
+    _expect(torch.allclose(maps, expected[0], atol=1e-4) and torch.allclose(scores, expected[1], atol=1e-4)
+            and torch.equal(decisions, expected[2]),
+            f"{spec}: the loaded file differs from the module at batch {batch} (the batch dimension must stay "
+            "dynamic)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,10 +74,10 @@ from adkit import api
 from adkit.core import distributed
 from adkit.run.config import RunConfig
 out = Path(sys.argv[1])
-# the mean scorer and widths 8: a few steps give scores that differ between images
+# a per-pixel Gaussian with the mean scorer: scores far apart between images (a few DRAEM steps leave them
+# tied to the sixth digit, where other batchings and thread counts reorder them)
 tiny = dict(data="synthetic:size=32,n_train=8,n_test=6", image_size=32, batch_size=2, scorer="mean")
-ran = api.run(RunConfig(detector=["draem:recon_width=8,disc_width=8"], category=["wood"], steps=5, out=str(out / "run"),
-                        **tiny))
+ran = api.run(RunConfig(detector=["pixel-gauss"], category=["wood"], out=str(out / "run"), **tiny))
 tested = api.test(RunConfig(out=str(out / "test"), **tiny), out / "run" / "wood" / "checkpoint.pt")
 print("RESULT", distributed.rank(), json.dumps({"run": ran, "test": tested}))
 """
@@ -93,20 +95,24 @@ def test_metrics_gathered_across_ranks_equal_a_single_process(tmp_path):
     assert (rank0, rank1) == (0, 1)
     assert other == {"run": [], "test": []}  # rank 1 scored its shard and left reporting to rank 0
     assert main["run"][0]["n_test"] == 6  # every test image counted once: both shards came back
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks: the same float sums, so equality can be exact
-    try:
-        single = api.test(RunConfig(out=str(tmp_path / "single"), scorer="mean", **TINY),
-                          tmp_path / "run" / "wood" / "checkpoint.pt")
-    finally:
-        torch.set_num_threads(threads)
+    single = api.test(RunConfig(out=str(tmp_path / "single"), scorer="mean", **TINY),
+                      tmp_path / "run" / "wood" / "checkpoint.pt")
+    # only rank 0 wrote the per-image scores, once per image, in dataset order; shards are other batchings and
+    # thread counts than one process's, so the scores agree to float tolerance, not bit for bit
+    rows, single_rows = (list(csv.DictReader((folder / "wood" / "scores.csv").open()))
+                         for folder in (tmp_path / "test", tmp_path / "single"))
+    assert [(r["path"], r["label"]) for r in rows] == [(r["path"], r["label"]) for r in single_rows]
+    scores = np.array([float(r["score"]) for r in rows])
+    single_scores = np.array([float(r["score"]) for r in single_rows])
+    np.testing.assert_allclose(scores, single_scores, rtol=1e-5)
+    # the images' scores lie much further apart than that tolerance: the same ranking, so the same image metrics
+    gaps = np.diff(np.sort(single_scores))
+    assert gaps.min() > 1e-3 * np.abs(single_scores).max(), "near-tied scores: the ranking would not be robust"
     for key in METRICS:
-        assert main["test"][0][key] == single[0][key], key
-        assert main["run"][0][key] == single[0][key], key  # run's own (distributed) evaluation agrees too
-    # only rank 0 wrote the per-image scores, once per image, in dataset order
-    rows = (tmp_path / "test" / "wood" / "scores.csv").read_text().splitlines()
-    assert rows == (tmp_path / "single" / "wood" / "scores.csv").read_text().splitlines()
-    assert len({row.split(",")[2] for row in rows[1:]}) > 1  # scores differ between images, so order matters
+        tolerance = {"threshold": 1e-5 * abs(single[0]["threshold"]), "pixel_auroc": 1e-3, "pixel_ap": 1e-3,
+                     "aupro": 1e-3}.get(key, 1e-9)  # pixel metrics rank thousands of pixels, some nearly tied
+        assert main["test"][0][key] == pytest.approx(single[0][key], abs=tolerance), key
+        assert main["run"][0][key] == pytest.approx(single[0][key], abs=tolerance), key  # run's own evaluation
 
 
 BENCH = """
@@ -194,7 +200,9 @@ def test_fitting_shards_images_and_every_rank_holds_the_single_process_state(tmp
     single = torch.load(tmp_path / "one" / "rank0-of1.pt")
     for rank in (0, 1):
         got = torch.load(tmp_path / "two" / f"rank{rank}-of2.pt")
-        assert torch.equal(got["bank"], single["bank"])  # anomalib #2673: each rank kept only its own part
+        # anomalib #2673: each rank kept only its own part. The ranks embed other batches than one process:
+        # the features, and so the bank, agree to float tolerance
+        torch.testing.assert_close(got["bank"], single["bank"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got["patchcore:coreset=0.2,partition=50"], single["patchcore:coreset=0.2,partition=50"])
         torch.testing.assert_close(got["padim:features=20"], single["padim:features=20"], atol=1e-4, rtol=1e-4)
 
