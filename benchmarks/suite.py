@@ -129,8 +129,10 @@ def main() -> None:
     parser.add_argument("--flags", default="", help="more adkit run options for every run (one string)")
     parser.add_argument("--label-suffix", default="", help="appended to each detector's name in the table")
     parser.add_argument("--table-only", action="store_true", help="read the runs already there, run nothing")
+    parser.add_argument("--adkit", default=str(Path(sys.executable).with_name("adkit")),
+                        help="the adkit command to run (default: this environment's)")
     args = parser.parse_args()
-    adkit = str(Path(sys.executable).with_name("adkit"))
+    adkit = args.adkit
     out = Path(args.out)
     flags = args.flags.split()
     slug = "".join(c if c.isalnum() or c in "=.-" else "_" for c in args.flags)
