@@ -244,12 +244,23 @@ def test_training_on_crops_and_mapping_whole_images(catalog):
     detector = Draem(recon_width=4, disc_width=4, lr=1e-3, schedule="constant", crop=32)
     detector.setup(DetectorContext(build=catalog.builder(), image_size=64, device=torch.device("cpu")))
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    seen = []
+    hook = detector.reconstructive.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     out = detector.training_step(images, torch.Generator().manual_seed(3))
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
+    assert seen[0].shape == (2, 3, 32, 32)  # the networks trained on 32 px crops of the 64 px images
     detector.eval()
     with torch.no_grad():
         assert detector.anomaly_map(images).shape == (2, 1, 64, 64)  # whole images at test time
+    assert seen[1].shape == (2, 3, 64, 64)
+    hook.remove()
+    # each crop is a window of its own image, drawn by the generator
+    crops = random_crops(images, 32, torch.Generator().manual_seed(5))
+    for image, crop in zip(images, crops):
+        windows = image.unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 33, 33, 32, 32)
+        assert (windows == crop[:, None, None]).flatten(3).all(dim=(0, 3)).any()
+    assert torch.equal(crops, random_crops(images, 32, torch.Generator().manual_seed(5)))
 
 
 def test_augmenting_only_the_samples_that_use_an_augmenter_gives_the_whole_batch_result():

@@ -113,9 +113,14 @@ def test_patchcore_coreset_size_and_plain_max_score(tiny_catalog, tmp_path):
     detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.01,score=max")
     fit(detector, images(4, 0), tmp_path)
     assert detector.memory_bank.shape == (round(0.01 * 4 * 256), 6)
+    test = images(2, 1)
     with torch.inference_mode():
-        detection = detector.detect(images(2, 1))
+        detection = detector.detect(test)
+        patches = detector.embed(test).permute(0, 2, 3, 1).reshape(2, -1, 6).double()
     assert detection.image_scores.shape == (2,) and detection.anomaly_map.shape == (2, 1, 32, 32)
+    # score=max: the largest distance of a test patch to its nearest bank feature, with no re-weighting
+    nearest = torch.cdist(patches, detector.memory_bank.double()[None].expand(2, -1, -1)).min(dim=2).values
+    torch.testing.assert_close(detection.image_scores.double(), nearest.max(dim=1).values, atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_names_the_backbone_and_restores_identical_maps(tiny_catalog, tmp_path):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,47 @@ def test_avgpool_is_drams_image_score_smoothing():
 def test_unsharp_and_gaussian_keep_constants():
     c = torch.full((1, 1, 16, 16), 0.3)
     assert torch.allclose(Gaussian(2.0)(c), c) and torch.allclose(Unsharp()(c), c)
+
+
+def gaussian_reference(m: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A direct 2-D convolution with the normalised kernel exp(-(y^2 + x^2) / 2 sigma^2) on 2 ceil(3 sigma) + 1
+    taps, reflect border (float64)."""
+    radius = int(3 * sigma + 0.999)
+    steps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(steps[:, None] ** 2 + steps[None, :] ** 2) / (2 * sigma ** 2))
+    padded = F.pad(m.double(), (radius,) * 4, mode="reflect")
+    return F.conv2d(padded, (kernel / kernel.sum())[None, None])
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.5, 4.0])
+def test_gaussian_is_the_normalised_kernel_with_reflected_borders(sigma):
+    m = torch.rand(2, 1, 40, 36, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(Gaussian(sigma)(m).double(), gaussian_reference(m, sigma), atol=1e-5, rtol=1e-5)
+    spike = torch.zeros(1, 1, 41, 41)
+    spike[0, 0, 20, 20] = 1.0
+    out = Gaussian(sigma)(spike)[0, 0]
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5)  # mass kept away from the border
+    assert out[20, 20 + round(sigma)] / out[20, 20] == pytest.approx(np.exp(-round(sigma) ** 2 / (2 * sigma ** 2)),
+                                                                     rel=1e-3)
+
+
+def test_unsharp_adds_amount_times_the_detail():
+    m = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    detail = m.double() - gaussian_reference(m, 2.0)
+    torch.testing.assert_close(Unsharp(amount=1.5, sigma=2.0)(m).double(), m.double() + 1.5 * detail, atol=1e-5,
+                               rtol=1e-5)
+    step = torch.zeros(1, 1, 16, 16)
+    step[..., 8:] = 1.0
+    out = Unsharp(amount=1.0, sigma=1.0)(step)[0, 0, 8]
+    assert out[7] < 0 and out[8] > 1  # overshoot on both sides of an edge: sharpened, not blurred
+    assert out[0] == pytest.approx(0.0, abs=1e-6) and out[15] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_max_scorer_takes_each_maps_maximum():
+    maps = torch.rand(3, 1, 12, 10, generator=torch.Generator().manual_seed(3))
+    maps[1, 0, 4, 7] = 5.0
+    torch.testing.assert_close(MaxScorer()(maps), maps.flatten(1).max(dim=1).values)
+    assert MaxScorer()(maps)[1].item() == 5.0
 
 
 def test_freqmask_hand_computed_8x8():
