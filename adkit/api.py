@@ -4,7 +4,7 @@
     from adkit.run.config import RunConfig
     api.run(RunConfig(detector=["patchcore"], data="folder", normal="good/", abnormal="bad/"))
 
-The workflows (``run``, ``train``, ``test``, ``predict``, ``bench``, ``synth``) take a :class:`RunConfig`; the
+The workflows (``run``, ``train``, ``test``, ``predict``, ``update``, ``bench``, ``synth``) take a :class:`RunConfig`; the
 building blocks below them (planning, assembling, evaluating one category) are exported for scripts and
 benchmarks. Where each lives: docs/architecture.md.
 """
@@ -12,6 +12,7 @@ benchmarks. Where each lives: docs/architecture.md.
 from __future__ import annotations
 
 from adkit.app.bench import bench
+from adkit.app.update import update
 from adkit.app.workflows import export, predict, run, synth, test, train
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.outputs import render
@@ -23,7 +24,7 @@ from adkit.run.planning import RunPlan, plan
 __all__ = [
     "CategoryRun", "Evaluation", "RunPlan", "bench", "build_detector", "build_pipeline", "chosen_threshold",
     "evaluate", "export", "load_trained", "plan", "predict", "print_plugins", "record_threshold", "run",
-    "score_rows", "synth", "test", "threshold_record", "train", "train_category", "validation_record",
+    "score_rows", "synth", "test", "threshold_record", "train", "train_category", "update", "validation_record",
 ]
 
 

@@ -114,7 +114,7 @@ class AdkitGroup(click.Group):
 
 
 # the commands that build components: the catalog loads every plugin's components before they start
-COMPONENT_COMMANDS = ("run", "train", "test", "predict", "bench", "export")
+COMPONENT_COMMANDS = ("run", "train", "test", "predict", "bench", "export", "update")
 
 
 @click.group(cls=AdkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -196,6 +196,19 @@ def predict(config: RunConfig, checkpoint: str | None, model: str | None, save_m
 
     api.predict(config, checkpoint=Path(checkpoint) if checkpoint else None, inputs=[Path(p) for p in inputs],
                 model=Path(model) if model else None, save_maps=save_maps)
+
+
+@cli.command()
+@run_options
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The fitted model to add to.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+def update(config: RunConfig, checkpoint: str, images: tuple[str, ...]) -> None:
+    """Add good images (files or folders) to a fitted model without refitting it: a new version (checkpoint and
+    threshold) beside the old one, or in --out, with its lineage."""
+    from adkit import api
+
+    api.update(config, checkpoint=Path(checkpoint), images=[Path(p) for p in images],
+               out=Path(config.out) if config.out else None)
 
 
 @cli.command()

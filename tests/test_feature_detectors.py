@@ -338,3 +338,18 @@ def test_padim_on_a_folder_of_the_users_own_images(invoke, mvtec_tree, tmp_path)
     assert code == 0, err
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
     assert metrics["n_anomalous"] == 2 and metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.8
+
+
+def test_a_bank_extended_by_the_greedy_rule_continues_the_fitted_selection():
+    from adkit_plugins.patchcore.coreset import greedy_coreset, greedy_coreset_reference
+
+    g = torch.Generator().manual_seed(7)
+    bank = torch.randn(5, 3, generator=g)
+    new = torch.randn(40, 3, generator=g) * 2
+    before = torch.cdist(new, bank).min(dim=1).values.pow(2)
+    chosen = greedy_coreset(new, 6, torch.Generator(), nearest=before).tolist()
+    assert chosen == greedy_coreset_reference(new, 6, None, centres=bank)
+    # by hand on a line: a bank at 0 and new points 1, 2, 10, 11, 5: first 11 (the farthest from 0), then 5 (5 from
+    # 0 and 6 from 11, where 1, 2 and 10 each lie within 2 of 0 or 11)
+    line = torch.tensor([[1.0], [2.0], [10.0], [11.0], [5.0]])
+    assert greedy_coreset(line, 2, torch.Generator(), nearest=line[:, 0].pow(2)).tolist() == [3, 4]

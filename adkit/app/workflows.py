@@ -257,6 +257,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
             run_.train = load_split(splits.train, size, skip)
         evaluation = evaluate(plan_, run_, pipeline)
         if main:
+            evaluation.metrics["lineage"] = meta.get("lineage", [])  # the updates this model went through
             artifacts.write_category(run_.test, category, evaluation, out / category)
             results.append(evaluation.metrics)
             if category == meta["category"]:  # a threshold for the data the checkpoint was trained on
@@ -269,7 +270,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     return results
 
 
-def _image_paths(inputs: list[Path]) -> list[Path]:
+def image_paths(inputs: list[Path]) -> list[Path]:
     """The image files ``inputs`` name, folders expanded."""
     paths: list[Path] = []
     for item in inputs:
@@ -313,7 +314,7 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
         default_out = file.parent / "predict"
     threshold = None if decision is None else float(decision["threshold"])
     out = Path(config.out) if config.out else default_out
-    paths = _image_paths(inputs)
+    paths = image_paths(inputs)
     _warn_resized(paths, geometry)
     loaded = load_split([Sample(path, 0) for path in paths], geometry, config.skip_bad)
     if not loaded.samples:
@@ -369,7 +370,8 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
         approximations = pipeline.detector.approximations()
     info = {**spec.record(), "backbone": meta.get("backbone"),
             "category": meta["category"], "checkpoint": str(checkpoint),
-            "threshold_fitted_on": record["fitted_on"], "approximations": approximations}
+            "threshold_fitted_on": record["fitted_on"], "approximations": approximations,
+            "lineage": meta.get("lineage", [])}
     deploy.export(Deployed(pipeline), fmt, out, checkpoint_geometry(meta), decision, info)
     console.say(f"exported to {out} ({fmt}, threshold {decision['threshold']:.6g}, {decision['policy']})")
     return out

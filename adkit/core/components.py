@@ -198,6 +198,8 @@ class Detector(nn.Module, Exportable, ABC):
     image_level: ClassVar[bool] = False
     # detect() returns image scores of its own (Detection.image_scores), which replace the pipeline's scorer
     own_scores: ClassVar[bool] = False
+    # update() adds normal images to the fitted state without refitting, exactly or by a stated rule (adkit update)
+    updatable: ClassVar[bool] = False
     # named settings for a run: {"quick": {"image_size": .., "batch_size": .., "steps": .., "params": {..}}}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # buffers whose shape depends on the data (a memory bank, per-position statistics): a checkpoint restores
@@ -236,6 +238,12 @@ class Detector(nn.Module, Exportable, ABC):
         """Fit a statistical detector on batches of normal images (B, 3, H, W). The engine calls it in eval mode
         under ``torch.inference_mode``."""
         raise NotImplementedError(f"{type(self).__name__} is trained by gradient steps, not fit()")
+
+    def update(self, batches: Iterable[Tensor]) -> None:
+        """Add batches of normal images (B, 3, H, W) to a fitted detector without refitting it from scratch
+        (``adkit update``), for a detector that declares ``updatable``: merged moments, a memory bank extended by
+        its selection rule. Called like ``fit`` (eval mode, inference mode), then ``calibrate``."""
+        raise NotImplementedError(f"{type(self).__name__} declares no update (updatable = False)")
 
     def calibrate(self, batches: Iterable[Tensor]) -> None:
         """Check an approximation against the exact path on held-out normal images (B, 3, H, W), after ``fit``:

@@ -74,6 +74,7 @@ class Traits:
     trainable: bool = False  # detector: trained by gradient steps (else fitted)
     image_level: bool = False  # detector: one value per image, no pixel-level opinion
     own_scores: bool = False  # detector: detect() returns image scores of its own (the scorer is not used)
+    updatable: bool = False  # detector: update() adds normal images to a fitted one without refitting
     exportable: bool = True  # detector, post-processor, scorer: its forward traces into a graph
     presets: tuple[str, ...] = ()
     # detector: each preset's settings (image_size, batch_size, steps, epochs, params), read-only
@@ -94,7 +95,8 @@ class Traits:
             values.update(exportable=factory.exportable)
         if kind == "detector":
             values.update(trainable=factory.trainable, image_level=factory.image_level,
-                          own_scores=factory.own_scores, presets=tuple(factory.presets),
+                          own_scores=factory.own_scores, updatable=factory.updatable,
+                          presets=tuple(factory.presets),
                           preset_values=MappingProxyType({k: MappingProxyType(dict(v))
                                                           for k, v in factory.presets.items()}),
                           consumes=frozenset(factory.consumes),

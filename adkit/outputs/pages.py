@@ -148,7 +148,8 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
         figures.append(f"{rel}/history.png")
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
                f"image AUROC {fmt(result.get('image_auroc'))}, pixel AUROC {fmt(result.get('pixel_auroc'))}; "
-               f"threshold {fmt(threshold, 4)}{_decision_text(result)}.</p>" + _approximations_text(result))
+               f"threshold {fmt(threshold, 4)}{_decision_text(result)}.</p>" + _approximations_text(result) +
+               _lineage_text(result))
     parts = [f"<h2 id='{html.escape(anchor or result['category'])}'>{category}</h2>", summary,
              "<div class='figures'>" + "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>"
                                                for f in figures) + "</div>"]
@@ -166,6 +167,15 @@ def _approximations_text(result: dict[str, Any]) -> str:
                     for name, record in records.items())
     return f"<p class='approximations'>Approximations, checked against the exact path:</p><ul>{items}</ul>" \
         if items else ""
+
+
+def _lineage_text(result: dict[str, Any]) -> str:
+    """The updates (adkit update) the model went through, oldest first."""
+    steps = result.get("lineage") or []
+    items = "".join(f"<li>{html.escape(str(step.get('at', '?')))}: {step.get('added', '?')} good images added "
+                    f"({step.get('held_out', 0)} held out), parent sha256 "
+                    f"{html.escape(str(step.get('parent_sha256', '?'))[:12])}</li>" for step in steps)
+    return f"<p class='lineage'>Lineage: fitted, then updated {len(steps)} time(s):</p><ul>{items}</ul>" if items else ""
 
 
 def _read_json(path: Path) -> Any:

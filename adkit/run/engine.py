@@ -237,6 +237,17 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
     return TrainResult(steps=settings.steps - first_step, seconds=time.perf_counter() - start, history=history)
 
 
+def update_detector(detector: Detector, images: Tensor, batch_size: int, device: torch.device,
+                    held_out: Tensor | None = None) -> None:
+    """Add normal ``images`` (N, 3, H, W) to a fitted detector that declares ``updatable`` (``Detector.update``),
+    then check its approximations again on ``held_out`` normal images (``Detector.calibrate``; the added images
+    when None), as ``train_detector`` does after a fit."""
+    detector.to(device).eval()
+    with torch.inference_mode():
+        detector.update(_batches(images, batch_size, device))
+        detector.calibrate(_batches(images if held_out is None else held_out, batch_size, device))
+
+
 RESIDENT_BYTES = 4 << 30
 
 

@@ -65,7 +65,8 @@ class ServedModel:
                 "threshold": None if self.decision is None else self.decision["threshold"],
                 "threshold_policy": None if self.decision is None else self.decision.get("policy"),
                 "validation": {k: fit.get(k) for k in ("n_normal", "val_false_alarms", "val_fpr_upper")},
-                "approximations": self.card.get("approximations", {}), "notes": self.card.get("notes", [])}
+                "approximations": self.card.get("approximations", {}), "lineage": self.card.get("lineage", []),
+                "notes": self.card.get("notes", [])}
 
 
 def load_model(folder: Path) -> ServedModel:
@@ -93,7 +94,7 @@ def load_model(folder: Path) -> ServedModel:
     run = eager_runner(Deployed(pipeline), torch.device("cpu"))
     decision = artifacts.threshold_record(folder, spec)
     card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"],
-            "approximations": pipeline.detector.approximations()}
+            "approximations": pipeline.detector.approximations(), "lineage": meta.get("lineage", [])}
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     return warmed(ServedModel(folder.name, run, checkpoint_geometry(meta), decision, card, digest, sig))
 

@@ -21,6 +21,7 @@ The energy is a Gaussian base measure tilted by a learned network (an exponentia
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 from adkit.core.components import Backbone, Detector, DetectorContext, EnergyNetwork
 from adkit.core.errors import AdkitError
 from adkit.core.features import build_backbone, check_layers, locally_aware_patches
-from adkit.stats.covariance import ledoit_wolf, whitening
+from adkit.stats.covariance import whitening
+from adkit.stats.moments import Moments, ledoit_wolf_from, merge, moments
 from adkit_plugins.ebm.samplers import ReplayBuffer
 
 # Langevin in x = z / spread: the base's gradient is spread^2 x (16 x at spread 4). A step of N * alpha = 0.0075
@@ -38,6 +40,7 @@ from adkit_plugins.ebm.samplers import ReplayBuffer
 # discretisation error of 6 % in variance (1 / (1 - 16 * 0.0075 / 2)); larger steps mix faster but sample a wider
 # law than the model's, which contrastive divergence then learns to push away (measured: +32 % at 0.03)
 DEFAULT_SAMPLER = "pyld:M=5,N=3,alpha=0.0025,eps=100.0,sigma=0.122"
+GAUSSIAN_CHUNK = 128  # Gaussians whose float64 moments are computed at once
 
 
 class TiltLayer(nn.Linear):
@@ -90,8 +93,12 @@ class FeatureEBM(Detector):
 
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"sampler", "backbone"})
-    fitted_buffers: ClassVar[tuple[str, ...]] = ("feature_mean", "whitening")
+    fitted_buffers: ClassVar[tuple[str, ...]] = ("feature_mean", "whitening", "base_scatter", "base_cube",
+                                                 "base_quartic")
     name = "feature-ebm"
+    # new images update the Gaussian base (its moments merge exactly; Ledoit-Wolf and the whitening are
+    # recomputed); the tilt network stays as trained
+    updatable = True
 
     def __init__(self, backbone: str, layers: tuple[int, ...], width: int, depth: int, steps_batch: int, lr: float,
                  data_noise: float, buffer_size: int, reinit: float, sampler: str, spread: float, tilt: float,
@@ -113,6 +120,11 @@ class FeatureEBM(Detector):
         # z = whitening @ (f - feature_mean): (G, d) and (G, d, d), G Gaussians (grid positions, or one)
         self.register_buffer("feature_mean", torch.zeros(0, 0))
         self.register_buffer("whitening", torch.zeros(0, 0, 0))
+        # the base's moments (adkit.stats.moments), for updates: count, scatter (G, d, d), cube (G, d), quartic (G,)
+        self.register_buffer("base_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("base_scatter", torch.zeros(0, 0, 0))
+        self.register_buffer("base_cube", torch.zeros(0, 0, dtype=torch.float64))
+        self.register_buffer("base_quartic", torch.zeros(0, dtype=torch.float64))
         self.train_vectors: Tensor | None = None  # the training set's inputs, made once by on_train_start
 
     # -- what a vector is (subclasses) -------------------------------------------------------------------------
@@ -159,13 +171,7 @@ class FeatureEBM(Detector):
         with torch.inference_mode():
             raw = torch.cat([self.features(images[i:i + 16].to(device)).float().cpu()
                              for i in range(0, len(images), 16)])  # (N, G, d)
-        means, whitenings = [], []
-        for g in range(0, raw.shape[1], 128):  # Gaussians in chunks: bounded float64 memory
-            mean, covariance = ledoit_wolf(raw[:, g:g + 128].transpose(0, 1))
-            means.append(mean.float())
-            whitenings.append(whitening(covariance).float())
-        self.feature_mean = torch.cat(means).to(device)
-        self.whitening = torch.cat(whitenings).to(device)
+        self._keep_base(self._moments(raw))
         with torch.inference_mode():
             vectors = self.vectors(raw.to(device))
         self.train_vectors = vectors.reshape(-1, vectors.shape[-1]).clone()
@@ -175,6 +181,53 @@ class FeatureEBM(Detector):
             self.buffer.mean[:features] = 0
             self.buffer.std[:features] = 1 / self.spread
             self.buffer.samples.copy_(self.buffer.fresh(self.buffer.size, generator))
+
+    @staticmethod
+    def _moments(raw: Tensor) -> list[Moments]:
+        """The moments of features (N, G, d), per chunk of Gaussians (bounded float64 memory)."""
+        return [moments(raw[:, g:g + GAUSSIAN_CHUNK].transpose(0, 1), fourth=True)
+                for g in range(0, raw.shape[1], GAUSSIAN_CHUNK)]
+
+    def _keep_base(self, chunks: list[Moments]) -> None:
+        """Store the base's moments and its Ledoit-Wolf mean and whitening, computed from what is stored."""
+        device = self.whitening.device
+        self.base_count = torch.tensor(chunks[0].count, device=device)
+        self.base_scatter = torch.cat([c.scatter for c in chunks]).float().to(device)
+        self.base_cube = torch.cat([c.cube for c in chunks]).to(device)
+        self.base_quartic = torch.cat([c.quartic for c in chunks]).to(device)
+        self.feature_mean = torch.cat([c.mean for c in chunks]).float().to(device)
+        self.whitening = torch.cat([whitening(ledoit_wolf_from(stats)[1]).float()
+                                    for stats in self._stored_moments()]).to(device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "base_count" not in state_dict:  # trained before updates (adkit < 0.4): it scores, not updates
+            state_dict[prefix + "base_count"] = torch.zeros((), dtype=torch.long)
+            state_dict[prefix + "base_scatter"] = torch.zeros(0, 0, 0)
+            state_dict[prefix + "base_cube"] = torch.zeros(0, 0, dtype=torch.float64)
+            state_dict[prefix + "base_quartic"] = torch.zeros(0, dtype=torch.float64)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _stored_moments(self) -> list[Moments]:
+        g = self.feature_mean.shape[0]
+        return [Moments(int(self.base_count), self.feature_mean[i:i + GAUSSIAN_CHUNK].double(),
+                        self.base_scatter[i:i + GAUSSIAN_CHUNK].double(), self.base_cube[i:i + GAUSSIAN_CHUNK],
+                        self.base_quartic[i:i + GAUSSIAN_CHUNK]) for i in range(0, g, GAUSSIAN_CHUNK)]
+
+    def update(self, batches: Iterable[Tensor]) -> None:
+        """Add normal images to the Gaussian base: their moments merged with the fitted ones, the Ledoit-Wolf
+        Gaussian and its whitening recomputed (with ``tilt=0`` the same detector a fit on all images gives; the
+        tilt network stays as it was trained)."""
+        if int(self.base_count) == 0:
+            raise AdkitError(f"{self.name}: this checkpoint holds no moments to add images to (trained before adkit "
+                             "0.4): train it again on all the images with adkit train")
+        raw = [self.features(images).float().cpu() for images in batches]
+        if not raw:
+            return
+        features = torch.cat(raw)
+        if features.shape[1:] != self.feature_mean.shape:
+            raise AdkitError(f"{self.name} was fitted on {self.feature_mean.shape[0]} grid positions; these images "
+                             f"give {features.shape[1]}: use the image size it was trained with")
+        self._keep_base([merge(old, new) for old, new in zip(self._stored_moments(), self._moments(features))])
 
     def training_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """One contrastive-divergence step on training vectors drawn from those extracted once (the image batch
@@ -214,7 +267,7 @@ class FeatureEBMPatch(FeatureEBM):
     smoothed as PatchCore's."""
 
     name = "feature-ebm-patch"
-    fitted_buffers: ClassVar[tuple[str, ...]] = ("feature_mean", "whitening", "positions")
+    fitted_buffers: ClassVar[tuple[str, ...]] = (*FeatureEBM.fitted_buffers, "positions")
     default_postprocessors = ("gaussian:sigma=4",)
     default_pixel_map = "post"
 

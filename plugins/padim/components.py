@@ -2,7 +2,9 @@
 Mahalanobis distance as the anomaly map (spec §5; docs/methods/patchcore.md gives our reading).
 
 fit streams the sums of the embeddings and of their outer products per position (float64), so memory does not
-grow with the number of training images; the covariance is regularised by 0.01 I as in the paper.
+grow with the number of training images; the covariance is regularised by 0.01 I as in the paper. The fitted
+state is the count, the means and the scatter matrices (adkit.stats.moments), so ``update`` adds images by merging
+their moments: the same Gaussians a fit on all the images gives. The inverse covariances are derived from them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from adkit.core.components import Backbone, Detector, DetectorContext
 from adkit.core.errors import AdkitError
 from adkit.core.features import align_stages, build_backbone, check_layers
 from adkit.run.engine import derived_seed
+from adkit.stats.moments import Moments, merge
 
 
 class PaDiM(Detector):
@@ -30,8 +33,9 @@ class PaDiM(Detector):
     default_pixel_map = "post"
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
-    fitted_buffers: ClassVar[tuple[str, ...]] = ("mean", "inverse_covariance")
+    fitted_buffers: ClassVar[tuple[str, ...]] = ("mean", "scatter")
     fit_shards = True  # under torchrun each rank sums over its share of the images; the sums are all-reduced
+    updatable = True  # moments merge exactly
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (1, 2, 3),
                  features: int = 100, regularisation: float = 0.01, seed: int = 0):
@@ -43,8 +47,11 @@ class PaDiM(Detector):
         self.seed = seed
         self.backbone: Backbone | None = None
         self.register_buffer("channels", torch.zeros(features, dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # training images
         self.register_buffer("mean", torch.zeros(0, features))  # (positions, d)
-        self.register_buffer("inverse_covariance", torch.zeros(0, features, features))  # (positions, d, d)
+        self.register_buffer("scatter", torch.zeros(0, features, features))  # (positions, d, d): sum of (x - m)(x - m)^T
+        # (positions, d, d), derived from count and scatter when they change (not stored: a checkpoint holds them)
+        self.register_buffer("inverse_covariance", torch.zeros(0, features, features), persistent=False)
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -64,16 +71,7 @@ class PaDiM(Detector):
         return torch.cat(features, dim=1).index_select(1, self.channels)
 
     def fit(self, batches: Iterable[Tensor]) -> None:
-        total = outer = None
-        count = 0
-        for images in batches:
-            embedding = self.embed(images)
-            b, d, h, w = embedding.shape
-            x = embedding.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # (positions, B, d)
-            total = x.sum(1) if total is None else total + x.sum(1)
-            batch_outer = torch.einsum("pbi,pbj->pij", x, x)
-            outer = batch_outer if outer is None else outer + batch_outer
-            count += b
+        total, outer, count = self._sums(batches)
         if distributed.world_size() > 1:
             device = self.channels.device
             count = int(distributed.all_reduce_sum(torch.tensor([float(count)], device=device)).item())
@@ -84,11 +82,58 @@ class PaDiM(Detector):
             total, outer = distributed.all_reduce_sum(total), distributed.all_reduce_sum(outer)
         if count < 2:
             raise AdkitError(f"padim needs at least 2 training images for a covariance, got {count}")
-        mean = total / count
-        covariance = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
+        self._keep(_moments(total, outer, count))
+
+    def update(self, batches: Iterable[Tensor]) -> None:
+        """Add normal images: their moments merged with the fitted ones (a fit on all the images, up to rounding)."""
+        if self.mean.shape[0] == 0 or int(self.count) == 0:
+            raise AdkitError("padim: this checkpoint holds no moments to add images to (fitted before adkit 0.4): "
+                             "fit it again on all the images with adkit train")
+        total, outer, count = self._sums(batches)
+        if count == 0:
+            return
+        if total.shape[0] != self.mean.shape[0]:
+            raise AdkitError(f"padim was fitted on a {self.mean.shape[0]}-position grid; these images give "
+                             f"{total.shape[0]}: use the image size it was fitted with")
+        fitted = Moments(int(self.count), self.mean.double(), self.scatter.double())
+        self._keep(merge(fitted, _moments(total, outer, count)))
+
+    def _sums(self, batches: Iterable[Tensor]) -> tuple[Tensor | None, Tensor | None, int]:
+        """Per position, the sums of the embeddings (P, d) and of their outer products (P, d, d), in float64, and
+        the number of images."""
+        total = outer = None
+        count = 0
+        for images in batches:
+            embedding = self.embed(images)
+            b, d, h, w = embedding.shape
+            x = embedding.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # (positions, B, d)
+            total = x.sum(1) if total is None else total + x.sum(1)
+            batch_outer = torch.einsum("pbi,pbj->pij", x, x)
+            outer = batch_outer if outer is None else outer + batch_outer
+            count += b
+        return total, outer, count
+
+    def _keep(self, stats: Moments) -> None:
+        """Store the moments and derive the inverse covariances (unbiased covariance + regularisation I) from what
+        is stored, so a restored checkpoint derives the very same inverses."""
+        self.count = torch.tensor(stats.count, device=self.channels.device)
+        self.mean = stats.mean.float()
+        self.scatter = stats.scatter.float()
+        covariance = self.scatter.double() / (stats.count - 1)
         covariance += self.regularisation * torch.eye(self.features, dtype=covariance.dtype, device=covariance.device)
-        self.mean = mean.float()
         self.inverse_covariance = torch.linalg.inv(covariance).float()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "inverse_covariance" in state_dict and prefix + "scatter" not in state_dict
+        inverse = state_dict.pop(prefix + "inverse_covariance", None)
+        if old:  # fitted before adkit 0.4: the inverse alone, no moments (it scores; it cannot be updated)
+            state_dict[prefix + "scatter"] = torch.zeros(0, self.features, self.features)
+            state_dict[prefix + "count"] = torch.zeros((), dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if old:
+            self.inverse_covariance = inverse.to(self.mean.device)
+        elif self.scatter.shape[0]:
+            self._keep(Moments(int(self.count), self.mean.double(), self.scatter.double()))
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         if self.mean.shape[0] == 0:
@@ -103,3 +148,9 @@ class PaDiM(Detector):
         distance = squared.sqrt().T.reshape(b, 1, h, w)
         anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return anomaly_map
+
+
+def _moments(total: Tensor, outer: Tensor, count: int) -> Moments:
+    """Moments from the raw sums of x (P, d) and x x^T (P, d, d) over ``count`` samples."""
+    mean = total / count
+    return Moments(count, mean, outer - count * mean[:, :, None] * mean[:, None, :])

@@ -17,8 +17,11 @@ def random_projection(dim: int, target: int, generator: torch.Generator, device:
     return (matrix / target ** 0.5).to(device)
 
 
-def greedy_coreset(features: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    """Indices (count,) of a greedy k-centre subset of ``features`` (N, d), the first drawn with ``generator``.
+def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
+                   nearest: Tensor | None = None) -> Tensor:
+    """Indices (count,) of a greedy k-centre subset of ``features`` (N, d), the first drawn with ``generator``;
+    or, given ``nearest`` (N,), the squared distances of the points to centres chosen before (a bank being
+    extended), the first is the point farthest from those and the selection continues theirs.
 
     Each step computes the squared distance of every point to the newest centre as |x|^2 - 2 x.c + |c|^2 (one
     matrix-vector product) and keeps the running minimum over the centres; the next centre is its argmax.
@@ -28,9 +31,13 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator) -> 
         raise ValueError(f"coreset of {count} points from {n}")
     features = features.float()
     norms = features.pow(2).sum(dim=1)
-    nearest = torch.full((n,), float("inf"), device=features.device)
     chosen = torch.empty(count, dtype=torch.long, device=features.device)
-    index = torch.randint(n, (1,), generator=generator, device=generator.device).to(features.device)[0]
+    if nearest is None:
+        nearest = torch.full((n,), float("inf"), device=features.device)
+        index = torch.randint(n, (1,), generator=generator, device=generator.device).to(features.device)[0]
+    else:
+        nearest = nearest.float().to(features.device).clone()
+        index = torch.argmax(nearest)
     for i in range(count):
         chosen[i] = index
         centre = features[index]
@@ -40,16 +47,17 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator) -> 
     return chosen
 
 
-def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Generator, partition: int) -> Tensor:
+def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Generator, partition: int,
+                               nearest: Tensor | None = None) -> Tensor:
     """Greedy coresets of random partitions of at most ``partition`` points, each keeping its share of ``count``;
     their union, indices (count,). Exact greedy costs count x N x d for N points, and each step streams all N
     projected features from memory; on partitions that fit the processor's cache it costs N / partition times
     less and runs from cache. The union of per-partition greedy k-centre sets is a composable coreset (Indyk et
     al., PODS 2014): a constant-factor approximation of the whole set's cover radius. ``partition >= N`` is the
-    exact greedy."""
+    exact greedy. ``nearest`` (N,): as in ``greedy_coreset``, each partition continuing the earlier centres."""
     n = features.shape[0]
     if partition <= 0 or partition >= n:
-        return greedy_coreset(features, count, generator)
+        return greedy_coreset(features, count, generator, nearest)
     groups = -(-n // partition)
     order = torch.randperm(n, generator=generator, device=generator.device).to(features.device)
     bounds = [round(i * n / groups) for i in range(groups + 1)]
@@ -58,18 +66,23 @@ def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Ge
     for i, share in enumerate(shares):
         if share:
             members = order[bounds[i]:bounds[i + 1]]
-            chosen.append(members[greedy_coreset(features[members], share, generator)])
+            start = None if nearest is None else nearest[members]
+            chosen.append(members[greedy_coreset(features[members], share, generator, start)])
     return torch.cat(chosen)
 
 
-def greedy_coreset_reference(features: Tensor, count: int, first: int) -> list[int]:
-    """The same selection written plainly (Python loops over points): a reference for tests."""
+def greedy_coreset_reference(features: Tensor, count: int, first: int | None,
+                             centres: Tensor | None = None) -> list[int]:
+    """The same selection written plainly (Python loops over points): a reference for tests. With ``centres``
+    (K, d) chosen before, ``first`` is None and the selection continues from them."""
     points = features.double()
-    chosen = [first]
+    before = [] if centres is None else list(centres.double())
+    chosen: list[int] = [] if first is None else [first]
     while len(chosen) < count:
         best, best_distance = -1, -1.0
         for i in range(points.shape[0]):
-            distance = min(float((points[i] - points[j]).pow(2).sum()) for j in chosen)
+            distance = min([float((points[i] - points[j]).pow(2).sum()) for j in chosen] +
+                           [float((points[i] - c).pow(2).sum()) for c in before])
             if distance > best_distance:
                 best, best_distance = i, distance
         chosen.append(best)

@@ -82,6 +82,7 @@ class PatchCore(Detector):
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected", "ivf_centroids", "ivf_offsets",
                                                  "hnsw_graph", "search_trail")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
+    updatable = True  # new images' patches join the bank by the coreset rule, continuing the fitted selection
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 128,
                  coreset: float = 0.1, projection: int = 128, partition: int = 16384, neighbours: int = 9,
@@ -126,6 +127,9 @@ class PatchCore(Detector):
         # the effort (ef, probes or candidates) the search runs at after the check; 0: exact search
         self.register_buffer("search_effort", torch.zeros((), dtype=torch.long))
         self.effort = 0  # search_effort as a Python number: a traced graph must not read a buffer's value
+        # the training patch features the bank was selected from (fit and every update): the coreset's budget is
+        # ``coreset`` of them
+        self.register_buffer("feature_count", torch.zeros((), dtype=torch.long))
         # one row per effort the check tried: effort, recall@1 on held-out patches and on the bank, and how many
         # held-out patches and bank features were searched
         self.register_buffer("search_trail", torch.zeros(0, 5, dtype=torch.float64))
@@ -166,6 +170,38 @@ class PatchCore(Detector):
             bank = on_device[partitioned_greedy_coreset(projected, count, generator, self.partition)]
         else:
             bank = features.to(device)
+        self.feature_count = torch.tensor(features.shape[0], device=device)
+        self._index(bank)
+
+    def update(self, batches: Iterable[Tensor]) -> None:
+        """Add normal images: the bank's budget stays ``coreset`` of all the patch features it was chosen from, and
+        the new patches fill the difference by the same greedy rule, continued: each next one is the new patch
+        farthest (in the same random projection) from the bank and from those added before it. The bank keeps
+        every feature it had; the index is built again and checked by ``calibrate``."""
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("patchcore: fit() must run before update()")
+        collected = [self.embed(images).permute(0, 2, 3, 1).reshape(-1, self.dim) for images in batches]
+        if not collected:
+            return
+        new = torch.cat(collected).to(self.memory_bank.device)
+        bank = self.memory_bank
+        fitted = int(self.feature_count) or round(bank.shape[0] / self.coreset)  # before adkit 0.4: estimated
+        total = fitted + new.shape[0]
+        add = min(new.shape[0], max(0, round(self.coreset * total) - bank.shape[0]))
+        if add:
+            device = bank.device
+            generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-coreset"))
+            projection = random_projection(self.dim, self.projection_dim, generator, device)  # the fit's
+            projected = new @ projection
+            before = knn(projected, bank @ projection, 1)[0][:, 0].pow(2)  # squared, as the greedy's distances
+            chosen = partitioned_greedy_coreset(projected, add, generator, self.partition, before)
+            bank = torch.cat([bank, new[chosen]])
+        self.feature_count = torch.tensor(total, device=bank.device)
+        self._index(bank)
+
+    def _index(self, bank: Tensor) -> None:
+        """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked."""
+        device = bank.device
         cells = self.ivf_cells(bank.shape[0])
         self.ivf_centroids, self.ivf_offsets = bank.new_zeros(0, self.dim), torch.zeros(0, dtype=torch.long)
         self.hnsw_graph = torch.zeros(0, dtype=torch.uint8)
@@ -286,6 +322,8 @@ class PatchCore(Detector):
         return {"search": record}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "feature_count" not in state_dict:  # fitted before updates (adkit < 0.4): update estimates it
+            state_dict[prefix + "feature_count"] = torch.zeros((), dtype=torch.long)
         if prefix + "search_effort" not in state_dict:  # fitted before the search check (adkit < 0.4)
             indexed = state_dict[prefix + "hnsw_graph"].numel() > 0 or \
                 state_dict[prefix + "ivf_centroids"].shape[0] > 0 or self.search == "projected"

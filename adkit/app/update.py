@@ -1,0 +1,160 @@
+"""``adkit update``: new good images added to a fitted model without refitting it from scratch, written as a new
+version beside the old one with its lineage (docs/update.md).
+
+The rule for the images given: a tenth of them (at least one from two images on; a shuffle seeded by --seed) is
+held out and joins the validation images; the rest is added to the detector (``Detector.update``: merged moments,
+a memory bank extended by its coreset rule). The approximations are checked again (``Detector.calibrate``) and the
+threshold is fitted anew by its recorded policy on the updated model's scores of the old validation images (the
+checkpoint's dataset's validation split, as adkit run made it) and of the held-out new ones. The new checkpoint's
+meta carries the lineage: one entry per update, with the parent's sha256, the images added and held out (count
+and sha256 each), when, and the command.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shlex
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adkit
+from adkit.app.workflows import image_paths
+from adkit.core import console, files
+from adkit.core.datasets import Sample, split_validation
+from adkit.core.errors import AdkitError
+from adkit.core.grammar import split_spec
+from adkit.core.plugins import get_catalog
+from adkit.data.datasets import LoadedSplit, load_split
+from adkit.outputs import artifacts
+from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained, make_tiling, plan_from_checkpoint
+from adkit.run.config import DEFAULT_DATA, RunConfig
+from adkit.run.engine import load_checkpoint, resolve_device, save_checkpoint, update_detector
+from adkit.run.engine import predict as run_pipeline
+from adkit.run.evaluation import fit_threshold
+from adkit.stats.thresholds import DEFAULT_POLICY, parse_policy
+
+HELD_OUT = 0.1  # the share of the new images held out for the threshold and the approximations' check
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | None = None) -> Path:
+    """Add the good ``images`` to the model at ``checkpoint``; the new version goes to ``out`` (default: a new
+    folder beside the checkpoint's, ``<folder>@<version>``). Returns the new version's folder."""
+    payload = load_checkpoint(checkpoint)
+    meta = payload["meta"]
+    name = split_spec(meta["detector"])[0]
+    traits = get_catalog()["detector"].get(name).traits
+    if not traits.updatable:
+        updatable = ", ".join(i.name for i in get_catalog()["detector"] if i.traits.updatable)
+        if traits.trainable:
+            raise AdkitError(f"{name} learns its network by training: new images need training, not an update: "
+                             f"continue with adkit train --resume, or train again on all the images (adkit update "
+                             f"adds images to {updatable})")
+        raise AdkitError(f"{name} declares no update: fit it again on all the images with adkit train (adkit update "
+                         f"adds images to {updatable})")
+    out = out or next_version(checkpoint.parent)
+    if out.exists():
+        raise AdkitError(f"{out} exists: an update never writes over a model; choose another --out")
+    samples = _unique_samples(images)
+    added, held = split_validation(samples, HELD_OUT, config.seed)
+    device = resolve_device(config.device)
+    spec = checkpoint_pipeline(config, meta)
+    record = artifacts.threshold_record(checkpoint.parent, spec)
+    pipeline, _ = load_trained(config, checkpoint, device, payload, spec)
+    geometry = checkpoint_geometry(meta)
+    tiles = make_tiling(geometry)
+    new = load_split(added, geometry, config.skip_bad)
+    if not new.samples:
+        raise AdkitError("no readable images to add")
+    validation = _validation(config, payload, load_split(held, geometry, config.skip_bad))
+    normal = validation.images[validation.labels == 0]
+    batch = config.batch_size or 8
+    update_detector(pipeline.detector, new.images if tiles is None else tiles.split(new.images), batch, device,
+                    held_out=None if not len(normal) else (normal if tiles is None else tiles.split(normal)))
+    scores = run_pipeline(pipeline, validation.images, max(batch, 8), device, precision=config.precision).scores
+    policy = parse_policy(config.threshold or (record or {}).get("policy") or DEFAULT_POLICY)
+    fit = fit_threshold(policy, scores, validation.labels, meta["category"])
+    step = {"parent_sha256": sha256_of(checkpoint), "parent": str(checkpoint),
+            "added": len(new.samples), "added_sha256": [sha256_of(s.path) for s in new.samples],
+            "held_out": len(held), "held_out_sha256": [sha256_of(s.path) for s in held],
+            "validation_images": len(validation.samples),
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": shlex.join(["adkit", *sys.argv[1:]]) if Path(sys.argv[0]).name == "adkit" else "adkit.api.update",
+            "adkit_version": adkit.__version__}
+    version = {**payload, "model": pipeline.detector.checkpoint_state(),
+               "backbones": pipeline.detector.backbone_identities(),
+               "meta": {**meta, "lineage": [*meta.get("lineage", []), step]}}
+    with files.atomic_dir(out) as staging:
+        save_checkpoint(staging / "checkpoint.pt", version)
+        artifacts.record_threshold(staging, artifacts.validation_record(fit, scores, validation.labels), spec,
+                                   f"the old validation images and {len(held)} held-out new ones (adkit update)")
+    before = "none" if record is None else f"{record['threshold']:.6g}"
+    console.say(f"added {len(new.samples)} images ({len(held)} held out, {len(new.skipped)} unreadable skipped) to "
+                f"{checkpoint}; threshold {before} -> {fit.threshold:.6g} ({fit.policy}, on {fit.n_normal} normal "
+                f"validation images)")
+    for label, approximation in pipeline.detector.approximations().items():
+        console.say(f"{label}: {approximation['summary']}")
+    console.say(f"the new version is {out / 'checkpoint.pt'} (lineage: {len(version['meta']['lineage'])} update(s))")
+    return out
+
+
+def next_version(folder: Path) -> Path:
+    """The first free ``<name>@<n>`` beside ``folder`` (n from 2; a folder already named ``x@k`` continues)."""
+    base, _, number = folder.name.rpartition("@")
+    if not base or not number.isdigit():
+        base, number = folder.name, "1"
+    n = int(number) + 1
+    while (folder.parent / f"{base}@{n}").exists():
+        n += 1
+    return folder.parent / f"{base}@{n}"
+
+
+def _unique_samples(images: list[Path]) -> list[Sample]:
+    """The image files given (folders expanded), each file content once, in a stable order."""
+    seen: set[str] = set()
+    samples = []
+    for path in image_paths(images):
+        digest = sha256_of(path)
+        if digest not in seen:
+            seen.add(digest)
+            samples.append(Sample(path, 0))
+    if not samples:
+        raise AdkitError("no images to add")
+    return samples
+
+
+def _validation(config: RunConfig, payload: dict[str, Any], held: LoadedSplit) -> LoadedSplit:
+    """The old validation images (the checkpoint's dataset's split, rebuilt from its recorded configuration) and
+    the held-out new ones, as one split."""
+    meta = payload["meta"]
+    try:
+        plan_ = plan_from_checkpoint(_data_of(config, meta), payload)
+        old = load_split(plan_.dataset.load(meta["category"]).val, plan_.geometry, config.skip_bad)
+    except AdkitError as exc:
+        raise AdkitError(f"the checkpoint's validation images cannot be read ({exc}); give --data and --root of the "
+                         "dataset it was trained on") from None
+    if not old.samples and not held.samples:
+        raise AdkitError("no validation images: neither the checkpoint's dataset nor the new images (give two or "
+                         "more) hold any for the threshold")
+    return LoadedSplit(old.samples + held.samples, torch.cat([old.images, held.images]),
+                       torch.cat([old.masks, held.masks]), torch.cat([old.labels, held.labels]),
+                       old.skipped + held.skipped)
+
+
+def _data_of(config: RunConfig, meta: dict[str, Any]) -> RunConfig:
+    """``config`` with the dataset the checkpoint was trained on (its recorded configuration), unless ``config``
+    names one (--data, --root or the folders)."""
+    named = config.data != DEFAULT_DATA or any((config.root, config.normal, config.abnormal, config.masks))
+    if named or not meta.get("config"):
+        return config.replace(category=[])
+    recorded = tomllib.loads(meta["config"])
+    keys = ("data", "root", "normal", "abnormal", "masks")
+    return config.replace(category=[], **{key: recorded[key] for key in keys if key in recorded})
