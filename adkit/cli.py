@@ -276,7 +276,7 @@ def report(folder: str, screenshot: str | None) -> None:
 @click.argument("models_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (non-loopback needs --token-file).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token every request but /healthz needs.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token every request but /healthz and the page needs.")
 @click.option("--results", "results_dir", type=click.Path(file_okay=False), help="Folder of the decision logs (default: serve-results beside MODELS_DIR).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Most images scored together.")
 @click.option("--max-wait", default=0.0, show_default=True, type=click.FloatRange(0, 10), help="Seconds a batch waits for more requests (0: it takes what queued during the previous batch).")
