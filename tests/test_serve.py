@@ -312,7 +312,7 @@ def test_serve_shortens_openmp_spinning_before_torch_loads(tmp_path):
 def test_the_page_scores_an_uploaded_image_in_chromium(models, tmp_path):
     from adkit.outputs.pages import find_browser
     from adkit.serve.app import Settings
-    from adkit.serve.browser import Browser
+    from browser import Browser
 
     executable = find_browser()
     if executable is None:

@@ -36,6 +36,7 @@ from adkit.run.config import DEFAULT_DATA, RunConfig
 from adkit.run.engine import load_checkpoint, resolve_device, save_checkpoint, update_detector
 from adkit.run.engine import predict as run_pipeline
 from adkit.run.evaluation import fit_threshold
+from adkit.serve.feedback import read_feedback
 from adkit.stats.thresholds import DEFAULT_POLICY, parse_policy
 
 HELD_OUT = 0.1  # the share of the new images held out for the threshold and the approximations' check
@@ -45,9 +46,21 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | None = None) -> Path:
-    """Add the good ``images`` to the model at ``checkpoint``; the new version goes to ``out`` (default: a new
-    folder beside the checkpoint's, ``<folder>@<version>``). Returns the new version's folder."""
+def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | None = None,
+           from_feedback: Path | None = None) -> Path:
+    """Add the good ``images`` to the model at ``checkpoint``, and with ``from_feedback`` (RESULTS_DIR/<product> of
+    adkit serve) the kept images reported as false alarms; the images reported defective there are scored by the
+    new version for its recall figure. The new version goes to ``out`` (default: a new folder beside the
+    checkpoint's, ``<folder>@<version>``, which adkit serve takes as the product's current version). Returns the
+    new version's folder."""
+    reported_defects: list[Path] = []
+    if from_feedback is not None:
+        records = read_feedback(from_feedback)
+        kept = [r for r in records if r.get("image")]
+        images = [*images, *(from_feedback / r["image"] for r in kept if r["label"] == "good")]
+        reported_defects = [from_feedback / r["image"] for r in kept if r["label"] == "defect"]
+        if not images:
+            raise AdkitError(f"{from_feedback}: no report of a false alarm whose image was kept: nothing to add")
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
     name = split_spec(meta["detector"])[0]
@@ -82,10 +95,16 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
     scores = run_pipeline(pipeline, validation.images, max(batch, 8), device, precision=config.precision).scores
     policy = parse_policy(config.threshold or (record or {}).get("policy") or DEFAULT_POLICY)
     fit = fit_threshold(policy, scores, validation.labels, meta["category"])
+    caught = None
+    if reported_defects:  # the defects the line reported: how many the new version flags
+        defects = load_split([Sample(p, 1) for p in reported_defects], geometry, skip_bad=True)
+        defect_scores = run_pipeline(pipeline, defects.images, max(batch, 8), device, precision=config.precision).scores
+        caught = {"reported": len(defects.samples), "caught": int((defect_scores > fit.threshold).sum())}
     step = {"parent_sha256": sha256_of(checkpoint), "parent": str(checkpoint),
             "added": len(new.samples), "added_sha256": [sha256_of(s.path) for s in new.samples],
             "held_out": len(held), "held_out_sha256": [sha256_of(s.path) for s in held],
             "validation_images": len(validation.samples),
+            "from_feedback": None if from_feedback is None else str(from_feedback), "reported_defects": caught,
             "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": shlex.join(["adkit", *sys.argv[1:]]) if Path(sys.argv[0]).name == "adkit" else "adkit.api.update",
             "adkit_version": adkit.__version__}
@@ -102,6 +121,9 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
                 f"validation images)")
     for label, approximation in pipeline.detector.approximations().items():
         console.say(f"{label}: {approximation['summary']}")
+    if caught is not None:
+        console.say(f"of {caught['reported']} parts the line reported defective, the new version flags "
+                    f"{caught['caught']}")
     console.say(f"the new version is {out / 'checkpoint.pt'} (lineage: {len(version['meta']['lineage'])} update(s))")
     return out
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from adkit.serve.models import ServedModel, load_model, scan, valid_name
+from adkit.serve.feedback import FeedbackError, FeedbackStore
+from adkit.serve.models import ServedModel, load_model, resolve, scan, split_version, valid_name
 
 log = logging.getLogger("adkit.serve")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/x-ms-bmp")
@@ -203,6 +204,7 @@ class Service:
         self.models: dict[str, ServedModel] = {}
         self.metrics = Metrics()
         self.log_lock = threading.Lock()
+        self.feedback_store = FeedbackStore(settings.results_dir)
         self.ready = False
         self._watcher: asyncio.Task | None = None
 
@@ -251,12 +253,27 @@ class Service:
             loop.create_task(old.batcher.stop())
 
     def model(self, name: str) -> ServedModel:
+        """The model a request names: a version (``tiles@2``) or a product's current version (``tiles``)."""
         if not valid_name(name):
-            raise HTTPError(400, f"{name!r} is not a model name (letters, digits, '_', '.', '-')")
-        model = self.models.get(name)
+            raise HTTPError(400, f"{name!r} is not a model name (letters, digits, '_', '.', '-', and @N for a version)")
+        model = resolve(self.models, name)
         if model is None:
             raise HTTPError(404, f"no model {name!r}; GET /v1/models lists them")
         return model
+
+    def cards(self) -> list[dict[str, Any]]:
+        """Every served version's card, each saying whether it is its product's current one."""
+        return [m.public_card(current=resolve(self.models, split_version(m.name)[0]) is m)
+                for m in self.models.values()]
+
+    def feedback(self, name: str, fields: dict[str, str], image: bytes | None) -> dict[str, Any]:
+        """Store a report from the line on one of ``name``'s decisions (adkit.serve.feedback)."""
+        model = self.model(name)
+        try:
+            return self.feedback_store.report(split_version(model.name)[0], model.name, model.sha256, fields, image,
+                                              self.settings.max_pixels)
+        except FeedbackError as exc:
+            raise HTTPError(exc.status, exc.message) from None
 
     async def predict(self, name: str, uploads: list[tuple[str, bytes]], policy: str | None,
                       overlay: bool) -> dict[str, Any]:
@@ -307,7 +324,7 @@ class Service:
                 row["overlay_png"] = overlay_png(images[i], maps[i], placements[i], model)
             results.append(row)
         self.append_log(model, results)
-        return {"model": name, "model_sha256": model.sha256, "results": results}, replace(timing, decode=decoded)
+        return {"model": model.name, "model_sha256": model.sha256, "results": results}, replace(timing, decode=decoded)
 
     def append_log(self, model: ServedModel, results: list[dict[str, Any]]) -> None:
         folder = self.settings.results_dir
@@ -318,6 +335,7 @@ class Service:
                                     "model_sha256": model.sha256}) + "\n" for r in results)
         with self.log_lock, open(folder / f"{model.name}.jsonl", "a") as handle:
             handle.write(lines)
+        self.feedback_store.decided(split_version(model.name)[0], [r["image_sha256"] for r in results])
 
 
 def overlay_png(image: torch.Tensor, anomaly_map: torch.Tensor, placement: Any, model: ServedModel) -> str:
@@ -392,41 +410,79 @@ def create_app(settings: Settings):
 
     @handled("models")
     async def models(request: Request) -> Response:
-        return JSONResponse({"models": [m.public_card() for m in service.models.values()]})
+        return JSONResponse({"models": service.cards()})
+
+    @handled("feedback")
+    async def feedback(request: Request) -> Response:
+        name = request.path_params["name"]
+        service.model(name)  # 400 / 404 before reading the body
+        body = await read_body(request)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        image = None
+        if content_type == "application/json":
+            try:
+                fields = json.loads(body)
+            except ValueError:
+                raise HTTPError(400, "the body is not JSON") from None
+            if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+                raise HTTPError(400, "send a JSON object of strings: image_sha256, label and an optional note")
+        elif content_type == "multipart/form-data":
+            fields, uploads = await read_form(request, body)
+            if len(uploads) > 1:
+                raise HTTPError(400, "one image per report")
+            image = uploads[0][1] if uploads else None
+        else:
+            raise HTTPError(415, f"content type {content_type or 'none'!r}: send application/json, or "
+                                 "multipart/form-data with image_sha256, label, note and the image")
+        record = await asyncio.get_running_loop().run_in_executor(None, service.feedback, name, fields, image)
+        return JSONResponse({"stored": record}, status_code=201)
 
     @handled("predict")
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
         name = request.path_params["name"]
         service.model(name)  # 400 / 404 before reading the body
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            raise HTTPError(413, f"request of {int(length):,} bytes; at most {settings.max_request_bytes:,}")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_request_bytes:
-                raise HTTPError(413, f"request over {settings.max_request_bytes:,} bytes")
+        body = await read_body(request)
         uploads = await read_uploads(request, content_type, body)
         params = request.query_params
         overlay = params.get("overlay", "").lower() in ("1", "true", "yes")
         answer, timing = await service.predict(name, uploads, params.get("threshold"), overlay)
         return JSONResponse(answer, headers={"Server-Timing": timing.header(time.perf_counter() - started)})
 
+    async def read_body(request: Request) -> bytes:
+        """The request body, refused with 413 beyond the limit (by its declared length before reading it)."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            raise HTTPError(413, f"request of {int(length):,} bytes; at most {settings.max_request_bytes:,}")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_request_bytes:
+                raise HTTPError(413, f"request over {settings.max_request_bytes:,} bytes")
+        return body
+
+    async def read_form(request: Request, body: bytes) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+        """A multipart body's text fields and its files in the field 'image'."""
+        from starlette.datastructures import UploadFile
+
+        form_request = Request(request.scope, receive=_receiver(body))
+        try:
+            form = await form_request.form(max_files=64, max_fields=64, max_part_size=settings.max_request_bytes)
+        except Exception as exc:  # noqa: BLE001 - a malformed multipart body is the client's error
+            raise HTTPError(400, f"malformed multipart body ({type(exc).__name__})") from None
+        fields = {key: item for key, item in form.multi_items() if isinstance(item, str)}
+        files = [item for key, item in form.multi_items() if key == "image"]
+        if not all(isinstance(f, UploadFile) for f in files):
+            raise HTTPError(400, "the field 'image' must be a file")
+        return fields, [(f.filename or "image", await f.read()) for f in files]
+
     async def read_uploads(request: Request, content_type: str, body: bytes) -> list[tuple[str, bytes]]:
         if content_type == "multipart/form-data":
-            from starlette.datastructures import UploadFile
-
-            form_request = Request(request.scope, receive=_receiver(body))
-            try:
-                form = await form_request.form(max_files=64, max_fields=64, max_part_size=settings.max_request_bytes)
-            except Exception as exc:  # noqa: BLE001 - a malformed multipart body is the client's error
-                raise HTTPError(400, f"malformed multipart body ({type(exc).__name__})") from None
-            files = [item for key, item in form.multi_items() if key == "image"]
-            if not files or not all(isinstance(f, UploadFile) for f in files):
+            _, files = await read_form(request, body)
+            if not files:
                 raise HTTPError(400, "multipart body without a file field 'image'")
-            return [(f.filename or "image", await f.read()) for f in files]
+            return files
         if content_type in IMAGE_TYPES:
             return [(request.query_params.get("name", "image"), body)]
         raise HTTPError(415, f"content type {content_type or 'none'!r}: send multipart/form-data with field "
@@ -447,6 +503,7 @@ def create_app(settings: Settings):
     app = Starlette(routes=[
         Route("/", page), Route("/healthz", healthz), Route("/metrics", metrics), Route("/v1/models", models),
         Route("/v1/models/{name}/predict", predict, methods=["POST"]),
+        Route("/v1/models/{name}/feedback", feedback, methods=["POST"]),
     ], lifespan=lifespan)
     app.state.service = service
     return app

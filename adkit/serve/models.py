@@ -16,7 +16,8 @@ import torch
 from adkit.core.plugins import get_catalog
 from adkit.data.geometry import Geometry
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# a model folder: a product's name, with ``@N`` for its version N (the plain name is version 1)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(@[0-9]{1,6})?$")
 
 
 def watched() -> tuple[str, ...]:
@@ -27,8 +28,25 @@ def watched() -> tuple[str, ...]:
 
 
 def valid_name(name: str) -> bool:
-    """A model name that is a plain folder name: letters, digits, '_', '.', '-', not '..' (no path can escape)."""
+    """A model name that is a plain folder name: letters, digits, '_', '.', '-' and a version ``@N``, not '..' (no
+    path can escape)."""
     return bool(NAME.match(name)) and ".." not in name
+
+
+def split_version(name: str) -> tuple[str, int]:
+    """A model folder's product and version: ``tiles`` -> (tiles, 1), ``tiles@3`` -> (tiles, 3)."""
+    product, at, number = name.rpartition("@")
+    return (product, int(number)) if at and number.isdigit() else (name, 1)
+
+
+def resolve(models: dict[str, ServedModel], name: str) -> ServedModel | None:
+    """The model a request names: ``tiles@3`` that version, ``tiles`` the product's current one (its highest
+    version present); None when there is none."""
+    product, version = split_version(name)
+    versions = {split_version(m.name)[1]: m for m in models.values() if split_version(m.name)[0] == product}
+    if "@" in name:
+        return versions.get(version)
+    return versions[max(versions)] if versions else None
 
 
 def signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -56,9 +74,11 @@ class ServedModel:
     signature: tuple = ()
     batcher: Any = field(default=None, repr=False)
 
-    def public_card(self) -> dict[str, Any]:
+    def public_card(self, current: bool = True) -> dict[str, Any]:
         fit = (self.decision or {}).get("fit") or {}
-        return {"name": self.name, "sha256": self.sha256, "format": self.card.get("format"),
+        product, version = split_version(self.name)
+        return {"name": self.name, "product": product, "version": version, "current": current,
+                "sha256": self.sha256, "format": self.card.get("format"),
                 "detector": self.card.get("detector"), "category": self.card.get("category"),
                 "input": {"width": self.geometry.width, "height": self.geometry.height,
                           "resize": self.geometry.resize, "tile": self.geometry.tile},

@@ -7,7 +7,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px
 #drop { border: 2px dashed #999; padding: 2em; text-align: center; margin: 1em 0; }
 #drop.over { background: #eef; } .result { display: flex; gap: 1em; align-items: center; margin: .5em 0; }
 .result img { max-height: 160px; } .anomalous { color: #b00; font-weight: bold; } .normal { color: #070; }
-pre { background: #f7f7f7; padding: .6em; font-size: .85em; overflow-x: auto; }
+.reported { color: #555; } pre { background: #f7f7f7; padding: .6em; font-size: .85em; overflow-x: auto; }
 </style></head><body>
 <h1>adkit serve</h1>
 <p><label>Model <select id="model"></select></label>
@@ -38,13 +38,32 @@ async function score(files) {
                                {method: "POST", body: form, headers: headers()});
   const body = await response.json();
   if (!response.ok) { $("results").insertAdjacentHTML("afterbegin", `<p class="anomalous">${body.error}</p>`); return; }
+  const sent = Array.from(files);
+  body.results.forEach((r, i) => { uploaded[r.image_sha256] = {file: sent[i], model: body.model}; });
   for (const r of body.results.reverse()) {
     const verdict = r.decision === null ? "no threshold" : (r.decision ? "anomalous" : "normal");
     $("results").insertAdjacentHTML("afterbegin", `<div class="result"><img src="data:image/png;base64,${r.overlay_png}">
       <div><b>${r.name}</b><br>score ${r.score.toPrecision(5)} against threshold ${r.threshold === null ? "-" :
-      r.threshold.toPrecision(5)} (${r.policy || "-"})<br><span class="${verdict}">${verdict}</span></div></div>`);
+      r.threshold.toPrecision(5)} (${r.policy || "-"})<br><span class="${verdict}">${verdict}</span><br>
+      <button class="report" data-sha="${r.image_sha256}" data-label="good">false alarm</button>
+      <button class="report" data-sha="${r.image_sha256}" data-label="defect">defect</button>
+      <span class="reported"></span></div></div>`);
   }
 }
+let uploaded = {};
+async function report(button) {
+  const sha = button.dataset.sha, part = uploaded[sha];
+  const form = new FormData();
+  form.append("image_sha256", sha);
+  form.append("label", button.dataset.label);
+  if (part && part.file) form.append("image", part.file, part.file.name);
+  const response = await fetch(`/v1/models/${part ? part.model : $("model").value}/feedback`,
+                               {method: "POST", body: form, headers: headers()});
+  const answer = await response.json();
+  button.parentElement.querySelector(".reported").textContent =
+    response.ok ? ` reported: ${answer.stored.label}` : ` not reported: ${answer.error}`;
+}
+document.addEventListener("click", event => { if (event.target.classList.contains("report")) report(event.target); });
 $("model").addEventListener("change", showCard);
 $("token").addEventListener("change", loadModels);
 $("files").addEventListener("change", event => score(event.target.files));
