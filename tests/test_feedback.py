@@ -45,7 +45,7 @@ def part_png(category: str = "wood", index: int = 0) -> bytes:
 @pytest.fixture
 def served(tmp_path):
     """A models folder with one PatchCore checkpoint, 'parts', of the tiny tiles, and a server on it."""
-    from adkit.serve.app import Settings
+    from adkit.serve.settings import Settings
     from adkit.testing import invoke
 
     code, _, err = invoke("run", "--detector", "patchcore:coreset=0.25", "--data", DATA, "--category", "tile",
@@ -131,7 +131,7 @@ def test_a_false_alarm_reported_comes_back_as_a_model_that_passes_the_part(serve
         assert (models / "parts@2" / "checkpoint.pt").is_file()
         deadline = time.time() + 60
         while True:
-            status, _, body = request(server.url("/v1/models"), headers=AUTH)
+            _, _, body = request(server.url("/v1/models"), headers=AUTH)
             cards = {c["name"]: c for c in json.loads(body)["models"]}
             if "parts@2" in cards or time.time() > deadline:
                 break

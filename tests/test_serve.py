@@ -103,7 +103,7 @@ def models(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def server(models, tmp_path):
-    from adkit.serve.app import Settings
+    from adkit.serve.settings import Settings
 
     running = Server(Settings(models_dir=models, results_dir=tmp_path / "results", token=TOKEN, queue_size=4,
                               max_request_bytes=1 << 20, max_pixels=4_000_000, reload_interval=0.2))
@@ -310,9 +310,10 @@ def test_serve_shortens_openmp_spinning_before_torch_loads(tmp_path):
 
 
 def test_the_page_scores_an_uploaded_image_in_chromium(models, tmp_path):
-    from adkit.outputs.pages import find_browser
-    from adkit.serve.app import Settings
     from browser import Browser
+
+    from adkit.outputs.pages import find_browser
+    from adkit.serve.settings import Settings
 
     executable = find_browser()
     if executable is None:

@@ -50,7 +50,8 @@ def serve(models_dir: Path, host: str, port: int, token_file: Path | None, resul
     try:
         import uvicorn
 
-        from adkit.serve.app import Settings, create_app
+        from adkit.serve.app import create_app
+        from adkit.serve.settings import Settings
     except ImportError:
         raise AdkitError("adkit serve needs starlette, uvicorn and python-multipart: pip install 'adkit[serve]'") from None
     if not models_dir.is_dir():
