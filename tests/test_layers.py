@@ -20,7 +20,7 @@ FLOORS = (
     ("outputs", ("adkit.outputs",)),  # result files, pictures, report pages, terminal tables
     ("deploy", ("adkit.deploy",)),  # exported models and their runners
     ("app", ("adkit.app", "adkit.serve")),  # workflows, bench, scaffold, the inspection service
-    ("entry", ("adkit.cli", "adkit.api", "adkit.testing", "adkit.__main__")),  # what users and plugin authors call
+    ("entry", ("adkit.cli", "adkit.api", "adkit.testing", "adkit.plugin", "adkit.__main__")),  # what users and plugin authors call
 )
 
 

@@ -93,7 +93,7 @@ def new_plugin(name: str, kinds: list[str], out: Path | None = None) -> Path:
     module = ['"""adkit plugin {{name}}:', 'a {{kinds_sentence}}.', "",
               "The entry point loads this module whenever adkit starts: it holds only the hooks, which import the",
               'components when they run.', '"""', "", "from __future__ import annotations", "",
-              *_imports([line for p in parts.values() for line in p["hook-imports"]] + ["from adkit import hookimpl"]),
+              *_imports([line for p in parts.values() for line in p["hook-imports"]] + ["from adkit.plugin import hookimpl"]),
               "", "# the plugin API this module is written against: adkit refuses it if the number differs",
               f"ADKIT_PLUGIN_API = {adkit.PLUGIN_API}"]
     for kind in kinds:
@@ -106,7 +106,7 @@ def new_plugin(name: str, kinds: list[str], out: Path | None = None) -> Path:
     tests = ['"""Tests of plugin {{name}}: the adkit.testing contract check of each component and its values."""',
              "", "from __future__ import annotations", "",
              *_imports([line for p in parts.values() for line in p["test-imports"]]
-                       + (["import pytest", "from adkit.core.plugins import load_catalog"]
+                       + (["import pytest", "from adkit.plugin import load_catalog"]
                           if any(k != "command" for k in kinds) else []))]
     if any(k != "command" for k in kinds):
         tests += ["", "", "@pytest.fixture(scope=\"module\")", "def catalog():",

@@ -257,7 +257,8 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
             run_.train = load_split(splits.train, size, skip)
         evaluation = evaluate(plan_, run_, pipeline)
         if main:
-            evaluation.metrics["lineage"] = meta.get("lineage", [])  # the updates this model went through
+            if meta.get("lineage"):  # the updates this model went through (adkit update)
+                evaluation.metrics["lineage"] = meta["lineage"]
             artifacts.write_category(run_.test, category, evaluation, out / category)
             results.append(evaluation.metrics)
             if category == meta["category"]:  # a threshold for the data the checkpoint was trained on

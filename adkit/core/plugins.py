@@ -6,11 +6,15 @@ plugin that fails to import or to register is recorded as broken with its error;
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import traceback
+import types
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -24,6 +28,9 @@ log = logging.getLogger("adkit")
 
 ENTRY_POINT_GROUP = "adkit"
 CORE_DISTRIBUTION = "adkit"
+# what a plugin may import from adkit: the plugin API (adkit.plugin; hookimpl also from adkit) and the checks
+PUBLIC_MODULES = frozenset({"adkit", "adkit.plugin", "adkit.testing", "adkit.api"})
+SCANNED_FILES = 200  # a plugin package's files read for internal imports, at most
 
 @dataclass
 class PluginRecord:
@@ -93,6 +100,11 @@ class Catalog:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
             return _mark_broken(record, exc)
+        if source != "built-in" and isinstance(plugin, types.ModuleType):
+            for line in internal_imports(plugin):
+                message = f"plugin {name}: {line}"
+                record.warnings.append(message)
+                warnings.warn(message, DeprecationWarning, stacklevel=2)
         if defer:
             self._deferred.append(name)
             return record
@@ -141,6 +153,37 @@ class Catalog:
 
     def broken(self) -> list[PluginRecord]:
         return [r for r in self.plugins.values() if r.status == "broken"]
+
+
+def internal_imports(module: types.ModuleType) -> list[str]:
+    """Where a plugin's source imports adkit past its plugin API (adkit's internal modules, which keep working for
+    now but may move in any release), each as one line naming the file, the line and the import to use instead.
+    Read from the source (the whole package of a package), not from what ran: a lazy import counts too."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return []
+    path = Path(file)
+    files = sorted(path.parent.rglob("*.py"))[:SCANNED_FILES] if hasattr(module, "__path__") else [path]
+    found = []
+    for source in files:
+        try:
+            tree = ast.parse(source.read_text(), filename=str(source))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [(node.module, ", ".join(alias.name for alias in node.names))]
+            elif isinstance(node, ast.Import):
+                modules = [(alias.name, "") for alias in node.names]
+            else:
+                continue
+            for name, names in modules:
+                if name.startswith("adkit.") and name not in PUBLIC_MODULES:
+                    what = f"{names} from {name}" if names else name
+                    found.append(f"{source.name}:{node.lineno} imports {what}, an internal module that may move in "
+                                 f"any release: import {'them' if names else 'what it needs'} from adkit.plugin "
+                                 "(docs/plugins.md, 'The plugin API')")
+    return found
 
 
 class PluginAPIError(Exception):

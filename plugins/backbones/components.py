@@ -18,9 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adkit.core.components import Backbone
-from adkit.core.errors import AdkitError
-from adkit.core.features import load_exact, read_state_dict
+from adkit.plugin import AdkitError, Backbone, load_exact, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,13 +6,12 @@ cheap.
 
 from __future__ import annotations
 
-from adkit import hookimpl
+from adkit.plugin import hookimpl
 
 
 @hookimpl
 def register_datasets(register):
-    from adkit.data.datasets import FolderDataset, MVTecDataset
-    from adkit.data.synthetic import SyntheticDataset
+    from adkit.plugin import FolderDataset, MVTecDataset, SyntheticDataset
 
     register("mvtec", MVTecDataset, help="MVTec AD layout under --root (any category folder in that layout)")
     register("folder", FolderDataset, help="Your own images: normal=DIR[,abnormal=DIR,masks=DIR,name=CATEGORY]")

@@ -7,8 +7,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from adkit.core.components import Detector, DetectorContext
-from adkit.core.errors import AdkitError
+from adkit.plugin import AdkitError, Detector, DetectorContext
 from adkit_plugins.draem.networks import DiscriminativeSubNetwork, ReconstructiveSubNetwork, reference_init
 from adkit_plugins.draem.synthesis import AnomalySource, SynthesisSettings, TextureBank, noise_texture_pool, synthesize
 

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.core.errors import AdkitError
-from adkit.data.io import ImageReadError, is_image_file, load_image
-from adkit.data.perlin import perlin_noise_batch
+from adkit.plugin import AdkitError, ImageReadError, is_image_file, load_image, perlin_noise_batch
 
 # Anomaly sources without a texture folder. "perlin": the common fallback of spec §1 (the mask's own noise, grey);
 # "noise-texture": colour Perlin textures at random resolutions through DRAEM's 3-of-10 augmenters (its source

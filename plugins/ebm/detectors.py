@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.core.components import Detector, DetectorContext
-from adkit.core.features import build_backbone
+from adkit.plugin import Detector, DetectorContext, build_backbone
 from adkit_plugins.ebm.networks import PretrainedEnergy, energy_network
 from adkit_plugins.ebm.samplers import ReplayBuffer
 

@@ -28,11 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adkit.core.components import Backbone, Detector, DetectorContext, EnergyNetwork
-from adkit.core.errors import AdkitError
-from adkit.core.features import build_backbone, check_layers, locally_aware_patches
-from adkit.stats.covariance import whitening
-from adkit.stats.moments import Moments, ledoit_wolf_from, merge, moments
+from adkit.plugin import (
+    AdkitError,
+    Backbone,
+    Detector,
+    DetectorContext,
+    EnergyNetwork,
+    Moments,
+    build_backbone,
+    check_layers,
+    ledoit_wolf_from,
+    locally_aware_patches,
+    merge,
+    moments,
+    whitening,
+)
 from adkit_plugins.ebm.samplers import ReplayBuffer
 
 # Langevin in x = z / spread: the base's gradient is spread^2 x (16 x at spread 4). A step of N * alpha = 0.0075

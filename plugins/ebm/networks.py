@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from adkit.core.components import Backbone, EnergyNetwork
+from adkit.plugin import Backbone, EnergyNetwork
 
 
 class PreActBlock(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from adkit.core.components import EnergyNetwork, Sampler
+from adkit.plugin import EnergyNetwork, Sampler
 
 
 class PYLD(Sampler):

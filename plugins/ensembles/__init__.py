@@ -6,7 +6,7 @@ cheap.
 
 from __future__ import annotations
 
-from adkit import hookimpl
+from adkit.plugin import hookimpl
 
 
 @hookimpl

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from adkit.core.components import Ensemble
+from adkit.plugin import Ensemble
 
 
 def check_weights(weights: tuple[float, ...], count: int) -> None:

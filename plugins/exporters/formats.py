@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adkit.core.components import ExportedRun, ExportFormat
-from adkit.core.errors import AdkitError
+from adkit.plugin import AdkitError, ExportedRun, ExportFormat
 
 INPUTS = ("images", "threshold")
 OUTPUTS = ("anomaly_map", "score", "decision")

@@ -11,7 +11,7 @@ import kornia
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.core.components import PostProcessor, check_map
+from adkit.plugin import PostProcessor, check_map
 
 
 def average_pool(anomaly_map: Tensor, kernel: int = 21) -> Tensor:

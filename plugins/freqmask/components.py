@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.core.components import PostProcessor, check_map
+from adkit.plugin import PostProcessor, check_map
 
 
 def emphasis_kernel(size: int, weight: float) -> Tensor:

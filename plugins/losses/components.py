@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.core.components import Loss
-from adkit.run.engine import in_float32
+from adkit.plugin import Loss, in_float32
 
 
 def _check_pair(prediction: Tensor, target: Tensor, who: str) -> None:

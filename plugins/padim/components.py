@@ -16,12 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.core import distributed
-from adkit.core.components import Backbone, Detector, DetectorContext
-from adkit.core.errors import AdkitError
-from adkit.core.features import align_stages, build_backbone, check_layers
-from adkit.run.engine import derived_seed
-from adkit.stats.moments import Moments, merge
+from adkit.plugin import (
+    AdkitError,
+    Backbone,
+    Detector,
+    DetectorContext,
+    Moments,
+    align_stages,
+    all_reduce_sum,
+    build_backbone,
+    check_layers,
+    derived_seed,
+    merge,
+    world_size,
+)
 
 
 class PaDiM(Detector):
@@ -72,14 +80,14 @@ class PaDiM(Detector):
 
     def fit(self, batches: Iterable[Tensor]) -> None:
         total, outer, count = self._sums(batches)
-        if distributed.world_size() > 1:
+        if world_size() > 1:
             device = self.channels.device
-            count = int(distributed.all_reduce_sum(torch.tensor([float(count)], device=device)).item())
+            count = int(all_reduce_sum(torch.tensor([float(count)], device=device)).item())
             if total is None:  # a rank with no images still takes part in the reduction
                 _, _, h, w = self.embed(torch.zeros(1, 3, self.image_size, self.image_size, device=device)).shape
                 total = torch.zeros(h * w, self.features, dtype=torch.float64, device=device)
                 outer = torch.zeros(h * w, self.features, self.features, dtype=torch.float64, device=device)
-            total, outer = distributed.all_reduce_sum(total), distributed.all_reduce_sum(outer)
+            total, outer = all_reduce_sum(total), all_reduce_sum(outer)
         if count < 2:
             raise AdkitError(f"padim needs at least 2 training images for a covariance, got {count}")
         self._keep(_moments(total, outer, count))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adkit import hookimpl
+from adkit.plugin import hookimpl
 
 
 @hookimpl

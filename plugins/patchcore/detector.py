@@ -18,12 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adkit.core import distributed
-from adkit.core.components import Backbone, Detection, Detector, DetectorContext, is_exporting
-from adkit.core.errors import AdkitError
-from adkit.core.features import build_backbone, check_layers, locally_aware_patches
-from adkit.run.engine import derived_seed
-from adkit.stats.thresholds import CONFIDENCE, clopper_pearson_upper
+from adkit.plugin import (
+    CONFIDENCE,
+    AdkitError,
+    Backbone,
+    Detection,
+    Detector,
+    DetectorContext,
+    build_backbone,
+    check_layers,
+    clopper_pearson_upper,
+    derived_seed,
+    gather_sharded,
+    is_exporting,
+    locally_aware_patches,
+)
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.search import (
     found,
@@ -158,7 +167,7 @@ class PatchCore(Detector):
             collected.append(patches.view(images.shape[0], -1, self.dim).cpu())
         local = torch.cat(collected) if collected else torch.zeros(0, 1, self.dim)
         # (images, patches, dim) in the original image order on every rank: the same coreset as one process
-        features = distributed.gather_sharded(local).reshape(-1, self.dim)
+        features = gather_sharded(local).reshape(-1, self.dim)
         if features.shape[0] == 0:
             raise AdkitError("patchcore: no training images to fit on")
         device = self.memory_bank.device

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adkit.core.errors import AdkitError
+from adkit.plugin import AdkitError
 
 # elements of one (queries x bank) distance block: 2^24 floats = 64 MiB
 BLOCK_ELEMENTS = 1 << 24

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from adkit.core.components import Scorer, check_map
+from adkit.plugin import Scorer, check_map
 
 
 def max_score(anomaly_map: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from adkit import hookimpl
+from adkit.plugin import hookimpl
 
 
 @hookimpl

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from adkit.core.components import Detector, PostProcessor, Scorer, check_map
+from adkit.plugin import Detector, PostProcessor, Scorer, check_map
 
 
 class PixelGaussian(Detector):

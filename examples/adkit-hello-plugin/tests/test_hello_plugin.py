@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from adkit.core.plugins import load_catalog
-from adkit.run.engine import TrainSettings, load_checkpoint, restore, train_detector
-from adkit.testing import check_detector, check_postprocessor, check_scorer, invoke
+from adkit.plugin import (
+    TrainSettings,
+    check_detector,
+    check_postprocessor,
+    check_scorer,
+    invoke,
+    load_catalog,
+    load_checkpoint,
+    restore,
+    train_detector,
+)
 
 
 @pytest.fixture(scope="module")
