@@ -16,10 +16,11 @@ from adkit.app.update import update
 from adkit.app.workflows import export, predict, run, synth, test, train
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.outputs import render
-from adkit.outputs.artifacts import chosen_threshold, record_threshold, score_rows, threshold_record, validation_record
+from adkit.outputs.artifacts import score_rows
 from adkit.run.assembly import build_detector, build_pipeline, load_trained
 from adkit.run.evaluation import CategoryRun, Evaluation, evaluate, train_category
 from adkit.run.planning import RunPlan, plan
+from adkit.stats.decisions import chosen_threshold, record_threshold, threshold_record, validation_record
 
 __all__ = [
     "CategoryRun", "Evaluation", "RunPlan", "bench", "build_detector", "build_pipeline", "chosen_threshold",

@@ -152,8 +152,8 @@ def test_the_pipeline_is_one_value_from_plan_to_checkpoint_to_threshold_record(t
     for another chain."""
     import json
 
-    from adkit.outputs.artifacts import record_threshold, threshold_record
     from adkit.run.assembly import checkpoint_pipeline
+    from adkit.stats.decisions import record_threshold, threshold_record
 
     planned = plan(RunConfig(detector=["patchcore"], post=["gaussian:sigma=4", "avgpool:kernel=3"],
                              data="synthetic:size=32,n_train=8,n_test=6", category=["tile"]))

@@ -30,13 +30,12 @@ from adkit.core.errors import AdkitError
 from adkit.core.grammar import split_spec
 from adkit.core.plugins import get_catalog
 from adkit.data.datasets import LoadedSplit, load_split
-from adkit.outputs import artifacts
 from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained, make_tiling, plan_from_checkpoint
 from adkit.run.config import DEFAULT_DATA, RunConfig
 from adkit.run.engine import load_checkpoint, resolve_device, save_checkpoint, update_detector
 from adkit.run.engine import predict as run_pipeline
-from adkit.run.evaluation import fit_threshold
 from adkit.serve.feedback import read_feedback
+from adkit.stats import decisions
 from adkit.stats.thresholds import DEFAULT_POLICY, parse_policy
 
 HELD_OUT = 0.1  # the share of the new images held out for the threshold and the approximations' check
@@ -80,7 +79,7 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
     added, held = split_validation(samples, HELD_OUT, config.seed)
     device = resolve_device(config.device)
     spec = checkpoint_pipeline(config, meta)
-    record = artifacts.threshold_record(checkpoint.parent, spec)
+    record = decisions.threshold_record(checkpoint.parent, spec)
     pipeline, _ = load_trained(config, checkpoint, device, payload, spec)
     geometry = checkpoint_geometry(meta)
     tiles = make_tiling(geometry)
@@ -94,7 +93,7 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
                     held_out=None if not len(normal) else (normal if tiles is None else tiles.split(normal)))
     scores = run_pipeline(pipeline, validation.images, max(batch, 8), device, precision=config.precision).scores
     policy = parse_policy(config.threshold or (record or {}).get("policy") or DEFAULT_POLICY)
-    fit = fit_threshold(policy, scores, validation.labels, meta["category"])
+    fit = decisions.fit_threshold(policy, scores, validation.labels, meta["category"])
     caught = None
     if reported_defects:  # the defects the line reported: how many the new version flags
         defects = load_split([Sample(p, 1) for p in reported_defects], geometry, skip_bad=True)
@@ -113,7 +112,7 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
                "meta": {**meta, "lineage": [*meta.get("lineage", []), step]}}
     with files.atomic_dir(out) as staging:
         save_checkpoint(staging / "checkpoint.pt", version)
-        artifacts.record_threshold(staging, artifacts.validation_record(fit, scores, validation.labels), spec,
+        decisions.record_threshold(staging, decisions.validation_record(fit, scores, validation.labels), spec,
                                    f"the old validation images and {len(held)} held-out new ones (adkit update)")
     before = "none" if record is None else f"{record['threshold']:.6g}"
     console.say(f"added {len(new.samples)} images ({len(held)} held out, {len(new.skipped)} unreadable skipped) to "

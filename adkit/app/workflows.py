@@ -23,7 +23,6 @@ from adkit.data.io import is_image_file, list_images
 from adkit.deploy import export as deploy
 from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
 from adkit.outputs import artifacts, pages, render
-from adkit.outputs.artifacts import record_threshold, validation_record
 from adkit.run.assembly import (
     build_pipeline,
     checkpoint_geometry,
@@ -34,9 +33,17 @@ from adkit.run.assembly import (
 from adkit.run.config import RunConfig
 from adkit.run.engine import in_batches, load_checkpoint, resolve_device
 from adkit.run.engine import predict as run_pipeline
-from adkit.run.evaluation import CategoryRun, evaluate, fit_threshold, threshold_metrics, train_category
+from adkit.run.evaluation import CategoryRun, evaluate, threshold_metrics, train_category
 from adkit.run.planning import RunPlan, claim_output, configure_log, output_dir, plan
 from adkit.stats import metrics
+from adkit.stats.decisions import (
+    THRESHOLD_FILE,
+    chosen_threshold,
+    fit_threshold,
+    record_threshold,
+    threshold_record,
+    validation_record,
+)
 
 T = TypeVar("T")
 
@@ -301,15 +308,15 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
         payload = load_checkpoint(checkpoint)
         meta = payload["meta"]
         spec = checkpoint_pipeline(config, meta)
-        record = artifacts.threshold_record(checkpoint.parent, spec)
-        decision = artifacts.chosen_threshold(record, config.threshold,
-                                              str(checkpoint.parent / artifacts.THRESHOLD_FILE))
+        record = threshold_record(checkpoint.parent, spec)
+        decision = chosen_threshold(record, config.threshold,
+                                              str(checkpoint.parent / THRESHOLD_FILE))
         pipeline, _ = load_trained(config, checkpoint, device, payload, spec)
         runner = eager_runner(Deployed(pipeline), device, config.precision)
         geometry, default_out = checkpoint_geometry(meta), checkpoint.parent / "predict"
     else:
         file, card = read_model(model)
-        decision = artifacts.chosen_threshold(card["decision"], config.threshold, str(file.parent / deploy.MODEL_JSON))
+        decision = chosen_threshold(card["decision"], config.threshold, str(file.parent / deploy.MODEL_JSON))
         runner = load_runner(file, card["format"], device)
         geometry = Geometry.from_dict(card["geometry"], card["input"]["shape"][-1])
         default_out = file.parent / "predict"
@@ -359,11 +366,11 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
     payload = load_checkpoint(checkpoint)
     meta = payload["meta"]
     spec = checkpoint_pipeline(config, meta)
-    record = artifacts.threshold_record(checkpoint.parent, spec)
+    record = threshold_record(checkpoint.parent, spec)
     if record is None:
         raise AdkitError(f"no threshold for post-processors {spec.post_texts} and scorer {spec.scorer_text} beside "
                          f"{checkpoint}: run adkit test --checkpoint {checkpoint} with these options first")
-    chosen = artifacts.chosen_threshold(record, config.threshold, str(checkpoint.parent / artifacts.THRESHOLD_FILE))
+    chosen = chosen_threshold(record, config.threshold, str(checkpoint.parent / THRESHOLD_FILE))
     decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
     pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload, spec)
     out = out or checkpoint.parent / f"export-{fmt}"

@@ -3,7 +3,6 @@ a checkpoint; summaries and bench tables. Every file is written atomically (adki
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +10,17 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from adkit.core import console, distributed, files
+from adkit.core import files
 from adkit.core.datasets import Sample
-from adkit.core.errors import AdkitError
-from adkit.core.grammar import PipelineSpec
-from adkit.core.plugins import get_catalog
 from adkit.data.datasets import LoadedSplit
 from adkit.data.geometry import Geometry
 from adkit.data.io import load_image
 from adkit.outputs import pages, render, report
-from adkit.run.evaluation import Evaluation, fit_threshold
+from adkit.run.evaluation import Evaluation
 from adkit.stats import metrics, thresholds
+from adkit.stats.decisions import validation_record
 
 OVERLAY_SAMPLES = 8
-THRESHOLD_FILE = "threshold.json"
 DECISION_FILE = "decision.json"  # predict's threshold and policy
 VALIDATION_FILE = "validation.json"  # a category's threshold fit and validation scores, for the report's slider
 
@@ -110,74 +106,6 @@ def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores
             report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
         if save_maps:
             report.save_npy_atomic(own_size[0].numpy().astype(np.float32), out / "maps" / f"{path.stem}.npy")
-
-
-def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,
-                      labels: torch.Tensor | None) -> dict[str, Any]:
-    """A threshold with its fit and the validation scores it was fitted on (small: one number per image), so that
-    another policy can be fitted later without the images (``predict --threshold``)."""
-    labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels
-    return {"threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict(),
-            "val_scores": [float(s) for s in scores.double()], "val_labels": [int(x) for x in labels]}
-
-
-def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], pipeline: PipelineSpec, source: str) -> None:
-    """Write the threshold fitted on validation data (a ``validation_record``) beside the checkpoint, with the
-    post-processors and scorer it holds for: ``predict`` and ``export`` read it after ``train``, ``test`` or ``run``
-    alike."""
-    if distributed.is_main():
-        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": pipeline.post_texts,
-                                                             "scorer": pipeline.scorer_text, "fitted_on": source})
-
-
-def threshold_record(checkpoint_dir: Path, pipeline: PipelineSpec) -> dict[str, Any] | None:
-    """The recorded threshold.json if it was fitted for the post-processors and scorer of ``pipeline`` (the
-    recorded specs parsed and compared as values); None (with a warning when it was fitted for others)
-    otherwise."""
-    path = checkpoint_dir / THRESHOLD_FILE
-    if not path.is_file():
-        return None
-    recorded = json.loads(path.read_text())
-    if not _holds_for(recorded, pipeline):
-        console.warn(f"the threshold in {path} was fitted for post-processors {recorded.get('posts')} and scorer "
-                    f"{recorded.get('scorer')}, not {pipeline.post_texts} and {pipeline.scorer_text}: it is not used "
-                    "(predict writes no decisions, export refuses); run adkit test with these options to fit one")
-        return None
-    return recorded
-
-
-def _holds_for(recorded: dict[str, Any], pipeline: PipelineSpec) -> bool:
-    """Whether a threshold record's post-processors and scorer are ``pipeline``'s (a spec that no longer parses,
-    a plugin gone, is not)."""
-    if not isinstance(recorded.get("posts"), list) or not isinstance(recorded.get("scorer"), str):
-        return False
-    catalog = get_catalog()
-    try:
-        posts = tuple(catalog["postprocessor"].parse(text) for text in recorded["posts"])
-        scorer = catalog["scorer"].parse(recorded["scorer"])
-    except AdkitError:
-        return False
-    return posts == pipeline.posts and scorer == pipeline.scorer
-
-
-def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: str) -> dict[str, Any] | None:
-    """The decision to use, as a record (threshold, policy, fit and the stored validation scores): ``record`` as it
-    is, or ``policy`` fitted anew on the validation scores it stores (value:X needs none); None without any.
-    ``where`` names the record's file for errors."""
-    if policy is None:
-        return None if record is None else {"policy": "quantile:0.99", **record}  # before policies: the 0.99 quantile
-    try:
-        parsed = thresholds.parse_policy(policy)
-    except thresholds.PolicyError as exc:
-        raise AdkitError(str(exc)) from None
-    stored = record is not None and "val_scores" in record
-    if parsed.needs_scores and not stored:
-        raise AdkitError(f"--threshold {parsed}: {where} stores no validation scores to fit it on: run adkit test "
-                         "--checkpoint CKPT to store them (then export again), or give --threshold value:X")
-    scores = torch.tensor(record["val_scores"] if stored else [], dtype=torch.float64)
-    labels = torch.tensor(record["val_labels"] if stored else [], dtype=torch.long)
-    fit = fit_threshold(parsed, scores, labels, where)
-    return {**(record or {}), "threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict()}
 
 
 def write_summary(out: Path, config: dict[str, Any], results: list[dict[str, Any]]) -> None:

@@ -22,6 +22,7 @@ from adkit.run.engine import TrainSettings, seed_everything, train_detector
 from adkit.run.engine import predict as run_pipeline
 from adkit.run.planning import RunPlan
 from adkit.stats import metrics, thresholds
+from adkit.stats.decisions import fit_threshold
 
 log = logging.getLogger("adkit")
 
@@ -156,20 +157,6 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     result["approximations"] = pipeline.detector.approximations()
     result["skipped"] = [str(p) for p, _ in run_.skipped]
     return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level)
-
-
-def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor,
-                  category: str) -> thresholds.ThresholdFit:
-    """The policy fitted on validation scores (normal and, where held out, defective images); a warning when the
-    images are too few for the rate asked. ``category`` (or the record's file) starts its messages."""
-    scores_np, labels_np = scores.double().numpy(), labels.numpy()
-    try:
-        fit = thresholds.fit(policy, scores_np[labels_np == 0], scores_np[labels_np == 1])
-    except thresholds.PolicyError as exc:
-        raise AdkitError(f"{category}: {exc}") from None
-    if fit.warning:
-        console.warn(f"{category}: {fit.warning}")
-    return fit
 
 
 def threshold_metrics(fit: thresholds.ThresholdFit, scores: Tensor, split: LoadedSplit) -> dict[str, Any]:

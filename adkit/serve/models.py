@@ -93,10 +93,10 @@ def load_model(folder: Path) -> ServedModel:
     """Load one model folder (AdkitError, one line, when it cannot be)."""
     from adkit.core.errors import AdkitError
     from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
-    from adkit.outputs import artifacts
     from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained
     from adkit.run.config import RunConfig
     from adkit.run.engine import load_checkpoint
+    from adkit.stats.decisions import threshold_record
 
     sig = signature(folder)
     if (folder / "model.json").is_file():
@@ -112,7 +112,7 @@ def load_model(folder: Path) -> ServedModel:
     spec = checkpoint_pipeline(RunConfig(), meta)
     pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"), payload, spec)
     run = eager_runner(Deployed(pipeline), torch.device("cpu"))
-    decision = artifacts.threshold_record(folder, spec)
+    decision = threshold_record(folder, spec)
     card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"],
             "approximations": pipeline.detector.approximations(), "lineage": meta.get("lineage", [])}
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()

@@ -110,14 +110,14 @@ class Service:
         """Score the uploads with ``name``'s model and decide: the answer (model, results) and where the time went."""
         from adkit.core.errors import AdkitError
         from adkit.data.io import ImageReadError, ImageTooLarge, decode_image
-        from adkit.outputs import artifacts
+        from adkit.stats.decisions import chosen_threshold
         from adkit.stats.thresholds import decide
 
         model = self.model(name)
         if not uploads:
             raise HTTPError(400, "no image: send multipart field 'image' (repeatable) or an image body")
         try:
-            decision = artifacts.chosen_threshold(model.decision, policy, f"model {name}")
+            decision = chosen_threshold(model.decision, policy, f"model {name}")
         except AdkitError as exc:
             raise HTTPError(400, exc.message) from None
         def prepare() -> tuple[list[torch.Tensor], list[Any]]:

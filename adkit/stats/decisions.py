@@ -1,0 +1,106 @@
+"""Decisions in one place: a threshold policy fitted on validation scores (with its warning), the threshold record
+kept beside a checkpoint (threshold.json: the threshold, its fit, the validation scores, and the post-processors
+and scorer it holds for), reading it back for a pipeline, and the decision a command or the service uses (the
+record, or another policy fitted anew on its stored scores). Run, test, train, update, predict, export and serve
+all decide through here; adkit.stats.thresholds holds the policies' arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adkit.core import console, distributed, files
+from adkit.core.errors import AdkitError
+from adkit.core.grammar import PipelineSpec
+from adkit.core.plugins import get_catalog
+from adkit.stats import thresholds
+
+THRESHOLD_FILE = "threshold.json"
+
+
+def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor,
+                  category: str) -> thresholds.ThresholdFit:
+    """The policy fitted on validation scores (normal and, where held out, defective images); a warning when the
+    images are too few for the rate asked. ``category`` (or the record's file) starts its messages."""
+    scores_np, labels_np = scores.double().numpy(), labels.numpy()
+    try:
+        fit = thresholds.fit(policy, scores_np[labels_np == 0], scores_np[labels_np == 1])
+    except thresholds.PolicyError as exc:
+        raise AdkitError(f"{category}: {exc}") from None
+    if fit.warning:
+        console.warn(f"{category}: {fit.warning}")
+    return fit
+
+
+def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,
+                      labels: torch.Tensor | None) -> dict[str, Any]:
+    """A threshold with its fit and the validation scores it was fitted on (small: one number per image), so that
+    another policy can be fitted later without the images (``predict --threshold``)."""
+    labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels
+    return {"threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict(),
+            "val_scores": [float(s) for s in scores.double()], "val_labels": [int(x) for x in labels]}
+
+
+def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], pipeline: PipelineSpec, source: str) -> None:
+    """Write the threshold fitted on validation data (a ``validation_record``) beside the checkpoint, with the
+    post-processors and scorer it holds for: ``predict`` and ``export`` read it after ``train``, ``test`` or ``run``
+    alike."""
+    if distributed.is_main():
+        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": pipeline.post_texts,
+                                                             "scorer": pipeline.scorer_text, "fitted_on": source})
+
+
+def threshold_record(checkpoint_dir: Path, pipeline: PipelineSpec) -> dict[str, Any] | None:
+    """The recorded threshold.json if it was fitted for the post-processors and scorer of ``pipeline`` (the
+    recorded specs parsed and compared as values); None (with a warning when it was fitted for others)
+    otherwise."""
+    path = checkpoint_dir / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    if not _holds_for(recorded, pipeline):
+        console.warn(f"the threshold in {path} was fitted for post-processors {recorded.get('posts')} and scorer "
+                    f"{recorded.get('scorer')}, not {pipeline.post_texts} and {pipeline.scorer_text}: it is not used "
+                    "(predict writes no decisions, export refuses); run adkit test with these options to fit one")
+        return None
+    return recorded
+
+
+def _holds_for(recorded: dict[str, Any], pipeline: PipelineSpec) -> bool:
+    """Whether a threshold record's post-processors and scorer are ``pipeline``'s (a spec that no longer parses,
+    a plugin gone, is not)."""
+    if not isinstance(recorded.get("posts"), list) or not isinstance(recorded.get("scorer"), str):
+        return False
+    catalog = get_catalog()
+    try:
+        posts = tuple(catalog["postprocessor"].parse(text) for text in recorded["posts"])
+        scorer = catalog["scorer"].parse(recorded["scorer"])
+    except AdkitError:
+        return False
+    return posts == pipeline.posts and scorer == pipeline.scorer
+
+
+def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: str) -> dict[str, Any] | None:
+    """The decision to use, as a record (threshold, policy, fit and the stored validation scores): ``record`` as it
+    is, or ``policy`` fitted anew on the validation scores it stores (value:X needs none); None without any.
+    ``where`` names the record's file for errors."""
+    if policy is None:
+        return None if record is None else {"policy": "quantile:0.99", **record}  # before policies: the 0.99 quantile
+    try:
+        parsed = thresholds.parse_policy(policy)
+    except thresholds.PolicyError as exc:
+        raise AdkitError(str(exc)) from None
+    stored = record is not None and "val_scores" in record
+    if parsed.needs_scores and not stored:
+        raise AdkitError(f"--threshold {parsed}: {where} stores no validation scores to fit it on: run adkit test "
+                         "--checkpoint CKPT to store them (then export again), or give --threshold value:X")
+    scores = torch.tensor(record["val_scores"] if stored else [], dtype=torch.float64)
+    labels = torch.tensor(record["val_labels"] if stored else [], dtype=torch.long)
+    fit = fit_threshold(parsed, scores, labels, where)
+    return {**(record or {}), "threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict()}
+
+
