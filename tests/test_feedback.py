@@ -6,6 +6,7 @@ no request failing while the new version comes in."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import shutil
@@ -84,20 +85,28 @@ def test_a_report_is_stored_under_the_token_and_bad_ones_write_nothing(served):
     lines = log.read_text().splitlines()
     assert [json.loads(line)["label"] for line in lines] == ["good", "defect"]
     other = hashlib.sha256(b"never scored").hexdigest()
-    big = image + b"\0" * (1 << 20)
     cases = [
         (json.dumps({"image_sha256": other, "label": "good"}).encode(), "application/json", 404, "no decision of parts"),
         (json.dumps({"image_sha256": digest, "label": "fine"}).encode(), "application/json", 400, "label 'fine'"),
         (json.dumps({"image_sha256": "abc", "label": "good"}).encode(), "application/json", 400, "64 hex digits"),
         (b"{not json", "application/json", 400, "not JSON"),
         (*form({"image_sha256": digest, "label": "good"}, part_png("tile")), 400, "not the one image_sha256 names"),
-        (*form({"image_sha256": digest, "label": "good"}, big), 413, "bytes"),
         (b"image_sha256=x", "text/plain", 415, "content type"),
     ]
     for data, kind, status_expected, needle in cases:
         status, _, answer = request(url, data, {**AUTH, "Content-Type": kind})
         assert status == status_expected and needle in json.loads(answer)["error"], (needle, answer)
-    status, _, answer = request(server.url("/v1/models/nothing/feedback"), body, {**AUTH, "Content-Type": "application/json"})
+    # an oversized report is refused from its declared length, before the body is read
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/models/parts/feedback")
+    for key, value in {**AUTH, "Content-Type": form({})[1], "Content-Length": str(2 << 20)}.items():
+        connection.putheader(key, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "at most 1,048,576" in json.loads(response.read())["error"]
+    connection.close()
+    status, _, answer = request(server.url("/v1/models/nothing/feedback"), body,
+                                {**AUTH, "Content-Type": "application/json"})
     assert status == 404 and "no model 'nothing'" in json.loads(answer)["error"]
     assert log.read_text().splitlines() == lines  # nothing written by a refused report
     assert sorted(p.name for p in (results / "parts" / "images").iterdir()) == [stored.name]

@@ -21,12 +21,12 @@ from adkit.data.datasets import load_split
 from adkit.data.geometry import Geometry
 from adkit.data.io import is_image_file, list_images
 from adkit.deploy import export as deploy
-from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
+from adkit.deploy.export import Deployed
+from adkit.deploy.models import open_checkpoint, open_model
 from adkit.outputs import artifacts, pages, render
 from adkit.run.assembly import (
     build_pipeline,
     checkpoint_geometry,
-    checkpoint_pipeline,
     load_trained,
     plan_from_checkpoint,
 )
@@ -37,11 +37,9 @@ from adkit.run.evaluation import CategoryRun, evaluate, threshold_metrics, train
 from adkit.run.planning import RunPlan, claim_output, configure_log, output_dir, plan
 from adkit.stats import metrics
 from adkit.stats.decisions import (
-    THRESHOLD_FILE,
     chosen_threshold,
     fit_threshold,
     record_threshold,
-    threshold_record,
     validation_record,
 )
 
@@ -304,24 +302,13 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     if (checkpoint is None) == (model is None):
         raise AdkitError("predict: give --checkpoint CKPT or --model EXPORT_DIR (one of them)")
     device = distributed.local_device(resolve_device(config.device))
-    if checkpoint is not None:
-        payload = load_checkpoint(checkpoint)
-        meta = payload["meta"]
-        spec = checkpoint_pipeline(config, meta)
-        record = threshold_record(checkpoint.parent, spec)
-        decision = chosen_threshold(record, config.threshold,
-                                              str(checkpoint.parent / THRESHOLD_FILE))
-        pipeline, _ = load_trained(config, checkpoint, device, payload, spec)
-        runner = eager_runner(Deployed(pipeline), device, config.precision)
-        geometry, default_out = checkpoint_geometry(meta), checkpoint.parent / "predict"
-    else:
-        file, card = read_model(model)
-        decision = chosen_threshold(card["decision"], config.threshold, str(file.parent / deploy.MODEL_JSON))
-        runner = load_runner(file, card["format"], device)
-        geometry = Geometry.from_dict(card["geometry"], card["input"]["shape"][-1])
-        default_out = file.parent / "predict"
+    if model is not None:
+        deploy.read_model(model)  # --model is an export: one line when its model.json is missing or unreadable
+    opened = open_model(checkpoint or model, config, device)
+    decision = chosen_threshold(opened.decision, config.threshold, str(opened.decision_source))
+    runner, geometry = opened.runner, opened.geometry
     threshold = None if decision is None else float(decision["threshold"])
-    out = Path(config.out) if config.out else default_out
+    out = Path(config.out) if config.out else opened.file.parent / "predict"
     paths = image_paths(inputs)
     _warn_resized(paths, geometry)
     loaded = load_split([Sample(path, 0) for path in paths], geometry, config.skip_bad)
@@ -363,16 +350,13 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
     """Export a checkpoint's pipeline in a registered format (adkit.deploy.export), its recorded threshold (or
     ``config.threshold`` fitted anew on the stored validation scores) and those scores in model.json."""
     deploy.export_format(fmt)  # an unknown format fails before anything is read
-    payload = load_checkpoint(checkpoint)
-    meta = payload["meta"]
-    spec = checkpoint_pipeline(config, meta)
-    record = threshold_record(checkpoint.parent, spec)
+    opened = open_checkpoint(checkpoint, config.replace(compile=False), torch.device("cpu"))
+    record, spec, meta, pipeline = opened.decision, opened.spec, opened.meta, opened.pipeline
     if record is None:
         raise AdkitError(f"no threshold for post-processors {spec.post_texts} and scorer {spec.scorer_text} beside "
                          f"{checkpoint}: run adkit test --checkpoint {checkpoint} with these options first")
-    chosen = chosen_threshold(record, config.threshold, str(checkpoint.parent / THRESHOLD_FILE))
+    chosen = chosen_threshold(record, config.threshold, str(opened.decision_source))
     decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
-    pipeline, _ = load_trained(config.replace(compile=False), checkpoint, torch.device("cpu"), payload, spec)
     out = out or checkpoint.parent / f"export-{fmt}"
     with exporting():  # what the exported graph computes, which may differ from the eager path
         approximations = pipeline.detector.approximations()

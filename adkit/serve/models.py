@@ -5,7 +5,6 @@ removed is dropped."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,33 +89,14 @@ class ServedModel:
 
 
 def load_model(folder: Path) -> ServedModel:
-    """Load one model folder (AdkitError, one line, when it cannot be)."""
-    from adkit.core.errors import AdkitError
-    from adkit.deploy.export import Deployed, eager_runner, load_runner, read_model
-    from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained
-    from adkit.run.config import RunConfig
-    from adkit.run.engine import load_checkpoint
-    from adkit.stats.decisions import threshold_record
+    """Load one model folder (AdkitError, one line, when it cannot be): an export or a checkpoint, opened as
+    predict and export open them (adkit.deploy.models)."""
+    from adkit.deploy.models import open_model
 
     sig = signature(folder)
-    if (folder / "model.json").is_file():
-        file, card = read_model(folder)
-        runner = load_runner(file, card["format"], torch.device("cpu"))
-        geometry = Geometry.from_dict(card["geometry"], card["input"]["shape"][-1])
-        return warmed(ServedModel(folder.name, runner, geometry, card["decision"], card, card.get("sha256", ""), sig))
-    checkpoint = folder / "checkpoint.pt"
-    if not checkpoint.is_file():
-        raise AdkitError(f"{folder} holds neither model.json (adkit export) nor checkpoint.pt")
-    payload = load_checkpoint(checkpoint)
-    meta = payload["meta"]
-    spec = checkpoint_pipeline(RunConfig(), meta)
-    pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"), payload, spec)
-    run = eager_runner(Deployed(pipeline), torch.device("cpu"))
-    decision = threshold_record(folder, spec)
-    card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"],
-            "approximations": pipeline.detector.approximations(), "lineage": meta.get("lineage", [])}
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    return warmed(ServedModel(folder.name, run, checkpoint_geometry(meta), decision, card, digest, sig))
+    opened = open_model(folder)
+    return warmed(ServedModel(folder.name, opened.runner, opened.geometry, opened.decision, opened.card,
+                              opened.sha256, sig))
 
 
 WARM_UP_ROUNDS = 2
