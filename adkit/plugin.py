@@ -25,9 +25,9 @@ from adkit import PLUGIN_API, PLUGIN_API_SINCE, hookimpl
 # name -> the internal module that defines it (imported on first use)
 _WHERE = {
     # component contracts (docs/architecture.md) and what passes between components
-    **dict.fromkeys(("Detector", "Detection", "DetectorContext", "Backbone", "Loss", "PostProcessor", "Scorer",
-                     "Sampler", "Ensemble", "EnergyNetwork", "ExportFormat", "ExportedRun", "Exportable", "Pipeline",
-                     "check_images", "check_map", "upsample", "exporting", "is_exporting"), "adkit.core.components"),
+    **dict.fromkeys(("Detector", "Detection", "DetectorContext", "LabelledDefects", "Backbone", "Loss",
+                     "PostProcessor", "Scorer", "Sampler", "Ensemble", "EnergyNetwork", "ExportFormat", "ExportedRun",
+                     "Exportable", "Pipeline", "check_images", "check_map", "upsample", "exporting", "is_exporting"), "adkit.core.components"),
     "AdkitError": "adkit.core.errors",
     # datasets: the contract and the built-in layouts (to extend)
     **dict.fromkeys(("AnomalyDataset", "CategorySplits", "Sample", "split_validation"), "adkit.core.datasets"),

@@ -38,6 +38,7 @@ PIPELINES = {  # name: (run arguments, image size)
     "pixel-gauss": (["--detector", "pixel-gauss"], 32),
     "feature-ebm-patch": (["--detector", "feature-ebm-patch:buffer_size=64,steps_batch=16", "--steps", "2"], 64),
     "feature-ebm-image": (["--detector", "feature-ebm-image:buffer_size=64,steps_batch=16", "--steps", "2"], 64),
+    "supersimplenet": (["--detector", "supersimplenet:hidden=16,dec=8", "--steps", "3", "--batch-size", "4"], 64),
     # tiled: 2 x 2 tiles of 64 px over a 96 px input, stitched inside the exported graph
     "padim-tiled": (["--detector", "padim", "--tile", "64", "--overlap", "0.5"], 96),
 }

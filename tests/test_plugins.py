@@ -15,7 +15,7 @@ from adkit.core.plugins import Catalog, load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_INS = {"backbones", "datasets", "draem", "ebm", "ensembles", "exporters", "filters", "freqmask", "losses", "padim",
-             "patchcore", "scorers"}
+             "patchcore", "scorers", "supersimplenet"}
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
 
 

@@ -118,6 +118,17 @@ class DetectorContext:
 
 
 @dataclass
+class LabelledDefects:
+    """Defective training images a line has labelled (a dataset's ``train_defects``): images (N, 3, H, W) in
+    [0, 1], masks (N, 1, H, W) in {0, 1} (zeros where unknown) and ``masked`` (N,) bool, whether an image's mask
+    is known (else only its label is: weak supervision)."""
+
+    images: Tensor
+    masks: Tensor
+    masked: Tensor
+
+
+@dataclass
 class Detection:
     """What a detector returns for an image batch: the anomaly map (B, 1, h, w) and, for detectors that compute
     their own image scores from more than the map (PatchCore's re-weighted score needs the embeddings), the
@@ -200,6 +211,9 @@ class Detector(nn.Module, Exportable, ABC):
     own_scores: ClassVar[bool] = False
     # update() adds normal images to the fitted state without refitting, exactly or by a stated rule (adkit update)
     updatable: ClassVar[bool] = False
+    # learns from labelled defective images (a dataset's train_defects): on_train_start receives them as
+    # ``defects`` (LabelledDefects); a detector without it refuses a dataset that holds some
+    uses_defects: ClassVar[bool] = False
     # named settings for a run: {"quick": {"image_size": .., "batch_size": .., "steps": .., "params": {..}}}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # buffers whose shape depends on the data (a memory bank, per-position statistics): a checkpoint restores
@@ -223,7 +237,8 @@ class Detector(nn.Module, Exportable, ABC):
         """Build what depends on the run (losses, samplers, backbones, image size); called once before training."""
 
     def on_train_start(self, images: Tensor, generator: torch.Generator) -> None:
-        """Called once before the first training step with all training images (N, 3, H, W) on the CPU."""
+        """Called once before the first training step with all training images (N, 3, H, W) on the CPU. A detector
+        that declares ``uses_defects`` takes a third argument, ``defects`` (LabelledDefects or None)."""
 
     def training_step(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """One optimisation step's losses for an image batch; the key ``loss`` is minimised, others are logged.

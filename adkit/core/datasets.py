@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import ClassVar
@@ -27,10 +27,15 @@ class Sample:
 
 @dataclass
 class CategorySplits:
+    """A category's splits: normal training images, validation images (normal, and defective ones a dataset holds
+    out for thresholds), the test split, and ``defects``: labelled defective training images (``train_defects``),
+    each with its mask or, for image labels only, ``mask`` None; never in the test split."""
+
     name: str
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
+    defects: list[Sample] = field(default_factory=list)
 
 
 class AnomalyDataset(ABC):

@@ -75,6 +75,7 @@ class Traits:
     image_level: bool = False  # detector: one value per image, no pixel-level opinion
     own_scores: bool = False  # detector: detect() returns image scores of its own (the scorer is not used)
     updatable: bool = False  # detector: update() adds normal images to a fitted one without refitting
+    uses_defects: bool = False  # detector: learns from labelled defective training images (train_defects)
     exportable: bool = True  # detector, post-processor, scorer: its forward traces into a graph
     presets: tuple[str, ...] = ()
     # detector: each preset's settings (image_size, batch_size, steps, epochs, params), read-only
@@ -96,6 +97,7 @@ class Traits:
         if kind == "detector":
             values.update(trainable=factory.trainable, image_level=factory.image_level,
                           own_scores=factory.own_scores, updatable=factory.updatable,
+                          uses_defects=factory.uses_defects,
                           presets=tuple(factory.presets),
                           preset_values=MappingProxyType({k: MappingProxyType(dict(v))
                                                           for k, v in factory.presets.items()}),

@@ -43,7 +43,8 @@ class MVTecDataset(AnomalyDataset):
 
     name = "mvtec"
 
-    def __init__(self, root: str = "", val_fraction: float = 0.1, seed: int = 0, val_defects: float = 0.0):
+    def __init__(self, root: str = "", val_fraction: float = 0.1, seed: int = 0, val_defects: float = 0.0,
+                 train_defects: int = 0, train_masks: bool = True):
         if not root:
             raise AdkitError("mvtec: give the dataset folder with --root DIR (it holds one folder per category)")
         self.root = Path(root).expanduser()
@@ -52,9 +53,15 @@ class MVTecDataset(AnomalyDataset):
         if not 0 <= val_defects < 1:
             raise AdkitError(f"{self.name}: val_defects={val_defects} must be in [0, 1): the fraction of each defect "
                              "type's test images held out for validation")
+        if train_defects < 0:
+            raise AdkitError(f"{self.name}: train_defects={train_defects} must be >= 0: the defective test images "
+                             "moved into training")
         self.val_fraction = val_fraction
         self.seed = seed
         self.val_defects = val_defects
+        # labelled defects for detectors that learn from them: this many defective test images, spread over the
+        # defect types, move into training (with their masks, or with train_masks=false their labels only)
+        self.train_defects, self.train_masks = train_defects, train_masks
 
     def categories(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / "train" / "good").is_dir())
@@ -110,20 +117,50 @@ class MVTecDataset(AnomalyDataset):
         if not test:
             raise AdkitError(f"mvtec: {test_dir} holds no test images")
         train, val = split_validation(normal, self.val_fraction, self.seed)
+        test, defects = take_defects(test, self.train_defects, self.seed, f"{self.name} {category}")
+        if not self.train_masks:
+            defects = [Sample(s.path, 1, None, s.defect) for s in defects]
         test, val_defective = hold_out_defects(test, self.val_defects, self.seed)
-        return CategorySplits(category, train, val + val_defective, test)
+        return CategorySplits(category, train, val + val_defective, test, defects)
+
+
+def spread_over_types(defective: list[Sample], count: int, seed: int) -> set[Path]:
+    """The paths of ``count`` of the defective images, spread evenly over the defect types (a systematic sample of
+    the images sorted by type, shuffled within each with ``seed``)."""
+    rng = random.Random(seed)
+    ordered = sorted(defective, key=lambda s: (s.defect, rng.random()))
+    return {ordered[int((j + 0.5) * len(ordered) / count)].path for j in range(count)}
+
+
+def take_defects(test: list[Sample], count: int, seed: int, where: str) -> tuple[list[Sample], list[Sample]]:
+    """Move ``count`` defective test images into training (labelled defects), spread over the defect types; at
+    least one defective image must stay in the test split. Returns (test, defects)."""
+    if count <= 0:
+        return test, []
+    defective = [s for s in test if s.label == 1]
+    if count >= len(defective):
+        raise AdkitError(f"{where}: train_defects={count}, but the test split holds {len(defective)} defective "
+                         f"images and at least one must stay there to test on: give train_defects <= "
+                         f"{max(0, len(defective) - 1)}")
+    taken = spread_over_types(defective, count, derived(seed, "train-defects"))
+    return [s for s in test if s.path not in taken], [s for s in test if s.path in taken]
+
+
+def derived(seed: int, purpose: str) -> int:
+    """A seed of its own for each purpose, so that moving defects into training does not change which ones
+    validation holds out at the same seed (an integer from the pair)."""
+    return seed * 1000003 + sum(ord(c) for c in purpose)
 
 
 def hold_out_defects(test: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Move ``fraction`` of the defective test images (at least one, never all) into a labelled validation set,
     spread evenly over the defect types (a systematic sample of the images sorted by type, shuffled within each);
     returns (test, held out)."""
-    rng = random.Random(seed)
-    defective = sorted((s for s in test if s.label == 1), key=lambda s: (s.defect, rng.random()))
+    defective = [s for s in test if s.label == 1]
     if fraction <= 0 or len(defective) < 2:
         return test, []
     count = min(len(defective) - 1, max(1, round(fraction * len(defective))))
-    held = {defective[int((j + 0.5) * len(defective) / count)].path for j in range(count)}
+    held = spread_over_types(defective, count, seed)
     return [s for s in test if s.path not in held], [s for s in test if s.path in held]
 
 
@@ -143,7 +180,8 @@ class FolderDataset(AnomalyDataset):
     takes_folders = True
 
     def __init__(self, normal: str = "", abnormal: str = "", masks: str = "", test_fraction: float = 0.2,
-                 val_fraction: float = 0.1, seed: int = 0, name: str = ""):
+                 val_fraction: float = 0.1, seed: int = 0, name: str = "", train_defects: str = "",
+                 train_masks: str = ""):
         if not normal:
             raise AdkitError("folder: give the normal images with --data folder:normal=DIR[,abnormal=DIR,masks=DIR]")
         self.normal = Path(normal).expanduser()
@@ -154,6 +192,14 @@ class FolderDataset(AnomalyDataset):
                 raise AdkitError(f"folder: {label}={folder} is not a folder")
         if self.masks is not None and self.abnormal is None:
             raise AdkitError("folder: masks= needs abnormal= (the masks belong to the anomalous images)")
+        # labelled defective images for training (never tested on), with their masks in train_masks= if given
+        self.train_defects = Path(train_defects).expanduser() if train_defects else None
+        self.train_masks = Path(train_masks).expanduser() if train_masks else None
+        for label, folder in (("train_defects", self.train_defects), ("train_masks", self.train_masks)):
+            if folder is not None and not folder.is_dir():
+                raise AdkitError(f"folder: {label}={folder} is not a folder")
+        if self.train_masks is not None and self.train_defects is None:
+            raise AdkitError("folder: train_masks= needs train_defects= (the masks belong to those images)")
         self.test_fraction = test_fraction
         self.val_fraction = val_fraction
         self.seed = seed
@@ -183,7 +229,17 @@ class FolderDataset(AnomalyDataset):
             rest, test_normal = split_validation(normal, self.test_fraction, self.seed + 1)
             normal = rest
         train, val = split_validation(normal, self.val_fraction, self.seed)
-        return CategorySplits(category, train, val, test_normal + abnormal)
+        defects = []
+        if self.train_defects is not None:
+            for image in list_images(self.train_defects):
+                mask = _find_mask(self.train_masks, image.stem) if self.train_masks is not None else None
+                if self.train_masks is not None and mask is None:
+                    raise AdkitError(f"folder: training defect {image} has no mask in {self.train_masks} (masks were "
+                                     "asked for with train_masks=; drop it for image labels only)")
+                defects.append(Sample(image, 1, mask, "labelled"))
+            if not defects:
+                raise AdkitError(f"folder: train_defects={self.train_defects} holds no images")
+        return CategorySplits(category, train, val, test_normal + abnormal, defects)
 
 
 def load_split(samples: list[Sample], geometry: Geometry | int, skip_bad: bool = False) -> LoadedSplit:

@@ -301,7 +301,8 @@ class SyntheticDataset(MVTecDataset):
     default_preset = "quick"  # 256 px generated textures, 80 training images: the quick presets' budget
 
     def __init__(self, size: int = 256, n_train: int = 80, n_test: int = 60, seed: int = 0,
-                 val_fraction: float = 0.1, root: str = "", val_defects: float = 0.0, object: float = 0.0):
+                 val_fraction: float = 0.1, root: str = "", val_defects: float = 0.0, object: float = 0.0,
+                 train_defects: int = 0, train_masks: bool = True):
         if not 0 <= object < 1:
             raise AdkitError(f"synthetic: object={object} is the object's side as a fraction of the image's, in (0, 1) "
                              "(0: the texture fills the image)")
@@ -312,7 +313,8 @@ class SyntheticDataset(MVTecDataset):
             cache_root() / "synthetic" / f"v{FORMAT_VERSION}-s{seed}-{size}px-{n_train}-{n_test}{shape}"
         folder.mkdir(parents=True, exist_ok=True)
         self._folder = folder
-        super().__init__(root=str(folder), val_fraction=val_fraction, seed=seed, val_defects=val_defects)
+        super().__init__(root=str(folder), val_fraction=val_fraction, seed=seed, val_defects=val_defects,
+                         train_defects=train_defects, train_masks=train_masks)
 
     def categories(self) -> list[str]:
         return list(TEXTURES)

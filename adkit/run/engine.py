@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from adkit.core import distributed, threads
-from adkit.core.components import Detector, Pipeline
+from adkit.core.components import Detector, LabelledDefects, Pipeline
 from adkit.core.errors import AdkitError
 from adkit.core.files import atomic_path
 
@@ -155,7 +155,7 @@ def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> d
 def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, device: torch.device,
                    checkpoint: Path, meta: dict[str, Any], resume: bool = False,
                    on_step: Callable[[int, int, dict[str, float] | None], None] | None = None,
-                   held_out: Tensor | None = None) -> TrainResult:
+                   held_out: Tensor | None = None, defects: LabelledDefects | None = None) -> TrainResult:
     """Train ``detector`` on normal ``images`` (N, 3, H, W) in [0, 1]; writes ``checkpoint`` every
     ``settings.checkpoint_every`` steps and at the end. ``meta`` is stored in the checkpoint to rebuild the run.
     A fitted detector then checks its approximations on ``held_out`` normal images (``Detector.calibrate``; the
@@ -201,7 +201,11 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
     n = images.shape[0]
     if n == 0:
         raise AdkitError("no training images")
-    detector.on_train_start(images, torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "start")))
+    starting = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "start"))
+    if detector.uses_defects:  # labelled defective images, for the detectors that learn from them
+        detector.on_train_start(images, starting, defects=defects)
+    else:
+        detector.on_train_start(images, starting)
     images = _resident(images, device)
     for step in range(first_step, settings.steps):
         threads.rebalance()

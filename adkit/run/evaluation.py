@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from adkit.core import console, distributed, files
-from adkit.core.components import Detector, Pipeline, upsample
-from adkit.core.datasets import CategorySplits
+from adkit.core.components import Detector, LabelledDefects, Pipeline, upsample
+from adkit.core.datasets import CategorySplits, Sample
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import PipelineSpec
 from adkit.data.datasets import LoadedSplit, load_split
@@ -82,12 +83,18 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     test = load_split(splits.test, geometry, cfg.skip_bad) if load_test else load_split([], geometry)
     if len(train.samples) == 0:
         raise AdkitError(f"{category}: no readable training images")
+    if splits.defects and not plan_.detector_info.traits.uses_defects:
+        users = ", ".join(i.name for i in plan_.catalog["detector"] if i.traits.uses_defects) or "none"
+        raise AdkitError(f"{category}: the dataset gives {len(splits.defects)} labelled defects for training "
+                         f"(train_defects), which {plan_.detector.name} cannot learn from; drop train_defects, or use "
+                         f"a detector that can ({users})")
     detector = build_detector(plan_)
     # with tiling the detector learns from tiles: (N * tiles, 3, tile, tile)
     tiles = (lambda images: images) if not geometry.tile else make_tiling(geometry).split
     train_images = tiles(train.images)
     # a fitted detector checks its approximations on normal images it was not fitted on
     held_out = tiles(val.images[val.labels == 0]) if bool((val.labels == 0).any()) else None
+    defects = labelled_defects(splits.defects, geometry, cfg.skip_bad, tiles)
     steps = plan_.steps_for(len(train_images)) if detector.trainable else 1
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
                              checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
@@ -106,7 +113,7 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
             progress.update(task, completed=step, info=info if info else progress.tasks[task].fields["info"])
 
         result = train_detector(detector, train_images, settings, plan_.device, folder / "checkpoint.pt", meta,
-                                resume=resume, on_step=on_step, held_out=held_out)
+                                resume=resume, on_step=on_step, held_out=held_out, defects=defects)
         progress.update(task, completed=steps)
     log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)
     for name, record in detector.approximations().items():
@@ -117,6 +124,18 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
         files.write_history_csv(folder / "history.csv", result.history)
     skipped = train.skipped + val.skipped + test.skipped
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
+
+
+def labelled_defects(samples: list[Sample], geometry: Any, skip_bad: bool, tiles: Any) -> LabelledDefects | None:
+    """The labelled defective training images (a dataset's train_defects) at the input geometry, as tiles when it
+    tiles; None without any. A tile of an image given with its label only keeps the label (its mask unknown)."""
+    if not samples:
+        return None
+    loaded = load_split(samples, geometry, skip_bad)
+    masked = torch.tensor([s.mask is not None for s in loaded.samples])
+    images, masks = tiles(loaded.images), tiles(loaded.masks)
+    per_image = images.shape[0] // max(1, len(loaded.samples))
+    return LabelledDefects(images, masks, masked.repeat_interleave(per_image))
 
 
 def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: PipelineSpec | None = None) -> Evaluation:
@@ -152,6 +171,8 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     masks = run_.test.masks[:, 0].numpy()
     if masks.any() and pixel_level:
         result.update(metrics.pixel_metrics(pixel_maps[:, 0].numpy(), masks))
+    result["train_defects"] = len(run_.splits.defects)  # labelled defects the detector learned from (not tested on)
+    result["train_defects_masked"] = sum(s.mask is not None for s in run_.splits.defects)
     result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
     result["train_s"] = run_.train_seconds
     result["approximations"] = pipeline.detector.approximations()

@@ -114,6 +114,12 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
         raise AdkitError("--pixel-map must be raw or post")
     dataset = catalog["dataset"].create(data_name, **data_params)
     categories = dataset.resolve_categories(list(config.category))
+    if "train_defects" in data_params:  # its errors, and a detector that cannot learn from them, before any file
+        users = ", ".join(i.name for i in catalog["detector"] if i.traits.uses_defects) or "none"
+        for category in categories:
+            if dataset.load(category).defects and not info.traits.uses_defects:
+                raise AdkitError(f"{category}: the dataset gives labelled defects for training (train_defects), which "
+                                 f"{name} cannot learn from; drop train_defects, or use a detector that can ({users})")
     threshold = parse_policy(config.threshold or DEFAULT_POLICY)
     if threshold.kind == "f1":  # refused before any folder is claimed or anything trained
         for category in categories:
