@@ -4,7 +4,7 @@
 
 Everything a component needs is here by name: the hook marker, the component base classes and the tensors and
 contexts between them, the errors, the helpers for detectors on pretrained features, the few engine, distributed
-and statistics helpers built-in plugins use, the built-in dataset layouts to extend, and the checks and training
+and statistics helpers built-in plugins use, the synthetic textures, and the checks and training
 functions a plugin's tests call. adkit's other modules are internal: they may move in any release (a plugin that
 imports them is warned when it loads). What may change here, and how a name is retired, is the policy in
 docs/plugins.md: names are added in minor releases; a name is removed only after one minor release in which using
@@ -18,6 +18,7 @@ import its hooks' marker here without loading torch (``adkit --help`` stays fast
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from adkit import PLUGIN_API, PLUGIN_API_SINCE, hookimpl
@@ -29,10 +30,12 @@ _WHERE = {
                      "PostProcessor", "Scorer", "Sampler", "Ensemble", "EnergyNetwork", "ExportFormat", "ExportedRun",
                      "Exportable", "Pipeline", "check_images", "check_map", "upsample", "exporting", "is_exporting"), "adkit.core.components"),
     "AdkitError": "adkit.core.errors",
-    # datasets: the contract and the built-in layouts (to extend)
+    # datasets: the contract (the built-in layouts live in the datasets plugin)
     **dict.fromkeys(("AnomalyDataset", "CategorySplits", "Sample", "split_validation"), "adkit.core.datasets"),
-    **dict.fromkeys(("MVTecDataset", "FolderDataset"), "adkit.data.datasets"),
-    "SyntheticDataset": "adkit.data.synthetic",
+    # the synthetic textures (procedural, with exact masks) and adkit's cache folder
+    **dict.fromkeys(("TEXTURES", "DEFECTS", "TEXTURES_FORMAT", "normal_image", "defective_image", "write_textures"),
+                    "adkit.data.textures"),
+    "cache_root": "adkit.core.cache",
     **dict.fromkeys(("load_image", "load_mask", "save_image", "list_images", "is_image_file", "ImageReadError"),
                     "adkit.data.io"),
     **dict.fromkeys(("perlin_noise", "perlin_noise_batch", "fractal_noise"), "adkit.data.perlin"),
@@ -56,10 +59,23 @@ _WHERE = {
     **dict.fromkeys(("load_catalog", "get_catalog"), "adkit.core.plugins"),
 }
 
+# names retired from the plugin API: they resolve, warning, until the release named (docs/plugins.md's policy)
+_DEPRECATED = {
+    "MVTecDataset": ("adkit_plugins.datasets.layouts", "0.4", "the dataset registered as 'mvtec' (get_catalog())"),
+    "FolderDataset": ("adkit_plugins.datasets.layouts", "0.4", "the dataset registered as 'folder' (get_catalog())"),
+    "SyntheticDataset": ("adkit_plugins.datasets.synthetic", "0.4",
+                         "the dataset registered as 'synthetic' (get_catalog()), or write_textures"),
+}
+
 __all__ = ["PLUGIN_API", "PLUGIN_API_SINCE", "hookimpl", *sorted(_WHERE)]  # noqa: PLE0604 - names from _WHERE
 
 
 def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:  # the built-in layouts moved into the datasets plugin (adkit 0.3)
+        module, until, instead = _DEPRECATED[name]
+        warnings.warn(f"adkit.plugin.{name} is deprecated and goes in adkit {until}: use {instead}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), name)
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'adkit.plugin' has no attribute {name!r} (the plugin API: docs/plugins.md)")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from adkit.core.components import Backbone, Detector, DetectorContext, EnergyNetwork, Ensemble, Sampler
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.plugins import Catalog, get_catalog, reset_catalog
-from adkit.data.datasets import load_split
+from adkit.data.loading import load_split
 from adkit.run.engine import TrainSettings, load_checkpoint, restore, seed_everything, train_detector
 from adkit.stats.thresholds import widest_gap
 
@@ -66,14 +66,14 @@ def invoke(*args: str) -> tuple[int, str, str]:
 
 def tiny_images(n: int = 4, size: int = 32, category: str = "wood", seed: int = 0, split: str = "train") -> Tensor:
     """``n`` normal synthetic texture images (n, 3, size, size) in [0, 1], the same for the same arguments."""
-    from adkit.data.synthetic import normal_image
+    from adkit.data.textures import normal_image
 
     return torch.stack([normal_image(category, size, seed, split, i) for i in range(n)])
 
 
 def tiny_defects(n: int = 4, size: int = 32, category: str = "wood", seed: int = 0) -> tuple[Tensor, Tensor]:
     """``n`` defective synthetic images (n, 3, size, size) and their masks (n, 1, size, size) in {0, 1}."""
-    from adkit.data.synthetic import DEFECTS, defective_image
+    from adkit.data.textures import DEFECTS, defective_image
 
     pairs = [defective_image(category, DEFECTS[i % len(DEFECTS)], size, seed, i) for i in range(n)]
     return torch.stack([p[0] for p in pairs]), torch.stack([(p[1] > 0.5).float() for p in pairs])
@@ -82,9 +82,9 @@ def tiny_defects(n: int = 4, size: int = 32, category: str = "wood", seed: int =
 def tiny_dataset(root: Path, categories: tuple[str, ...] = ("wood",), size: int = 32, n_train: int = 8,
                  n_test: int = 6) -> Path:
     """Write synthetic categories in the MVTec AD layout under ``root`` (for ``--data mvtec --root ROOT``)."""
-    from adkit.data.synthetic import write_dataset
+    from adkit.data.textures import write_textures
 
-    write_dataset(Path(root), list(categories), size, seed=0, n_train=n_train, n_test=n_test)
+    write_textures(Path(root), list(categories), size, seed=0, n_train=n_train, n_test=n_test)
     return Path(root)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adkit.data.datasets import load_split
+from adkit.data.loading import load_split
 from adkit.run.assembly import build_detector, build_pipeline, make_tiling
 from adkit.run.config import RunConfig
 from adkit.run.engine import TrainSettings, predict, train_detector, update_detector

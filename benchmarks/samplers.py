@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from adkit.api import build_detector, plan
-from adkit.data.datasets import load_split
+from adkit.data.loading import load_split
 from adkit.run.config import RunConfig
 from adkit.run.engine import TrainSettings, train_detector
 from adkit_plugins.ebm.samplers import PYLD, SGLD

@@ -6,9 +6,11 @@ import torch
 from PIL import Image
 
 from adkit.core.errors import AdkitError
-from adkit.data.datasets import FolderDataset, MVTecDataset, load_split
 from adkit.data.io import ImageReadError, load_image, load_mask, save_image
-from adkit.data.synthetic import DEFECTS, TEXTURES, defective_image, normal_image, write_dataset
+from adkit.data.loading import load_split
+from adkit.data.textures import DEFECTS, TEXTURES, defective_image, normal_image
+from adkit.data.textures import write_textures as write_dataset
+from adkit_plugins.datasets.layouts import FolderDataset, MVTecDataset
 
 
 def test_grayscale_rgba_and_16bit(tmp_path):

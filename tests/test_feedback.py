@@ -35,7 +35,7 @@ def form(fields: dict[str, str], image: bytes | None = None) -> tuple[bytes, str
 
 def part_png(category: str = "wood", index: int = 0) -> bytes:
     """A 32 px synthetic texture as PNG bytes: a wood part is a false alarm waiting to happen for a tile model."""
-    from adkit.data.synthetic import normal_image
+    from adkit.data.textures import normal_image
 
     array = (normal_image(category, 32, 9, "test", index).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     buffer = io.BytesIO()

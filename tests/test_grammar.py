@@ -9,10 +9,10 @@ from adkit import hookimpl
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import ComponentSpec, split_chain, split_top_level
 from adkit.core.plugins import get_catalog
-from adkit.data.datasets import FolderDataset, MVTecDataset
 from adkit.run.config import RunConfig
 from adkit.run.planning import dataset_spec, plan
 from adkit.testing import tiny_dataset
+from adkit_plugins.datasets.layouts import FolderDataset, MVTecDataset
 from adkit_plugins.draem.detector import Draem
 
 SPECS = [

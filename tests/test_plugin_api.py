@@ -84,3 +84,65 @@ def test_a_plugin_written_against_internal_modules_loads_with_a_deprecation_warn
         record = catalog.add_plugin(module, name="legacy", source="package legacy-plugin")
     assert record.status == "ok" and "legacy" in catalog["detector"]  # it still loads and registers
     assert any("adkit.plugin" in warning for warning in record.warnings)  # adkit plugins shows it
+
+
+def test_the_dataset_layouts_live_in_their_plugin_and_the_core_names_none():
+    """MVTec, folder and synthetic are implemented in the datasets plugin; the core imports none of them and
+    names no dataset as the default (the registry's default_data trait does)."""
+    allowed = {"adkit/plugin.py", "adkit/data/datasets.py", "adkit/data/synthetic.py"}  # deprecation shims
+    for path in sorted((ROOT / "adkit").rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        text = path.read_text()
+        if where not in allowed:
+            assert "adkit_plugins" not in text, where
+            for name in ("MVTecDataset", "FolderDataset", "SyntheticDataset", 'DEFAULT_DATA'):
+                assert name not in text, f"{where} names {name}"
+    assert (ROOT / "plugins" / "datasets" / "layouts.py").is_file()
+
+
+def test_the_default_dataset_is_a_registry_trait(catalog):
+    from adkit.core.plugins import Catalog
+    from adkit.plugin import AdkitError, AnomalyDataset, CategorySplits, hookimpl
+    from adkit.run.config import RunConfig
+    from adkit.run.planning import dataset_spec, default_data
+
+    assert [i.name for i in catalog["dataset"] if i.traits.default_data] == ["synthetic"]
+    assert default_data(catalog) == "synthetic"
+    assert dataset_spec(catalog, RunConfig(detector=["padim"]))[0] == "synthetic"
+    assert dataset_spec(catalog, RunConfig(detector=["padim"], normal="good"))[0] == "folder"
+
+    class Other(AnomalyDataset):
+        name = "other"
+        default_data = True
+
+        def categories(self):
+            return ["x"]
+
+        def load(self, category):
+            return CategorySplits(category, [], [], [])
+
+    class Plugin:
+        @hookimpl
+        def register_datasets(self, register):
+            register("other", Other)
+
+    catalog.add_plugin(Plugin(), name="other-data", source="package other-data")
+    assert default_data(catalog) == "synthetic"  # adkit's own first: installing a plugin changes nothing
+    bare = Catalog()
+    bare.add_plugin(Plugin(), name="other-data", source="package other-data")
+    assert default_data(bare) == "other"
+    with pytest.raises(AdkitError, match="no dataset declares itself the default: give --data NAME"):
+        default_data(Catalog())
+
+
+@pytest.mark.parametrize(("module", "name", "says"), [
+    ("adkit.plugin", "MVTecDataset", "the dataset registered as 'mvtec'"),
+    ("adkit.plugin", "SyntheticDataset", "the dataset registered as 'synthetic'"),
+    ("adkit.data.datasets", "FolderDataset", "the dataset registered as 'folder'"),
+    ("adkit.data.datasets", "load_split", "adkit.data.loading.load_split"),
+    ("adkit.data.synthetic", "write_dataset", "adkit.plugin.write_textures"),
+])
+def test_the_moved_dataset_names_still_resolve_with_a_warning_naming_the_new_one(module, name, says):
+    with pytest.warns(DeprecationWarning, match=f"{name}.*use {says}"):
+        value = getattr(importlib.import_module(module), name)
+    assert value is not None

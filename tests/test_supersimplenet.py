@@ -89,8 +89,8 @@ def test_train_defects_errors_are_one_line_and_write_nothing(invoke, tmp_path):
 
 def test_a_folder_of_defects_without_a_mask_where_masks_were_asked_is_refused(tmp_path):
     from adkit.core.errors import AdkitError
-    from adkit.data.datasets import FolderDataset
     from adkit.data.io import save_image
+    from adkit_plugins.datasets.layouts import FolderDataset
 
     for folder in ("good", "bad", "masks"):
         (tmp_path / folder).mkdir()

@@ -29,9 +29,9 @@ from adkit.core.datasets import Sample, split_validation
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import split_spec
 from adkit.core.plugins import get_catalog
-from adkit.data.datasets import LoadedSplit, load_split
+from adkit.data.loading import LoadedSplit, load_split
 from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained, make_tiling, plan_from_checkpoint
-from adkit.run.config import DEFAULT_DATA, RunConfig
+from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint, resolve_device, save_checkpoint, update_detector
 from adkit.run.engine import predict as run_pipeline
 from adkit.serve.feedback import read_feedback
@@ -173,7 +173,7 @@ def _validation(config: RunConfig, payload: dict[str, Any], held: LoadedSplit) -
 def _data_of(config: RunConfig, meta: dict[str, Any]) -> RunConfig:
     """``config`` with the dataset the checkpoint was trained on (its recorded configuration), unless ``config``
     names one (--data, --root or the folders)."""
-    named = config.data != DEFAULT_DATA or any((config.root, config.normal, config.abnormal, config.masks))
+    named = config.data is not None or any((config.root, config.normal, config.abnormal, config.masks))
     if named or not meta.get("config"):
         return config.replace(category=[])
     recorded = tomllib.loads(meta["config"])

@@ -17,9 +17,9 @@ from adkit.core.components import exporting
 from adkit.core.datasets import Sample
 from adkit.core.errors import AdkitError
 from adkit.core.plugins import get_catalog
-from adkit.data.datasets import load_split
 from adkit.data.geometry import Geometry
 from adkit.data.io import is_image_file, list_images
+from adkit.data.loading import load_split
 from adkit.deploy import export as deploy
 from adkit.deploy.export import Deployed
 from adkit.deploy.models import open_checkpoint, open_model
@@ -182,7 +182,7 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
     plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
     names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
     out = output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
-    main = _start(out, config.replace(category=plans[0].categories, ensemble=ensemble_spec), resume)
+    main = _start(out, config.replace(data=plans[0].config.data, category=plans[0].categories, ensemble=ensemble_spec), resume)
     rows: list[dict[str, Any]] = []
     for category in plans[0].categories:
         evaluations = []
@@ -372,13 +372,13 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
 def synth(out: Path, categories: list[str], seed: int = 0, size: int = 256, n_train: int = 60,
           n_test: int = 40) -> Path:
     """Write the synthetic textures to ``out`` in the MVTec AD layout."""
-    from adkit.data.synthetic import TEXTURES, write_dataset
+    from adkit.data.textures import TEXTURES, write_textures
 
     unknown = [c for c in categories if c not in TEXTURES]
     if unknown:
         raise AdkitError(f"synth: unknown category {unknown[0]!r}; available: {', '.join(TEXTURES)}")
     if size < 16 or n_train < 1 or n_test < 2:
         raise AdkitError("synth: --size must be >= 16, --train >= 1 and --test >= 2")
-    write_dataset(out, categories or list(TEXTURES), size, seed, n_train, n_test)
+    write_textures(out, categories or list(TEXTURES), size, seed, n_train, n_test)
     console.say(f"wrote {', '.join(categories or TEXTURES)} to {out}")
     return out

@@ -47,6 +47,8 @@ class AnomalyDataset(ABC):
     default_preset: ClassVar[str] = ""
     # the dataset that --normal/--abnormal/--masks select: its parameters of those names take the folders
     takes_folders: ClassVar[bool] = False
+    # the dataset a run reads when the user names none (--data left out); the built-in synthetic textures
+    default_data: ClassVar[bool] = False
 
     @abstractmethod
     def categories(self) -> list[str]:

@@ -86,6 +86,7 @@ class Traits:
     default_pixel_map: str = "raw"  # detector: which map pixel metrics read by default (raw | post)
     default_preset: str = ""  # dataset: the detector preset that suits it when the user names none
     takes_folders: bool = False  # dataset: the one --normal/--abnormal/--masks select
+    default_data: bool = False  # dataset: the one a run reads when --data is left out
 
     @classmethod
     def of(cls, kind: str, factory: Callable[..., Any]) -> Traits:
@@ -105,7 +106,8 @@ class Traits:
                           default_postprocessors=tuple(factory.default_postprocessors),
                           default_scorer=factory.default_scorer, default_pixel_map=factory.default_pixel_map)
         if kind == "dataset":
-            values.update(default_preset=factory.default_preset, takes_folders=factory.takes_folders)
+            values.update(default_preset=factory.default_preset, takes_folders=factory.takes_folders,
+                          default_data=factory.default_data)
         return cls(**values)
 
 

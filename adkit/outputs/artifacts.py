@@ -12,9 +12,9 @@ from sklearn.metrics import roc_curve
 
 from adkit.core import files
 from adkit.core.datasets import Sample
-from adkit.data.datasets import LoadedSplit
 from adkit.data.geometry import Geometry
 from adkit.data.io import load_image
+from adkit.data.loading import LoadedSplit
 from adkit.outputs import pages, render, report
 from adkit.run.evaluation import Evaluation
 from adkit.stats import metrics, thresholds

@@ -18,8 +18,6 @@ import tomli_w
 from adkit.core.errors import AdkitError
 
 LIST_FIELDS = ("detector", "loss", "post", "category")
-# the data a run uses when --data is left out: the built-in synthetic textures (no download needed)
-DEFAULT_DATA = "synthetic"
 
 
 @dataclass
@@ -34,7 +32,7 @@ class RunConfig:
     sampler: str | None = None
     backbone: str | None = None
     ensemble: str | None = None
-    data: str = DEFAULT_DATA
+    data: str | None = None  # None: the dataset that declares itself the default (default_data)
     category: list[str] = field(default_factory=list)
     root: str | None = None
     normal: str | None = None

@@ -17,7 +17,7 @@ from adkit.core.components import Detector, LabelledDefects, Pipeline, upsample
 from adkit.core.datasets import CategorySplits, Sample
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import PipelineSpec
-from adkit.data.datasets import LoadedSplit, load_split
+from adkit.data.loading import LoadedSplit, load_split
 from adkit.run.assembly import build_detector, make_tiling
 from adkit.run.engine import TrainSettings, seed_everything, train_detector
 from adkit.run.engine import predict as run_pipeline

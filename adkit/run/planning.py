@@ -18,7 +18,7 @@ from adkit.core.grammar import ComponentSpec, PipelineSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.registry import ComponentInfo
 from adkit.data.geometry import Geometry, GeometryError, native_geometry, parse_size
-from adkit.run.config import DEFAULT_DATA, RunConfig
+from adkit.run.config import RunConfig
 from adkit.run.engine import resolve_device
 from adkit.stats.thresholds import DEFAULT_POLICY, ThresholdPolicy, parse_policy
 
@@ -142,7 +142,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     geometry = make_geometry(config, setting(None, "image_size"), dataset, categories)
     batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
     size_text = geometry.height if geometry.height == geometry.width else f"{geometry.width}x{geometry.height}"
-    resolved = config.replace(preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
+    resolved = config.replace(data=config.data or data_name, preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
                               post=pipeline.post_texts, scorer=pipeline.scorer_text, pixel_map=pixel_map, category=categories, threshold=str(threshold),
                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
     device = distributed.local_device(resolve_device(config.device))  # the workflows join the process group
@@ -196,17 +196,27 @@ def make_geometry(config: RunConfig, preset_size: int | None, dataset: AnomalyDa
         raise AdkitError(str(exc)) from None
 
 
+def default_data(catalog: Catalog) -> str:
+    """The dataset a run reads when ``--data`` is left out: the one that declares ``default_data`` (adkit's own
+    first, so that installing a plugin does not silently change what a bare command reads)."""
+    declared = sorted((not info.builtin, info.name) for info in catalog["dataset"] if info.traits.default_data)
+    if not declared:
+        raise AdkitError(f"no dataset declares itself the default: give --data NAME "
+                         f"(available: {', '.join(catalog['dataset'].names()) or 'none'})")
+    return declared[0][1]
+
+
 def dataset_spec(catalog: Catalog, config: RunConfig) -> tuple[str, dict[str, str]]:
     """The dataset name and parameters a config means: ``--data``, or with ``--normal/--abnormal/--masks`` the
-    dataset that declares it takes folders (when ``--data`` is left at its default or names such a dataset);
-    ``--root`` fills a ``root`` parameter."""
-    name, raw = split_spec(config.data, "dataset")
+    dataset that declares it takes folders (when ``--data`` is left out or names such a dataset); ``--root``
+    fills a ``root`` parameter."""
+    name, raw = split_spec(config.data or default_data(catalog), "dataset")
     folders = {k: v for k, v in (("normal", config.normal), ("abnormal", config.abnormal),
                                  ("masks", config.masks)) if v}
     if folders:
         takers = [info.name for info in catalog["dataset"] if info.traits.takes_folders]
         named = name in catalog["dataset"] and catalog["dataset"].get(name).traits.takes_folders
-        if not takers or "normal" not in folders or not (named or config.data == DEFAULT_DATA):
+        if not takers or "normal" not in folders or not (named or config.data is None):
             where = f"use --data {' or --data '.join(takers)} or leave --data out" if takers else \
                 "no registered dataset takes folders"
             raise AdkitError(f"--normal/--abnormal/--masks describe a dataset of folders: give --normal DIR ({where})")
@@ -223,7 +233,7 @@ def output_dir(config: RunConfig, detector: str) -> Path:
     if config.out:
         return Path(config.out)
     cats = "-".join(config.category) if len(config.category) <= 2 else f"{len(config.category)}cats"
-    data = split_spec(config.data)[0]
+    data = split_spec(config.data)[0] if config.data else "data"
     default = Path("runs") / f"{detector}-{data}-{cats}-{time.strftime('%Y%m%d-%H%M%S')}"
     return distributed.all_gather_objects(default)[0]  # under torchrun every rank takes rank 0's clock
 

@@ -11,7 +11,8 @@ from adkit.plugin import hookimpl
 
 @hookimpl
 def register_datasets(register):
-    from adkit.plugin import FolderDataset, MVTecDataset, SyntheticDataset
+    from adkit_plugins.datasets.layouts import FolderDataset, MVTecDataset
+    from adkit_plugins.datasets.synthetic import SyntheticDataset
 
     register("mvtec", MVTecDataset, help="MVTec AD layout under --root (any category folder in that layout)")
     register("folder", FolderDataset, help="Your own images: normal=DIR[,abnormal=DIR,masks=DIR,name=CATEGORY]")
