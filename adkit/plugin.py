@@ -27,8 +27,10 @@ from adkit import PLUGIN_API, PLUGIN_API_SINCE, hookimpl
 _WHERE = {
     # component contracts (docs/architecture.md) and what passes between components
     **dict.fromkeys(("Detector", "Detection", "DetectorContext", "LabelledDefects", "Backbone", "Loss",
-                     "PostProcessor", "Scorer", "Sampler", "Ensemble", "EnergyNetwork", "ExportFormat", "ExportedRun",
-                     "Exportable", "Pipeline", "check_images", "check_map", "upsample", "exporting", "is_exporting"), "adkit.core.components"),
+                     "PostProcessor", "Scorer", "Sampler", "Ensemble", "EnergyNetwork", "check_images", "check_map",
+                     "upsample"), "adkit.core.components"),
+    **dict.fromkeys(("ExportFormat", "ExportedRun", "Exportable", "exporting", "is_exporting"), "adkit.core.exporting"),
+    "Pipeline": "adkit.core.pipeline",
     "AdkitError": "adkit.core.errors",
     # datasets: the contract (the built-in layouts live in the datasets plugin)
     **dict.fromkeys(("AnomalyDataset", "CategorySplits", "Sample", "split_validation"), "adkit.core.datasets"),

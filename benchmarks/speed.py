@@ -136,7 +136,7 @@ def export_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
     import tempfile
     from pathlib import Path
 
-    from adkit.core.components import Pipeline
+    from adkit.core.pipeline import Pipeline
     from adkit.deploy.export import Deployed, export, load_runner
 
     catalog = get_catalog()

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from adkit import hookimpl
-from adkit.core.components import ExportFormat
 from adkit.core.errors import AdkitError
+from adkit.core.exporting import ExportFormat
 from adkit.deploy.export import Deployed, load_runner, read_model, threshold_input
 from adkit.run.assembly import load_trained
 from adkit.run.config import RunConfig

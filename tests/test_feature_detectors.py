@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_backbones import TinyBackbonePlugin
 
-from adkit.core.components import Detection, Detector, DetectorContext, Pipeline
+from adkit.core.components import Detection, Detector, DetectorContext
 from adkit.core.errors import AdkitError
+from adkit.core.pipeline import Pipeline
 from adkit.run.engine import TrainSettings, load_checkpoint, predict, restore, train_detector
 from adkit_plugins.patchcore.coreset import greedy_coreset, greedy_coreset_reference, partitioned_greedy_coreset
 from adkit_plugins.patchcore.search import ivf_index, kmeans, knn, knn_ivf, knn_projected

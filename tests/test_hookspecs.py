@@ -6,9 +6,10 @@ import pytest
 from torch import nn
 
 from adkit import hookimpl
-from adkit.core.components import Backbone, Detector, Ensemble, ExportFormat, Loss, PostProcessor, Sampler, Scorer
+from adkit.core.components import Backbone, Detector, Ensemble, Loss, PostProcessor, Sampler, Scorer
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.errors import AdkitError
+from adkit.core.exporting import ExportFormat
 from adkit.core.plugins import Catalog
 
 

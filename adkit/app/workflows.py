@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 import torch
 
 from adkit.core import console, distributed, files, threads
-from adkit.core.components import exporting
 from adkit.core.datasets import Sample
 from adkit.core.errors import AdkitError
+from adkit.core.exporting import exporting
 from adkit.core.plugins import get_catalog
 from adkit.data.geometry import Geometry
 from adkit.data.io import is_image_file, list_images

@@ -5,16 +5,15 @@
   upsamples where pixel metrics need the input size);
 - image scores: float tensor (B,).
 
-The pipeline is detector -> post-processors (a chain, map -> map) -> scorer (map -> score). docs/architecture.md
-describes it for plugin authors.
+The pipeline (adkit.core.pipeline) is detector -> post-processors (a chain, map -> map) -> scorer (map -> score);
+what export declares and writes is adkit.core.exporting. docs/architecture.md describes it for plugin authors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from adkit.core.builder import ComponentBuilder
 from adkit.core.errors import AdkitError
-from adkit.core.tiling import Tiling
+from adkit.core.exporting import Exportable
 
 
 def check_images(images: Tensor, who: str = "detector") -> None:
@@ -37,61 +36,6 @@ def check_map(anomaly_map: Tensor, who: str) -> None:
     """Raise if ``anomaly_map`` is not an anomaly map (B, 1, H, W) of floats."""
     if anomaly_map.ndim != 4 or anomaly_map.shape[1] != 1 or not anomaly_map.is_floating_point():
         raise ValueError(f"{who} expects an anomaly map (B, 1, H, W) float, got {tuple(anomaly_map.shape)}")
-
-
-class Exportable:
-    """What a component declares about export: ``exportable = False`` for one whose forward cannot be traced
-    into a graph (data-dependent Python control flow, calls outside torch). Detectors, post-processors and scorers
-    deriving from adkit's base classes inherit True. A component with a faster eager-only path (an approximate
-    index) takes its traceable path while ``exporting()`` is true, for the trace and for the check against it."""
-
-    exportable: ClassVar[bool] = True
-
-    def export_note(self) -> str | None:
-        """What the exported graph computes differently from the eager module, for model.json; None: nothing."""
-        return None
-
-
-_exporting = [False]
-
-
-@contextlib.contextmanager
-def exporting() -> Iterator[None]:
-    """While ``adkit export`` traces a pipeline and checks the exported file against it."""
-    _exporting.append(True)
-    try:
-        yield
-    finally:
-        _exporting.pop()
-
-
-def is_exporting() -> bool:
-    return _exporting[-1]
-
-
-# an exported model run: images (B, 3, H, W) float32 and the threshold () float32 -> (maps, scores, decisions)
-ExportedRun = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-
-
-class ExportFormat(ABC):
-    """A file format ``adkit export`` writes a deployed pipeline to, and ``adkit predict --model`` and ``adkit
-    serve`` load back (registered by ``register_exporters``; ONNX and TorchScript are built-in plugins).
-
-    The module given to ``write`` takes two inputs, ``images`` (B, 3, H, W) float32 in [0, 1] with a dynamic
-    batch dimension and ``threshold`` () float32, and returns ``anomaly_map`` (B, 1, H, W), ``score`` (B,) and
-    ``decision`` (B,) bool. ``load`` returns a function with the same contract whose outputs are CPU tensors.
-    adkit checks every written file against the module at two batch sizes before the export folder appears."""
-
-    # the model file's name inside the export folder (model.json names it too)
-    file: ClassVar[str] = ""
-
-    @abstractmethod
-    def write(self, module: nn.Module, example: tuple[Tensor, Tensor], path: Path) -> None:
-        """Trace or save ``module`` (run on ``example``) to ``path``; raise on failure (adkit names the cause)."""
-
-    @abstractmethod
-    def load(self, path: Path, device: torch.device) -> ExportedRun:
-        """A function running the file at ``path`` on ``device``."""
 
 
 def upsample(maps: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -388,55 +332,3 @@ class Ensemble(ABC):
     @abstractmethod
     def combine(self, scores: list[Tensor]) -> Tensor:
         """Ensemble scores (N,) from one score tensor (N,) per detector, in the order given to ``fit``."""
-
-
-class Pipeline(nn.Module):
-    """detector -> post-processors -> scorer as one module: what evaluation, ``adkit predict`` and ``adkit export``
-    all run, so no two of them can score differently. The scorer reduces the post-processed map unless the
-    detector returned image scores of its own."""
-
-    def __init__(self, detector: Detector, postprocessors: list[nn.Module], scorer: nn.Module,
-                 tiling: Tiling | None = None):
-        super().__init__()
-        self.detector = detector
-        self.postprocessors = nn.ModuleList(postprocessors)
-        self.scorer = scorer
-        self.tiling = tiling
-        self._detect = detector.detect
-        # declared by the detector's class; with tiles a tile's own score is not an image's, so the scorer scores
-        # the stitched map
-        self.own_scores = detector.own_scores and tiling is None
-
-    def compile(self) -> None:
-        """Compile the detector's forward with torch.compile (on its first batches; a new shape recompiles)."""
-        self._detect = torch.compile(self.detector.detect)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Images (B, 3, H, W) in [0, 1] -> the detector's map upsampled to (B, 1, H, W), the post-processed map
-        (B, 1, H', W') and the image scores (B,), all float32. With a tiling the detector sees the tiles, their
-        maps are stitched, and the scorer scores the stitched map (a tile's own score is not an image's)."""
-        check_images(images)
-        inputs = images if self.tiling is None else self.tiling.split(images)
-        detection = self._detect(inputs)
-        name = type(self.detector).__name__
-        check_map(detection.anomaly_map, name)
-        raw = detection.anomaly_map.float()
-        raw = upsample(raw, inputs.shape[-2:])
-        if self.tiling is not None:
-            raw = self.tiling.stitch(raw)
-        processed = raw
-        for post in self.postprocessors:
-            processed = post(processed)
-        if self.detector.own_scores and detection.image_scores is None:
-            raise ValueError(f"{name} declares own_scores but returned no image scores")
-        scores = detection.image_scores if self.own_scores else self.scorer(processed)
-        if scores.ndim != 1 or scores.shape[0] != images.shape[0]:
-            who = name if self.own_scores else type(self.scorer).__name__
-            raise ValueError(f"{who} must return image scores (B,), got {tuple(scores.shape)}")
-        return raw, processed.float(), scores.float()
-
-    def not_exportable(self) -> list[str]:
-        """The components that declare they cannot be exported (``exportable = False``)."""
-        parts = [self.detector, *self.postprocessors, self.scorer]
-        return [type(part).__name__ for part in parts if isinstance(part, Exportable) and not part.exportable]
-

@@ -82,7 +82,7 @@ def register_datasets(register: Register) -> None:
 
 @hookspec
 def register_exporters(register: Register) -> None:
-    """Register export formats: factories returning an :class:`adkit.core.components.ExportFormat`, which writes
+    """Register export formats: factories returning an :class:`adkit.core.exporting.ExportFormat`, which writes
     a deployed pipeline (images and threshold in; map, score and decision out) to one file and loads it back.
     ``adkit export --format NAME`` writes it; ``adkit predict --model`` and ``adkit serve`` read it by the name
     model.json records. Built-ins: ``onnx`` and ``torchscript``.

@@ -298,10 +298,11 @@ def kind_type(kind: str) -> type:
     """The class every component of ``kind`` is an instance of (imported on first use: torch is heavy)."""
     from adkit.core import components
     from adkit.core.datasets import AnomalyDataset
+    from adkit.core.exporting import ExportFormat
 
     return {"detector": components.Detector, "backbone": components.Backbone, "loss": components.Loss,
             "sampler": components.Sampler, "postprocessor": components.PostProcessor, "scorer": components.Scorer,
-            "ensemble": components.Ensemble, "dataset": AnomalyDataset, "exporter": components.ExportFormat}[kind]
+            "ensemble": components.Ensemble, "dataset": AnomalyDataset, "exporter": ExportFormat}[kind]
 
 
 def _parse_extra(kind: str, name: str, key: str, value: Any, typ: type) -> Any:

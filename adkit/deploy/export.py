@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 import adkit
-from adkit.core.components import Exportable, ExportFormat, Pipeline, exporting, upsample
+from adkit.core.components import upsample
 from adkit.core.errors import AdkitError
+from adkit.core.exporting import Exportable, ExportFormat, exporting
 from adkit.core.files import atomic_dir, write_json
+from adkit.core.pipeline import Pipeline
 from adkit.core.plugins import get_catalog
 from adkit.data.geometry import Geometry
 from adkit.run.engine import autocast

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from adkit.core.components import Pipeline
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import PipelineSpec
+from adkit.core.pipeline import Pipeline
 from adkit.data.geometry import Geometry
 from adkit.deploy.export import MODEL_JSON, Deployed, Runner, eager_runner, load_runner, read_model
 from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained

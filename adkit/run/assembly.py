@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from adkit.core.components import Detector, DetectorContext, Pipeline
+from adkit.core.components import Detector, DetectorContext
 from adkit.core.grammar import ComponentSpec, PipelineSpec, split_spec
+from adkit.core.pipeline import Pipeline
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.tiling import Tiling
 from adkit.data.geometry import Geometry

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from adkit.core import distributed, threads
-from adkit.core.components import Detector, LabelledDefects, Pipeline
+from adkit.core.components import Detector, LabelledDefects
 from adkit.core.errors import AdkitError
 from adkit.core.files import atomic_path
+from adkit.core.pipeline import Pipeline
 
 CHECKPOINT_FORMAT = 1
 

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 from adkit.core import console, distributed, files
-from adkit.core.components import Detector, LabelledDefects, Pipeline, upsample
+from adkit.core.components import Detector, LabelledDefects, upsample
 from adkit.core.datasets import CategorySplits, Sample
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import PipelineSpec
+from adkit.core.pipeline import Pipeline
 from adkit.data.loading import LoadedSplit, load_split
 from adkit.run.assembly import build_detector, make_tiling
 from adkit.run.engine import TrainSettings, seed_everything, train_detector

@@ -1,4 +1,4 @@
-"""ONNX and TorchScript as export formats (adkit.core.components.ExportFormat)."""
+"""ONNX and TorchScript as export formats (adkit.plugin.ExportFormat)."""
 
 from __future__ import annotations
 

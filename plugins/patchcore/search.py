@@ -88,7 +88,7 @@ def knn_projected(queries: Tensor, bank: Tensor, projection: Tensor, bank_projec
 # Inverted file (IVF): the bank cut into cells by k-means; a query scans only the bank features of its ``probes``
 # nearest cells. Exact within the cells it scans, so recall@1 is the share of queries whose nearest bank feature
 # lies in one of them. Eager only: the cells' sizes decide the shapes, which a traced graph cannot follow (an
-# exported PatchCore searches exactly; adkit.core.components.exporting).
+# exported PatchCore searches exactly; adkit.plugin.exporting).
 
 KMEANS_ITERATIONS = 10
 
