@@ -5,6 +5,10 @@ sets (magnetic tiles, KolektorSDD, ELPV) and the synthetic textures, one ``adkit
     python benchmarks/suite.py --detector patchcore --detector padim --set kolektorsdd
     python benchmarks/suite.py --detector patchcore:recall=0 --label "patchcore, unchecked hnsw"
     python benchmarks/suite.py --flags "--image-size 256 --resize squash" --label-suffix ", squash 256"
+    python benchmarks/suite.py --detector "patchcore&padim&feature-ebm-image" --flags "--ensemble mean"
+
+A detector spec with ``&`` runs its parts as one ensemble (give ``--ensemble`` in ``--flags``); its row is the
+combined score's (fit seconds: the members' summed).
 
 Each run goes to OUT/<set>/<detector spec>/ (a run already there is read, not repeated: delete its folder to
 run it again). Detectors with presets run their ``quick`` preset, the CPU budget (``--preset quick``; the
@@ -61,8 +65,8 @@ def recall_at_fpr(scores_csv: Path, rate: float = 0.01) -> float | None:
 def run_one(adkit: str, set_name: str, spec: str, out: Path, shared: str, flags: list[str]) -> tuple[float, str]:
     """One ``adkit run``; returns its wall seconds and the tail of its output when it failed."""
     data = [arg.format(shared=shared) for arg in SETS[set_name]]
-    command = [adkit, "run", "--detector", spec, *data, "--preset", "quick", "--workers", "1", "--out", str(out),
-               *flags]
+    detectors = [arg for part in spec.split("&") for arg in ("--detector", part.strip())]
+    command = [adkit, "run", *detectors, *data, "--preset", "quick", "--workers", "1", "--out", str(out), *flags]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
@@ -72,11 +76,20 @@ def run_one(adkit: str, set_name: str, spec: str, out: Path, shared: str, flags:
 
 def row_of(out: Path, set_name: str, label: str) -> dict:
     """The suite's row for one run folder: the categories' metrics averaged (fit seconds summed)."""
-    results = json.loads((out / "summary.json").read_text())["results"]
+    if (out / "ensemble").is_dir():  # an ensemble run: the combined score's metrics, per category
+        folders = sorted(p for p in (out / "ensemble").iterdir() if (p / "metrics.json").is_file())
+        results = [json.loads((p / "metrics.json").read_text()) for p in folders]
+        fits = [json.loads(p.read_text()).get("train_s", 0.0) for p in out.glob("*/*/metrics.json")]
+        if results:
+            results[0]["train_s"] = sum(fits)  # the members' fits, summed once
+        base = out / "ensemble"
+    else:
+        results = json.loads((out / "summary.json").read_text())["results"]
+        base = out
     row = {"set": set_name, "detector": label, "categories": len(results)}
     for key in COLUMNS:
         if key == "recall_at_1pct":
-            values = [recall_at_fpr(out / r["category"] / "scores.csv") for r in results]
+            values = [recall_at_fpr(base / r["category"] / "scores.csv") for r in results]
         else:
             values = [r.get(key) for r in results]
         values = [v for v in values if v is not None]

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,7 +37,11 @@ def test_cli_ensemble_reports_each_detector_and_the_ensemble(invoke, tmp_path):
     assert code == 0, err
     rows = json.loads((out / "bench.json").read_text())
     assert [r["configuration"] for r in rows] == ["pixel-gauss-1", "pixel-gauss-2", "ensemble rank"]
-    assert (out / "ensemble" / "tile" / "metrics.json").is_file()
+    metrics = json.loads((out / "ensemble" / "tile" / "metrics.json").read_text())
+    scored = list(csv.DictReader((out / "ensemble" / "tile" / "scores.csv").open()))  # the combined score, per image
+    assert len(scored) == metrics["n_test"] and sum(int(r["label"]) for r in scored) == metrics["n_anomalous"]
+    above = [np.float32(r["score"]) > np.float32(metrics["threshold"]) for r in scored]  # decide()'s float32 rule
+    assert [int(r["prediction"]) for r in scored] == [int(a) for a in above]
     code, _, err = invoke("run", "--detector", "pixel-gauss", "--ensemble", "mean")
     assert code != 0 and "at least twice" in err
     code, _, err = invoke("run", "--detector", "pixel-gauss", "--detector", "pixel-gauss", "--ensemble",
