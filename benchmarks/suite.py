@@ -154,7 +154,7 @@ def main() -> None:
         for spec in args.detector or BUILT_IN:
             folder = out / set_name / (spec.replace(":", "@").replace(",", "+") + (f"__{slug}" if slug else ""))
             label = spec + args.label_suffix
-            if not (folder / "summary.json").is_file():
+            if not any((folder / name).is_file() for name in ("summary.json", "bench.json")):  # run, or ensemble
                 if args.table_only:
                     continue
                 folder.parent.mkdir(parents=True, exist_ok=True)
