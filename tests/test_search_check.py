@@ -109,7 +109,7 @@ def test_recall_counts_a_neighbour_as_near_as_the_exact_one_as_found():
 
 
 def test_the_recall_bound_needs_enough_queries():
-    from adkit_plugins.patchcore.detector import lower_bound
+    from adkit_plugins.patchcore.check import lower_bound
 
     assert lower_bound(1.0, 1024) < 0.999  # 1,024 patches, none missed: not yet proof of 0.999
     assert lower_bound(1.0, 3000) >= 0.999  # 1 - 0.05 ** (1 / n) >= 0.999 from n = 2,995

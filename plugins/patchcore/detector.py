@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adkit.plugin import (
-    CONFIDENCE,
     AdkitError,
     Backbone,
     Detection,
@@ -27,15 +26,15 @@ from adkit.plugin import (
     DetectorContext,
     build_backbone,
     check_layers,
-    clopper_pearson_upper,
     derived_seed,
     gather_sharded,
     is_exporting,
     locally_aware_patches,
 )
+from adkit_plugins.patchcore import check
+from adkit_plugins.patchcore.check import CHECK_QUERIES, EFFORT, EFFORT_DOUBLINGS
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.search import (
-    found,
     hnsw_build,
     hnsw_load,
     ivf_index,
@@ -51,12 +50,6 @@ from adkit_plugins.patchcore.search import (
 # of such a bank costs a few milliseconds an image
 IVF_MIN_CELL = 64
 INDEX_MIN_BANK = 4096
-# the search check: at most this many held-out patches (whole images, in order) and bank features as queries
-CHECK_QUERIES = 65536
-# the search effort is doubled at most this many times before the check falls back to exact search
-EFFORT_DOUBLINGS = 4
-# what each approximate search's effort is called (its parameter)
-EFFORT = {"hnsw": "ef", "ivf": "probes", "projected": "candidates"}
 
 
 def memory_limit_bytes() -> int:
@@ -65,16 +58,6 @@ def memory_limit_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError):
         return 8 << 30
-
-
-def lower_bound(recall: float, n: int) -> float:
-    """The one-sided lower CONFIDENCE bound of a recall measured on ``n`` queries (Clopper-Pearson)."""
-    return 1 - clopper_pearson_upper(round((1 - recall) * n), int(n), CONFIDENCE) if n else 0.0
-
-
-def recall_bound(hits: Tensor) -> float:
-    """``lower_bound`` of the share of true values in ``hits`` (M,) bool."""
-    return lower_bound(float(hits.double().mean()), hits.numel()) if hits.numel() else 0.0
 
 
 class PatchCore(Detector):
@@ -233,28 +216,14 @@ class PatchCore(Detector):
         """The search check. An approximate search's recall@1 against exact search is measured on the patches of
         held-out normal images (which test images resemble) and on the bank itself; while the held-out recall's
         lower 95 % confidence bound, or the bank's recall (its bound when the bank is sampled), is below ``recall``
-        the effort doubles (EFFORT_DOUBLINGS times at most), and when that is not enough the search becomes exact. Every effort tried stays in ``search_trail``
-        (checkpoint, model card, report)."""
+        the effort doubles (EFFORT_DOUBLINGS times at most), and when that is not enough the search becomes exact
+        (check.py). Every effort tried stays in ``search_trail`` (checkpoint, model card, report)."""
         if not self.effort:  # exact search: asked for, or a bank too small for an index
             return
         held_out = self._held_out_patches(batches)
         bank = self.memory_bank
-        step = max(1, -(-bank.shape[0] // CHECK_QUERIES))
-        own = torch.arange(0, bank.shape[0], step, device=bank.device)  # each bank feature is its own nearest
-        nearest_held = knn(held_out, bank, 1)[1]
-        trail, effort, ceiling = [], self.effort, self._effort_ceiling()
-        for _ in range(EFFORT_DOUBLINGS + 1):
-            held = found(held_out, bank, self._search(held_out, 1, effort)[1], nearest_held)
-            itself = found(bank[own], bank, self._search(bank[own], 1, effort)[1], own)
-            trail.append((effort, float(held.double().mean()), float(itself.double().mean()), held.numel(),
-                          itself.numel()))
-            # held-out patches sample what test images will ask; the bank is searched whole up to CHECK_QUERIES
-            # features (its recall is then exact), else as a sample too
-            on_bank = float(itself.double().mean()) if step == 1 else recall_bound(itself)
-            passed = self._exact_at(effort) or (recall_bound(held) >= self.recall and on_bank >= self.recall)
-            if passed or effort >= ceiling:
-                break
-            effort = min(2 * effort, ceiling)
+        trail, effort, passed = check.measure(lambda queries, e: self._search(queries, 1, e)[1], held_out, bank,
+                                              self.effort, self._effort_ceiling(), self.recall, self._exact_at)
         self.search_trail = torch.tensor(trail, dtype=torch.float64, device=bank.device)
         if passed:
             self._set_effort(effort)
@@ -296,35 +265,8 @@ class PatchCore(Detector):
         """The search: what was asked, what runs, and the recall@1 the check measured at each effort it tried
         (with its lower 95 % confidence bound, which the check holds to ``recall``)."""
         name = EFFORT.get(self.search)
-        asked = self.search if name is None else f"{self.search} {name}={getattr(self, name)}"
-        trail = [{name: int(effort), "recall_held_out": round(held, 6), "recall_bank": round(own, 6),
-                  "held_out_patches": int(n_held), "bank_queries": int(n_own),
-                  "recall_held_out_lower95": round(lower_bound(held, n_held), 6),
-                  # a bank searched whole has its recall measured, not estimated
-                  "recall_bank_lower95": round(own if n_own >= self.memory_bank.shape[0] else lower_bound(own, n_own),
-                                               6)}
-                 for effort, held, own, n_held, n_own in self.search_trail.tolist()] if name else []
-        used = "exact" if not self.effort else f"{self.search} {name}={self.effort}"
-        record: dict[str, Any] = {"asked": asked, "used": used, "target_recall": self.recall, "trail": trail}
-        if self.search == "exact":
-            record["summary"] = "exact search"
-        elif not trail and not self.effort:
-            record["summary"] = (f"exact search: a bank of {self.memory_bank.shape[0]:,} features is below "
-                                 f"{INDEX_MIN_BANK:,}, where {asked} builds no index")
-        elif not trail:
-            record["summary"] = f"{used}, recall not measured (fitted before adkit 0.4: fit again to check it)"
-        else:
-            last = trail[-1]
-            measured = (f"recall@1 {last['recall_held_out']:.4f} (>= {last['recall_held_out_lower95']:.4f} at 95 %) "
-                        f"on {last['held_out_patches']:,} held-out patches, {last['recall_bank']:.4f} on the bank")
-            if not self.effort:
-                record["summary"] = (f"exact search: {self.search} up to {name}={last[name]} reached only {measured} "
-                                     f"(target {self.recall})")
-            elif len(trail) > 1:
-                record["summary"] = f"{used} (raised from {asked}): {measured}"
-            else:
-                record["summary"] = f"{used}: {measured}"
-            record["recall_held_out"], record["recall_bank"] = last["recall_held_out"], last["recall_bank"]
+        record = check.describe(self.search, name and getattr(self, name), self.effort, self.search_trail.tolist(),
+                                self.memory_bank.shape[0], self.recall, INDEX_MIN_BANK)
         if self.effort and self.search in ("hnsw", "ivf") and is_exporting():  # the graph and cells are eager-only
             record["used"] = "exact"
             record["summary"] = f"exact search in the exported graph (the checkpoint's: {record['summary']})"

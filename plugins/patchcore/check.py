@@ -1,0 +1,94 @@
+"""PatchCore's search check: an approximate search's recall@1 against exact search, measured on held-out normal
+patches and on the bank, its effort raised until both reach the target or exact search instead; and the record of
+what was measured (the log, metrics.json, report.html, model.json and /v1/models show it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adkit.plugin import CONFIDENCE, clopper_pearson_upper
+from adkit_plugins.patchcore.search import found, knn
+
+# at most this many held-out patches (whole images, in order) and bank features as queries
+CHECK_QUERIES = 65536
+# the search effort is doubled at most this many times before the check falls back to exact search
+EFFORT_DOUBLINGS = 4
+# what each approximate search's effort is called (its parameter)
+EFFORT = {"hnsw": "ef", "ivf": "probes", "projected": "candidates"}
+
+
+def lower_bound(recall: float, n: int) -> float:
+    """The one-sided lower CONFIDENCE bound of a recall measured on ``n`` queries (Clopper-Pearson)."""
+    return 1 - clopper_pearson_upper(round((1 - recall) * n), int(n), CONFIDENCE) if n else 0.0
+
+
+def recall_bound(hits: Tensor) -> float:
+    """``lower_bound`` of the share of true values in ``hits`` (M,) bool."""
+    return lower_bound(float(hits.double().mean()), hits.numel()) if hits.numel() else 0.0
+
+
+def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, bank: Tensor, effort: int, ceiling: int,
+            target: float, exact_at: Callable[[int], bool]) -> tuple[list[tuple[float, ...]], int, bool]:
+    """Search ``held_out`` patches and the bank's own features with ``search(queries, effort)`` (the index of each
+    query's nearest bank feature) from ``effort`` up, doubling it to ``ceiling``, until the held-out recall's lower
+    95 % bound and the bank's recall (its bound when the bank is sampled) reach ``target``. Returns the trail (one
+    row per effort: effort, held-out recall, bank recall, held-out queries, bank queries), the last effort and
+    whether it passed."""
+    step = max(1, -(-bank.shape[0] // CHECK_QUERIES))
+    own = torch.arange(0, bank.shape[0], step, device=bank.device)  # each bank feature is its own nearest
+    nearest_held = knn(held_out, bank, 1)[1]
+    trail: list[tuple[float, ...]] = []
+    passed = False
+    for _ in range(EFFORT_DOUBLINGS + 1):
+        held = found(held_out, bank, search(held_out, effort), nearest_held)
+        itself = found(bank[own], bank, search(bank[own], effort), own)
+        trail.append((effort, float(held.double().mean()), float(itself.double().mean()), held.numel(),
+                      itself.numel()))
+        # held-out patches sample what test images will ask; the bank is searched whole up to CHECK_QUERIES
+        # features (its recall is then exact), else as a sample too
+        on_bank = float(itself.double().mean()) if step == 1 else recall_bound(itself)
+        passed = exact_at(effort) or (recall_bound(held) >= target and on_bank >= target)
+        if passed or effort >= ceiling:
+            break
+        effort = min(2 * effort, ceiling)
+    return trail, effort, passed
+
+
+def describe(search: str, asked_effort: int | None, effort: int, rows: list[list[float]], bank: int, target: float,
+             index_min_bank: int) -> dict[str, Any]:
+    """The check's record: ``search`` asked at ``asked_effort``, running at ``effort`` (0: exact), the trail's
+    ``rows`` (measure's), for a bank of ``bank`` features."""
+    name = EFFORT.get(search)
+    asked = search if name is None else f"{search} {name}={asked_effort}"
+    trail = [{name: int(tried), "recall_held_out": round(held, 6), "recall_bank": round(own, 6),
+              "held_out_patches": int(n_held), "bank_queries": int(n_own),
+              "recall_held_out_lower95": round(lower_bound(held, n_held), 6),
+              # a bank searched whole has its recall measured, not estimated
+              "recall_bank_lower95": round(own if n_own >= bank else lower_bound(own, n_own), 6)}
+             for tried, held, own, n_held, n_own in rows] if name else []
+    used = "exact" if not effort else f"{search} {name}={effort}"
+    record: dict[str, Any] = {"asked": asked, "used": used, "target_recall": target, "trail": trail}
+    if search == "exact":
+        record["summary"] = "exact search"
+    elif not trail and not effort:
+        record["summary"] = (f"exact search: a bank of {bank:,} features is below {index_min_bank:,}, where {asked} "
+                             "builds no index")
+    elif not trail:
+        record["summary"] = f"{used}, recall not measured (fitted before adkit 0.4: fit again to check it)"
+    else:
+        last = trail[-1]
+        measured = (f"recall@1 {last['recall_held_out']:.4f} (>= {last['recall_held_out_lower95']:.4f} at 95 %) "
+                    f"on {last['held_out_patches']:,} held-out patches, {last['recall_bank']:.4f} on the bank")
+        if not effort:
+            record["summary"] = (f"exact search: {search} up to {name}={last[name]} reached only {measured} "
+                                 f"(target {target})")
+        elif len(trail) > 1:
+            record["summary"] = f"{used} (raised from {asked}): {measured}"
+        else:
+            record["summary"] = f"{used}: {measured}"
+        record["recall_held_out"], record["recall_bank"] = last["recall_held_out"], last["recall_bank"]
+    return record
