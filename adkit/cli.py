@@ -269,12 +269,12 @@ def synth(out: str, category: tuple[str, ...], seed: int, size: int, n_train: in
                                                                     "to this PNG (the top 1280 x 1800 px).")
 def report(folder: str, screenshot: str | None) -> None:
     """Rebuild report.html in a run, test, bench or predict folder from the files there."""
-    from adkit.outputs import pages
+    from adkit.outputs import pages, screenshots
 
     page = pages.build(Path(folder))
     click.echo(f"wrote {page}")
     if screenshot:
-        seconds = pages.screenshot(page, Path(screenshot))
+        seconds = screenshots.screenshot(page, Path(screenshot))
         click.echo(f"rendered it to {screenshot} in {seconds:.1f} s")
 
 

@@ -157,7 +157,7 @@ def test_a_false_alarm_reported_comes_back_as_a_model_that_passes_the_part(serve
 
 
 def test_the_page_reports_a_false_alarm_in_chromium(served, tmp_path):
-    from adkit.outputs.pages import find_browser
+    from adkit.outputs.screenshots import find_browser
 
     executable = find_browser()
     if executable is None:

@@ -111,7 +111,7 @@ def test_bench_and_predict_pages(invoke, tmp_path):
 def test_the_page_renders_in_chromium(invoke, tmp_path):
     from PIL import Image
 
-    from adkit.outputs.pages import find_browser
+    from adkit.outputs.screenshots import find_browser
 
     if find_browser() is None:
         pytest.skip("Chromium is not installed (Debian: apt install chromium); .ci/run installs it when it can")

@@ -312,7 +312,7 @@ def test_serve_shortens_openmp_spinning_before_torch_loads(tmp_path):
 def test_the_page_scores_an_uploaded_image_in_chromium(models, tmp_path):
     from browser import Browser
 
-    from adkit.outputs.pages import find_browser
+    from adkit.outputs.screenshots import find_browser
     from adkit.serve.settings import Settings
 
     executable = find_browser()

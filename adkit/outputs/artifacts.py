@@ -44,7 +44,7 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
     sampled = set(overlay_sample(test.samples))
     for i, sample in enumerate(test.samples):
         panel = report.overlay_panel(test.images[i], maps[i], pixel_threshold, vmax, test.masks[i])
-        pages.write_thumbnail(panel, folder / pages.THUMBS / f"{i:05d}.jpg")  # the report's gallery, every image
+        report.write_thumbnail(panel, folder / pages.THUMBS / f"{i:05d}.jpg")  # the report's gallery, every image
         if i in sampled:
             report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
 
@@ -101,7 +101,7 @@ def write_predictions(out: Path, loaded: LoadedSplit, maps: torch.Tensor, scores
         own_size = geometry.to_original(maps[i], placement)
         image = loaded.images[i] if placement.original == geometry.size else load_image(path)
         panel = report.overlay_panel(image, own_size, pixel_threshold, vmax)
-        pages.write_thumbnail(panel, out / pages.THUMBS / f"{i:05d}.jpg")
+        report.write_thumbnail(panel, out / pages.THUMBS / f"{i:05d}.jpg")
         if i < OVERLAY_SAMPLES * 4:
             report.save_png_atomic(panel, out / "overlays" / f"{path.stem}.png")
         if save_maps:

@@ -141,9 +141,9 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
     band = tuple((validation or {}).get("fit", {}).get(k) for k in ("band_low", "band_high"))
     figures = [f"{rel}/{name}" for name in ("roc.png", "pro.png") if (folder / name).is_file()]
     if rows and threshold is not None:
-        _score_histogram(rows, float(threshold), band, folder / "scores.png", result["category"])
+        report.score_histogram(rows, float(threshold), band, folder / "scores.png", result["category"])
         figures.append(f"{rel}/scores.png")
-    if (folder / "history.csv").is_file() and _history_plot(folder / "history.csv", folder / "history.png",
+    if (folder / "history.csv").is_file() and report.history_plot(folder / "history.csv", folder / "history.png",
                                                              result["category"]):
         figures.append(f"{rel}/history.png")
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
@@ -255,42 +255,6 @@ def _gallery(folder: Path, rel: str, rows: list[dict[str, str]], threshold: floa
     return head + "<div class='gallery'>" + "".join(cards) + "</div>"
 
 
-def _score_histogram(rows: list[dict[str, str]], threshold: float, band: tuple[float | None, ...], path: Path,
-                     category: str) -> None:
-    """Scores of normal and defective test images, the threshold and (fpr policies) its 95 % band."""
-    figure, axes = report.new_figure(420, 320)
-    scores = np.array([float(r["score"]) for r in rows])
-    labels = np.array([r.get("label", "") for r in rows])
-    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 4)))
-    for value, name, colour in (("0", "normal", "tab:blue"), ("1", "defective", "tab:red")):
-        if (labels == value).any():
-            axes.hist(scores[labels == value], bins=bins, alpha=0.6, label=name, color=colour)
-    axes.axvline(threshold, color="black", linestyle="--", label="threshold")
-    if band and band[0] is not None:
-        high = band[1] if band[1] is not None else max(float(scores.max()), threshold)
-        axes.axvspan(band[0], high, color="grey", alpha=0.2,
-                     label="95 % band" + ("" if band[1] is not None else " (open above)"))
-    axes.set(title=f"test scores, {category}", xlabel="image score", ylabel="images")
-    axes.legend(fontsize=8)
-    report.save_figure_atomic(figure, path)
-
-
-def _history_plot(source: Path, path: Path, category: str) -> bool:
-    """Every logged training value against the step (False when the log is empty)."""
-    rows = _read_scores(source)
-    if not rows:
-        return False
-    figure, axes = report.new_figure(420, 320)
-    steps = [float(r["step"]) for r in rows]
-    for key in rows[0]:
-        if key != "step":
-            axes.plot(steps, [float(r[key]) if r[key] else np.nan for r in rows], label=key)
-    axes.set(title=f"training, {category}", xlabel="step")
-    axes.legend(fontsize=8)
-    report.save_figure_atomic(figure, path)
-    return True
-
-
 def _bench_page(folder: Path) -> str:
     rows = json.loads((folder / "bench.json").read_text())
     configurations = list(dict.fromkeys(r["configuration"] for r in rows))
@@ -383,40 +347,3 @@ def _predict_page(folder: Path) -> str:
                                                          if decided else "No threshold: no decisions. ")
             + "Highest score first.</p>")
     return head + _gallery(folder, "", rows, None)
-
-
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
-
-
-def find_browser() -> str | None:
-    """A headless-capable Chromium on the PATH, or None."""
-    import shutil
-
-    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
-
-
-def screenshot(page: Path, png: Path, width: int = 1280, height: int = 1800) -> float:
-    """Render ``page`` in headless Chromium and save the top ``width`` x ``height`` px to ``png``; returns the
-    seconds it took (browser start included)."""
-    import subprocess
-    import time
-
-    browser = find_browser()
-    if browser is None:
-        raise AdkitError("--screenshot needs Chromium on the PATH (Debian: apt install chromium)")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
-                             f"--window-size={width},{height}", f"--screenshot={png.resolve()}",
-                             page.resolve().as_uri()], capture_output=True, text=True, timeout=300, check=False)
-    if result.returncode != 0 or not png.is_file():
-        raise AdkitError(f"{browser} could not render {page}: {result.stderr.strip().splitlines()[-1:]}")
-    return time.perf_counter() - started
-
-
-def write_thumbnail(panel: Any, path: Path, height: int = 96) -> None:
-    """A small JPEG of an overlay panel for the report's gallery."""
-    width = max(1, round(panel.width * height / panel.height))
-    with files.atomic_path(path, suffix=".jpg") as tmp:
-        panel.convert("RGB").resize((width, height)).save(tmp, format="JPEG", quality=85)
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,47 @@ def curve_plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, x_l
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     return Image.open(io.BytesIO(figure_png(figure))).convert("RGB")
+
+
+def score_histogram(rows: list[dict[str, str]], threshold: float, band: tuple[float | None, ...], path: Path,
+                     category: str) -> None:
+    """Scores of normal and defective test images, the threshold and (fpr policies) its 95 % band."""
+    figure, axes = new_figure(420, 320)
+    scores = np.array([float(r["score"]) for r in rows])
+    labels = np.array([r.get("label", "") for r in rows])
+    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 4)))
+    for value, name, colour in (("0", "normal", "tab:blue"), ("1", "defective", "tab:red")):
+        if (labels == value).any():
+            axes.hist(scores[labels == value], bins=bins, alpha=0.6, label=name, color=colour)
+    axes.axvline(threshold, color="black", linestyle="--", label="threshold")
+    if band and band[0] is not None:
+        high = band[1] if band[1] is not None else max(float(scores.max()), threshold)
+        axes.axvspan(band[0], high, color="grey", alpha=0.2,
+                     label="95 % band" + ("" if band[1] is not None else " (open above)"))
+    axes.set(title=f"test scores, {category}", xlabel="image score", ylabel="images")
+    axes.legend(fontsize=8)
+    save_figure_atomic(figure, path)
+
+
+def history_plot(source: Path, path: Path, category: str) -> bool:
+    """Every logged training value against the step (False when the log is empty)."""
+    with source.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return False
+    figure, axes = new_figure(420, 320)
+    steps = [float(r["step"]) for r in rows]
+    for key in rows[0]:
+        if key != "step":
+            axes.plot(steps, [float(r[key]) if r[key] else np.nan for r in rows], label=key)
+    axes.set(title=f"training, {category}", xlabel="step")
+    axes.legend(fontsize=8)
+    save_figure_atomic(figure, path)
+    return True
+
+
+def write_thumbnail(panel: Any, path: Path, height: int = 96) -> None:
+    """A small JPEG of an overlay panel for the report's gallery."""
+    width = max(1, round(panel.width * height / panel.height))
+    with atomic_path(path, suffix=".jpg") as tmp:
+        panel.convert("RGB").resize((width, height)).save(tmp, format="JPEG", quality=85)
