@@ -55,7 +55,7 @@ def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--anomaly-source", type=click.Path(), help="Texture folder (DTD layout) for anomaly synthesis."),
         click.option("--skip-bad", is_flag=True, default=None, help="Skip unreadable images (counted in the report)."),
         click.option("--compile", is_flag=True, default=None, help="torch.compile the training step and the detector's map (first steps are slower)."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="bf16 autocast (auto: on GPUs only; bf16 also suits CPUs with bf16 instructions)."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="bf16 autocast (auto: on GPUs; on a CPU with bf16 instructions, for the backbone of PatchCore and PaDiM where a check on the validation images allows it)."),
         click.option("--threshold", help="Decision threshold policy: fpr:RATE (default fpr:0.01, fitted on normal "
                                           "validation images), f1 (needs defective validation images) or value:X."),
         click.option("--pixel-map", type=click.Choice(["raw", "post"]), help="Pixel metrics on the raw or post-processed map."),

@@ -14,6 +14,9 @@ def _cache(tmp_path_factory):
     # categories one after the other: a test's monkeypatches do not reach worker processes (tests/test_workers.py
     # runs categories side by side on purpose)
     mp.setenv("ADKIT_WORKERS", "1")
+    # float32 backbones whatever the CPU: figures compared across machines must not depend on its bf16 instructions
+    # (tests/test_precision.py turns the check on where it tests it)
+    mp.setenv("ADKIT_CPU_BF16", "0")
     mp.delenv("ADKIT_LOAD_PLUGINS", raising=False)
     mp.delenv("ADKIT_DISABLE_PLUGINS", raising=False)
     yield

@@ -90,7 +90,8 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
     normal = validation.images[validation.labels == 0]
     batch = config.batch_size or 8
     update_detector(pipeline.detector, new.images if tiles is None else tiles.split(new.images), batch, device,
-                    held_out=None if not len(normal) else (normal if tiles is None else tiles.split(normal)))
+                    held_out=None if not len(normal) else (normal if tiles is None else tiles.split(normal)),
+                    precision=config.precision)
     scores = run_pipeline(pipeline, validation.images, max(batch, 8), device, precision=config.precision).scores
     policy = parse_policy(config.threshold or (record or {}).get("policy") or DEFAULT_POLICY)
     fit = decisions.fit_threshold(policy, scores, validation.labels, meta["category"])
@@ -118,7 +119,7 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
     console.say(f"added {len(new.samples)} images ({len(held)} held out, {len(new.skipped)} unreadable skipped) to "
                 f"{checkpoint}; threshold {before} -> {fit.threshold:.6g} ({fit.policy}, on {fit.n_normal} normal "
                 f"validation images)")
-    for label, approximation in pipeline.detector.approximations().items():
+    for label, approximation in pipeline.detector.all_approximations().items():
         console.say(f"{label}: {approximation['summary']}")
     if caught is not None:
         console.say(f"of {caught['reported']} parts the line reported defective, the new version flags "

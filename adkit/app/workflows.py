@@ -363,7 +363,7 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> P
     decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
     out = out or checkpoint.parent / f"export-{fmt}"
     with exporting():  # what the exported graph computes, which may differ from the eager path
-        approximations = pipeline.detector.approximations()
+        approximations = pipeline.detector.all_approximations()
     info = {**spec.record(), "backbone": meta.get("backbone"),
             "category": meta["category"], "checkpoint": str(checkpoint),
             "threshold_fitted_on": record["fitted_on"], "approximations": approximations,

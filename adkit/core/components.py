@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from adkit.core.builder import ComponentBuilder
 from adkit.core.errors import AdkitError
-from adkit.core.exporting import Exportable
+from adkit.core.exporting import Exportable, is_exporting
 
 
 def check_images(images: Tensor, who: str = "detector") -> None:
@@ -97,6 +97,17 @@ class Backbone(nn.Module, ABC):
     def __init__(self) -> None:
         super().__init__()
         self._digest: str | None = None
+        # "bf16": the forward pass runs under bf16 autocast and returns float32 features (chosen per fitted model
+        # by a check against float32, adkit.run.precision); never while exporting
+        self.precision = "fp32"
+        self.precision_check: dict[str, Any] | None = None  # what that check measured
+
+    def __call__(self, images: Tensor, stages: Sequence[int]) -> list[Tensor]:
+        if self.precision != "bf16" or is_exporting():
+            return super().__call__(images, stages)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
+            features = super().__call__(images, stages)
+        return [f.float() for f in features]
 
     def freeze(self) -> None:
         """Turn off gradients of every parameter and switch to eval mode; call at the end of ``__init__``."""
@@ -233,16 +244,30 @@ class Detector(nn.Module, Exportable, ABC):
         return {name: module for name, module in self.named_modules()
                 if isinstance(module, Backbone) and not any(p.requires_grad for p in module.parameters())}
 
-    def backbone_identities(self) -> dict[str, dict[str, str]]:
-        """Per backbone: the spec it was built from and the digest of its weights (stored in checkpoints)."""
-        return {name: {"spec": b.spec, "sha256": b.digest()} for name, b in self.backbones().items()}
+    def backbone_identities(self) -> dict[str, dict[str, Any]]:
+        """Per backbone: the spec it was built from and the digest of its weights, and the precision its forward
+        pass runs at with what the check measured (stored in checkpoints)."""
+        return {name: {"spec": b.spec, "sha256": b.digest(), "precision": b.precision,
+                       **({"precision_check": b.precision_check} if b.precision_check else {})}
+                for name, b in self.backbones().items()}
+
+    def all_approximations(self) -> dict[str, Any]:
+        """``approximations`` and, where a check chose it, the backbones' precision (``precision``)."""
+        checks = [b.precision_check for b in self.backbones().values() if b.precision_check]
+        if not checks:
+            return self.approximations()
+        check = checks[0]
+        if is_exporting() and check.get("used") == "bf16":  # an exported graph is traced in float32
+            check = {**check, "used": "fp32", "summary": f"float32 in the exported graph, with the threshold fitted "
+                                                         f"on the checkpoint's bf16 scores ({check['summary']})"}
+        return {**self.approximations(), "precision": check}
 
     def checkpoint_state(self) -> dict[str, Tensor]:
         """The state dict without the frozen backbones' tensors, on the CPU."""
         frozen = tuple(name + "." for name in self.backbones())
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
-    def load_checkpoint_state(self, state: dict[str, Tensor], identities: dict[str, dict[str, str]],
+    def load_checkpoint_state(self, state: dict[str, Tensor], identities: dict[str, dict[str, Any]],
                               where: str = "checkpoint") -> None:
         """Load ``checkpoint_state`` output after checking that this detector's backbones are the ones it was
         fitted with (same weights digest); anything else missing or unexpected is an error."""
@@ -254,6 +279,9 @@ class Detector(nn.Module, Exportable, ABC):
                 raise AdkitError(f"{where} was fitted with backbone {saved['spec']} (sha256 {saved['sha256'][:12]}), "
                                  f"but this run builds {now}: use the same weights (--backbone); a checkpoint "
                                  "fitted before adkit fed EfficientNet-Lite its own input scale must be fitted again")
+        for name, backbone in self.backbones().items():  # the precision its check chose (float32 before adkit 0.4)
+            backbone.precision = identities.get(name, {}).get("precision", "fp32")
+            backbone.precision_check = identities.get(name, {}).get("precision_check")
         frozen = tuple(name + "." for name in mine)
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(frozen)]

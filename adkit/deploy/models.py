@@ -67,7 +67,7 @@ def open_checkpoint(checkpoint: Path, config: RunConfig, device: torch.device) -
     spec = checkpoint_pipeline(config, meta)
     pipeline, _ = load_trained(config, checkpoint, device, payload, spec)
     card = {"format": "checkpoint", "detector": meta["detector"], "category": meta["category"],
-            "approximations": pipeline.detector.approximations(), "lineage": meta.get("lineage", [])}
+            "approximations": pipeline.detector.all_approximations(), "lineage": meta.get("lineage", [])}
     return OpenedModel(eager_runner(Deployed(pipeline), device, config.precision), checkpoint_geometry(meta),
                        threshold_record(checkpoint.parent, spec), checkpoint.parent / THRESHOLD_FILE, card, checkpoint,
                        hashlib.sha256(checkpoint.read_bytes()).hexdigest(), pipeline, spec, meta)

@@ -28,6 +28,7 @@ from adkit.core.components import Detector, LabelledDefects
 from adkit.core.errors import AdkitError
 from adkit.core.files import atomic_path
 from adkit.core.pipeline import Pipeline
+from adkit.run.precision import choose_backbone_precision, precision_here
 
 CHECKPOINT_FORMAT = 1
 
@@ -58,9 +59,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU in float32:
-    bf16 is slow on CPUs without bf16 instructions, and 2x faster on those with them (AVX512-BF16, AMX), where
-    ``bf16`` is worth asking for (docs/benchmarks.md)."""
+    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU's pipeline
+    in float32: bf16 is slow on CPUs without bf16 instructions; on those with them (AVX512-BF16, AMX) a fitted
+    detector's backbone alone runs bf16 where a check allows it (adkit.run.precision)."""
     if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -142,6 +143,7 @@ def restore(detector: Detector, payload: dict[str, Any], where: Path | str) -> N
     """Load a checkpoint's trained or fitted state into ``detector`` (built and set up for the same run); its
     backbones must have the weights the checkpoint was made with."""
     detector.load_checkpoint_state(payload["model"], payload.get("backbones", {}), where=f"checkpoint {where}")
+    precision_here(detector)
 
 
 def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> dict[str, float]:
@@ -173,7 +175,10 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         mine = images[distributed.shard(images.shape[0])] if detector.fit_shards else images
         with torch.inference_mode(), autocast(device, settings.precision):
             detector.fit(_batches(mine, settings.batch_size, device))
-            detector.calibrate(_batches(images if held_out is None else held_out, settings.batch_size, device))
+            checked = images if held_out is None else held_out
+            detector.calibrate(_batches(checked, settings.batch_size, device))
+            choose_backbone_precision(detector, lambda: _batches(checked, settings.batch_size, device),
+                                      settings.precision, device)
         if distributed.is_main():
             save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
         distributed.barrier()
@@ -243,14 +248,16 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
 
 
 def update_detector(detector: Detector, images: Tensor, batch_size: int, device: torch.device,
-                    held_out: Tensor | None = None) -> None:
+                    held_out: Tensor | None = None, precision: str = "auto") -> None:
     """Add normal ``images`` (N, 3, H, W) to a fitted detector that declares ``updatable`` (``Detector.update``),
     then check its approximations again on ``held_out`` normal images (``Detector.calibrate``; the added images
     when None), as ``train_detector`` does after a fit."""
     detector.to(device).eval()
     with torch.inference_mode():
         detector.update(_batches(images, batch_size, device))
-        detector.calibrate(_batches(images if held_out is None else held_out, batch_size, device))
+        checked = images if held_out is None else held_out
+        detector.calibrate(_batches(checked, batch_size, device))
+        choose_backbone_precision(detector, lambda: _batches(checked, batch_size, device), precision, device)
 
 
 RESIDENT_BYTES = 4 << 30

@@ -117,9 +117,9 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
                                 resume=resume, on_step=on_step, held_out=held_out, defects=defects)
         progress.update(task, completed=steps)
     log.info("%s: trained %d steps in %.1f s", category, result.steps, result.seconds)
-    for name, record in detector.approximations().items():
+    for name, record in detector.all_approximations().items():
         log.info("%s: %s: %s", category, name, record["summary"])
-        if distributed.is_main() and record.get("trail"):  # a check ran: say what it chose
+        if distributed.is_main() and (record.get("trail") or "noise" in record):  # a check ran: say what it chose
             console.say(f"{category}: {name}: {record['summary']}")
     if distributed.is_main() and detector.trainable:
         files.write_history_csv(folder / "history.csv", result.history)
@@ -176,7 +176,7 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     result["train_defects_masked"] = sum(s.mask is not None for s in run_.splits.defects)
     result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
     result["train_s"] = run_.train_seconds
-    result["approximations"] = pipeline.detector.approximations()
+    result["approximations"] = pipeline.detector.all_approximations()
     result["skipped"] = [str(p) for p, _ in run_.skipped]
     return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level)
 
