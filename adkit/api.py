@@ -12,8 +12,9 @@ benchmarks. Where each lives: docs/architecture.md.
 from __future__ import annotations
 
 from adkit.app.bench import bench
+from adkit.app.deployment import export, predict, synth
 from adkit.app.update import update
-from adkit.app.workflows import export, predict, run, synth, test, train
+from adkit.app.workflows import run, test, train
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.outputs import render
 from adkit.outputs.artifacts import score_rows

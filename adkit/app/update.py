@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import adkit
-from adkit.app.workflows import image_paths
+from adkit.app.deployment import image_paths
 from adkit.core import console, files
 from adkit.core.datasets import Sample, split_validation
 from adkit.core.errors import AdkitError
