@@ -28,7 +28,7 @@ from adkit.run.config import RunConfig
 from adkit.run.engine import predict
 from adkit.run.evaluation import train_category
 from adkit.run.planning import plan
-from adkit.run.precision import cpu_flags
+from adkit.run.precision import BF16_FLAGS, cpu_flags
 from adkit.stats import metrics
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48, help="test images timed per row")
     parser.add_argument("--batch", default="1,8")
     args = parser.parse_args()
-    bf16 = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    bf16 = bool(BF16_FLAGS & cpu_flags())
     rows = []
     for spec in args.detector or ["patchcore", "padim"]:
         config = RunConfig(detector=[spec], data=args.data, root=args.root, category=args.category, precision="fp32")
