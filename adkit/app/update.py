@@ -90,8 +90,7 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
     normal = validation.images[validation.labels == 0]
     batch = config.batch_size or 8
     update_detector(pipeline.detector, new.images if tiles is None else tiles.split(new.images), batch, device,
-                    held_out=None if not len(normal) else (normal if tiles is None else tiles.split(normal)),
-                    precision=config.precision)
+                    held_out=None if not len(normal) else (normal if tiles is None else tiles.split(normal)))
     scores = run_pipeline(pipeline, validation.images, max(batch, 8), device, precision=config.precision).scores
     policy = parse_policy(config.threshold or (record or {}).get("policy") or DEFAULT_POLICY)
     fit = decisions.fit_threshold(policy, scores, validation.labels, meta["category"])

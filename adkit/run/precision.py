@@ -73,6 +73,14 @@ def _scores(detector: Detector, batches: Iterable[Tensor], precision: str) -> tu
     return torch.cat(scores).double().numpy(), time.perf_counter() - started
 
 
+def _warm_up(detector: Detector, batches: Iterable[Tensor], precision: str) -> None:
+    """One batch through the detector at ``precision``: a backbone's first call at a precision pays its setup."""
+    _set(detector, precision, None)
+    first = next(iter(batches), None)
+    if first is not None:
+        detector.detect(first)
+
+
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties); 1.0 when both are constant."""
     from scipy.stats import spearmanr
@@ -85,7 +93,7 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def choose_backbone_precision(detector: Detector, batches: Callable[[], Iterable[Tensor]], precision: str,
                               device: torch.device) -> None:
-    """After a fit or an update: with ``--precision auto`` on a CPU, decide the backbones' precision as the module
+    """After a fit: with ``--precision auto`` on a CPU, decide the backbones' precision as the module
     docstring says. ``batches()`` yields the held-out normal images afresh each call. Other precisions, GPUs and
     trained detectors are left as they are (``--precision`` then applies to the whole pipeline)."""
     if precision != "auto" or device.type != "cpu" or detector.trainable or not detector.backbones():
@@ -94,14 +102,14 @@ def choose_backbone_precision(detector: Detector, batches: Callable[[], Iterable
         _set(detector, "fp32", {"used": "fp32", "summary": "float32 backbone: this CPU has no bf16 instructions "
                                 "(avx512_bf16, amx_bf16)"})
         return
-    _scores(detector, batches(), "fp32")  # a warm-up pass: a backbone's first call pays its setup
+    _warm_up(detector, batches(), "fp32")
     fp32, fp32_s = _scores(detector, batches(), "fp32")
     if fp32.size < MIN_IMAGES:
         _set(detector, "fp32", {"used": "fp32", "images": int(fp32.size),
                                 "summary": f"float32 backbone: {fp32.size} held-out images are too few to check bf16 "
                                            f"(at least {MIN_IMAGES})"})
         return
-    _scores(detector, batches(), "bf16")  # warm-up
+    _warm_up(detector, batches(), "bf16")
     bf16, bf16_s = _scores(detector, batches(), "bf16")
     spread = float(fp32.std())
     noise = float(np.sqrt(np.mean((bf16 - fp32) ** 2))) / spread if spread > 0 else \
