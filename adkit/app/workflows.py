@@ -26,7 +26,7 @@ from adkit.run.engine import load_checkpoint, resolve_device
 from adkit.run.engine import predict as run_pipeline
 from adkit.run.evaluation import CategoryRun, evaluate, threshold_metrics, train_category
 from adkit.run.planning import RunPlan, claim_output, configure_log, output_dir, plan
-from adkit.stats import metrics, thresholds
+from adkit.stats import metrics
 from adkit.stats.decisions import (
     fit_threshold,
     record_threshold,
@@ -196,10 +196,7 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
         result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
                   **threshold_metrics(fit, combined, run_.test), **metrics.image_metrics(labels, combined.numpy())}
         files.write_json(out / "ensemble" / category / "metrics.json", result)
-        decisions = thresholds.decide(combined, fit.threshold)
-        files.write_scores_csv(out / "ensemble" / category / "scores.csv",
-                               artifacts.score_rows([s.path for s in run_.test.samples],
-                                                    [s.label for s in run_.test.samples], combined, decisions))
+        artifacts.write_test_scores(out / "ensemble" / category / "scores.csv", run_.test, combined, fit.threshold)
         rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
     if main:
         render.print_bench(rows)

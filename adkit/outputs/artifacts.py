@@ -35,9 +35,7 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
                                                                       evaluation.val_labels))
     write_curves(test, category, evaluation, folder)
     scores = evaluation.test_scores
-    decisions = None if evaluation.threshold is None else thresholds.decide(scores, evaluation.threshold)
-    files.write_scores_csv(folder / "scores.csv", score_rows([s.path for s in test.samples],
-                                                              [s.label for s in test.samples], scores, decisions))
+    write_test_scores(folder / "scores.csv", test, scores, evaluation.threshold)
     normal = test.labels == 0
     pixel_threshold = float(np.quantile(maps[normal].numpy(), 0.99)) if normal.any() else 0.5
     vmax = float(maps.max()) if maps.numel() else 1.0
@@ -47,6 +45,13 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
         report.write_thumbnail(panel, folder / pages.THUMBS / f"{i:05d}.jpg")  # the report's gallery, every image
         if i in sampled:
             report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
+
+
+def write_test_scores(path: Path, test: LoadedSplit, scores: torch.Tensor, threshold: float | None) -> None:
+    """scores.csv of a labelled split: each image's score, and its decision at ``threshold`` (blank without)."""
+    decisions = None if threshold is None else thresholds.decide(scores, threshold)
+    files.write_scores_csv(path, score_rows([s.path for s in test.samples], [s.label for s in test.samples], scores,
+                                            decisions))
 
 
 def score_rows(paths: list[Path], labels: list[Any], scores: torch.Tensor,
