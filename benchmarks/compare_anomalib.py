@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from adkit.run.engine import resolve_device
+from adkit.core.distributed import resolve_device
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ENV = Path.home() / ".cache" / "adkit" / "anomalib-env"

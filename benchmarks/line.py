@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from adkit.data.loading import load_split
-from adkit.run.assembly import build_detector, build_pipeline, make_tiling
+from adkit.run.assembly import build_detector, build_pipeline
 from adkit.run.config import RunConfig
 from adkit.run.engine import TrainSettings, predict, train_detector, update_detector
 from adkit.run.planning import plan
@@ -55,8 +55,7 @@ def main() -> None:
     rows = []
     for spec in args.detector or ["padim", "patchcore"]:
         plan_ = plan(RunConfig(detector=[spec], data=args.data, root=args.root, category=args.category))
-        tiles = make_tiling(plan_.geometry)
-        split = (lambda x: x) if tiles is None else tiles.split
+        split = plan_.geometry.tiles
         for category in plan_.categories:
             splits = plan_.dataset.load(category)
             train = load_split(splits.train, plan_.geometry).images

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from adkit.run.assembly import build_pipeline, make_tiling
+from adkit.run.assembly import build_pipeline
 from adkit.run.config import RunConfig
 from adkit.run.engine import _batches, derived_seed
 from adkit.run.evaluation import train_category
@@ -56,7 +56,6 @@ def main() -> None:
     args = parser.parse_args()
     config = RunConfig(detector=["patchcore:search=exact"], data=args.data, root=args.root, category=args.category)
     plan_ = plan(config)
-    tiles = make_tiling(plan_.geometry)
     for category in plan_.categories:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
@@ -65,7 +64,7 @@ def main() -> None:
         detector, test = run_.detector, run_.test
         bank = detector.memory_bank.clone()
         labels = test.labels.numpy()
-        split = (lambda x: x) if tiles is None else tiles.split
+        split = plan_.geometry.tiles
         held_out = split(run_.val.images[run_.val.labels == 0])
         with torch.inference_mode():
             test_tiles = split(test.images)

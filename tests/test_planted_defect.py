@@ -19,7 +19,6 @@ from adkit.data.geometry import native_geometry
 from adkit.run.assembly import make_detector, make_pipeline
 from adkit.run.config import RunConfig
 from adkit.run.engine import TrainSettings, train_detector
-from adkit.run.planning import checked_posts
 
 SIDE = 64
 # (detector spec, training steps): the fitted ones fit once; the trained ones at their quick presets' widths
@@ -96,5 +95,5 @@ def _pipeline_spec(catalog, spec: str):
 
     parsed = catalog["detector"].parse(spec)
     traits = catalog["detector"].get(parsed.name).traits
-    return PipelineSpec(parsed, checked_posts(catalog, list(traits.default_postprocessors)),
+    return PipelineSpec(parsed, catalog.checked_posts(list(traits.default_postprocessors)),
                         catalog["scorer"].parse(traits.default_scorer))

@@ -15,7 +15,7 @@ from adkit.outputs import artifacts, pages, render
 from adkit.run.assembly import build_pipeline
 from adkit.run.config import RunConfig
 from adkit.run.evaluation import evaluate, train_category
-from adkit.run.planning import RunPlan, checked, checked_posts, claim_output, output_dir, plan
+from adkit.run.planning import RunPlan, claim_output, output_dir, plan
 
 # grid axes that need a training of their own; post and scorer only re-score
 TRAIN_AXES = ("detector", "loss", "preset", "seed")
@@ -72,9 +72,9 @@ def _bench_job(plan_: RunPlan, category: str, out: Path, train_keys: list[str], 
         spec = plan_.pipeline
         for key, value in zip(score_keys, score_values):
             if key == "post":
-                spec = spec.rescored(posts=checked_posts(plan_.catalog, post_chain(value)))
+                spec = spec.rescored(posts=plan_.catalog.checked_posts(post_chain(value)))
             else:
-                spec = spec.rescored(scorer=checked(plan_.catalog, "scorer", value))
+                spec = spec.rescored(scorer=plan_.catalog.checked("scorer", value))
         label = " ".join(f"{k}={v}" for k, v in zip(train_keys + score_keys, train_values + score_values))
         evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector, spec), spec)
         row = {"configuration": label or str(plan_.detector), **evaluation.metrics}

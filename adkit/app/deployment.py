@@ -22,7 +22,7 @@ from adkit.deploy.models import open_checkpoint, open_model
 from adkit.outputs import artifacts, pages
 from adkit.run.assembly import checkpoint_geometry
 from adkit.run.config import RunConfig
-from adkit.run.engine import in_batches, resolve_device
+from adkit.run.engine import in_batches
 from adkit.stats.decisions import chosen_threshold
 
 
@@ -51,7 +51,7 @@ def predict(config: RunConfig, checkpoint: Path | None, inputs: list[Path], mode
     to --out (default: beside the checkpoint or model)."""
     if (checkpoint is None) == (model is None):
         raise AdkitError("predict: give --checkpoint CKPT or --model EXPORT_DIR (one of them)")
-    device = distributed.local_device(resolve_device(config.device))
+    device = distributed.run_device(config.device)
     if model is not None:
         deploy.read_model(model)  # --model is an export: one line when its model.json is missing or unreadable
     opened = open_model(checkpoint or model, config, device)

@@ -24,15 +24,15 @@ import torch
 
 import adkit
 from adkit.app.deployment import image_paths
-from adkit.core import console, files
+from adkit.core import console, distributed, files
 from adkit.core.datasets import Sample, split_validation
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import split_spec
 from adkit.core.plugins import get_catalog
 from adkit.data.loading import LoadedSplit, load_split
-from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained, make_tiling, plan_from_checkpoint
+from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained, plan_from_checkpoint
 from adkit.run.config import RunConfig
-from adkit.run.engine import load_checkpoint, resolve_device, save_checkpoint, update_detector
+from adkit.run.engine import load_checkpoint, save_checkpoint, update_detector
 from adkit.run.engine import predict as run_pipeline
 from adkit.serve.feedback import read_feedback
 from adkit.stats import decisions
@@ -77,20 +77,19 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
         raise AdkitError(f"{out} exists: an update never writes over a model; choose another --out")
     samples = _unique_samples(images)
     added, held = split_validation(samples, HELD_OUT, config.seed)
-    device = resolve_device(config.device)
+    device = distributed.resolve_device(config.device)
     spec = checkpoint_pipeline(config, meta)
     record = decisions.threshold_record(checkpoint.parent, spec)
     pipeline, _ = load_trained(config, checkpoint, device, payload, spec)
     geometry = checkpoint_geometry(meta)
-    tiles = make_tiling(geometry)
     new = load_split(added, geometry, config.skip_bad)
     if not new.samples:
         raise AdkitError("no readable images to add")
     validation = _validation(config, payload, load_split(held, geometry, config.skip_bad))
     normal = validation.images[validation.labels == 0]
     batch = config.batch_size or 8
-    update_detector(pipeline.detector, new.images if tiles is None else tiles.split(new.images), batch, device,
-                    held_out=None if not len(normal) else (normal if tiles is None else tiles.split(normal)))
+    update_detector(pipeline.detector, geometry.tiles(new.images), batch, device,
+                    held_out=geometry.tiles(normal) if len(normal) else None)
     scores = run_pipeline(pipeline, validation.images, max(batch, 8), device, precision=config.precision).scores
     policy = parse_policy(config.threshold or (record or {}).get("policy") or DEFAULT_POLICY)
     fit = decisions.fit_threshold(policy, scores, validation.labels, meta["category"])

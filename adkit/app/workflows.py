@@ -22,12 +22,13 @@ from adkit.run.assembly import (
     plan_from_checkpoint,
 )
 from adkit.run.config import RunConfig
-from adkit.run.engine import load_checkpoint, resolve_device
+from adkit.run.engine import load_checkpoint
 from adkit.run.engine import predict as run_pipeline
-from adkit.run.evaluation import CategoryRun, evaluate, threshold_metrics, train_category
+from adkit.run.evaluation import CategoryRun, evaluate, train_category
 from adkit.run.planning import RunPlan, claim_output, configure_log, output_dir, plan
-from adkit.stats import metrics
+from adkit.stats import metrics, thresholds
 from adkit.stats.decisions import (
+    decision_metrics,
     fit_threshold,
     record_threshold,
     validation_record,
@@ -42,7 +43,7 @@ def joined(workflow: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(workflow)
     def entry(config: RunConfig, *args: Any, **kwargs: Any) -> T:
-        distributed.init_from_environment(resolve_device(config.device))
+        distributed.init_from_environment(distributed.resolve_device(config.device))
         return workflow(config, *args, **kwargs)
 
     return entry
@@ -61,7 +62,7 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         return run_ensemble(config, resume)
     plan_ = plan(config)
     out = output_dir(plan_.config, plan_.detector.name)
-    main = _start(out, plan_.config, resume)
+    main = claim_output(out, resume, plan_.config.to_toml())
     workers = category_workers(plan_)
     if workers > 1:
         results = _categories_in_workers(plan_.config.replace(out=str(out)), plan_.categories, workers, resume)
@@ -71,16 +72,6 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
         return []
     _finish(out, plan_.config.__dict__, results, f"{plan_.detector} on {plan_.config.data}")
     return results
-
-
-def _start(out: Path, config: RunConfig, resume: bool) -> bool:
-    """The start every training workflow shares: claim ``out`` (refusing another run's checkpoints unless
-    resuming) and write its config.toml. Returns whether this process reports (rank 0 under torchrun)."""
-    claim_output(out, resume)
-    main = distributed.is_main()
-    if main:
-        files.write_text_atomic(out / "config.toml", config.to_toml())
-    return main
 
 
 def _finish(out: Path, header: dict[str, Any], results: list[dict[str, Any]], title: str) -> None:
@@ -97,7 +88,7 @@ def _run_category(plan_: RunPlan, category: str, folder: Path, resume: bool) -> 
     evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
     if distributed.is_main():  # under torchrun rank 0 reports; the other ranks helped train and score
         artifacts.write_category(run_.test, category, evaluation, folder)
-        record_threshold(folder, validation_record(evaluation.fit, evaluation.val_scores, evaluation.val_labels),
+        record_threshold(folder, evaluation.validation,
                          plan_.pipeline, _source(plan_, category, "run"))
     return evaluation.metrics
 
@@ -172,7 +163,8 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
     plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
     names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
     out = output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
-    main = _start(out, config.replace(data=plans[0].config.data, category=plans[0].categories, ensemble=ensemble_spec), resume)
+    main = claim_output(out, resume, config.replace(data=plans[0].config.data, category=plans[0].categories,
+                                                       ensemble=ensemble_spec).to_toml())
     rows: list[dict[str, Any]] = []
     for category in plans[0].categories:
         evaluations = []
@@ -194,9 +186,10 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
         fit = fit_threshold(plans[0].threshold, ensemble.combine([e.val_scores for e in evaluations]).float(),
                             evaluations[0].val_labels, category)
         result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
-                  **threshold_metrics(fit, combined, run_.test), **metrics.image_metrics(labels, combined.numpy())}
+                  **decision_metrics(fit, combined, labels, [s.defect for s in run_.test.samples]), **metrics.image_metrics(labels, combined.numpy())}
         files.write_json(out / "ensemble" / category / "metrics.json", result)
-        artifacts.write_test_scores(out / "ensemble" / category / "scores.csv", run_.test, combined, fit.threshold)
+        artifacts.write_test_scores(out / "ensemble" / category / "scores.csv", run_.test, combined,
+                                    thresholds.decide(combined, fit.threshold))
         rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
     if main:
         render.print_bench(rows)
@@ -216,7 +209,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     """Train per category; checkpoints in <out>/<category>/checkpoint.pt. Returns the output folder."""
     plan_ = plan(config)
     out = output_dir(plan_.config, plan_.detector.name)
-    main = _start(out, plan_.config, resume)
+    main = claim_output(out, resume, plan_.config.to_toml())
     for category in plan_.categories:
         run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
         # so that predict can decide right after train: the threshold on held-out validation images
@@ -258,8 +251,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
             artifacts.write_category(run_.test, category, evaluation, out / category)
             results.append(evaluation.metrics)
             if category == meta["category"]:  # a threshold for the data the checkpoint was trained on
-                record_threshold(checkpoint.parent, validation_record(evaluation.fit, evaluation.val_scores,
-                                                                      evaluation.val_labels),
+                record_threshold(checkpoint.parent, evaluation.validation,
                                  plan_.pipeline, _source(plan_, category, "test"))
     if main:
         _finish(out, {"checkpoint": str(checkpoint), **plan_.config.__dict__}, results,

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from adkit.core.errors import AdkitError
+
 _alone = False
 
 
@@ -62,6 +64,22 @@ def alone() -> Iterator[None]:
 def is_main() -> bool:
     """True on rank 0 (and in a single process): the process that writes checkpoints, logs and reports."""
     return rank() == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AdkitError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise AdkitError(f"--device {name}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def run_device(name: str) -> torch.device:
+    """This rank's device for a ``--device`` name (``resolve_device``, then ``local_device``)."""
+    return local_device(resolve_device(name))
 
 
 def local_device(device: torch.device) -> torch.device:

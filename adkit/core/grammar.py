@@ -33,6 +33,9 @@ class ComponentSpec:
         return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in values.items())
 
 
+NO_POSTPROCESSING = "none"  # --post none: no post-processor, not even the detector's default ones
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     """The pipeline a run evaluates, as one value: the detector, its post-processors in order and its scorer, each

@@ -22,6 +22,7 @@ import pluggy
 from adkit import PLUGIN_API, __version__
 from adkit.core import hookspecs
 from adkit.core.builder import ComponentBuilder
+from adkit.core.grammar import NO_POSTPROCESSING, ComponentSpec
 from adkit.core.registry import KINDS, ComponentRejected, Register, Registry
 
 log = logging.getLogger("adkit")
@@ -69,6 +70,20 @@ class Catalog:
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
+
+    def checked(self, kind: str, spec: str | ComponentSpec) -> ComponentSpec:
+        """A spec parsed and built once, so that out-of-range values fail before any data is loaded or trained
+        on; its ``str`` is its one text (parameters in the factory's order, values formatted)."""
+        parsed = self[kind].parse(spec)
+        self[kind].create(parsed)
+        return parsed
+
+    def checked_posts(self, specs: list[str]) -> tuple[ComponentSpec, ...]:
+        """A post-processor chain, each checked; ``none`` alone is the empty chain (a detector's declared default
+        post-processing turned off)."""
+        if [s.strip() for s in specs] == [NO_POSTPROCESSING]:
+            return ()
+        return tuple(self.checked("postprocessor", spec) for spec in specs)
 
     def builder(self) -> ComponentBuilder:
         """What a detector may build from this catalog (DetectorContext.build)."""

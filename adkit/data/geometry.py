@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adkit.core import console
+from adkit.core.tiling import Tiling
+
 RESIZE_MODES = ("squash", "pad", "crop")
 
 
@@ -83,6 +86,16 @@ class Geometry:
     def detector_size(self) -> int:
         """The side of the square the detector sees: the tile, or the whole input."""
         return self.tile or self.height
+
+    def tiling(self) -> Tiling | None:
+        """The tiling of a geometry with tiles; None without."""
+        return Tiling(self.size, self.tile, self.overlap) if self.tile else None
+
+    def tiles(self, images: torch.Tensor) -> torch.Tensor:
+        """Inputs (N, C, height, width) as the detector sees them: (N * tiles, C, tile, tile) with tiles, else
+        unchanged."""
+        tiling = self.tiling()
+        return images if tiling is None else tiling.split(images)
 
     def __str__(self) -> str:
         text = f"{self.width}x{self.height},resize={self.resize}"
@@ -162,3 +175,22 @@ def native_geometry(side: int, shape: tuple[int, int] | None) -> Geometry:
     long = side + max(1, round((side * max(shape) / min(shape) - side) / stride)) * stride
     height, width = (long, side) if shape[0] > shape[1] else (side, long)
     return Geometry(height, width, "squash", side, TILE_OVERLAP)
+
+
+def choose_geometry(side: int, image_size: str | int | None = None, resize: str | None = None, tile: int | None = None,
+                    overlap: float | None = None, shapes: list[tuple[int, int] | None] | None = None) -> Geometry:
+    """The input geometry the options ask for (--image-size, --resize, --tile, --overlap), else a ``side`` square.
+    With none of those options it follows the images of typical ``shapes`` (``native_geometry``): squashed to a
+    square, or, when they are all far from square the same way, tiled at their own aspect."""
+    if tile is not None and tile < 1:
+        raise GeometryError(f"--tile must be >= 1, got {tile}")
+    if all(option is None for option in (image_size, resize, tile, overlap)) and shapes:
+        geometries = {native_geometry(side, shape) for shape in shapes}
+        if len(geometries) == 1 and (geometry := geometries.pop()).tile:
+            h, w = shapes[0]
+            console.say(f"images of about {w}x{h} px are far from square: tiles of {geometry.tile} px over "
+                        f"{geometry.width}x{geometry.height}, at their own aspect (--image-size {side} squashes "
+                        "them to a square)")
+            return geometry
+    height, width = parse_size(image_size or side)
+    return Geometry(height, width, resize or "squash", tile or 0, overlap or 0.0)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from adkit.core.components import LabelledDefects
 from adkit.core.datasets import Sample
 from adkit.data.geometry import Geometry, Placement
 from adkit.data.io import ImageReadError, load_image, load_mask
@@ -52,3 +53,16 @@ def load_split(samples: list[Sample], geometry: Geometry | int, skip_bad: bool =
                            skipped)
     labels = torch.tensor([s.label for s in kept], dtype=torch.long)
     return LoadedSplit(kept, torch.stack(images), torch.stack(masks), labels, skipped, placements)
+
+
+def load_defects(samples: list[Sample], geometry: Geometry, skip_bad: bool = False) -> LabelledDefects | None:
+    """The labelled defective training images (a dataset's train_defects) at ``geometry``, as the detector sees
+    them (tiles where it tiles); None without any. A tile of an image given with its label only keeps the label
+    (its mask unknown)."""
+    if not samples:
+        return None
+    loaded = load_split(samples, geometry, skip_bad)
+    masked = torch.tensor([s.mask is not None for s in loaded.samples])
+    images, masks = geometry.tiles(loaded.images), geometry.tiles(loaded.masks)
+    per_image = images.shape[0] // max(1, len(loaded.samples))
+    return LabelledDefects(images, masks, masked.repeat_interleave(per_image))

@@ -17,8 +17,7 @@ from adkit.data.io import load_image
 from adkit.data.loading import LoadedSplit
 from adkit.outputs import pages, render, report
 from adkit.run.evaluation import Evaluation
-from adkit.stats import metrics, thresholds
-from adkit.stats.decisions import validation_record
+from adkit.stats import metrics
 
 OVERLAY_SAMPLES = 8
 DECISION_FILE = "decision.json"  # predict's threshold and policy
@@ -30,12 +29,10 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
     result, maps = evaluation.metrics, evaluation.pixel_maps
     folder.mkdir(parents=True, exist_ok=True)
     files.write_json(folder / "metrics.json", result)
-    if evaluation.fit is not None:
-        files.write_json(folder / VALIDATION_FILE, validation_record(evaluation.fit, evaluation.val_scores,
-                                                                      evaluation.val_labels))
+    if evaluation.validation is not None:
+        files.write_json(folder / VALIDATION_FILE, evaluation.validation)
     write_curves(test, category, evaluation, folder)
-    scores = evaluation.test_scores
-    write_test_scores(folder / "scores.csv", test, scores, evaluation.threshold)
+    write_test_scores(folder / "scores.csv", test, evaluation.test_scores, evaluation.decisions)
     normal = test.labels == 0
     pixel_threshold = float(np.quantile(maps[normal].numpy(), 0.99)) if normal.any() else 0.5
     vmax = float(maps.max()) if maps.numel() else 1.0
@@ -47,9 +44,8 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
             report.save_png_atomic(panel, folder / "overlays" / f"{sample.defect}-{sample.path.stem}.png")
 
 
-def write_test_scores(path: Path, test: LoadedSplit, scores: torch.Tensor, threshold: float | None) -> None:
-    """scores.csv of a labelled split: each image's score, and its decision at ``threshold`` (blank without)."""
-    decisions = None if threshold is None else thresholds.decide(scores, threshold)
+def write_test_scores(path: Path, test: LoadedSplit, scores: torch.Tensor, decisions: torch.Tensor | None) -> None:
+    """scores.csv of a labelled split: each image's score, and its decision (blank without)."""
     files.write_scores_csv(path, score_rows([s.path for s in test.samples], [s.label for s in test.samples], scores,
                                             decisions))
 

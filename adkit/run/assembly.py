@@ -9,14 +9,13 @@ from typing import Any
 import torch
 
 from adkit.core.components import Detector, DetectorContext
-from adkit.core.grammar import ComponentSpec, PipelineSpec, split_spec
+from adkit.core.grammar import NO_POSTPROCESSING, ComponentSpec, PipelineSpec, split_spec
 from adkit.core.pipeline import Pipeline
 from adkit.core.plugins import Catalog, get_catalog
-from adkit.core.tiling import Tiling
 from adkit.data.geometry import Geometry
 from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint, restore
-from adkit.run.planning import NO_POSTPROCESSING, RunPlan, checked, checked_posts, plan
+from adkit.run.planning import RunPlan, plan
 
 
 def make_detector(catalog: Catalog, spec: ComponentSpec | str, config: RunConfig, image_size: int,
@@ -37,17 +36,13 @@ def build_detector(plan_: RunPlan, detector_spec: ComponentSpec | str | None = N
                          plan_.device)
 
 
-def make_tiling(geometry: Geometry) -> Tiling | None:
-    """The tiling of a geometry with tiles; None without."""
-    return Tiling(geometry.size, geometry.tile, geometry.overlap) if geometry.tile else None
-
-
 def make_pipeline(catalog: Catalog, detector: Detector, spec: PipelineSpec, compile_: bool,
                   geometry: Geometry | None = None) -> Pipeline:
     """``detector`` -> the post-processors -> the scorer of ``spec`` (on the tiles of ``geometry`` where it has
     tiles), compiled with torch.compile when asked."""
+    tiling = geometry.tiling() if geometry else None
     pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in spec.posts],
-                        catalog["scorer"].create(spec.scorer), make_tiling(geometry) if geometry else None)
+                        catalog["scorer"].create(spec.scorer), tiling)
     if compile_:
         pipeline.compile()
     return pipeline
@@ -67,9 +62,9 @@ def checkpoint_pipeline(config: RunConfig, meta: dict[str, Any]) -> PipelineSpec
         # before adkit 0.2 a detector could post-process inside itself (PatchCore's and PaDiM's smoothing, now
         # their declared default post-processor): an empty chain then meant the detector's own defaults
         recorded = list(catalog["detector"].get(split_spec(meta["detector"])[0]).traits.default_postprocessors)
-    posts = checked_posts(catalog, list(config.post) or recorded or [NO_POSTPROCESSING])
+    posts = catalog.checked_posts(list(config.post) or recorded or [NO_POSTPROCESSING])
     return PipelineSpec(catalog["detector"].parse(meta["detector"]), posts,
-                        checked(catalog, "scorer", config.scorer or meta.get("scorer", "max")))
+                        catalog.checked("scorer", config.scorer or meta.get("scorer", "max")))
 
 
 def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:

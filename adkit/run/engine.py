@@ -33,17 +33,6 @@ from adkit.run.precision import choose_backbone_precision, precision_here
 CHECKPOINT_FORMAT = 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AdkitError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise AdkitError(f"--device {name}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -9,22 +9,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from adkit.core import console, distributed, files
-from adkit.core.components import Detector, LabelledDefects, upsample
-from adkit.core.datasets import CategorySplits, Sample
+from adkit.core.components import Detector, upsample
+from adkit.core.datasets import CategorySplits
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import PipelineSpec
 from adkit.core.pipeline import Pipeline
-from adkit.data.loading import LoadedSplit, load_split
-from adkit.run.assembly import build_detector, make_tiling
+from adkit.data.loading import LoadedSplit, load_defects, load_split
+from adkit.run.assembly import build_detector
 from adkit.run.engine import TrainSettings, seed_everything, train_detector
 from adkit.run.engine import predict as run_pipeline
 from adkit.run.planning import RunPlan
 from adkit.stats import metrics, thresholds
-from adkit.stats.decisions import fit_threshold
+from adkit.stats.decisions import decision_metrics, fit_threshold, validation_record
 
 log = logging.getLogger("adkit")
 
@@ -61,6 +60,8 @@ class Evaluation:
     fit: thresholds.ThresholdFit | None  # the decision threshold fitted on the threshold split
     val_labels: Tensor | None = None  # (N_val,) 0 normal, 1 defective (defective ones only with val_defects)
     pixel_level: bool = True  # the detector declares a pixel-level map (not image_level)
+    validation: dict[str, Any] | None = None  # the threshold's record (decisions.validation_record), for its files
+    decisions: Tensor | None = None  # (N_test,) 1 anomalous, 0 normal at the fitted threshold
 
     @property
     def threshold(self) -> float | None:
@@ -78,24 +79,23 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     cfg = plan_.config
     seed_everything(cfg.seed)
     splits = plan_.dataset.load(category)
-    geometry = plan_.geometry
-    train = load_split(splits.train, geometry, cfg.skip_bad)
-    val = load_split(splits.val, geometry, cfg.skip_bad)
-    test = load_split(splits.test, geometry, cfg.skip_bad) if load_test else load_split([], geometry)
-    if len(train.samples) == 0:
-        raise AdkitError(f"{category}: no readable training images")
     if splits.defects and not plan_.detector_info.traits.uses_defects:
         users = ", ".join(i.name for i in plan_.catalog["detector"] if i.traits.uses_defects) or "none"
         raise AdkitError(f"{category}: the dataset gives {len(splits.defects)} labelled defects for training "
                          f"(train_defects), which {plan_.detector.name} cannot learn from; drop train_defects, or use "
                          f"a detector that can ({users})")
     detector = build_detector(plan_)
+    geometry = plan_.geometry
+    train = load_split(splits.train, geometry, cfg.skip_bad)
+    val = load_split(splits.val, geometry, cfg.skip_bad)
+    test = load_split(splits.test, geometry, cfg.skip_bad) if load_test else load_split([], geometry)
+    defects = load_defects(splits.defects, geometry, cfg.skip_bad)
+    if len(train.samples) == 0:
+        raise AdkitError(f"{category}: no readable training images")
     # with tiling the detector learns from tiles: (N * tiles, 3, tile, tile)
-    tiles = (lambda images: images) if not geometry.tile else make_tiling(geometry).split
-    train_images = tiles(train.images)
+    train_images = geometry.tiles(train.images)
     # a fitted detector checks its approximations on normal images it was not fitted on
-    held_out = tiles(val.images[val.labels == 0]) if bool((val.labels == 0).any()) else None
-    defects = labelled_defects(splits.defects, geometry, cfg.skip_bad, tiles)
+    held_out = geometry.tiles(val.images[val.labels == 0]) if bool((val.labels == 0).any()) else None
     steps = plan_.steps_for(len(train_images)) if detector.trainable else 1
     settings = TrainSettings(steps=steps, batch_size=plan_.batch_size, seed=cfg.seed,
                              checkpoint_every=cfg.checkpoint_every or 0, compile=cfg.compile,
@@ -127,18 +127,6 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
 
 
-def labelled_defects(samples: list[Sample], geometry: Any, skip_bad: bool, tiles: Any) -> LabelledDefects | None:
-    """The labelled defective training images (a dataset's train_defects) at the input geometry, as tiles when it
-    tiles; None without any. A tile of an image given with its label only keeps the label (its mask unknown)."""
-    if not samples:
-        return None
-    loaded = load_split(samples, geometry, skip_bad)
-    masked = torch.tensor([s.mask is not None for s in loaded.samples])
-    images, masks = tiles(loaded.images), tiles(loaded.masks)
-    per_image = images.shape[0] // max(1, len(loaded.samples))
-    return LabelledDefects(images, masks, masked.repeat_interleave(per_image))
-
-
 def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: PipelineSpec | None = None) -> Evaluation:
     """Test metrics for one category and pipeline (built from ``spec``, by default the plan's); the threshold is
     fitted on the validation split. Under torchrun every rank scores a shard of the images; rank 0 gets them all
@@ -167,7 +155,7 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
                               "n_anomalous": int(labels.sum()),
                               "image_score": "detector" if pipeline.own_scores else scorer}
-    result.update(threshold_metrics(fit, test.scores, run_.test))
+    result.update(decision_metrics(fit, test.scores, labels, [s.defect for s in run_.test.samples]))
     result.update(metrics.image_metrics(labels, test.scores.numpy()))
     masks = run_.test.masks[:, 0].numpy()
     if masks.any() and pixel_level:
@@ -178,16 +166,5 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     result["train_s"] = run_.train_seconds
     result["approximations"] = pipeline.detector.all_approximations()
     result["skipped"] = [str(p) for p, _ in run_.skipped]
-    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level)
-
-
-def threshold_metrics(fit: thresholds.ThresholdFit, scores: Tensor, split: LoadedSplit) -> dict[str, Any]:
-    """metrics.json's decision fields: the threshold, its policy and validation record, and on the test split
-    false alarms per 1,000 good parts, recall and recall per defect type."""
-    point = thresholds.operating_point(scores.numpy(), split.labels.numpy(), [s.defect for s in split.samples],
-                                       fit.threshold)
-    return {"threshold": fit.threshold, "threshold_policy": fit.policy, "val_normal": fit.n_normal,
-            "val_defective": fit.n_anomalous, "val_false_alarms": fit.val_false_alarms, "val_fpr": fit.val_fpr,
-            "val_fpr_upper95": fit.val_fpr_upper, "threshold_band": [fit.band_low, fit.band_high],
-            "test_false_alarms": point["false_alarms"], "false_alarms_per_1000": point["false_alarms_per_1000"],
-            "recall": point["recall"], "recall_by_defect": point["recall_by_defect"]}
+    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level,
+                      validation_record(fit, val.scores, val_source.labels), thresholds.decide(test.scores, fit.threshold))

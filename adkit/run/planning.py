@@ -11,20 +11,18 @@ from typing import Any
 
 import torch
 
-from adkit.core import console, distributed
+from adkit.core import console, distributed, files
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import ComponentSpec, PipelineSpec, split_spec
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.core.registry import ComponentInfo
-from adkit.data.geometry import Geometry, GeometryError, native_geometry, parse_size
+from adkit.data.geometry import Geometry, GeometryError, choose_geometry
 from adkit.run.config import RunConfig
-from adkit.run.engine import resolve_device
 from adkit.stats.thresholds import DEFAULT_POLICY, ThresholdPolicy, parse_policy
 
 log = logging.getLogger("adkit")
 
-NO_POSTPROCESSING = "none"  # --post none: no post-processor, not even the detector's default ones
 ENGINE_DEFAULTS = {"image_size": 256, "batch_size": 8, "steps": 1000}
 
 
@@ -82,10 +80,10 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
         raise AdkitError(f"give a detector with --detector NAME (available: {', '.join(catalog['detector'].names()) or 'none'})")
     if len(config.detector) > 1:
         raise AdkitError("plan() takes one detector; run() trains several as an ensemble")
+    data_name, data_params = dataset_spec(catalog, config)
     name, raw = split_spec(config.detector[0], "detector")
     info = catalog["detector"].get(name)
     presets = info.traits.preset_values  # declared by the detector's class, read from the registry
-    data_name, data_params = dataset_spec(catalog, config)
     suggested = catalog["dataset"].get(data_name).traits.default_preset  # declared by the dataset
     preset_name = config.preset or (suggested if suggested in presets else None)
     if not presets:  # nothing to set (a fitted detector): --preset is for the other detectors of an ensemble
@@ -103,8 +101,8 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
             console.warn(f"--{option} is ignored: detector {name!r} uses no {option.replace('-', ' ')}")
     for spec in config.loss:
         catalog["loss"].parse(spec)
-    pipeline = PipelineSpec(detector, checked_posts(catalog, list(config.post) or list(info.traits.default_postprocessors)),
-                            checked(catalog, "scorer", config.scorer or info.traits.default_scorer or "max"))
+    pipeline = PipelineSpec(detector, catalog.checked_posts(list(config.post) or list(info.traits.default_postprocessors)),
+                            catalog.checked("scorer", config.scorer or info.traits.default_scorer or "max"))
     if config.sampler:
         catalog["sampler"].parse(config.sampler)
     if config.backbone:
@@ -139,61 +137,20 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     epochs = preset.get("epochs") if steps is None else None
     if steps is None and epochs is None:
         steps = ENGINE_DEFAULTS["steps"]
-    geometry = make_geometry(config, setting(None, "image_size"), dataset, categories)
+    shapes = [dataset.shape(category) for category in categories] if categories else []
+    try:
+        geometry = choose_geometry(setting(None, "image_size") or ENGINE_DEFAULTS["image_size"], config.image_size,
+                                   config.resize, config.tile, config.overlap, shapes)
+    except GeometryError as exc:
+        raise AdkitError(str(exc)) from None
     batch_size = setting(config.batch_size, "batch_size") or ENGINE_DEFAULTS["batch_size"]
     size_text = geometry.height if geometry.height == geometry.width else f"{geometry.width}x{geometry.height}"
     resolved = config.replace(data=config.data or data_name, preset=preset_name, image_size=size_text, batch_size=batch_size, steps=steps,
                               post=pipeline.post_texts, scorer=pipeline.scorer_text, pixel_map=pixel_map, category=categories, threshold=str(threshold),
                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
-    device = distributed.local_device(resolve_device(config.device))  # the workflows join the process group
+    device = distributed.run_device(config.device)  # the workflows join the process group
     return RunPlan(resolved, catalog, pipeline, preset, geometry.detector_size, batch_size, steps, epochs, dataset,
                    categories, device, threshold, geometry)
-
-
-def checked(catalog: Catalog, kind: str, spec: str | ComponentSpec) -> ComponentSpec:
-    """A spec parsed and built once, so that out-of-range values fail before any data is loaded or trained on;
-    its ``str`` is its one text (parameters in the factory's order, values formatted)."""
-    parsed = catalog[kind].parse(spec)
-    catalog[kind].create(parsed)
-    return parsed
-
-
-def checked_posts(catalog: Catalog, specs: list[str]) -> tuple[ComponentSpec, ...]:
-    """A post-processor chain, each checked; ``none`` alone is the empty chain (a detector's declared default
-    post-processing turned off)."""
-    if [s.strip() for s in specs] == [NO_POSTPROCESSING]:
-        return ()
-    return tuple(checked(catalog, "postprocessor", spec) for spec in specs)
-
-
-def canonical(catalog: Catalog, kind: str, spec: str) -> str:
-    """A spec's one text, checked (``checked``)."""
-    return str(checked(catalog, kind, spec))
-
-
-def make_geometry(config: RunConfig, preset_size: int | None, dataset: AnomalyDataset | None = None,
-                  categories: list[str] | None = None) -> Geometry:
-    """The input geometry of ``config`` (--image-size, --resize, --tile, --overlap), the preset's size or 256.
-    With none of those options it follows the images (``native_geometry``): squashed to a square, or, when the
-    categories' training images are all far from square the same way, tiled at their own aspect."""
-    if config.tile is not None and config.tile < 1:
-        raise AdkitError(f"--tile must be >= 1, got {config.tile}")
-    side = preset_size or ENGINE_DEFAULTS["image_size"]
-    chosen = (config.image_size, config.resize, config.tile, config.overlap)
-    if all(option is None for option in chosen) and dataset is not None and categories:
-        shapes = [dataset.shape(category) for category in categories]
-        geometries = {native_geometry(side, shape) for shape in shapes}
-        if len(geometries) == 1 and (geometry := geometries.pop()).tile:
-            h, w = shapes[0]
-            console.say(f"images of about {w}x{h} px are far from square: tiles of {geometry.tile} px over "
-                        f"{geometry.width}x{geometry.height}, at their own aspect (--image-size {side} squashes "
-                        "them to a square)")
-            return geometry
-    try:
-        height, width = parse_size(config.image_size or side)
-        return Geometry(height, width, config.resize or "squash", config.tile or 0, config.overlap or 0.0)
-    except GeometryError as exc:
-        raise AdkitError(str(exc)) from None
 
 
 def default_data(catalog: Catalog) -> str:
@@ -238,16 +195,22 @@ def output_dir(config: RunConfig, detector: str) -> Path:
     return distributed.all_gather_objects(default)[0]  # under torchrun every rank takes rank 0's clock
 
 
-def claim_output(out: Path, resume: bool) -> None:
-    """Refuse to write into a folder that holds another run's checkpoints (unless resuming it), before any
-    file is written there."""
+def claim_output(out: Path, resume: bool, config_toml: str | None = None) -> bool:
+    """The start every training workflow shares: refuse to write into a folder that holds another run's
+    checkpoints (unless resuming it), before any file is written there; then the log and, given the run's
+    configuration (``RunConfig.to_toml``), its config.toml. Returns whether this process reports (rank 0 under
+    torchrun)."""
     if out.is_dir() and not resume:
         existing = next(out.rglob("checkpoint.pt"), None)
         if existing is not None:
             raise AdkitError(f"{out} already holds a run ({existing}): choose another --out, or pass --resume")
-    if distributed.is_main():
+    main = distributed.is_main()
+    if main:
         configure_log(out)
     distributed.barrier()  # no rank writes there before every rank has checked
+    if main and config_toml is not None:
+        files.write_text_atomic(out / "config.toml", config_toml)
+    return main
 
 
 def configure_log(out: Path) -> None:

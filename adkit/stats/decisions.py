@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +35,19 @@ def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Te
     if fit.warning:
         console.warn(f"{category}: {fit.warning}")
     return fit
+
+
+def decision_metrics(fit: thresholds.ThresholdFit, scores: Tensor, labels: np.ndarray,
+                     defects: list[str]) -> dict[str, Any]:
+    """metrics.json's decision fields: the threshold, its policy and validation record, and on a labelled split
+    (``labels`` 0 good / 1 defective, ``defects`` each image's defect type) false alarms per 1,000 good parts,
+    recall and recall per defect type."""
+    point = thresholds.operating_point(scores.numpy(), labels, defects, fit.threshold)
+    return {"threshold": fit.threshold, "threshold_policy": fit.policy, "val_normal": fit.n_normal,
+            "val_defective": fit.n_anomalous, "val_false_alarms": fit.val_false_alarms, "val_fpr": fit.val_fpr,
+            "val_fpr_upper95": fit.val_fpr_upper, "threshold_band": [fit.band_low, fit.band_high],
+            "test_false_alarms": point["false_alarms"], "false_alarms_per_1000": point["false_alarms_per_1000"],
+            "recall": point["recall"], "recall_by_defect": point["recall_by_defect"]}
 
 
 def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,
