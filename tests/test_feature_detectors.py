@@ -261,7 +261,7 @@ def test_patchcore_projected_search_with_every_candidate_equals_exact(tiny_catal
 
 
 def test_patchcore_ivf_search_and_its_bad_parameters(tiny_catalog, tmp_path, monkeypatch):
-    import adkit_plugins.patchcore.detector as module
+    import adkit_plugins.patchcore.index as module
 
     monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)  # index the tiny bank (512 features)
     exact = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5")

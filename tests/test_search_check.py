@@ -18,7 +18,7 @@ DATA = "synthetic:size=128,n_train=40,n_test=20,object=0.375,val_fraction=0.3"
 
 @pytest.fixture
 def small_index(monkeypatch):
-    import adkit_plugins.patchcore.detector as module
+    import adkit_plugins.patchcore.index as module
 
     monkeypatch.setattr(module, "INDEX_MIN_BANK", 256)
 
@@ -52,7 +52,7 @@ def test_the_check_makes_a_failing_graph_search_equal_exact_search(invoke, tmp_p
 def test_the_check_falls_back_to_exact_search_and_the_checkpoint_says_so(tiny_catalog, tmp_path, monkeypatch):
     from test_feature_detectors import images, set_up
 
-    import adkit_plugins.patchcore.detector as module
+    import adkit_plugins.patchcore.index as module
     from adkit.run.engine import TrainSettings, load_checkpoint, restore, train_detector
 
     monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
@@ -82,7 +82,7 @@ def test_a_checkpoint_from_before_the_check_loads_and_says_its_recall_is_unmeasu
     from test_feature_detectors import fit, set_up
     from test_feature_detectors import images as make_images
 
-    import adkit_plugins.patchcore.detector as module
+    import adkit_plugins.patchcore.index as module
     from adkit.run.engine import restore
 
     monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
@@ -123,3 +123,35 @@ def tiny_catalog(catalog):
 
     catalog.add_plugin(TinyBackbonePlugin(), name="tiny-plugin")
     return catalog
+
+
+def test_the_exact_nearest_of_an_update_reuses_the_last_check_and_equals_a_full_search():
+    from adkit_plugins.patchcore.check import exact_nearest, row_keys
+    from adkit_plugins.patchcore.search import direct_distances
+
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(300, 8, generator=g)
+    old = torch.randn(200, 8, generator=g)
+    empty = torch.zeros(0, dtype=torch.long)
+    first = exact_nearest(old, bank[:200], row_keys(old), empty, empty, 0)  # no cache: a full search
+    torch.testing.assert_close(first, knn(old, bank[:200], 1)[1][:, 0])
+    # the bank grew by 100 features (an update appends); the next check's queries are the old ones, reordered,
+    # one changed by a rounding step, and 50 new ones
+    nudged = old.clone()
+    nudged[7, 3] = torch.nextafter(nudged[7, 3], torch.tensor(float("inf")))
+    queries = torch.cat([nudged[torch.randperm(200, generator=g)], torch.randn(50, 8, generator=g)])
+    keys = row_keys(queries)
+    assert len(set(row_keys(nudged).tolist()) & set(row_keys(old).tolist())) == 199
+    again = exact_nearest(queries, bank, keys, row_keys(old), first, 200)
+    exact = knn(queries, bank, 1)[1][:, 0]
+    torch.testing.assert_close(direct_distances(queries, bank, again), direct_distances(queries, bank, exact))
+    assert (again >= 200).any() and (again < 200).any()  # some nearest among the added features, some before
+
+
+def test_row_keys_ignore_the_batch_a_row_came_in():
+    from adkit_plugins.patchcore.check import row_keys
+
+    rows = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    keys = row_keys(rows)
+    assert torch.equal(row_keys(rows[10:20]), keys[10:20]) and keys.unique().numel() == 64
+    assert not torch.equal(row_keys(rows * -1), keys)

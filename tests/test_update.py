@@ -153,3 +153,31 @@ def test_update_refuses_in_one_line_and_writes_nothing(invoke, tmp_path):
     code, _, err = invoke("update", "--checkpoint", str(tmp_path / "padim" / "tile" / "checkpoint.pt"), str(good),
                           "--out", str(tmp_path / "taken"))
     assert code != 0 and "never writes over a model" in err
+
+
+def test_patchcore_updates_check_its_graph_from_the_last_checks_nearest(tiny_catalog, tmp_path, monkeypatch):
+    """An update's search check reuses the last check's exact nearest for the held-out patches it saw before and
+    searches the features added since for them: the stored nearest equals a full exact search of the grown bank,
+    and the check starts at the effort the last one chose."""
+    import adkit_plugins.patchcore.index as module
+    from adkit_plugins.patchcore.search import direct_distances, knn
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=1")
+    held = images(2, 5)
+    train_detector(detector, images(4, 0), TrainSettings(steps=1, batch_size=4), torch.device("cpu"),
+                   tmp_path / "fit.pt", meta={}, held_out=held)
+    fitted_effort, fitted_bank = detector.effort, int(detector.check_bank)
+    assert fitted_bank == detector.memory_bank.shape[0] and detector.check_keys.numel() == 2 * 256
+    searched = []
+    original = module.check.knn
+    monkeypatch.setattr(module.check, "knn", lambda q, b, k=1: searched.append(b.shape[0]) or original(q, b, k))
+    update_detector(detector, images(3, 1), 4, torch.device("cpu"), held_out=held)
+    bank = detector.memory_bank
+    assert searched == [bank.shape[0] - fitted_bank]  # only the added features were searched
+    with torch.inference_mode():
+        patches = detector.embed(held).permute(0, 2, 3, 1).reshape(-1, 6)
+    exact = knn(patches, bank, 1)[1][:, 0]
+    torch.testing.assert_close(direct_distances(patches, bank, detector.check_nearest),
+                               direct_distances(patches, bank, exact))
+    assert detector.search_trail[0, 0] >= fitted_effort or detector.effort == 0

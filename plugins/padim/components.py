@@ -31,6 +31,8 @@ from adkit.plugin import (
     world_size,
 )
 
+SUM_CHUNK_ELEMENTS = 1 << 25  # embedding values (positions x images x d) summed as one batched product: 256 MiB
+
 
 class PaDiM(Detector):
     """PaDiM: per-position Gaussians of a random subset of pretrained feature channels; Mahalanobis map."""
@@ -108,17 +110,30 @@ class PaDiM(Detector):
 
     def _sums(self, batches: Iterable[Tensor]) -> tuple[Tensor | None, Tensor | None, int]:
         """Per position, the sums of the embeddings (P, d) and of their outer products (P, d, d), in float64, and
-        the number of images."""
+        the number of images. The outer products are summed over chunks of images (SUM_CHUNK_ELEMENTS embedding
+        values) as one batched product each: per batch of a few images, adding the (P, d, d) result cost more
+        than the products."""
         total = outer = None
         count = 0
+        pending: list[Tensor] = []
+
+        def add(chunk: list[Tensor]) -> None:
+            nonlocal total, outer
+            x = torch.cat(chunk, dim=1).double()  # (positions, images, d)
+            total = x.sum(1) if total is None else total + x.sum(1)
+            chunk_outer = torch.bmm(x.transpose(1, 2), x)
+            outer = chunk_outer if outer is None else outer.add_(chunk_outer)
+
         for images in batches:
             embedding = self.embed(images)
             b, d, h, w = embedding.shape
-            x = embedding.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # (positions, B, d)
-            total = x.sum(1) if total is None else total + x.sum(1)
-            batch_outer = torch.einsum("pbi,pbj->pij", x, x)
-            outer = batch_outer if outer is None else outer + batch_outer
+            pending.append(embedding.permute(2, 3, 0, 1).reshape(h * w, b, d))  # (positions, B, d)
             count += b
+            if sum(x.numel() for x in pending) >= SUM_CHUNK_ELEMENTS:
+                add(pending)
+                pending = []
+        if pending:
+            add(pending)
         return total, outer, count
 
     def _keep(self, stats: Moments) -> None:
@@ -129,7 +144,7 @@ class PaDiM(Detector):
         self.scatter = stats.scatter.float()
         covariance = self.scatter.double() / (stats.count - 1)
         covariance += self.regularisation * torch.eye(self.features, dtype=covariance.dtype, device=covariance.device)
-        self.inverse_covariance = torch.linalg.inv(covariance).float()
+        self.inverse_covariance = torch.cholesky_inverse(torch.linalg.cholesky(covariance)).float()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "inverse_covariance" in state_dict and prefix + "scatter" not in state_dict

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from adkit.plugin import CONFIDENCE, clopper_pearson_upper
-from adkit_plugins.patchcore.search import found, knn
+from adkit_plugins.patchcore.search import direct_distances, found, knn
 
 # at most this many held-out patches (whole images, in order) and bank features as queries
 CHECK_QUERIES = 65536
@@ -19,6 +19,7 @@ CHECK_QUERIES = 65536
 EFFORT_DOUBLINGS = 4
 # what each approximate search's effort is called (its parameter)
 EFFORT = {"hnsw": "ef", "ivf": "probes", "projected": "candidates"}
+KEY_SEED = 20261205  # row_keys' hash weights
 
 
 def lower_bound(recall: float, n: int) -> float:
@@ -31,16 +32,49 @@ def recall_bound(hits: Tensor) -> float:
     return lower_bound(float(hits.double().mean()), hits.numel()) if hits.numel() else 0.0
 
 
-def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, bank: Tensor, effort: int, ceiling: int,
-            target: float, exact_at: Callable[[int], bool]) -> tuple[list[tuple[float, ...]], int, bool]:
-    """Search ``held_out`` patches and the bank's own features with ``search(queries, effort)`` (the index of each
-    query's nearest bank feature) from ``effort`` up, doubling it to ``ceiling``, until the held-out recall's lower
-    95 % bound and the bank's recall (its bound when the bank is sampled) reach ``target``. Returns the trail (one
-    row per effort: effort, held-out recall, bank recall, held-out queries, bank queries), the last effort and
-    whether it passed."""
+def row_keys(rows: Tensor) -> Tensor:
+    """(M,) int64 fingerprints of (M, d) rows' float32 bits: a fixed random linear hash (wrapping int64
+    arithmetic, so exact and independent of summation order). Rows with equal keys are taken as the same row; two
+    different rows share a key with probability about 2^-64."""
+    bits = rows.float().contiguous().view(torch.int32).long()
+    generator = torch.Generator().manual_seed(KEY_SEED)
+    weights = torch.randint(-(2 ** 62), 2 ** 62, (rows.shape[1],), generator=generator, dtype=torch.long) * 2 + 1
+    return (bits * weights.to(rows.device)).sum(1)
+
+
+def exact_nearest(queries: Tensor, bank: Tensor, keys: Tensor, cached_keys: Tensor, cached_nearest: Tensor,
+                  cached_bank: int) -> Tensor:
+    """(M,) the index of each query's nearest bank feature, exactly. The last check's queries (``cached_keys``,
+    ``row_keys``) had their nearest among the first ``cached_bank`` features of a bank that has only grown since
+    (an update appends): a query found there keeps that one unless a feature added since is nearer, so only the
+    added features are searched for it; every other query searches the whole bank."""
+    nearest = torch.empty(queries.shape[0], dtype=torch.long, device=bank.device)
+    hit = torch.zeros(queries.shape[0], dtype=torch.bool, device=bank.device)
+    if cached_keys.numel() and 0 < cached_bank <= bank.shape[0]:
+        order = torch.argsort(cached_keys)
+        place = torch.searchsorted(cached_keys[order], keys).clamp(max=cached_keys.numel() - 1)
+        hit = cached_keys[order][place] == keys
+        before = cached_nearest[order[place[hit]]]
+        if cached_bank < bank.shape[0]:
+            added = knn(queries[hit], bank[cached_bank:], 1)[1][:, 0] + cached_bank
+            nearer = direct_distances(queries[hit], bank, added) < direct_distances(queries[hit], bank, before)
+            before = torch.where(nearer, added, before)
+        nearest[hit] = before
+    if (~hit).any():
+        nearest[~hit] = knn(queries[~hit], bank, 1)[1][:, 0]
+    return nearest
+
+
+def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, nearest_held: Tensor, bank: Tensor,
+            effort: int, ceiling: int, target: float,
+            exact_at: Callable[[int], bool]) -> tuple[list[tuple[float, ...]], int, bool]:
+    """Search ``held_out`` patches (whose exact nearest bank features are ``nearest_held``, ``exact_nearest``) and
+    the bank's own features with ``search(queries, effort)`` (the index of each query's nearest bank feature) from
+    ``effort`` up, doubling it to ``ceiling``, until the held-out recall's lower 95 % bound and the bank's recall
+    (its bound when the bank is sampled) reach ``target``. Returns the trail (one row per effort: effort, held-out
+    recall, bank recall, held-out queries, bank queries), the last effort and whether it passed."""
     step = max(1, -(-bank.shape[0] // CHECK_QUERIES))
     own = torch.arange(0, bank.shape[0], step, device=bank.device)  # each bank feature is its own nearest
-    nearest_held = knn(held_out, bank, 1)[1]
     trail: list[tuple[float, ...]] = []
     passed = False
     for _ in range(EFFORT_DOUBLINGS + 1):
@@ -86,7 +120,7 @@ def describe(search: str, asked_effort: int | None, effort: int, rows: list[list
         if not effort:
             record["summary"] = (f"exact search: {search} up to {name}={last[name]} reached only {measured} "
                                  f"(target {target})")
-        elif len(trail) > 1:
+        elif len(trail) > 1 or effort != asked_effort:  # an update's check starts where the last one ended
             record["summary"] = f"{used} (raised from {asked}): {measured}"
         else:
             record["summary"] = f"{used}: {measured}"

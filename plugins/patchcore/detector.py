@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,28 +28,14 @@ from adkit.plugin import (
     check_layers,
     derived_seed,
     gather_sharded,
-    is_exporting,
     locally_aware_patches,
 )
-from adkit_plugins.patchcore import check
-from adkit_plugins.patchcore.check import CHECK_QUERIES, EFFORT, EFFORT_DOUBLINGS
+from adkit_plugins.patchcore.check import EFFORT
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
+from adkit_plugins.patchcore.index import IndexedBank
 from adkit_plugins.patchcore.search import (
-    hnsw_build,
-    hnsw_load,
-    ivf_index,
     knn,
-    knn_hnsw,
-    knn_ivf,
-    knn_projected,
-    tracing,
 )
-
-# search=ivf with cells=0 (automatic): about sqrt(bank) cells, each of at least this many features on average;
-# search=ivf (automatic cells) and search=hnsw build no index for banks below INDEX_MIN_BANK features: exact search
-# of such a bank costs a few milliseconds an image
-IVF_MIN_CELL = 64
-INDEX_MIN_BANK = 4096
 
 
 def memory_limit_bytes() -> int:
@@ -60,7 +46,7 @@ def memory_limit_bytes() -> int:
         return 8 << 30
 
 
-class PatchCore(Detector):
+class PatchCore(IndexedBank, Detector):
     """PatchCore: nearest-neighbour distance of locally aware patch features to a coreset memory bank."""
 
     trainable = False
@@ -72,7 +58,7 @@ class PatchCore(Detector):
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected", "ivf_centroids", "ivf_offsets",
-                                                 "hnsw_graph", "search_trail")
+                                                 "hnsw_graph", "search_trail", "check_keys", "check_nearest")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
     updatable = True  # new images' patches join the bank by the coreset rule, continuing the fitted selection
 
@@ -125,6 +111,11 @@ class PatchCore(Detector):
         # one row per effort the check tried: effort, recall@1 on held-out patches and on the bank, and how many
         # held-out patches and bank features were searched
         self.register_buffer("search_trail", torch.zeros(0, 5, dtype=torch.float64))
+        # the last check's held-out patches (check.row_keys) and their exact nearest among the first check_bank bank
+        # features: an update's check searches only the features added since for them (check.exact_nearest)
+        self.register_buffer("check_keys", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("check_nearest", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("check_bank", torch.zeros((), dtype=torch.long))
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -163,13 +154,15 @@ class PatchCore(Detector):
         else:
             bank = features.to(device)
         self.feature_count = torch.tensor(features.shape[0], device=device)
+        self._forget_check()
         self._index(bank)
 
     def update(self, batches: Iterable[Tensor]) -> None:
         """Add normal images: the bank's budget stays ``coreset`` of all the patch features it was chosen from, and
         the new patches fill the difference by the same greedy rule, continued: each next one is the new patch
         farthest (in the same random projection) from the bank and from those added before it. The bank keeps
-        every feature it had; the index is built again and checked by ``calibrate``."""
+        every feature it had; the index is built again and checked by ``calibrate``, from the effort the last
+        check chose (a bank that grew needs no less)."""
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("patchcore: fit() must run before update()")
         collected = [self.embed(images).permute(0, 2, 3, 1).reshape(-1, self.dim) for images in batches]
@@ -189,88 +182,10 @@ class PatchCore(Detector):
             chosen = partitioned_greedy_coreset(projected, add, generator, self.partition, before)
             bank = torch.cat([bank, new[chosen]])
         self.feature_count = torch.tensor(total, device=bank.device)
+        chosen_effort = self.effort
         self._index(bank)
-
-    def _index(self, bank: Tensor) -> None:
-        """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked."""
-        device = bank.device
-        cells = self.ivf_cells(bank.shape[0])
-        self.ivf_centroids, self.ivf_offsets = bank.new_zeros(0, self.dim), torch.zeros(0, dtype=torch.long)
-        self.hnsw_graph = torch.zeros(0, dtype=torch.uint8)
-        if cells:
-            generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-ivf"))
-            bank, self.ivf_centroids, self.ivf_offsets = ivf_index(bank, cells, generator)
-        self.memory_bank = bank.contiguous()
-        self.bank_projected = (bank @ self.search_projection).contiguous()
-        if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
-            self.hnsw_graph = hnsw_build(self.memory_bank, self.links).to(device)
-        indexed = self.hnsw_graph.numel() > 0 or self.ivf_centroids.shape[0] > 0 or self.search == "projected"
-        self._set_effort(getattr(self, EFFORT[self.search]) if indexed else 0)
-        self.search_trail = torch.zeros(0, 5, dtype=torch.float64, device=device)
-
-    def _set_effort(self, effort: int) -> None:
-        self.effort = int(effort)
-        self.search_effort = torch.tensor(self.effort, dtype=torch.long, device=self.memory_bank.device)
-
-    def calibrate(self, batches: Iterable[Tensor]) -> None:
-        """The search check. An approximate search's recall@1 against exact search is measured on the patches of
-        held-out normal images (which test images resemble) and on the bank itself; while the held-out recall's
-        lower 95 % confidence bound, or the bank's recall (its bound when the bank is sampled), is below ``recall``
-        the effort doubles (EFFORT_DOUBLINGS times at most), and when that is not enough the search becomes exact
-        (check.py). Every effort tried stays in ``search_trail`` (checkpoint, model card, report)."""
-        if not self.effort:  # exact search: asked for, or a bank too small for an index
-            return
-        held_out = self._held_out_patches(batches)
-        bank = self.memory_bank
-        trail, effort, passed = check.measure(lambda queries, e: self._search(queries, 1, e)[1], held_out, bank,
-                                              self.effort, self._effort_ceiling(), self.recall, self._exact_at)
-        self.search_trail = torch.tensor(trail, dtype=torch.float64, device=bank.device)
-        if passed:
-            self._set_effort(effort)
-            return
-        self._set_effort(0)  # exact search; the index is dropped from the checkpoint
-        self.hnsw_graph = torch.zeros(0, dtype=torch.uint8, device=bank.device)
-        self.ivf_centroids = bank.new_zeros(0, self.dim)
-        self.ivf_offsets = torch.zeros(0, dtype=torch.long, device=bank.device)
-
-    def _held_out_patches(self, batches: Iterable[Tensor]) -> Tensor:
-        """The patch features of whole held-out images, in order, up to CHECK_QUERIES of them: (M, dim)."""
-        collected, total = [], 0
-        for images in batches:
-            patches = self.embed(images).permute(0, 2, 3, 1).reshape(images.shape[0], -1, self.dim)
-            room = max(1, (CHECK_QUERIES - total) // patches.shape[1])
-            collected.append(patches[:room].reshape(-1, self.dim))
-            total += collected[-1].shape[0]
-            if total >= CHECK_QUERIES:
-                break
-        return torch.cat(collected) if collected else self.memory_bank.new_zeros(0, self.dim)
-
-    def _exact_at(self, effort: int) -> bool:
-        """Whether the search is exact by construction at ``effort``: IVF probing every cell, the projected search
-        re-ranking every bank feature (a graph walk never is)."""
-        if self.search == "ivf":
-            return effort >= self.ivf_centroids.shape[0]
-        return self.search == "projected" and effort >= self.memory_bank.shape[0]
-
-    def _effort_ceiling(self) -> int:
-        """The highest effort worth trying: every cell probed (IVF is then exact), every bank feature a candidate,
-        the HNSW ef doubled EFFORT_DOUBLINGS times."""
-        if self.search == "ivf":
-            return self.ivf_centroids.shape[0]
-        if self.search == "projected":
-            return self.memory_bank.shape[0]
-        return self.effort * 2 ** EFFORT_DOUBLINGS
-
-    def approximations(self) -> dict[str, Any]:
-        """The search: what was asked, what runs, and the recall@1 the check measured at each effort it tried
-        (with its lower 95 % confidence bound, which the check holds to ``recall``)."""
-        name = EFFORT.get(self.search)
-        record = check.describe(self.search, name and getattr(self, name), self.effort, self.search_trail.tolist(),
-                                self.memory_bank.shape[0], self.recall, INDEX_MIN_BANK)
-        if self.effort and self.search in ("hnsw", "ivf") and is_exporting():  # the graph and cells are eager-only
-            record["used"] = "exact"
-            record["summary"] = f"exact search in the exported graph (the checkpoint's: {record['summary']})"
-        return {"search": record}
+        if chosen_effort > self.effort:
+            self._set_effort(chosen_effort)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "feature_count" not in state_dict:  # fitted before updates (adkit < 0.4): update estimates it
@@ -281,43 +196,12 @@ class PatchCore(Detector):
             name = EFFORT.get(self.search)
             state_dict[prefix + "search_effort"] = torch.tensor(getattr(self, name) if indexed and name else 0)
             state_dict[prefix + "search_trail"] = torch.zeros(0, 5, dtype=torch.float64)
+        if prefix + "check_keys" not in state_dict:  # fitted before the check kept its nearest (adkit < 0.4)
+            state_dict[prefix + "check_keys"] = torch.zeros(0, dtype=torch.long)
+            state_dict[prefix + "check_nearest"] = torch.zeros(0, dtype=torch.long)
+            state_dict[prefix + "check_bank"] = torch.zeros((), dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.effort = int(self.search_effort)
-
-    def ivf_cells(self, bank: int) -> int:
-        """The cells of search=ivf for a bank of ``bank`` features: ``cells``, or about sqrt(bank) with cells=0;
-        0 (exact search) for other searches and for automatic cells on a small bank."""
-        if self.search != "ivf":
-            return 0
-        if self.cells == 0:
-            return 0 if bank < INDEX_MIN_BANK else max(self.probes, round(bank ** 0.5))
-        if bank < self.cells * IVF_MIN_CELL:
-            raise AdkitError(f"patchcore: search=ivf,cells={self.cells} needs a bank of at least "
-                             f"{self.cells * IVF_MIN_CELL} features ({IVF_MIN_CELL} a cell); this one has {bank}: use "
-                             "fewer cells, cells=0 (automatic) or search=exact")
-        return self.cells
-
-    def _nearest(self, patches: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return self._search(patches, k, self.effort)
-
-    def _search(self, patches: Tensor, k: int, effort: int) -> tuple[Tensor, Tensor]:
-        """The k nearest bank features by the fitted search at ``effort`` (ef, probes or candidates; 0: exact).
-        The graph and the cells are eager-only: an exported graph searches exactly."""
-        eager = k == 1 and not (is_exporting() or tracing())
-        if effort and eager and self.hnsw_graph.numel():
-            return knn_hnsw(patches, self._hnsw(), effort)
-        if effort and eager and self.ivf_centroids.shape[0]:
-            return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, effort)
-        if effort and self.search == "projected":
-            return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k, effort)
-        return knn(patches, self.memory_bank, k)
-
-    def _hnsw(self) -> object:
-        """The HNSW index of ``hnsw_graph``, deserialised once per graph (a restore or refit replaces it)."""
-        key = (self.hnsw_graph.data_ptr(), self.hnsw_graph.numel())
-        if self._graph is None or self._graph[0] != key:
-            self._graph = (key, hnsw_load(self.hnsw_graph))
-        return self._graph[1]
 
     def detect(self, images: Tensor) -> Detection:
         if self.memory_bank.shape[0] == 0:

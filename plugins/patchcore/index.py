@@ -1,0 +1,164 @@
+"""PatchCore's memory bank as a searchable index: the search's index built over the bank (IVF cells or an HNSW
+graph), the search at an effort, and the check that holds an approximate search to exact search on held-out normal
+patches (check.py measures, this keeps what it chose)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adkit.plugin import AdkitError, derived_seed, is_exporting
+from adkit_plugins.patchcore import check
+from adkit_plugins.patchcore.check import CHECK_QUERIES, EFFORT, EFFORT_DOUBLINGS
+from adkit_plugins.patchcore.search import (
+    hnsw_build,
+    hnsw_load,
+    ivf_index,
+    knn,
+    knn_hnsw,
+    knn_ivf,
+    knn_projected,
+    tracing,
+)
+
+# search=ivf with cells=0 (automatic): about sqrt(bank) cells, each of at least this many features on average;
+# search=ivf (automatic cells) and search=hnsw build no index for banks below INDEX_MIN_BANK features: exact search
+# of such a bank costs a few milliseconds an image
+IVF_MIN_CELL = 64
+INDEX_MIN_BANK = 4096
+
+
+class IndexedBank:
+    """What PatchCore does with its bank once it is chosen: index it, search it, check the search. A mixin of
+    PatchCore (its buffers: memory_bank, bank_projected, search_projection, ivf_*, hnsw_graph, search_effort,
+    search_trail, check_*; its parameters: search, ef, probes, candidates, cells, links, recall, seed, dim)."""
+
+    def _index(self, bank: Tensor) -> None:
+        """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked."""
+        device = bank.device
+        cells = self.ivf_cells(bank.shape[0])
+        self.ivf_centroids, self.ivf_offsets = bank.new_zeros(0, self.dim), torch.zeros(0, dtype=torch.long)
+        self.hnsw_graph = torch.zeros(0, dtype=torch.uint8)
+        if cells:
+            generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-ivf"))
+            bank, self.ivf_centroids, self.ivf_offsets = ivf_index(bank, cells, generator)
+            self._forget_check()  # the bank is stored cell by cell: its indices changed
+        self.memory_bank = bank.contiguous()
+        self.bank_projected = (bank @ self.search_projection).contiguous()
+        if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
+            self.hnsw_graph = hnsw_build(self.memory_bank, self.links).to(device)
+        indexed = self.hnsw_graph.numel() > 0 or self.ivf_centroids.shape[0] > 0 or self.search == "projected"
+        self._set_effort(getattr(self, EFFORT[self.search]) if indexed else 0)
+        self.search_trail = torch.zeros(0, 5, dtype=torch.float64, device=device)
+
+    def _forget_check(self) -> None:
+        device = self.memory_bank.device
+        self.check_keys = torch.zeros(0, dtype=torch.long, device=device)
+        self.check_nearest = torch.zeros(0, dtype=torch.long, device=device)
+        self.check_bank = torch.zeros((), dtype=torch.long, device=device)
+
+    def _set_effort(self, effort: int) -> None:
+        self.effort = int(effort)
+        self.search_effort = torch.tensor(self.effort, dtype=torch.long, device=self.memory_bank.device)
+
+    def calibrate(self, batches: Iterable[Tensor]) -> None:
+        """The search check. An approximate search's recall@1 against exact search is measured on the patches of
+        held-out normal images (which test images resemble) and on the bank itself; while the held-out recall's
+        lower 95 % confidence bound, or the bank's recall (its bound when the bank is sampled), is below ``recall``
+        the effort doubles (EFFORT_DOUBLINGS times at most), and when that is not enough the search becomes exact
+        (check.py). Every effort tried stays in ``search_trail`` (checkpoint, model card, report)."""
+        if not self.effort:  # exact search: asked for, or a bank too small for an index
+            return
+        held_out = self._held_out_patches(batches)
+        bank = self.memory_bank
+        keys = check.row_keys(held_out)
+        nearest = check.exact_nearest(held_out, bank, keys, self.check_keys, self.check_nearest, int(self.check_bank))
+        self.check_keys, self.check_nearest = keys, nearest
+        self.check_bank = torch.tensor(bank.shape[0], device=bank.device)
+        trail, effort, passed = check.measure(lambda queries, e: self._search(queries, 1, e)[1], held_out, nearest,
+                                              bank, self.effort, self._effort_ceiling(), self.recall, self._exact_at)
+        self.search_trail = torch.tensor(trail, dtype=torch.float64, device=bank.device)
+        if passed:
+            self._set_effort(effort)
+            return
+        self._set_effort(0)  # exact search; the index is dropped from the checkpoint
+        self.hnsw_graph = torch.zeros(0, dtype=torch.uint8, device=bank.device)
+        self.ivf_centroids = bank.new_zeros(0, self.dim)
+        self.ivf_offsets = torch.zeros(0, dtype=torch.long, device=bank.device)
+
+    def _held_out_patches(self, batches: Iterable[Tensor]) -> Tensor:
+        """The patch features of whole held-out images, in order, up to CHECK_QUERIES of them: (M, dim)."""
+        collected, total = [], 0
+        for images in batches:
+            patches = self.embed(images).permute(0, 2, 3, 1).reshape(images.shape[0], -1, self.dim)
+            room = max(1, (CHECK_QUERIES - total) // patches.shape[1])
+            collected.append(patches[:room].reshape(-1, self.dim))
+            total += collected[-1].shape[0]
+            if total >= CHECK_QUERIES:
+                break
+        return torch.cat(collected) if collected else self.memory_bank.new_zeros(0, self.dim)
+
+    def _exact_at(self, effort: int) -> bool:
+        """Whether the search is exact by construction at ``effort``: IVF probing every cell, the projected search
+        re-ranking every bank feature (a graph walk never is)."""
+        if self.search == "ivf":
+            return effort >= self.ivf_centroids.shape[0]
+        return self.search == "projected" and effort >= self.memory_bank.shape[0]
+
+    def _effort_ceiling(self) -> int:
+        """The highest effort worth trying: every cell probed (IVF is then exact), every bank feature a candidate,
+        the HNSW ef doubled EFFORT_DOUBLINGS times."""
+        if self.search == "ivf":
+            return self.ivf_centroids.shape[0]
+        if self.search == "projected":
+            return self.memory_bank.shape[0]
+        return self.effort * 2 ** EFFORT_DOUBLINGS
+
+    def approximations(self) -> dict[str, Any]:
+        """The search: what was asked, what runs, and the recall@1 the check measured at each effort it tried
+        (with its lower 95 % confidence bound, which the check holds to ``recall``)."""
+        name = EFFORT.get(self.search)
+        record = check.describe(self.search, name and getattr(self, name), self.effort, self.search_trail.tolist(),
+                                self.memory_bank.shape[0], self.recall, INDEX_MIN_BANK)
+        if self.effort and self.search in ("hnsw", "ivf") and is_exporting():  # the graph and cells are eager-only
+            record["used"] = "exact"
+            record["summary"] = f"exact search in the exported graph (the checkpoint's: {record['summary']})"
+        return {"search": record}
+
+    def ivf_cells(self, bank: int) -> int:
+        """The cells of search=ivf for a bank of ``bank`` features: ``cells``, or about sqrt(bank) with cells=0;
+        0 (exact search) for other searches and for automatic cells on a small bank."""
+        if self.search != "ivf":
+            return 0
+        if self.cells == 0:
+            return 0 if bank < INDEX_MIN_BANK else max(self.probes, round(bank ** 0.5))
+        if bank < self.cells * IVF_MIN_CELL:
+            raise AdkitError(f"patchcore: search=ivf,cells={self.cells} needs a bank of at least "
+                             f"{self.cells * IVF_MIN_CELL} features ({IVF_MIN_CELL} a cell); this one has {bank}: use "
+                             "fewer cells, cells=0 (automatic) or search=exact")
+        return self.cells
+
+    def _nearest(self, patches: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return self._search(patches, k, self.effort)
+
+    def _search(self, patches: Tensor, k: int, effort: int) -> tuple[Tensor, Tensor]:
+        """The k nearest bank features by the fitted search at ``effort`` (ef, probes or candidates; 0: exact).
+        The graph and the cells are eager-only: an exported graph searches exactly."""
+        eager = k == 1 and not (is_exporting() or tracing())
+        if effort and eager and self.hnsw_graph.numel():
+            return knn_hnsw(patches, self._hnsw(), effort)
+        if effort and eager and self.ivf_centroids.shape[0]:
+            return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, effort)
+        if effort and self.search == "projected":
+            return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k, effort)
+        return knn(patches, self.memory_bank, k)
+
+    def _hnsw(self) -> object:
+        """The HNSW index of ``hnsw_graph``, deserialised once per graph (a restore or refit replaces it)."""
+        key = (self.hnsw_graph.data_ptr(), self.hnsw_graph.numel())
+        if self._graph is None or self._graph[0] != key:
+            self._graph = (key, hnsw_load(self.hnsw_graph))
+        return self._graph[1]
