@@ -155,3 +155,17 @@ def test_row_keys_ignore_the_batch_a_row_came_in():
     keys = row_keys(rows)
     assert torch.equal(row_keys(rows[10:20]), keys[10:20]) and keys.unique().numel() == 64
     assert not torch.equal(row_keys(rows * -1), keys)
+
+
+def test_a_graph_extended_by_an_update_finds_every_feature_as_a_rebuilt_one_does():
+    from adkit_plugins.patchcore.search import hnsw_build, hnsw_load, knn_hnsw
+
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(3000, 16, generator=g)
+    first = hnsw_build(bank[:2000], 16)
+    extended = hnsw_build(bank, 16, first)
+    assert torch.equal(extended, hnsw_build(bank, 16, first))  # deterministic
+    index = hnsw_load(extended)
+    assert index.ntotal == 3000
+    _, found_index = knn_hnsw(bank, index, 64)
+    assert (found_index[:, 0] == torch.arange(3000)).float().mean() >= 0.999  # every feature, old and added

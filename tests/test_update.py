@@ -163,21 +163,62 @@ def test_patchcore_updates_check_its_graph_from_the_last_checks_nearest(tiny_cat
     from adkit_plugins.patchcore.search import direct_distances, knn
 
     monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
-    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=1")
+    # recall=0: the graph is kept (512 held-out patches cannot bound a recall of 0.999), the check still runs
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=4,recall=0")
     held = images(2, 5)
     train_detector(detector, images(4, 0), TrainSettings(steps=1, batch_size=4), torch.device("cpu"),
                    tmp_path / "fit.pt", meta={}, held_out=held)
     fitted_effort, fitted_bank = detector.effort, int(detector.check_bank)
+    assert fitted_effort and detector.hnsw_graph.numel()  # a graph: the update's greedy starts from its bounds
     assert fitted_bank == detector.memory_bank.shape[0] and detector.check_keys.numel() == 2 * 256
     searched = []
     original = module.check.knn
     monkeypatch.setattr(module.check, "knn", lambda q, b, k=1: searched.append(b.shape[0]) or original(q, b, k))
+    before = detector.memory_bank.clone()
     update_detector(detector, images(3, 1), 4, torch.device("cpu"), held_out=held)
     bank = detector.memory_bank
     assert searched == [bank.shape[0] - fitted_bank]  # only the added features were searched
+    # the greedy continued from the graph's bounds chose what it chooses from the exact distances
+    from adkit.run.engine import derived_seed
+    from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
+
+    with torch.inference_mode():
+        new = detector.embed(images(3, 1)).permute(0, 2, 3, 1).reshape(-1, 6)
+    generator = torch.Generator().manual_seed(derived_seed(0, "patchcore-coreset"))
+    projection = random_projection(6, 128, generator, torch.device("cpu"))
+    start = knn(new @ projection, before @ projection, 1)[0][:, 0].pow(2)
+    chosen = partitioned_greedy_coreset(new @ projection, bank.shape[0] - before.shape[0], generator, 16384, start)
+    torch.testing.assert_close(bank[before.shape[0]:], new[chosen])
     with torch.inference_mode():
         patches = detector.embed(held).permute(0, 2, 3, 1).reshape(-1, 6)
     exact = knn(patches, bank, 1)[1][:, 0]
     torch.testing.assert_close(direct_distances(patches, bank, detector.check_nearest),
                                direct_distances(patches, bank, exact))
-    assert detector.search_trail[0, 0] >= fitted_effort or detector.effort == 0
+    assert detector.search_trail[0, 0] == fitted_effort  # the check started where the last one ended
+
+
+def test_the_greedy_continued_from_upper_bounds_chooses_what_the_distances_choose():
+    """An update's greedy starts from upper bounds of the new patches' distances to the bank (the graph's
+    nearest) and searches the whole bank only for the patches that come to lead: the same selection as from the
+    distances themselves, partitioned or not, and far fewer patches searched."""
+    from adkit_plugins.patchcore.coreset import greedy_coreset, partitioned_greedy_coreset
+    from adkit_plugins.patchcore.search import knn
+
+    g = torch.Generator().manual_seed(4)
+    bank, new = torch.randn(2000, 8, generator=g), torch.randn(3000, 8, generator=g) * 1.2
+    distances = knn(new, bank, 1)[0][:, 0].pow(2)
+    loose = (new - bank[torch.randint(0, 2000, (3000,), generator=g)]).pow(2).sum(1)  # any bank feature: a bound
+    bounds = torch.minimum(loose, distances * (1 + torch.rand(3000, generator=g)))  # bounds of mixed tightness
+    searched = []
+
+    def exact(rows):
+        searched.append(rows.numel())
+        return knn(new[rows], bank, 1)[0][:, 0].pow(2)
+
+    for partition in (0, 1000):
+        reference = partitioned_greedy_coreset(new, 300, torch.Generator().manual_seed(0), partition, distances)
+        lazy = partitioned_greedy_coreset(new, 300, torch.Generator().manual_seed(0), partition, bounds, exact)
+        assert torch.equal(lazy, reference)
+    assert sum(searched) < 2 * 3000  # two selections, each searching well under all 3,000 patches
+    assert torch.equal(greedy_coreset(new, 50, torch.Generator(), distances),
+                       greedy_coreset(new, 50, torch.Generator(), bounds, exact))

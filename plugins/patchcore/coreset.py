@@ -7,6 +7,8 @@ count x N x projection multiply-adds and one (N,) vector of running minimum dist
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -17,14 +19,24 @@ def random_projection(dim: int, target: int, generator: torch.Generator, device:
     return (matrix / target ** 0.5).to(device)
 
 
+# upper bounds are refined this many points at a time (one product with the earlier centres)
+REFINE_BATCH = 256
+
+
 def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
-                   nearest: Tensor | None = None) -> Tensor:
+                   nearest: Tensor | None = None, exact: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Indices (count,) of a greedy k-centre subset of ``features`` (N, d), the first drawn with ``generator``;
     or, given ``nearest`` (N,), the squared distances of the points to centres chosen before (a bank being
     extended), the first is the point farthest from those and the selection continues theirs.
 
     Each step computes the squared distance of every point to the newest centre as |x|^2 - 2 x.c + |c|^2 (one
     matrix-vector product) and keeps the running minimum over the centres; the next centre is its argmax.
+
+    With ``exact``, ``nearest`` holds upper bounds of those distances and ``exact(indices)`` the distances
+    themselves (the earlier centres being many, a bank): a point's bound is replaced by its distance only when
+    the point leads the running minimum (REFINE_BATCH leaders at a time). A leader whose distance is known is the
+    argmax of the true running minimum (every other point's value is at most its bound), so the selection is the
+    one the distances themselves give, at the cost of the distances of the points that came to lead.
     """
     n = features.shape[0]
     if not 0 < count <= n:
@@ -32,14 +44,25 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
     features = features.float()
     norms = features.pow(2).sum(dim=1)
     chosen = torch.empty(count, dtype=torch.long, device=features.device)
+    known = torch.ones(n, dtype=torch.bool, device=features.device) if exact is None else \
+        torch.zeros(n, dtype=torch.bool, device=features.device)
     if nearest is None:
         nearest = torch.full((n,), float("inf"), device=features.device)
         index = torch.randint(n, (1,), generator=generator, device=generator.device).to(features.device)[0]
     else:
         nearest = nearest.float().to(features.device).clone()
         index = torch.argmax(nearest)
-    for i in range(count):
+    i = 0
+    while i < count:
+        if not known[index]:  # refine the leaders' bounds, then look again
+            leaders = torch.topk(torch.where(known, -1.0, nearest), min(REFINE_BATCH, int((~known).sum()))).indices
+            leaders = leaders[~known[leaders]]
+            nearest[leaders] = torch.minimum(nearest[leaders], exact(leaders).float().to(features.device))
+            known[leaders] = True
+            index = torch.argmax(nearest)
+            continue
         chosen[i] = index
+        i += 1
         centre = features[index]
         distance = torch.addmv(norms + norms[index], features, centre, alpha=-2.0)
         torch.minimum(nearest, distance, out=nearest)
@@ -48,16 +71,18 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
 
 
 def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Generator, partition: int,
-                               nearest: Tensor | None = None) -> Tensor:
+                               nearest: Tensor | None = None,
+                               exact: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Greedy coresets of random partitions of at most ``partition`` points, each keeping its share of ``count``;
     their union, indices (count,). Exact greedy costs count x N x d for N points, and each step streams all N
     projected features from memory; on partitions that fit the processor's cache it costs N / partition times
     less and runs from cache. The union of per-partition greedy k-centre sets is a composable coreset (Indyk et
     al., PODS 2014): a constant-factor approximation of the whole set's cover radius. ``partition >= N`` is the
-    exact greedy. ``nearest`` (N,): as in ``greedy_coreset``, each partition continuing the earlier centres."""
+    exact greedy. ``nearest`` (N,) and ``exact``: as in ``greedy_coreset``, each partition continuing the earlier
+    centres (``exact`` takes indices into ``features``)."""
     n = features.shape[0]
     if partition <= 0 or partition >= n:
-        return greedy_coreset(features, count, generator, nearest)
+        return greedy_coreset(features, count, generator, nearest, exact)
     groups = -(-n // partition)
     order = torch.randperm(n, generator=generator, device=generator.device).to(features.device)
     bounds = [round(i * n / groups) for i in range(groups + 1)]
@@ -67,7 +92,8 @@ def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Ge
         if share:
             members = order[bounds[i]:bounds[i + 1]]
             start = None if nearest is None else nearest[members]
-            chosen.append(members[greedy_coreset(features[members], share, generator, start)])
+            mine = None if exact is None else (lambda rows, members=members: exact(members[rows]))
+            chosen.append(members[greedy_coreset(features[members], share, generator, start, mine)])
     return torch.cat(chosen)
 
 

@@ -11,7 +11,7 @@ score is the paper's re-weighted maximum (or the plain maximum).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar, Literal
 
 import torch
@@ -33,9 +33,14 @@ from adkit.plugin import (
 from adkit_plugins.patchcore.check import EFFORT
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.index import IndexedBank
-from adkit_plugins.patchcore.search import (
-    knn,
-)
+from adkit_plugins.patchcore.search import knn
+
+# the upper bounds an update's greedy starts from exceed the graph's nearest feature's distance by this share of
+# the two squared norms: more than the rounding of the distances they stand in for
+BOUND_MARGIN = 1e-4
+# the graph's search effort for those bounds: a bound need not be tight, and a loose one only costs the patch an
+# exact search should it come to lead
+BOUND_EFFORT = 16
 
 
 def memory_limit_bytes() -> int:
@@ -161,8 +166,8 @@ class PatchCore(IndexedBank, Detector):
         """Add normal images: the bank's budget stays ``coreset`` of all the patch features it was chosen from, and
         the new patches fill the difference by the same greedy rule, continued: each next one is the new patch
         farthest (in the same random projection) from the bank and from those added before it. The bank keeps
-        every feature it had; the index is built again and checked by ``calibrate``, from the effort the last
-        check chose (a bank that grew needs no less)."""
+        every feature it had; the index takes the added ones (the graph inserts them, IVF's cells are built again)
+        and is checked by ``calibrate``, from the effort the last check chose (a bank that grew needs no less)."""
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("patchcore: fit() must run before update()")
         collected = [self.embed(images).permute(0, 2, 3, 1).reshape(-1, self.dim) for images in batches]
@@ -177,15 +182,32 @@ class PatchCore(IndexedBank, Detector):
             device = bank.device
             generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-coreset"))
             projection = random_projection(self.dim, self.projection_dim, generator, device)  # the fit's
-            projected = new @ projection
-            before = knn(projected, bank @ projection, 1)[0][:, 0].pow(2)  # squared, as the greedy's distances
-            chosen = partitioned_greedy_coreset(projected, add, generator, self.partition, before)
+            projected, bank_projected = new @ projection, bank @ projection
+            chosen = partitioned_greedy_coreset(projected, add, generator, self.partition,
+                                                *self._distances_to_bank(new, projected, bank_projected))
             bank = torch.cat([bank, new[chosen]])
         self.feature_count = torch.tensor(total, device=bank.device)
         chosen_effort = self.effort
-        self._index(bank)
+        self._index(bank, extends=self.memory_bank.shape[0])
         if chosen_effort > self.effort:
             self._set_effort(chosen_effort)
+
+    def _distances_to_bank(self, new: Tensor, projected: Tensor, bank_projected: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
+        """The greedy continuation's start: each new patch's squared distance, in the projection, to its nearest
+        bank feature (as ``knn`` computes it). With a graph over the bank, upper bounds and the exact distances
+        on demand (greedy_coreset's ``exact``): the projected distance to the feature the graph finds nearest
+        (any bank feature's distance bounds the nearest one's; a margin covers rounding) stands in until a patch
+        could be chosen, so only those patches are searched against the whole bank."""
+        def exact(rows: Tensor) -> Tensor:
+            return knn(projected[rows], bank_projected, 1)[0][:, 0].pow(2)
+
+        if not self.hnsw_graph.numel() or not self.effort:
+            return exact(torch.arange(projected.shape[0], device=projected.device)), None
+        near = self._search(new, 1, min(self.effort, BOUND_EFFORT))[1][:, 0]
+        nearest = bank_projected[near]
+        # knn's |q|^2 - 2 q.b + |b|^2 errs by up to about d * eps * (|q|^2 + |b|^2): the margin covers it
+        margin = BOUND_MARGIN * (projected.pow(2).sum(1) + nearest.pow(2).sum(1))
+        return (projected - nearest).pow(2).sum(1) + margin, exact
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "feature_count" not in state_dict:  # fitted before updates (adkit < 0.4): update estimates it

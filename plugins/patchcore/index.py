@@ -36,10 +36,13 @@ class IndexedBank:
     PatchCore (its buffers: memory_bank, bank_projected, search_projection, ivf_*, hnsw_graph, search_effort,
     search_trail, check_*; its parameters: search, ef, probes, candidates, cells, links, recall, seed, dim)."""
 
-    def _index(self, bank: Tensor) -> None:
-        """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked."""
+    def _index(self, bank: Tensor, extends: int = 0) -> None:
+        """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked.
+        ``extends``: the bank's first rows are the bank indexed now (an update), whose graph is extended."""
         device = bank.device
         cells = self.ivf_cells(bank.shape[0])
+        graph = self.hnsw_graph.cpu()
+        extend = extends and graph.numel() > 0 and self._hnsw().ntotal == extends
         self.ivf_centroids, self.ivf_offsets = bank.new_zeros(0, self.dim), torch.zeros(0, dtype=torch.long)
         self.hnsw_graph = torch.zeros(0, dtype=torch.uint8)
         if cells:
@@ -49,7 +52,7 @@ class IndexedBank:
         self.memory_bank = bank.contiguous()
         self.bank_projected = (bank @ self.search_projection).contiguous()
         if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
-            self.hnsw_graph = hnsw_build(self.memory_bank, self.links).to(device)
+            self.hnsw_graph = hnsw_build(self.memory_bank, self.links, graph if extend else None).to(device)
         indexed = self.hnsw_graph.numel() > 0 or self.ivf_centroids.shape[0] > 0 or self.search == "projected"
         self._set_effort(getattr(self, EFFORT[self.search]) if indexed else 0)
         self.search_trail = torch.zeros(0, 5, dtype=torch.float64, device=device)
