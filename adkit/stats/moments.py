@@ -40,11 +40,13 @@ class Moments:
         n |e|^2 e, sum |y + e|^4 = Q + 4 T.e + 4 e^T S e + 2 |e|^2 tr S + n |e|^4 (the sums of y vanish)."""
         e = self.mean - centre
         n = self.count
-        ee = (e * e).sum(-1)
-        se = (self.scatter @ e.unsqueeze(-1)).squeeze(-1)
-        scatter = self.scatter + n * e.unsqueeze(-1) * e.unsqueeze(-2)
+        d = e.shape[-1]
+        scatter = torch.baddbmm(self.scatter.to(e.dtype).reshape(-1, d, d), e.reshape(-1, d, 1), e.reshape(-1, 1, d),
+                                alpha=n).view(self.scatter.shape)
         if not self.fourth:
             return Moments(n, self.mean, scatter)
+        ee = (e * e).sum(-1)
+        se = (self.scatter @ e.unsqueeze(-1)).squeeze(-1)
         trace = torch.diagonal(self.scatter, dim1=-2, dim2=-1).sum(-1)
         cube = self.cube + trace.unsqueeze(-1) * e + 2 * se + n * ee.unsqueeze(-1) * e
         quartic = self.quartic + 4 * (self.cube * e).sum(-1) + 4 * (e * se).sum(-1) + 2 * ee * trace + n * ee * ee
@@ -76,7 +78,7 @@ def merge(a: Moments, b: Moments) -> Moments:
     mean = (a.count * a.mean.double() + b.count * b.mean.double()) / count
     sa, sb = a.shifted(mean), b.shifted(mean)
     if not a.fourth:
-        return Moments(count, mean, sa.scatter + sb.scatter)
+        return Moments(count, mean, sa.scatter.add_(sb.scatter))
     return Moments(count, mean, sa.scatter + sb.scatter, sa.cube + sb.cube, sa.quartic + sb.quartic)
 
 

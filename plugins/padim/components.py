@@ -142,9 +142,9 @@ class PaDiM(Detector):
         self.count = torch.tensor(stats.count, device=self.channels.device)
         self.mean = stats.mean.float()
         self.scatter = stats.scatter.float()
-        covariance = self.scatter.double() / (stats.count - 1)
-        covariance += self.regularisation * torch.eye(self.features, dtype=covariance.dtype, device=covariance.device)
-        self.inverse_covariance = torch.cholesky_inverse(torch.linalg.cholesky(covariance)).float()
+        covariance = self.scatter.double().div_(stats.count - 1)
+        covariance.diagonal(dim1=-2, dim2=-1).add_(self.regularisation)
+        self.inverse_covariance = torch.linalg.inv(covariance).float()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "inverse_covariance" in state_dict and prefix + "scatter" not in state_dict
