@@ -49,6 +49,8 @@ def test_padim_updated_in_two_steps_is_the_fit_on_all_images(tiny_catalog, tmp_p
     reference = np.stack([np.cov(embeddings[:, :, p].T) for p in range(embeddings.shape[2])])
     np.testing.assert_allclose(covariance.numpy(), reference, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(maps, whole.anomaly_map(test), rtol=1e-4, atol=1e-4)
+    # row-major inverses, fitted and updated: LAPACK's column-major batch made every Mahalanobis product slow
+    assert updated.inverse_covariance.is_contiguous() and whole.inverse_covariance.is_contiguous()
 
 
 def test_feature_energy_bases_updated_are_the_fit_on_all_images(tiny_catalog, tmp_path):
