@@ -168,7 +168,8 @@ class PaDiM(Detector):
         if h * w != self.mean.shape[0]:
             raise AdkitError(f"padim was fitted on a {self.mean.shape[0]}-position grid; these images give {h}x{w}: "
                              "use the image size it was fitted with")
-        delta = embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None, :]  # (positions, B, d)
+        # (positions, B, d), row-major: the batched products run several times slower on a strided operand
+        delta = (embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None, :]).contiguous()
         squared = torch.einsum("pbi,pij,pbj->pb", delta, self.inverse_covariance, delta).clamp_min(0)
         distance = squared.sqrt().T.reshape(b, 1, h, w)
         anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
