@@ -44,8 +44,7 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
     features = features.float()
     norms = features.pow(2).sum(dim=1)
     chosen = torch.empty(count, dtype=torch.long, device=features.device)
-    known = torch.ones(n, dtype=torch.bool, device=features.device) if exact is None else \
-        torch.zeros(n, dtype=torch.bool, device=features.device)
+    known = torch.full((n,), exact is None, dtype=torch.bool, device=features.device)
     if nearest is None:
         nearest = torch.full((n,), float("inf"), device=features.device)
         index = torch.randint(n, (1,), generator=generator, device=generator.device).to(features.device)[0]
@@ -55,8 +54,8 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
     i = 0
     while i < count:
         if not known[index]:  # refine the leaders' bounds, then look again
+            # distances are >= 0: the top ones of this are unknown points only
             leaders = torch.topk(torch.where(known, -1.0, nearest), min(REFINE_BATCH, int((~known).sum()))).indices
-            leaders = leaders[~known[leaders]]
             nearest[leaders] = torch.minimum(nearest[leaders], exact(leaders).float().to(features.device))
             known[leaders] = True
             index = torch.argmax(nearest)
