@@ -39,9 +39,12 @@ PIPELINES = {  # name: (run arguments, image size)
     "feature-ebm-patch": (["--detector", "feature-ebm-patch:buffer_size=64,steps_batch=16", "--steps", "2"], 64),
     "feature-ebm-image": (["--detector", "feature-ebm-image:buffer_size=64,steps_batch=16", "--steps", "2"], 64),
     "supersimplenet": (["--detector", "supersimplenet:hidden=16,dec=8", "--steps", "3", "--batch-size", "4"], 64),
+    # PatchCore with a bank of labelled defects' patches (2 defective images moved from the test split)
+    "patchcore-defects": (["--detector", "patchcore"], 64),
     # tiled: 2 x 2 tiles of 64 px over a 96 px input, stitched inside the exported graph
     "padim-tiled": (["--detector", "padim", "--tile", "64", "--overlap", "0.5"], 96),
 }
+PIPELINE_DATA = {"patchcore-defects": DATA + ",train_defects=2"}  # other pipelines: DATA
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     checkpoints = {}
     for name, (args, size) in PIPELINES.items():
-        code, _, err = invoke("run", *args, "--data", DATA, "--category", "tile", "--image-size", str(size),
+        code, _, err = invoke("run", *args, "--data", PIPELINE_DATA.get(name, DATA), "--category", "tile", "--image-size", str(size),
                               "--out", str(root / name))
         assert code == 0, err
         checkpoints[name] = root / name / "tile" / "checkpoint.pt"

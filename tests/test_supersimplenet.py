@@ -76,8 +76,8 @@ def test_labelled_defects_reach_training_and_leave_the_test_split(invoke, tmp_pa
 
 def test_train_defects_errors_are_one_line_and_write_nothing(invoke, tmp_path):
     cases = [
-        (["--detector", "patchcore", "--data", "synthetic:size=32,n_train=6,n_test=8,train_defects=2"],
-         "which patchcore cannot learn from; drop train_defects, or use a detector that can (supersimplenet)"),
+        (["--detector", "padim", "--data", "synthetic:size=32,n_train=6,n_test=8,train_defects=2"],
+         "which padim cannot learn from; drop train_defects, or use a detector that can (patchcore, supersimplenet)"),
         (["--detector", "supersimplenet", "--data", "synthetic:size=32,n_train=6,n_test=8,train_defects=4"],
          "train_defects=4, but the test split holds 4 defective images and at least one must stay"),
     ]

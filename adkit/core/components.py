@@ -65,11 +65,12 @@ class DetectorContext:
 class LabelledDefects:
     """Defective training images a line has labelled (a dataset's ``train_defects``): images (N, 3, H, W) in
     [0, 1], masks (N, 1, H, W) in {0, 1} (zeros where unknown) and ``masked`` (N,) bool, whether an image's mask
-    is known (else only its label is: weak supervision)."""
+    is known (else only its label is: weak supervision); ``tiles`` rows in a row are one image's tiles."""
 
     images: Tensor
     masks: Tensor
     masked: Tensor
+    tiles: int = 1  # consecutive rows per image (its tiles, where the geometry tiles)
 
 
 @dataclass
@@ -206,7 +207,8 @@ class Detector(nn.Module, Exportable, ABC):
 
     def fit(self, batches: Iterable[Tensor]) -> None:
         """Fit a statistical detector on batches of normal images (B, 3, H, W). The engine calls it in eval mode
-        under ``torch.inference_mode``."""
+        under ``torch.inference_mode``; a detector that declares ``uses_defects`` takes ``defects`` as well
+        (LabelledDefects or None), as ``on_train_start`` does."""
         raise NotImplementedError(f"{type(self).__name__} is trained by gradient steps, not fit()")
 
     def update(self, batches: Iterable[Tensor]) -> None:

@@ -65,4 +65,4 @@ def load_defects(samples: list[Sample], geometry: Geometry, skip_bad: bool = Fal
     masked = torch.tensor([s.mask is not None for s in loaded.samples])
     images, masks = geometry.tiles(loaded.images), geometry.tiles(loaded.masks)
     per_image = images.shape[0] // max(1, len(loaded.samples))
-    return LabelledDefects(images, masks, masked.repeat_interleave(per_image))
+    return LabelledDefects(images, masks, masked.repeat_interleave(per_image), tiles=per_image)

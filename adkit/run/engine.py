@@ -163,7 +163,10 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         detector.eval()
         mine = images[distributed.shard(images.shape[0])] if detector.fit_shards else images
         with torch.inference_mode(), autocast(device, settings.precision):
-            detector.fit(_batches(mine, settings.batch_size, device))
+            if detector.uses_defects:  # labelled defective images, for the detectors that learn from them
+                detector.fit(_batches(mine, settings.batch_size, device), defects=defects)
+            else:
+                detector.fit(_batches(mine, settings.batch_size, device))
             checked = images if held_out is None else held_out
             detector.calibrate(_batches(checked, settings.batch_size, device))
             choose_backbone_precision(detector, lambda: _batches(checked, settings.batch_size, device),

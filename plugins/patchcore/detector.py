@@ -5,7 +5,9 @@ fit: locally aware patch features of every training image -> greedy coreset on a
 bank -> search index. calibrate: the index's recall@1 against exact search on held-out normal patches and on the
 bank, its effort raised until both reach ``recall`` or exact search instead. detect: distance of each test patch
 to its nearest bank feature is the patch map, upsampled to the image and Gaussian-smoothed (sigma 4); the image
-score is the paper's re-weighted maximum (or the plain maximum).
+score is the paper's re-weighted maximum (or the plain maximum). With labelled defects (a dataset's train_defects)
+the patches' distances are weighted by their nearness to the defects' patches (defects.py) and the image score is
+their maximum.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from adkit.plugin import (
     Detection,
     Detector,
     DetectorContext,
+    LabelledDefects,
     build_backbone,
     check_layers,
     derived_seed,
@@ -32,6 +35,7 @@ from adkit.plugin import (
 )
 from adkit_plugins.patchcore.check import EFFORT
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
+from adkit_plugins.patchcore.defects import defect_patches, weighted_by_defects
 from adkit_plugins.patchcore.index import IndexedBank
 from adkit_plugins.patchcore.search import knn
 
@@ -63,9 +67,11 @@ class PatchCore(IndexedBank, Detector):
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected", "ivf_centroids", "ivf_offsets",
-                                                 "hnsw_graph", "search_trail", "check_keys", "check_nearest")
+                                                 "hnsw_graph", "search_trail", "check_keys", "check_nearest",
+                                                 "defect_bank")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
     updatable = True  # new images' patches join the bank by the coreset rule, continuing the fitted selection
+    uses_defects = True  # labelled defects' patches make a second bank that re-weights the distances (defects.py)
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), dim: int = 128,
                  coreset: float = 0.1, projection: int = 128, partition: int = 16384, neighbours: int = 9,
@@ -121,6 +127,8 @@ class PatchCore(IndexedBank, Detector):
         self.register_buffer("check_keys", torch.zeros(0, dtype=torch.long))
         self.register_buffer("check_nearest", torch.zeros(0, dtype=torch.long))
         self.register_buffer("check_bank", torch.zeros((), dtype=torch.long))
+        # the labelled defects' patch features (defects.py); empty: none were given, the distances stand alone
+        self.register_buffer("defect_bank", torch.zeros(0, dim))
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -132,7 +140,7 @@ class PatchCore(IndexedBank, Detector):
         """Locally aware patch features (B, dim, h, w): adkit.core.features.locally_aware_patches."""
         return locally_aware_patches(self.backbone, images, self.layers, self.dim)
 
-    def fit(self, batches: Iterable[Tensor]) -> None:
+    def fit(self, batches: Iterable[Tensor], defects: LabelledDefects | None = None) -> None:
         limit = memory_limit_bytes()
         collected: list[Tensor] = []
         total = 0
@@ -161,6 +169,9 @@ class PatchCore(IndexedBank, Detector):
         self.feature_count = torch.tensor(features.shape[0], device=device)
         self._forget_check()
         self._index(bank)
+        chosen = defect_patches(defects, lambda images: self.embed(images.to(device)),
+                                lambda patches: knn(patches, bank, 1)[0][:, 0])
+        self.defect_bank = chosen.to(device) if chosen.numel() else torch.zeros(0, self.dim, device=device)
 
     def update(self, batches: Iterable[Tensor]) -> None:
         """Add normal images: the bank's budget stays ``coreset`` of all the patch features it was chosen from, and
@@ -222,6 +233,8 @@ class PatchCore(IndexedBank, Detector):
             state_dict[prefix + "check_keys"] = torch.zeros(0, dtype=torch.long)
             state_dict[prefix + "check_nearest"] = torch.zeros(0, dtype=torch.long)
             state_dict[prefix + "check_bank"] = torch.zeros((), dtype=torch.long)
+        if prefix + "defect_bank" not in state_dict:  # fitted before labelled defects (adkit < 0.4)
+            state_dict[prefix + "defect_bank"] = torch.zeros(0, self.dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.effort = int(self.search_effort)
 
@@ -233,10 +246,12 @@ class PatchCore(IndexedBank, Detector):
         patches = embedding.permute(0, 2, 3, 1).reshape(-1, self.dim)
         distance, index = self._nearest(patches, 1)
         patch_scores = distance[:, 0].view(b, h * w)
+        if self.defect_bank.shape[0]:
+            patch_scores = weighted_by_defects(patch_scores, knn(patches, self.defect_bank, 1)[0][:, 0].view(b, h * w))
         anomaly_map = F.interpolate(patch_scores.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear",
                                     align_corners=False)
         top, where = patch_scores.max(dim=1)
-        if self.score_mode == "max":
+        if self.score_mode == "max" or self.defect_bank.shape[0]:  # the re-weighting reads the normal bank alone
             return Detection(anomaly_map, top)
         # m_test* (the most anomalous patch) and m* (its nearest bank feature), by gather rather than arange(b)
         # indexing, which a traced graph would freeze at the traced batch size
