@@ -202,19 +202,23 @@ def predict(config: RunConfig, checkpoint: str | None, model: str | None, save_m
 @run_options
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The fitted model to add to.")
 @click.option("--from-feedback", type=click.Path(file_okay=False),
-              help="adkit serve's RESULTS_DIR/<product>: add the kept images the line reported as false alarms.")
+              help="adkit serve's RESULTS_DIR/<product>: add the kept images the line reported as false alarms "
+                   "(and, to a detector that learns from defects, those reported defective).")
+@click.option("--defects", multiple=True, type=click.Path(),
+              help="Labelled defective images (files or folders) for a detector that learns from them (patchcore).")
 @click.argument("images", nargs=-1, type=click.Path())
-def update(config: RunConfig, checkpoint: str, from_feedback: str | None, images: tuple[str, ...]) -> None:
+def update(config: RunConfig, checkpoint: str, from_feedback: str | None, defects: tuple[str, ...],
+           images: tuple[str, ...]) -> None:
     """Add good images (files or folders) to a fitted model without refitting it: a new version (checkpoint and
     threshold) beside the old one, or in --out, with its lineage."""
     from adkit import api
     from adkit.core.errors import AdkitError
 
-    if not images and not from_feedback:
-        raise AdkitError("update: give the good images to add (files or folders), or --from-feedback DIR")
+    if not images and not from_feedback and not defects:
+        raise AdkitError("update: give the good images to add (files or folders), --defects, or --from-feedback DIR")
     api.update(config, checkpoint=Path(checkpoint), images=[Path(p) for p in images],
                out=Path(config.out) if config.out else None,
-               from_feedback=Path(from_feedback) if from_feedback else None)
+               from_feedback=Path(from_feedback) if from_feedback else None, defects=[Path(p) for p in defects])
 
 
 @cli.command()

@@ -102,3 +102,66 @@ def test_a_run_learns_from_defects_and_tests_on_the_rest(invoke, tmp_path):
     assert result["train_defects"] == 2 and result["n_anomalous"] == 5 - 2
     payload = load_checkpoint(tmp_path / "run" / "tile" / "checkpoint.pt")
     assert payload["model"]["defect_bank"].shape[0] >= 2
+
+
+def test_an_update_adds_labelled_defects_by_the_fits_rule(tiny_catalog, tmp_path):  # noqa: F811
+    from adkit.run.engine import update_detector
+
+    spec = "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5"
+    detector = set_up(tiny_catalog, spec)
+    train_detector(detector, images(4, 0), TrainSettings(steps=1, batch_size=4), torch.device("cpu"),
+                   tmp_path / "c.pt", meta={})
+    assert detector.defect_bank.shape == (0, 6)
+    defective, masks = tiny_defects(2, 32, "tile")
+    defects = LabelledDefects(defective, masks, torch.tensor([True, False]))
+    update_detector(detector, images(2, 5), 4, torch.device("cpu"), defects=defects)
+    with torch.inference_mode():
+        expected = defect_patches(defects, detector.embed,
+                                  lambda p: torch.cdist(p, detector.memory_bank).min(dim=1).values)
+    torch.testing.assert_close(detector.defect_bank, expected)
+    assert int(detector.feature_count) == 6 * 256  # the good images were added too
+    update_detector(detector, images(0, 0), 4, torch.device("cpu"), defects=defects)  # defects alone
+    assert detector.defect_bank.shape[0] == 2 * expected.shape[0]
+
+
+def test_adkit_update_learns_from_labelled_defects_and_refuses_them_where_it_cannot(invoke, tmp_path):
+    from adkit.data.io import save_image
+
+    data = "synthetic:size=32,n_train=10,n_test=6"
+    for detector in ("patchcore", "padim:features=20"):
+        code, _, err = invoke("run", "--detector", detector, "--data", data, "--category", "tile", "--image-size",
+                              "32", "--out", str(tmp_path / detector[:5]))
+        assert code == 0, err
+    folder = tmp_path / "reported"
+    folder.mkdir()
+    for i, image in enumerate(tiny_defects(3, 32, "tile", seed=4)[0]):
+        save_image(image, folder / f"bad{i}.png")
+    checkpoint = tmp_path / "patch" / "tile" / "checkpoint.pt"
+    code, _, err = invoke("update", "--checkpoint", str(checkpoint), "--defects", str(folder))
+    assert code == 0, err
+    assert "and 3 labelled defects" in " ".join(err.split())
+    payload = load_checkpoint(tmp_path / "patch" / "tile@2" / "checkpoint.pt")
+    assert payload["model"]["defect_bank"].shape[0] == 3  # labels only: one patch an image
+    step = payload["meta"]["lineage"][0]
+    assert step["defects_added"] == 3 and len(step["defects_sha256"]) == 3 and step["added"] == 0
+    code, _, err = invoke("update", "--checkpoint", str(tmp_path / "padim" / "tile" / "checkpoint.pt"), "--defects",
+                          str(folder))
+    assert code != 0 and "padim cannot learn from labelled defects: drop --defects" in " ".join(err.split())
+    assert not (tmp_path / "padim" / "tile@2").exists() and "Traceback" not in err
+    # the line's reports: a defect reported with its image joins the bank; padim only scores it
+    import hashlib
+
+    results = tmp_path / "results" / "tile"
+    (results / "images").mkdir(parents=True)
+    save_image(tiny_defects(1, 32, "tile", seed=9)[0][0], results / "images" / "x.png")
+    digest = hashlib.sha256((results / "images" / "x.png").read_bytes()).hexdigest()
+    (results / "feedback.jsonl").write_text(json.dumps({"image_sha256": digest, "label": "defect",
+                                                        "image": "images/x.png"}) + "\n")
+    code, _, err = invoke("update", "--checkpoint", str(checkpoint), "--from-feedback", str(results), "--out",
+                          str(tmp_path / "fed"))
+    assert code == 0, err
+    assert "(it learned from them)" in " ".join(err.split())
+    assert load_checkpoint(tmp_path / "fed" / "checkpoint.pt")["model"]["defect_bank"].shape[0] == 1
+    code, _, err = invoke("update", "--checkpoint", str(tmp_path / "padim" / "tile" / "checkpoint.pt"),
+                          "--from-feedback", str(results))
+    assert code != 0 and "no report of a false alarm whose image was kept" in " ".join(err.split())

@@ -214,7 +214,8 @@ class Detector(nn.Module, Exportable, ABC):
     def update(self, batches: Iterable[Tensor]) -> None:
         """Add batches of normal images (B, 3, H, W) to a fitted detector without refitting it from scratch
         (``adkit update``), for a detector that declares ``updatable``: merged moments, a memory bank extended by
-        its selection rule. Called like ``fit`` (eval mode, inference mode), then ``calibrate``."""
+        its selection rule. Called like ``fit`` (eval mode, inference mode; ``defects`` too where it declares
+        ``uses_defects``: labelled defects to learn from, or None), then ``calibrate``."""
         raise NotImplementedError(f"{type(self).__name__} declares no update (updatable = False)")
 
     def calibrate(self, batches: Iterable[Tensor]) -> None:

@@ -240,13 +240,17 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
 
 
 def update_detector(detector: Detector, images: Tensor, batch_size: int, device: torch.device,
-                    held_out: Tensor | None = None) -> None:
+                    held_out: Tensor | None = None, defects: LabelledDefects | None = None) -> None:
     """Add normal ``images`` (N, 3, H, W) to a fitted detector that declares ``updatable`` (``Detector.update``),
-    then check its approximations again on ``held_out`` normal images (``Detector.calibrate``; the added images
-    when None), as ``train_detector`` does after a fit."""
+    and ``defects`` to one that also declares ``uses_defects``; then check its approximations again on
+    ``held_out`` normal images (``Detector.calibrate``; the added images when None), as ``train_detector`` does
+    after a fit."""
     detector.to(device).eval()
     with torch.inference_mode():
-        detector.update(_batches(images, batch_size, device))
+        if detector.uses_defects:
+            detector.update(_batches(images, batch_size, device), defects=defects)
+        else:
+            detector.update(_batches(images, batch_size, device))
         # the backbones keep the precision their fit's check chose: they are unchanged
         detector.calibrate(_batches(images if held_out is None else held_out, batch_size, device))
 

@@ -173,18 +173,26 @@ class PatchCore(IndexedBank, Detector):
                                 lambda patches: knn(patches, bank, 1)[0][:, 0])
         self.defect_bank = chosen.to(device) if chosen.numel() else torch.zeros(0, self.dim, device=device)
 
-    def update(self, batches: Iterable[Tensor]) -> None:
+    def update(self, batches: Iterable[Tensor], defects: LabelledDefects | None = None) -> None:
         """Add normal images: the bank's budget stays ``coreset`` of all the patch features it was chosen from, and
         the new patches fill the difference by the same greedy rule, continued: each next one is the new patch
         farthest (in the same random projection) from the bank and from those added before it. The bank keeps
         every feature it had; the index takes the added ones (the graph inserts them, IVF's cells are built again)
-        and is checked by ``calibrate``, from the effort the last check chose (a bank that grew needs no less)."""
+        and is checked by ``calibrate``, from the effort the last check chose (a bank that grew needs no less).
+        Labelled ``defects`` join the defect bank by the fit's rule, against the updated bank."""
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("patchcore: fit() must run before update()")
         collected = [self.embed(images).permute(0, 2, 3, 1).reshape(-1, self.dim) for images in batches]
-        if not collected:
-            return
-        new = torch.cat(collected).to(self.memory_bank.device)
+        if collected:
+            self._add_normal(torch.cat(collected).to(self.memory_bank.device))
+        device = self.memory_bank.device
+        chosen = defect_patches(defects, lambda images: self.embed(images.to(device)),
+                                lambda patches: knn(patches, self.memory_bank, 1)[0][:, 0])
+        if chosen.numel():
+            self.defect_bank = torch.cat([self.defect_bank, chosen.to(device)])
+
+    def _add_normal(self, new: Tensor) -> None:
+        """The new patch features (M, dim) into the bank by the continued greedy rule (``update``)."""
         bank = self.memory_bank
         fitted = int(self.feature_count) or round(bank.shape[0] / self.coreset)  # before adkit 0.4: estimated
         total = fitted + new.shape[0]
