@@ -165,3 +165,19 @@ def test_adkit_update_learns_from_labelled_defects_and_refuses_them_where_it_can
     code, _, err = invoke("update", "--checkpoint", str(tmp_path / "padim" / "tile" / "checkpoint.pt"),
                           "--from-feedback", str(results))
     assert code != 0 and "no report of a false alarm whose image was kept" in " ".join(err.split())
+
+
+def test_an_ensemble_leaves_the_defects_to_the_members_that_learn_from_them(invoke, tmp_path):
+    data = "synthetic:size=32,n_train=8,n_test=8,train_defects=2"
+    code, _, err = invoke("run", "--detector", "patchcore", "--detector", "padim:features=20", "--data", data,
+                          "--category", "tile", "--image-size", "32", "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    assert "padim cannot learn from the 2 labelled defects: it fits on the good images alone" in " ".join(err.split())
+    learned = {name: json.loads((tmp_path / "e" / name / "tile" / "metrics.json").read_text())
+               for name in ("patchcore", "padim", "ensemble")}
+    assert [learned[n]["train_defects"] for n in ("patchcore", "padim", "ensemble")] == [2, 0, 2]
+    assert {m["n_test"] for m in learned.values()} == {8 - 2}  # every member tested on the same remaining images
+    code, _, err = invoke("run", "--detector", "padim:features=20", "--detector", "pixel-gauss", "--data", data,
+                          "--category", "tile", "--image-size", "32", "--out", str(tmp_path / "none"))
+    assert code == 2 and "which padim cannot learn from" in " ".join(err.split())
+    assert not (tmp_path / "none").exists()

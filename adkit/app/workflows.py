@@ -160,7 +160,9 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
         catalog["ensemble"].create(ensemble_spec).check(len(config.detector))
     except ValueError as exc:
         raise AdkitError(f"--ensemble {ensemble_spec}: {exc}") from None
-    plans = [plan(config.replace(detector=[spec], ensemble=None)) for spec in config.detector]
+    plans = [plan(config.replace(detector=[spec], ensemble=None), member=True) for spec in config.detector]
+    if not any(p.learns_defects for p in plans):  # labelled defects need at least one member that learns from them
+        plan(config.replace(detector=config.detector[:1], ensemble=None))
     names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
     out = output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
     main = claim_output(out, resume, config.replace(data=plans[0].config.data, category=plans[0].categories,
@@ -186,6 +188,7 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
         fit = fit_threshold(plans[0].threshold, ensemble.combine([e.val_scores for e in evaluations]).float(),
                             evaluations[0].val_labels, category)
         result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
+                  "train_defects": max(e.metrics["train_defects"] for e in evaluations),  # by its members that learn
                   **decision_metrics(fit, combined, labels, [s.defect for s in run_.test.samples]), **metrics.image_metrics(labels, combined.numpy())}
         files.write_json(out / "ensemble" / category / "metrics.json", result)
         artifacts.write_test_scores(out / "ensemble" / category / "scores.csv", run_.test, combined,

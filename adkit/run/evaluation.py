@@ -79,7 +79,10 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     cfg = plan_.config
     seed_everything(cfg.seed)
     splits = plan_.dataset.load(category)
-    if splits.defects and not plan_.detector_info.traits.uses_defects:
+    if splits.defects and not plan_.learns_defects and plan_.member:
+        console.say(f"{category}: {plan_.detector.name} cannot learn from the {len(splits.defects)} labelled defects: "
+                    "it fits on the good images alone (the ensemble's members that can learn from them do)")
+    elif splits.defects and not plan_.learns_defects:
         users = ", ".join(i.name for i in plan_.catalog["detector"] if i.traits.uses_defects) or "none"
         raise AdkitError(f"{category}: the dataset gives {len(splits.defects)} labelled defects for training "
                          f"(train_defects), which {plan_.detector.name} cannot learn from; drop train_defects, or use "
@@ -89,7 +92,7 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     train = load_split(splits.train, geometry, cfg.skip_bad)
     val = load_split(splits.val, geometry, cfg.skip_bad)
     test = load_split(splits.test, geometry, cfg.skip_bad) if load_test else load_split([], geometry)
-    defects = load_defects(splits.defects, geometry, cfg.skip_bad)
+    defects = load_defects(splits.defects, geometry, cfg.skip_bad) if plan_.learns_defects else None
     if len(train.samples) == 0:
         raise AdkitError(f"{category}: no readable training images")
     # with tiling the detector learns from tiles: (N * tiles, 3, tile, tile)
@@ -160,8 +163,9 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     masks = run_.test.masks[:, 0].numpy()
     if masks.any() and pixel_level:
         result.update(metrics.pixel_metrics(pixel_maps[:, 0].numpy(), masks))
-    result["train_defects"] = len(run_.splits.defects)  # labelled defects the detector learned from (not tested on)
-    result["train_defects_masked"] = sum(s.mask is not None for s in run_.splits.defects)
+    learned = run_.splits.defects if plan_.learns_defects else []  # labelled defects it learned from (not tested on)
+    result["train_defects"] = len(learned)
+    result["train_defects_masked"] = sum(s.mask is not None for s in learned)
     result["infer_img_s"] = len(labels) / max(test.seconds, 1e-9)
     result["train_s"] = run_.train_seconds
     result["approximations"] = pipeline.detector.all_approximations()

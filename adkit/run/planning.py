@@ -43,6 +43,13 @@ class RunPlan:
     device: torch.device
     threshold: ThresholdPolicy  # how decision thresholds are fitted on the validation split
     geometry: Geometry  # how images reach the input size, and the tiles the detector sees (image_size: their side)
+    # a member of an ensemble: labelled defects it cannot learn from are left to the members that can, not refused
+    member: bool = False
+
+    @property
+    def learns_defects(self) -> bool:
+        """Whether the detector learns from the dataset's labelled defects (``uses_defects``)."""
+        return self.detector_info.traits.uses_defects
 
     @property
     def detector(self) -> ComponentSpec:
@@ -73,8 +80,9 @@ class RunPlan:
         return max(self.batch_size, 8)
 
 
-def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
-    """Check every spec of ``config`` against the catalog and apply the preset."""
+def plan(config: RunConfig, catalog: Catalog | None = None, member: bool = False) -> RunPlan:
+    """Check every spec of ``config`` against the catalog and apply the preset. ``member``: the detector is one of
+    an ensemble's, where labelled defects it cannot learn from go to the members that can."""
     catalog = catalog or get_catalog()
     if not config.detector:
         raise AdkitError(f"give a detector with --detector NAME (available: {', '.join(catalog['detector'].names()) or 'none'})")
@@ -115,7 +123,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
     if "train_defects" in data_params:  # its errors, and a detector that cannot learn from them, before any file
         users = ", ".join(i.name for i in catalog["detector"] if i.traits.uses_defects) or "none"
         for category in categories:
-            if dataset.load(category).defects and not info.traits.uses_defects:
+            if dataset.load(category).defects and not info.traits.uses_defects and not member:
                 raise AdkitError(f"{category}: the dataset gives labelled defects for training (train_defects), which "
                                  f"{name} cannot learn from; drop train_defects, or use a detector that can ({users})")
     threshold = parse_policy(config.threshold or DEFAULT_POLICY)
@@ -150,7 +158,7 @@ def plan(config: RunConfig, catalog: Catalog | None = None) -> RunPlan:
                               resize=geometry.resize, tile=geometry.tile or None, overlap=geometry.overlap)
     device = distributed.run_device(config.device)  # the workflows join the process group
     return RunPlan(resolved, catalog, pipeline, preset, geometry.detector_size, batch_size, steps, epochs, dataset,
-                   categories, device, threshold, geometry)
+                   categories, device, threshold, geometry, member)
 
 
 def default_data(catalog: Catalog) -> str:
