@@ -100,6 +100,8 @@ def test_a_run_learns_from_defects_and_tests_on_the_rest(invoke, tmp_path):
     assert code == 0, err
     result = json.loads((tmp_path / "run" / "tile" / "metrics.json").read_text())
     assert result["train_defects"] == 2 and result["n_anomalous"] == 5 - 2
+    page = " ".join((tmp_path / "run" / "report.html").read_text().split())
+    assert "The model learned from 2 labelled defective images (2 with masks)" in page
     payload = load_checkpoint(tmp_path / "run" / "tile" / "checkpoint.pt")
     assert payload["model"]["defect_bank"].shape[0] >= 2
 

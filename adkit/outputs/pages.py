@@ -148,7 +148,8 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
         figures.append(f"{rel}/history.png")
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
                f"image AUROC {fmt(result.get('image_auroc'))}, pixel AUROC {fmt(result.get('pixel_auroc'))}; "
-               f"threshold {fmt(threshold, 4)}{_decision_text(result)}.</p>" + _approximations_text(result) +
+               f"threshold {fmt(threshold, 4)}{_decision_text(result)}.{_defects_text(result)}</p>" +
+               _approximations_text(result) +
                _lineage_text(result))
     parts = [f"<h2 id='{html.escape(anchor or result['category'])}'>{category}</h2>", summary,
              "<div class='figures'>" + "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>"
@@ -158,6 +159,15 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
     if rows:
         parts.append(_gallery(folder, rel, rows, threshold))
     return "\n".join(parts)
+
+
+def _defects_text(result: dict[str, Any]) -> str:
+    """How many labelled defects the detector learned from (a dataset's train_defects); they are not tested on."""
+    count = result.get("train_defects") or 0
+    if not count:
+        return ""
+    return (f" The model learned from {count} labelled defective images ({result.get('train_defects_masked', 0)} "
+            "with masks), which are not among the test images.")
 
 
 def _approximations_text(result: dict[str, Any]) -> str:
@@ -173,7 +183,9 @@ def _lineage_text(result: dict[str, Any]) -> str:
     """The updates (adkit update) the model went through, oldest first."""
     steps = result.get("lineage") or []
     items = "".join(f"<li>{html.escape(str(step.get('at', '?')))}: {step.get('added', '?')} good images added "
-                    f"({step.get('held_out', 0)} held out), parent sha256 "
+                    f"({step.get('held_out', 0)} held out)"
+                    + (f", {step['defects_added']} labelled defects learned from" if step.get("defects_added") else "")
+                    + ", parent sha256 "
                     f"{html.escape(str(step.get('parent_sha256', '?'))[:12])}</li>" for step in steps)
     return f"<p class='lineage'>Lineage: fitted, then updated {len(steps)} time(s):</p><ul>{items}</ul>" if items else ""
 
