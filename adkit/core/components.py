@@ -207,15 +207,15 @@ class Detector(nn.Module, Exportable, ABC):
 
     def fit(self, batches: Iterable[Tensor]) -> None:
         """Fit a statistical detector on batches of normal images (B, 3, H, W). The engine calls it in eval mode
-        under ``torch.inference_mode``; a detector that declares ``uses_defects`` takes ``defects`` as well
-        (LabelledDefects or None), as ``on_train_start`` does."""
+        under ``torch.inference_mode``; a detector that declares ``uses_defects`` is given ``defects`` as well
+        (LabelledDefects) where the dataset has labelled some."""
         raise NotImplementedError(f"{type(self).__name__} is trained by gradient steps, not fit()")
 
     def update(self, batches: Iterable[Tensor]) -> None:
         """Add batches of normal images (B, 3, H, W) to a fitted detector without refitting it from scratch
         (``adkit update``), for a detector that declares ``updatable``: merged moments, a memory bank extended by
         its selection rule. Called like ``fit`` (eval mode, inference mode; ``defects`` too where it declares
-        ``uses_defects``: labelled defects to learn from, or None), then ``calibrate``."""
+        ``uses_defects`` and labelled defects are added), then ``calibrate``."""
         raise NotImplementedError(f"{type(self).__name__} declares no update (updatable = False)")
 
     def calibrate(self, batches: Iterable[Tensor]) -> None:

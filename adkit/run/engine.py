@@ -163,7 +163,7 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         detector.eval()
         mine = images[distributed.shard(images.shape[0])] if detector.fit_shards else images
         with torch.inference_mode(), autocast(device, settings.precision):
-            if detector.uses_defects:  # labelled defective images, for the detectors that learn from them
+            if detector.uses_defects and defects is not None:  # labelled defects, for detectors that learn from them
                 detector.fit(_batches(mine, settings.batch_size, device), defects=defects)
             else:
                 detector.fit(_batches(mine, settings.batch_size, device))
@@ -247,7 +247,7 @@ def update_detector(detector: Detector, images: Tensor, batch_size: int, device:
     after a fit."""
     detector.to(device).eval()
     with torch.inference_mode():
-        if detector.uses_defects:
+        if detector.uses_defects and defects is not None:
             detector.update(_batches(images, batch_size, device), defects=defects)
         else:
             detector.update(_batches(images, batch_size, device))
