@@ -50,7 +50,7 @@ _WHERE = {
     **dict.fromkeys(("world_size", "rank", "is_main", "gather_sharded", "all_reduce_sum"), "adkit.core.distributed"),
     # statistics
     **dict.fromkeys(("ledoit_wolf", "whitening"), "adkit.stats.covariance"),
-    **dict.fromkeys(("Moments", "moments", "merge", "ledoit_wolf_from"), "adkit.stats.moments"),
+    **dict.fromkeys(("Moments", "moments", "merge", "merge_into", "ledoit_wolf_from"), "adkit.stats.moments"),
     **dict.fromkeys(("clopper_pearson_upper", "CONFIDENCE"), "adkit.stats.thresholds"),
     # a plugin's tests
     **dict.fromkeys(("check_detector", "check_postprocessor", "check_scorer", "check_loss", "check_sampler",

@@ -9,7 +9,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from adkit.stats.covariance import ledoit_wolf
-from adkit.stats.moments import ledoit_wolf_from, merge, moments
+from adkit.stats.moments import Moments, ledoit_wolf_from, merge, merge_into, moments
 
 
 def samples(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -25,6 +25,22 @@ def test_merged_moments_equal_the_moments_of_the_union(sizes):
     assert merged.count == whole.count
     for name in ("mean", "scatter", "cube", "quartic"):
         torch.testing.assert_close(getattr(merged, name), getattr(whole, name), rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("sizes", [(7, 13), (1, 20), (40, 2)])
+def test_moments_merged_in_place_in_float32_equal_the_float64_union(sizes):
+    a, b = samples(sizes[0], 0), samples(sizes[1], 1, shift=2.0)
+    whole = moments(torch.cat([a, b], dim=1))
+    first, second = moments(a), moments(b)
+    running = Moments(first.count, first.mean.float(), first.scatter.float())
+    scatter = running.scatter
+    merged = merge_into(running, Moments(second.count, second.mean.float(), second.scatter.float()))
+    assert merged.count == whole.count and merged.scatter is scatter  # in place, no float64 copy
+    assert merged.scatter.dtype == torch.float32
+    torch.testing.assert_close(merged.mean.double(), whole.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.scatter.double(), whole.scatter, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="without the fourth-order terms"):
+        merge_into(moments(a, fourth=True), moments(b, fourth=True))
 
 
 def test_ledoit_wolf_from_merged_moments_is_the_fit_on_all_samples():

@@ -82,6 +82,21 @@ def merge(a: Moments, b: Moments) -> Moments:
     return Moments(count, mean, sa.scatter + sb.scatter, sa.cube + sb.cube, sa.quartic + sb.quartic)
 
 
+def merge_into(a: Moments, b: Moments) -> Moments:
+    """``merge`` without the fourth-order terms, into ``a``'s own tensors and dtype (its mean and scatter are
+    updated in place; a float32 (P, d, d) scatter is never copied to float64): S = S_a + S_b + (n_a n_b / n) e e^T
+    with e = m_b - m_a, and m = m_a + (n_b / n) e. Returns ``a``'s new moments."""
+    if a.fourth or b.fourth:
+        raise ValueError("merge_into takes moments without the fourth-order terms")
+    count = a.count + b.count
+    e = b.mean.to(a.mean.dtype) - a.mean
+    d = e.shape[-1]
+    a.scatter.add_(b.scatter.to(a.scatter.dtype))
+    a.scatter.view(-1, d, d).baddbmm_(e.reshape(-1, d, 1), e.reshape(-1, 1, d), alpha=a.count * b.count / count)
+    a.mean.add_(e, alpha=b.count / count)
+    return Moments(count, a.mean, a.scatter)
+
+
 def ledoit_wolf_from(stats: Moments) -> tuple[Tensor, Tensor]:
     """(mean, covariance) as ``adkit.stats.covariance.ledoit_wolf`` gives them for the samples these moments were
     taken of: the empirical covariance shrunk towards mu I by the Ledoit-Wolf weight, whose estimate needs the sum

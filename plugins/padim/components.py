@@ -1,10 +1,11 @@
 """PaDiM (Defard et al., ICPR 2021): a Gaussian per feature-map position over pretrained features, the
 Mahalanobis distance as the anomaly map (spec §5; docs/methods/patchcore.md gives our reading).
 
-fit streams the sums of the embeddings and of their outer products per position (float64), so memory does not
-grow with the number of training images; the covariance is regularised by 0.01 I as in the paper. The fitted
-state is the count, the means and the scatter matrices (adkit.stats.moments), so ``update`` adds images by merging
-their moments: the same Gaussians a fit on all the images gives. The inverse covariances are derived from them.
+fit streams the embeddings' moments per position (count, mean, scatter; adkit.stats.moments), a chunk of images at
+a time: each chunk's scatter from its own centred values, merged into the running ones in float32 (the dtype they
+are stored in), so memory does not grow with the number of training images and no raw sums cancel; the covariance
+is regularised by 0.01 I as in the paper. ``update`` merges the new images' moments the same way: the same
+Gaussians a fit on all the images gives. The inverse covariances are derived from them (in float64).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from adkit.plugin import (
     build_backbone,
     check_layers,
     derived_seed,
-    merge,
+    merge_into,
     world_size,
 )
 
@@ -81,60 +82,63 @@ class PaDiM(Detector):
         return torch.cat(features, dim=1).index_select(1, self.channels)
 
     def fit(self, batches: Iterable[Tensor]) -> None:
-        total, outer, count = self._sums(batches)
-        if world_size() > 1:
+        stats = self._moments_of(batches)
+        if world_size() > 1:  # the ranks' raw sums (float64) are all-reduced, and the moments taken from them
             device = self.channels.device
-            count = int(all_reduce_sum(torch.tensor([float(count)], device=device)).item())
-            if total is None:  # a rank with no images still takes part in the reduction
+            count = int(all_reduce_sum(torch.tensor([float(stats.count if stats else 0)], device=device)).item())
+            if stats is None:  # a rank with no images still takes part in the reduction
                 _, _, h, w = self.embed(torch.zeros(1, 3, self.image_size, self.image_size, device=device)).shape
                 total = torch.zeros(h * w, self.features, dtype=torch.float64, device=device)
                 outer = torch.zeros(h * w, self.features, self.features, dtype=torch.float64, device=device)
-            total, outer = all_reduce_sum(total), all_reduce_sum(outer)
+            else:
+                mean = stats.mean.double()
+                total = stats.count * mean
+                outer = stats.scatter.double() + total[:, :, None] * mean[:, None, :]  # sum of x x^T
+            stats = _moments(all_reduce_sum(total), all_reduce_sum(outer), count) if count else None
+        count = stats.count if stats else 0
         if count < 2:
             raise AdkitError(f"padim needs at least 2 training images for a covariance, got {count}")
-        self._keep(_moments(total, outer, count))
+        self._keep(stats)
 
     def update(self, batches: Iterable[Tensor]) -> None:
         """Add normal images: their moments merged with the fitted ones (a fit on all the images, up to rounding)."""
         if self.mean.shape[0] == 0 or int(self.count) == 0:
             raise AdkitError("padim: this checkpoint holds no moments to add images to (fitted before adkit 0.4): "
                              "fit it again on all the images with adkit train")
-        total, outer, count = self._sums(batches)
-        if count == 0:
+        new = self._moments_of(batches)
+        if new is None:
             return
-        if total.shape[0] != self.mean.shape[0]:
+        if new.mean.shape[0] != self.mean.shape[0]:
             raise AdkitError(f"padim was fitted on a {self.mean.shape[0]}-position grid; these images give "
-                             f"{total.shape[0]}: use the image size it was fitted with")
-        fitted = Moments(int(self.count), self.mean.double(), self.scatter.double())
-        self._keep(merge(fitted, _moments(total, outer, count)))
+                             f"{new.mean.shape[0]}: use the image size it was fitted with")
+        self._keep(merge_into(Moments(int(self.count), self.mean, self.scatter), new))
 
-    def _sums(self, batches: Iterable[Tensor]) -> tuple[Tensor | None, Tensor | None, int]:
-        """Per position, the sums of the embeddings (P, d) and of their outer products (P, d, d), in float64, and
-        the number of images. The outer products are summed over chunks of images (SUM_CHUNK_ELEMENTS embedding
-        values) as one batched product each: per batch of a few images, adding the (P, d, d) result cost more
-        than the products."""
-        total = outer = None
-        count = 0
+    def _moments_of(self, batches: Iterable[Tensor]) -> Moments | None:
+        """The embeddings' moments per position (mean (P, d), scatter (P, d, d), float32), None without images.
+        Images are taken in chunks of SUM_CHUNK_ELEMENTS embedding values: a chunk's scatter is one batched product
+        of its centred values (per batch of a few images, adding the (P, d, d) result cost more than the
+        products), merged into the running moments in place."""
+        stats: Moments | None = None
         pending: list[Tensor] = []
 
         def add(chunk: list[Tensor]) -> None:
-            nonlocal total, outer
-            x = torch.cat(chunk, dim=1).double()  # (positions, images, d)
-            total = x.sum(1) if total is None else total + x.sum(1)
-            chunk_outer = torch.bmm(x.transpose(1, 2), x)
-            outer = chunk_outer if outer is None else outer.add_(chunk_outer)
+            nonlocal stats
+            x = torch.cat(chunk, dim=1).float()  # (positions, images, d)
+            mean = x.mean(1)
+            centred = x - mean[:, None, :]
+            part = Moments(x.shape[1], mean, torch.bmm(centred.transpose(1, 2), centred))
+            stats = part if stats is None else merge_into(stats, part)
 
         for images in batches:
             embedding = self.embed(images)
             b, d, h, w = embedding.shape
             pending.append(embedding.permute(2, 3, 0, 1).reshape(h * w, b, d))  # (positions, B, d)
-            count += b
             if sum(x.numel() for x in pending) >= SUM_CHUNK_ELEMENTS:
                 add(pending)
                 pending = []
         if pending:
             add(pending)
-        return total, outer, count
+        return stats
 
     def _keep(self, stats: Moments) -> None:
         """Store the moments and derive the inverse covariances (unbiased covariance + regularisation I) from what
@@ -144,9 +148,12 @@ class PaDiM(Detector):
         self.scatter = stats.scatter.float()
         covariance = self.scatter.double().div_(stats.count - 1)
         covariance.diagonal(dim1=-2, dim2=-1).add_(self.regularisation)
-        # contiguous: LAPACK returns the batch column-major, which made every Mahalanobis product (and so PaDiM's
-        # inference) several times slower
-        self.inverse_covariance = torch.linalg.inv(covariance).float().contiguous()
+        # row-major: LAPACK returns the batch column-major, which made every Mahalanobis product (and so PaDiM's
+        # inference) several times slower; the inverse of a symmetric matrix is its own transpose, and the
+        # transposed view is row-major, so one conversion to float32 lays it out
+        self.inverse_covariance = torch.linalg.inv(covariance).mT.float()
+        if not self.inverse_covariance.is_contiguous():  # a LAPACK that returns row-major batches
+            self.inverse_covariance = self.inverse_covariance.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "inverse_covariance" in state_dict and prefix + "scatter" not in state_dict
