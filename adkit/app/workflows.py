@@ -25,7 +25,7 @@ from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint
 from adkit.run.engine import predict as run_pipeline
 from adkit.run.evaluation import CategoryRun, evaluate, train_category
-from adkit.run.planning import RunPlan, claim_output, configure_log, output_dir, plan
+from adkit.run.planning import RunPlan, claim_output, configure_log, dataset_spec, output_dir, plan
 from adkit.stats import metrics, thresholds
 from adkit.stats.decisions import (
     decision_metrics,
@@ -161,8 +161,8 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
     except ValueError as exc:
         raise AdkitError(f"--ensemble {ensemble_spec}: {exc}") from None
     plans = [plan(config.replace(detector=[spec], ensemble=None), member=True) for spec in config.detector]
-    if not any(p.learns_defects for p in plans):  # labelled defects need at least one member that learns from them
-        plan(config.replace(detector=config.detector[:1], ensemble=None))
+    if not any(p.learns_defects for p in plans) and "train_defects" in dataset_spec(catalog, config)[1]:
+        plan(config.replace(detector=config.detector[:1], ensemble=None))  # refuses: no member learns from them
     names = [_unique_name(p.detector.name, i, plans) for i, p in enumerate(plans)]
     out = output_dir(plans[0].config.replace(detector=config.detector), "ensemble")
     main = claim_output(out, resume, config.replace(data=plans[0].config.data, category=plans[0].categories,

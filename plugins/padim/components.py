@@ -32,7 +32,7 @@ from adkit.plugin import (
     world_size,
 )
 
-SUM_CHUNK_ELEMENTS = 1 << 25  # embedding values (positions x images x d) summed as one batched product: 256 MiB
+SUM_CHUNK_ELEMENTS = 1 << 25  # embedding values (positions x images x d) whose scatter is one batched product
 
 
 class PaDiM(Detector):
