@@ -169,9 +169,7 @@ class PatchCore(IndexedBank, Detector):
         self.feature_count = torch.tensor(features.shape[0], device=device)
         self._forget_check()
         self._index(bank)
-        chosen = defect_patches(defects, lambda images: self.embed(images.to(device)),
-                                lambda patches: knn(patches, bank, 1)[0][:, 0])
-        self.defect_bank = chosen.to(device) if chosen.numel() else torch.zeros(0, self.dim, device=device)
+        self.defect_bank = self._defect_patches(defects)
 
     def update(self, batches: Iterable[Tensor], defects: LabelledDefects | None = None) -> None:
         """Add normal images: the bank's budget stays ``coreset`` of all the patch features it was chosen from, and
@@ -185,11 +183,15 @@ class PatchCore(IndexedBank, Detector):
         collected = [self.embed(images).permute(0, 2, 3, 1).reshape(-1, self.dim) for images in batches]
         if collected:
             self._add_normal(torch.cat(collected).to(self.memory_bank.device))
+        self.defect_bank = torch.cat([self.defect_bank, self._defect_patches(defects)])
+
+    def _defect_patches(self, defects: LabelledDefects | None) -> Tensor:
+        """The patches of ``defects`` that join the defect bank (defects.py's rule, against the bank as it is now):
+        (K, dim) on the bank's device, K = 0 without defects."""
         device = self.memory_bank.device
         chosen = defect_patches(defects, lambda images: self.embed(images.to(device)),
                                 lambda patches: knn(patches, self.memory_bank, 1)[0][:, 0])
-        if chosen.numel():
-            self.defect_bank = torch.cat([self.defect_bank, chosen.to(device)])
+        return chosen.to(device) if chosen.numel() else torch.zeros(0, self.dim, device=device)
 
     def _add_normal(self, new: Tensor) -> None:
         """The new patch features (M, dim) into the bank by the continued greedy rule (``update``)."""
