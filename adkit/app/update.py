@@ -33,6 +33,7 @@ from adkit.core.errors import AdkitError
 from adkit.core.grammar import split_spec
 from adkit.core.plugins import get_catalog
 from adkit.data.loading import LoadedSplit, load_defects, load_split
+from adkit.outputs.render import normal_images
 from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained, plan_from_checkpoint
 from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint, save_checkpoint, update_detector
@@ -103,7 +104,9 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
                     held_out=geometry.tiles(normal) if len(normal) else None, defects=learned)
     scores = run_pipeline(pipeline, validation.images, max(batch, 8), device, precision=config.precision).scores
     policy = parse_policy(config.threshold or (record or {}).get("policy") or DEFAULT_POLICY)
-    fit = decisions.fit_threshold(policy, scores, validation.labels, meta["category"])
+    # the fit's left-out training scores, as they were measured against the parent (docs/update.md)
+    left_out = decisions.left_out_of(record) if policy.kind == "fpr" else None
+    fit = decisions.fit_threshold(policy, scores, validation.labels, meta["category"], left_out)
     caught = None
     if reported_defects:  # the defects the line reported: how many the new version flags
         reported = load_split([Sample(p, 1) for p in reported_defects], geometry, skip_bad=True)
@@ -124,13 +127,13 @@ def update(config: RunConfig, checkpoint: Path, images: list[Path], out: Path | 
                "meta": {**meta, "lineage": [*meta.get("lineage", []), step]}}
     with files.atomic_dir(out) as staging:
         save_checkpoint(staging / "checkpoint.pt", version)
-        decisions.record_threshold(staging, decisions.validation_record(fit, scores, validation.labels), spec,
+        decisions.record_threshold(staging, decisions.validation_record(fit, scores, validation.labels, left_out), spec,
                                    f"the old validation images and {len(held)} held-out new ones (adkit update)")
     before = "none" if record is None else f"{record['threshold']:.6g}"
     learned_text = f" and {len(labelled)} labelled defects" if labelled else ""
     console.say(f"added {len(new.samples)} images ({len(held)} held out, {len(new.skipped)} unreadable skipped)"
-                f"{learned_text} to {checkpoint}; threshold {before} -> {fit.threshold:.6g} ({fit.policy}, on {fit.n_normal} normal "
-                f"validation images)")
+                f"{learned_text} to {checkpoint}; threshold {before} -> {fit.threshold:.6g} ({fit.policy}, on "
+                f"{normal_images(fit.n_normal, fit.n_left_out)})")
     for label, approximation in pipeline.detector.all_approximations().items():
         console.say(f"{label}: {approximation['summary']}")
     if caught is not None:

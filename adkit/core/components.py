@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -230,6 +231,18 @@ class Detector(nn.Module, Exportable, ABC):
         log, metrics.json, report.html and the model card: {name: {"summary": one line, ...}}, JSON values;
         {} for a detector without any."""
         return {}
+
+    def can_leave_out(self, group: int = 1) -> bool:
+        """Whether the fitted detector can score a training image (a part of ``group`` training rows: its tiles) as
+        if it had not been fitted on it (``leaving_out``): scores that decision thresholds pool with the validation
+        images'. Default: no."""
+        return False
+
+    def leaving_out(self, rows: Tensor, group: int = 1) -> AbstractContextManager[None]:
+        """While the context is open, ``detect`` scores its input row j as if the training rows of ``rows[j]``'s
+        part had not been fitted on: rows are indices into the images ``fit`` took, in order, and a part is the
+        rows r with the same r // ``group`` (an image's tiles). Only where ``can_leave_out()``; eager mode only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot leave its training images out")
 
     @abstractmethod
     def anomaly_map(self, images: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 from adkit.core import files
 from adkit.core.errors import AdkitError
 from adkit.outputs import report
-from adkit.outputs.render import fmt
+from adkit.outputs.render import fmt, normal_images
 
 PAGE = "report.html"
 THUMBS = "thumbs"
@@ -199,7 +199,8 @@ def _decision_text(result: dict[str, Any]) -> str:
     if result.get("threshold_policy") is None:
         return ""
     by_defect = ", ".join(f"{html.escape(d)} {fmt(r)}" for d, r in result.get("recall_by_defect", {}).items())
-    return (f" ({html.escape(result['threshold_policy'])}; on {result['val_normal']} normal validation images "
+    return (f" ({html.escape(result['threshold_policy'])}; on "
+            f"{normal_images(result['val_normal'], result.get('val_left_out'))} "
             f"{result['val_false_alarms']} false alarms, rate &le; {fmt(result['val_fpr_upper95'])} at 95 % "
             f"confidence). On the test split: {fmt(result['false_alarms_per_1000'], 1)} false alarms per 1,000 good "
             f"parts, {fmt(result['recall'])} of defective parts caught" + (f" ({by_defect})" if by_defect else ""))
@@ -210,6 +211,7 @@ def _slider(folder: Path, rows: list[dict[str, str]], validation: dict[str, Any]
     per defect type as it moves, and the command that sets that threshold. Data and script are inline."""
     test = [[float(r["score"]), int(r["label"]), _defect(r)] for r in rows if r.get("label") in ("0", "1")]
     val = [[float(s), int(label)] for s, label in zip(validation["val_scores"], validation["val_labels"])]
+    val += [[float(s), 0] for s in validation.get("left_out_scores", [])]  # pooled with them (thresholds.md)
     every = [r[0] for r in test] + [r[0] for r in val]
     if not every:
         return ""

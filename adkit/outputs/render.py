@@ -110,11 +110,19 @@ def _terminal_cells(row: dict[str, Any]) -> list[str]:
             *_decision_cells(row)[1:], fmt(row.get("train_s"), 1), fmt(row.get("infer_img_s"), 1)]
 
 
+def normal_images(n_normal: int, n_left_out: int | None = None) -> str:
+    """What an fpr threshold's normal scores came from: "57 normal validation images", and "+ 514 training images
+    left out" where left-out scores were pooled (ThresholdFit.n_left_out)."""
+    left_out = n_left_out or 0
+    text = f"{n_normal - left_out} normal validation images"
+    return text + (f" + {left_out} training images left out" if left_out else "")
+
+
 def threshold_line(fit: Any) -> str:
     """A ThresholdFit in one line: the threshold, its policy and what the validation images say of it."""
     line = f"threshold {fit.threshold:.6g} ({fit.policy})"
     if fit.val_false_alarms is not None:
-        line += (f": {fit.val_false_alarms} of {fit.n_normal} normal validation images flagged, false-alarm rate "
+        line += (f": {fit.val_false_alarms} of {normal_images(fit.n_normal, fit.n_left_out)} flagged, false-alarm rate "
                  f"<= {fit.val_fpr_upper:.3g} at 95 % confidence")
     if fit.val_recall is not None:
         line += f", {fit.val_recall:.0%} of {fit.n_anomalous} defective validation images caught"
@@ -134,7 +142,7 @@ def print_summary(results: list[dict[str, Any]], title: str) -> None:
     for row in results:
         if row.get("threshold_policy"):
             console.say(f"{row['category']}: threshold {row['threshold']:.6g} ({row['threshold_policy']}) fitted on "
-                f"{row['val_normal']} normal validation images: {row['val_false_alarms']} flagged, false-alarm rate "
+                f"{normal_images(row['val_normal'], row.get('val_left_out'))}: {row['val_false_alarms']} flagged, false-alarm rate "
                 f"<= {row['val_fpr_upper95']:.3g} (95 %); on the test split {fmt(row['false_alarms_per_1000'], 1)} "
                 f"false alarms per 1,000 good parts, {fmt(row['recall'])} of defective parts caught")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from adkit.core import console, distributed, files
@@ -19,13 +20,17 @@ from adkit.core.grammar import PipelineSpec
 from adkit.core.pipeline import Pipeline
 from adkit.data.loading import LoadedSplit, load_defects, load_split
 from adkit.run.assembly import build_detector
-from adkit.run.engine import TrainSettings, seed_everything, train_detector
+from adkit.run.engine import TrainSettings, derived_seed, seed_everything, train_detector
 from adkit.run.engine import predict as run_pipeline
 from adkit.run.planning import RunPlan
 from adkit.stats import metrics, thresholds
 from adkit.stats.decisions import decision_metrics, fit_threshold, validation_record
 
 log = logging.getLogger("adkit")
+
+# the most training images an fpr threshold scores left out of the fit (left_out_scores): with the validation images,
+# enough to place a 1 % rate among a few hundred scores
+LEAVE_OUT_IMAGES = 512
 
 
 @dataclass
@@ -153,7 +158,8 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     if pipeline.own_scores and scorer != traits.default_scorer:
         console.warn(f"{plan_.detector.name} computes its own image scores; --scorer {scorer} is not used "
                     "(see its score= parameter)")
-    fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category)
+    left_out = left_out_scores(plan_, run_, pipeline, val.scores[val_source.labels == 0])
+    fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category, left_out)
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
                               "n_anomalous": int(labels.sum()),
@@ -171,4 +177,34 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     result["approximations"] = pipeline.detector.all_approximations()
     result["skipped"] = [str(p) for p, _ in run_.skipped]
     return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level,
-                      validation_record(fit, val.scores, val_source.labels), thresholds.decide(test.scores, fit.threshold))
+                      validation_record(fit, val.scores, val_source.labels, left_out),
+                      thresholds.decide(test.scores, fit.threshold))
+
+
+def left_out_scores(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, normal_val: Tensor) -> Tensor | None:
+    """The pipeline's scores of the training images, each as if the detector had not been fitted on it
+    (``Detector.leaving_out``; at most LEAVE_OUT_IMAGES of them, a seeded sample), for an fpr threshold to pool
+    with the normal validation images' scores: None where the detector cannot leave images out, the policy is not
+    fpr, there are no normal validation images to check them against (thresholds.left_out_agree), or the
+    training images are not the ones it was fitted on in this process."""
+    detector = pipeline.detector
+    n = len(run_.train.samples)
+    tiling = plan_.geometry.tiling()
+    parts = 1 if tiling is None else tiling.count  # the detector was fitted on each image's tiles, in order
+    if plan_.threshold.kind != "fpr" or not len(normal_val) or not n or not detector.can_leave_out(parts):
+        return None
+    chosen = torch.arange(n)
+    if n > LEAVE_OUT_IMAGES:
+        generator = torch.Generator().manual_seed(derived_seed(plan_.config.seed, "leave-out", run_.category))
+        chosen = torch.randperm(n, generator=generator)[:LEAVE_OUT_IMAGES].sort().values
+    batch, scores = plan_.scoring_batch, []
+    with console.progress() as progress:
+        task = progress.add_task(f"leave out {run_.category}", total=len(chosen), info="")
+        for start in range(0, len(chosen), batch):
+            images = chosen[start:start + batch]
+            rows = (images[:, None] * parts + torch.arange(parts)).flatten()
+            with detector.leaving_out(rows, parts):
+                scores.append(run_pipeline(pipeline, run_.train.images[images], batch, plan_.device,
+                                           precision=plan_.config.precision).scores)
+            progress.update(task, completed=start + len(images))
+    return torch.cat(scores)

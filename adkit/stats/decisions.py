@@ -6,6 +6,7 @@ all decide through here; adkit.stats.thresholds holds the policies' arithmetic."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,28 @@ from adkit.stats import thresholds
 THRESHOLD_FILE = "threshold.json"
 
 
-def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor,
-                  category: str) -> thresholds.ThresholdFit:
+def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor, category: str,
+                  left_out: Tensor | None = None) -> thresholds.ThresholdFit:
     """The policy fitted on validation scores (normal and, where held out, defective images); a warning when the
-    images are too few for the rate asked. ``category`` (or the record's file) starts its messages."""
+    images are too few for the rate asked. ``category`` (or the record's file) starts its messages. ``left_out``:
+    training images' scores as if left out of the fit (evaluation.left_out_scores), pooled with the normal
+    validation images' for an fpr policy where the two-sample check finds them alike (thresholds.left_out_agree);
+    the fit says which, in ``left_out``."""
     scores_np, labels_np = scores.double().numpy(), labels.numpy()
+    normal = scores_np[labels_np == 0]
+    pooled, note = False, None
+    if left_out is not None and len(left_out):
+        extra = left_out.double().numpy()
+        pooled, note = thresholds.left_out_agree(normal, extra)
+        if pooled:
+            normal = np.concatenate([normal, extra])
+        console.say(f"{category}: threshold: {note}")
     try:
-        fit = thresholds.fit(policy, scores_np[labels_np == 0], scores_np[labels_np == 1])
+        fit = thresholds.fit(policy, normal, scores_np[labels_np == 1])
     except thresholds.PolicyError as exc:
         raise AdkitError(f"{category}: {exc}") from None
+    if note is not None:
+        fit = dataclasses.replace(fit, n_left_out=len(left_out) if pooled else 0, left_out=note)
     if fit.warning:
         console.warn(f"{category}: {fit.warning}")
     return fit
@@ -44,19 +58,30 @@ def decision_metrics(fit: thresholds.ThresholdFit, scores: Tensor, labels: np.nd
     recall and recall per defect type."""
     point = thresholds.operating_point(scores.numpy(), labels, defects, fit.threshold)
     return {"threshold": fit.threshold, "threshold_policy": fit.policy, "val_normal": fit.n_normal,
+            "val_left_out": fit.n_left_out,
             "val_defective": fit.n_anomalous, "val_false_alarms": fit.val_false_alarms, "val_fpr": fit.val_fpr,
             "val_fpr_upper95": fit.val_fpr_upper, "threshold_band": [fit.band_low, fit.band_high],
             "test_false_alarms": point["false_alarms"], "false_alarms_per_1000": point["false_alarms_per_1000"],
             "recall": point["recall"], "recall_by_defect": point["recall_by_defect"]}
 
 
-def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor,
-                      labels: torch.Tensor | None) -> dict[str, Any]:
+def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor, labels: torch.Tensor | None,
+                      left_out: torch.Tensor | None = None) -> dict[str, Any]:
     """A threshold with its fit and the validation scores it was fitted on (small: one number per image), so that
-    another policy can be fitted later without the images (``predict --threshold``)."""
+    another policy can be fitted later without the images (``predict --threshold``); the training images' left-out
+    scores where the fit pooled them."""
     labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels
-    return {"threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict(),
-            "val_scores": [float(s) for s in scores.double()], "val_labels": [int(x) for x in labels]}
+    record = {"threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict(),
+              "val_scores": [float(s) for s in scores.double()], "val_labels": [int(x) for x in labels]}
+    if left_out is not None and fit.n_left_out:
+        record["left_out_scores"] = [float(s) for s in left_out.double()]
+    return record
+
+
+def left_out_of(record: dict[str, Any] | None) -> torch.Tensor | None:
+    """The left-out training scores a threshold record pooled (None without any)."""
+    stored = (record or {}).get("left_out_scores")
+    return torch.tensor(stored, dtype=torch.float64) if stored else None
 
 
 def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], pipeline: PipelineSpec, source: str) -> None:
@@ -114,7 +139,7 @@ def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: s
                          "--checkpoint CKPT to store them (then export again), or give --threshold value:X")
     scores = torch.tensor(record["val_scores"] if stored else [], dtype=torch.float64)
     labels = torch.tensor(record["val_labels"] if stored else [], dtype=torch.long)
-    fit = fit_threshold(parsed, scores, labels, where)
+    fit = fit_threshold(parsed, scores, labels, where, left_out_of(record) if parsed.kind == "fpr" else None)
     return {**(record or {}), "threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict()}
 
 

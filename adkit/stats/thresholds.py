@@ -28,6 +28,8 @@ from scipy import stats
 
 DEFAULT_POLICY = "fpr:0.01"
 CONFIDENCE = 0.95
+# the two-sample test's level below which left-out training scores are not pooled with the validation images'
+LEFT_OUT_LEVEL = 0.01
 POLICY_HELP = "fpr:RATE (0 < RATE < 1, e.g. fpr:0.01), f1 (needs defective validation images) or value:X"
 
 
@@ -94,6 +96,8 @@ class ThresholdFit:
     band_low: float | None
     band_high: float | None
     warning: str | None
+    n_left_out: int = 0  # of n_normal: training images scored as if left out of the fit (pooled, fpr only)
+    left_out: str | None = None  # the left-out scores' check against the validation images, in one line
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +121,25 @@ def quantile_band(normal: np.ndarray, rate: float, confidence: float = CONFIDENC
     low = int(stats.binom.ppf(tail, n, p))  # order statistic (1-based) at or below the quantile
     high = int(stats.binom.ppf(1 - tail, n, p)) + 1
     return float(x[max(low, 1) - 1]), (float(x[high - 1]) if high <= n else None)
+
+
+def left_out_agree(validation: np.ndarray, left_out: np.ndarray,
+                   level: float = LEFT_OUT_LEVEL) -> tuple[bool, str]:
+    """Whether training images' left-out scores may join the normal validation images' for an fpr threshold:
+    the two-sample Kolmogorov-Smirnov test does not tell them apart at ``level`` (two-sided). (verdict, one line
+    saying what was measured)."""
+    validation = np.asarray(validation, dtype=np.float64).ravel()
+    left_out = np.asarray(left_out, dtype=np.float64).ravel()
+    if validation.size < 2 or left_out.size < 2 or not np.isfinite(left_out).all():
+        return False, (f"not pooled: {left_out.size} left-out training scores, {validation.size} normal validation "
+                       "images (at least 2 finite each needed to compare them)")
+    test = stats.ks_2samp(left_out, validation)
+    side = "higher" if np.median(left_out) > np.median(validation) else "lower"
+    measured = (f"{left_out.size} training images' left-out scores against {validation.size} normal validation "
+                f"images: Kolmogorov-Smirnov D={test.statistic:.3f}, p={test.pvalue:.3g}, median {side}")
+    if test.pvalue < level:
+        return False, f"not pooled, they differ ({measured}; p < {level:g})"
+    return True, f"pooled ({measured}; alike at the {level:g} level)"
 
 
 def _float32(value: float) -> float:

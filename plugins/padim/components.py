@@ -10,7 +10,8 @@ Gaussians a fit on all the images gives. The inverse covariances are derived fro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
 import torch
@@ -63,6 +64,7 @@ class PaDiM(Detector):
         self.register_buffer("scatter", torch.zeros(0, features, features))  # (positions, d, d): sum of (x - m)(x - m)^T
         # (positions, d, d), derived from count and scatter when they change (not stored: a checkpoint holds them)
         self.register_buffer("inverse_covariance", torch.zeros(0, features, features), persistent=False)
+        self._left_out: Tensor | None = None  # leaving_out's inverses while it is open
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -167,6 +169,30 @@ class PaDiM(Detector):
         elif self.scatter.shape[0]:
             self._keep(Moments(int(self.count), self.mean.double(), self.scatter.double()))
 
+    def can_leave_out(self, group: int = 1) -> bool:
+        """Exact for whole images (``group`` 1) of a fit that kept its moments on at least 3 images; not for tiles,
+        whose part is several samples of each position's Gaussian."""
+        return group == 1 and int(self.count) >= 3 and self.scatter.shape[0] == self.mean.shape[0] > 0
+
+    @contextlib.contextmanager
+    def leaving_out(self, rows: Tensor, group: int = 1) -> Iterator[None]:
+        """``anomaly_map`` gives each training image its distance to the Gaussians of the other n - 1 images,
+        exactly (no refit): with u = x - mean and B = S / (n - 2) + regularisation I (S the scatter), the others'
+        covariance is B - c u u^T with c = n / ((n - 1)(n - 2)) and x - their mean is n / (n - 1) u, so by
+        Sherman-Morrison the squared distance is (n / (n - 1))^2 m / (1 - c m) with m = u^T B^-1 u. B's inverses
+        are computed once for the context. The rows need not be named: an image's own values say it all."""
+        if not self.can_leave_out(group):
+            raise AdkitError(f"padim leaves out whole images of a fit with moments on at least 3 images (group "
+                             f"{group}, {int(self.count)} images)")
+        n = int(self.count)
+        covariance = self.scatter.double().div(n - 2)
+        covariance.diagonal(dim1=-2, dim2=-1).add_(self.regularisation)
+        self._left_out = torch.linalg.inv(covariance).mT.float().contiguous()
+        try:
+            yield
+        finally:
+            self._left_out = None
+
     def anomaly_map(self, images: Tensor) -> Tensor:
         if self.mean.shape[0] == 0:
             raise RuntimeError("padim: fit() must run before anomaly_map()")
@@ -177,7 +203,12 @@ class PaDiM(Detector):
                              "use the image size it was fitted with")
         # (positions, B, d), row-major: the batched products run several times slower on a strided operand
         delta = (embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None, :]).contiguous()
-        squared = torch.einsum("pbi,pij,pbj->pb", delta, self.inverse_covariance, delta).clamp_min(0)
+        inverse = self.inverse_covariance if self._left_out is None else self._left_out
+        squared = torch.einsum("pbi,pij,pbj->pb", delta, inverse, delta).clamp_min(0)
+        if self._left_out is not None:  # leaving_out: the distance to the other images' Gaussian (Sherman-Morrison)
+            n = int(self.count)
+            shrink = (1 - n / ((n - 1) * (n - 2)) * squared).clamp_min(torch.finfo(squared.dtype).eps)
+            squared = (n / (n - 1)) ** 2 * squared / shrink
         distance = squared.sqrt().T.reshape(b, 1, h, w)
         anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return anomaly_map

@@ -12,8 +12,9 @@ their maximum.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import ClassVar, Literal
 
 import torch
@@ -37,7 +38,7 @@ from adkit_plugins.patchcore.check import EFFORT
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.defects import defect_patches, weighted_by_defects
 from adkit_plugins.patchcore.index import IndexedBank
-from adkit_plugins.patchcore.search import knn
+from adkit_plugins.patchcore.search import knn, squared_distances
 
 # the upper bounds an update's greedy starts from exceed the graph's nearest feature's distance by this share of
 # the two squared norms: more than the rounding of the distances they stand in for
@@ -66,7 +67,8 @@ class PatchCore(IndexedBank, Detector):
     default_pixel_map = "post"
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
-    fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_projected", "ivf_centroids", "ivf_offsets",
+    fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_origin", "bank_projected", "ivf_centroids",
+                                                 "ivf_offsets",
                                                  "hnsw_graph", "search_trail", "check_keys", "check_nearest",
                                                  "defect_bank")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
@@ -105,6 +107,10 @@ class PatchCore(IndexedBank, Detector):
         self.search, self.search_dim, self.candidates, self.seed = search, search_dim, candidates, seed
         self.backbone: Backbone | None = None
         self.register_buffer("memory_bank", torch.zeros(0, dim))
+        # the training row (an image, or a tile of one) each bank feature came from: leaving_out() searches the bank
+        # without a part's own features; empty where unknown (IVF's reordered cells, fitted before adkit 0.5)
+        self.register_buffer("bank_origin", torch.zeros(0, dtype=torch.long))
+        self._left_out: tuple[Tensor, int] | None = None  # leaving_out's (rows, group) while it is open
         # search=projected: candidates come from a scan on this projection of the bank, then exact re-ranking
         self.register_buffer("search_projection", torch.zeros(dim, search_dim))
         self.register_buffer("bank_projected", torch.zeros(0, search_dim))
@@ -154,7 +160,9 @@ class PatchCore(IndexedBank, Detector):
             collected.append(patches.view(images.shape[0], -1, self.dim).cpu())
         local = torch.cat(collected) if collected else torch.zeros(0, 1, self.dim)
         # (images, patches, dim) in the original image order on every rank: the same coreset as one process
-        features = gather_sharded(local).reshape(-1, self.dim)
+        gathered = gather_sharded(local)
+        per_row = gathered.shape[1]
+        features = gathered.reshape(-1, self.dim)
         if features.shape[0] == 0:
             raise AdkitError("patchcore: no training images to fit on")
         device = self.memory_bank.device
@@ -163,12 +171,13 @@ class PatchCore(IndexedBank, Detector):
             generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-coreset"))
             on_device = features.to(device)
             projected = on_device @ random_projection(self.dim, self.projection_dim, generator, device)
-            bank = on_device[partitioned_greedy_coreset(projected, count, generator, self.partition)]
+            chosen = partitioned_greedy_coreset(projected, count, generator, self.partition)
         else:
-            bank = features.to(device)
+            chosen = torch.arange(features.shape[0], device=device)
+        bank = features.to(device)[chosen]
         self.feature_count = torch.tensor(features.shape[0], device=device)
         self._forget_check()
-        self._index(bank)
+        self._index(bank, origin=chosen // per_row)
         self.defect_bank = self._defect_patches(defects)
 
     def update(self, batches: Iterable[Tensor], defects: LabelledDefects | None = None) -> None:
@@ -180,9 +189,11 @@ class PatchCore(IndexedBank, Detector):
         Labelled ``defects`` join the defect bank by the fit's rule, against the updated bank."""
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("patchcore: fit() must run before update()")
-        collected = [self.embed(images).permute(0, 2, 3, 1).reshape(-1, self.dim) for images in batches]
-        if collected:
-            self._add_normal(torch.cat(collected).to(self.memory_bank.device))
+        embedded = [self.embed(images) for images in batches]
+        if embedded:
+            per_row = embedded[0].shape[2] * embedded[0].shape[3]
+            new = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, self.dim) for e in embedded])
+            self._add_normal(new.to(self.memory_bank.device), per_row)
         self.defect_bank = torch.cat([self.defect_bank, self._defect_patches(defects)])
 
     def _defect_patches(self, defects: LabelledDefects | None) -> Tensor:
@@ -193,12 +204,14 @@ class PatchCore(IndexedBank, Detector):
                                 lambda patches: knn(patches, self.memory_bank, 1)[0][:, 0])
         return chosen.to(device) if chosen.numel() else torch.zeros(0, self.dim, device=device)
 
-    def _add_normal(self, new: Tensor) -> None:
-        """The new patch features (M, dim) into the bank by the continued greedy rule (``update``)."""
+    def _add_normal(self, new: Tensor, per_row: int) -> None:
+        """The new patch features (M, dim), ``per_row`` an image, into the bank by the continued greedy rule
+        (``update``); they are the training rows after the fitted ones."""
         bank = self.memory_bank
         fitted = int(self.feature_count) or round(bank.shape[0] / self.coreset)  # before adkit 0.4: estimated
         total = fitted + new.shape[0]
         add = min(new.shape[0], max(0, round(self.coreset * total) - bank.shape[0]))
+        origin = self.bank_origin if self.bank_origin.shape[0] == bank.shape[0] else None
         if add:
             device = bank.device
             generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-coreset"))
@@ -207,9 +220,11 @@ class PatchCore(IndexedBank, Detector):
             chosen = partitioned_greedy_coreset(projected, add, generator, self.partition,
                                                 *self._distances_to_bank(new, projected, bank_projected))
             bank = torch.cat([bank, new[chosen]])
+            if origin is not None:
+                origin = torch.cat([origin, fitted // per_row + chosen.to(origin.device) // per_row])
         self.feature_count = torch.tensor(total, device=bank.device)
         chosen_effort = self.effort
-        self._index(bank, extends=self.memory_bank.shape[0])
+        self._index(bank, extends=self.memory_bank.shape[0], origin=origin)
         if chosen_effort > self.effort:
             self._set_effort(chosen_effort)
 
@@ -245,6 +260,8 @@ class PatchCore(IndexedBank, Detector):
             state_dict[prefix + "check_bank"] = torch.zeros((), dtype=torch.long)
         if prefix + "defect_bank" not in state_dict:  # fitted before labelled defects (adkit < 0.4)
             state_dict[prefix + "defect_bank"] = torch.zeros(0, self.dim)
+        if prefix + "bank_origin" not in state_dict:  # fitted before leaving_out (adkit < 0.5): unknown
+            state_dict[prefix + "bank_origin"] = torch.zeros(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.effort = int(self.search_effort)
 
@@ -254,7 +271,16 @@ class PatchCore(IndexedBank, Detector):
         embedding = self.embed(images)
         b, _, h, w = embedding.shape
         patches = embedding.permute(0, 2, 3, 1).reshape(-1, self.dim)
-        distance, index = self._nearest(patches, 1)
+        parts = None
+        if self._left_out is not None:  # leaving_out: each row's own part's bank features are not searched
+            rows, group = self._left_out
+            if rows.shape[0] != b:
+                raise ValueError(f"patchcore.leaving_out was given {rows.shape[0]} rows for a batch of {b}")
+            parts = rows // group
+            nearest_distance, nearest = self._nearest_outside(patches, parts.repeat_interleave(h * w), group)
+            distance, index = nearest_distance[:, None], nearest[:, None]
+        else:
+            distance, index = self._nearest(patches, 1)
         patch_scores = distance[:, 0].view(b, h * w)
         if self.defect_bank.shape[0]:
             patch_scores = weighted_by_defects(patch_scores, knn(patches, self.defect_bank, 1)[0][:, 0].view(b, h * w))
@@ -267,18 +293,46 @@ class PatchCore(IndexedBank, Detector):
         # indexing, which a traced graph would freeze at the traced batch size
         test_feature = patches.view(b, h * w, self.dim).gather(1, where[:, None, None].expand(-1, 1, self.dim))[:, 0]
         nearest_bank = index[:, 0].view(b, h * w).gather(1, where[:, None])[:, 0]
-        return Detection(anomaly_map, top * self.reweighting(test_feature, nearest_bank))
+        return Detection(anomaly_map, top * self.reweighting(test_feature, nearest_bank, parts))
 
-    def reweighting(self, test_feature: Tensor, nearest_bank: Tensor) -> Tensor:
+    def reweighting(self, test_feature: Tensor, nearest_bank: Tensor, parts: Tensor | None = None) -> Tensor:
         """PatchCore's w = 1 - exp|m_test* - m*| / sum over N_b(m*) of exp|m_test* - m| (Eq. 7), with N_b(m*)
-        the b nearest bank features of m* (m* itself among them): (B, d), (B,) bank indices -> (B,)."""
-        _, support = knn(self.memory_bank[nearest_bank], self.memory_bank, self.neighbours)
+        the b nearest bank features of m* (m* itself among them): (B, d), (B,) bank indices -> (B,). ``parts``
+        (leaving_out): N_b(m*) among the bank features not from each row's own part."""
+        if parts is None:
+            _, support = knn(self.memory_bank[nearest_bank], self.memory_bank, self.neighbours)
+        else:
+            squared = squared_distances(self.memory_bank[nearest_bank], self.memory_bank)
+            squared[self.bank_origin[None, :] // self._left_out[1] == parts[:, None]] = float("inf")
+            support = squared.topk(min(self.neighbours, squared.shape[1]), dim=1, largest=False).indices
         distances = (test_feature[:, None, :] - self.memory_bank[support]).pow(2).sum(-1).sqrt()
         own = (test_feature - self.memory_bank[nearest_bank]).pow(2).sum(-1).sqrt()
         return 1 - torch.exp(own - torch.logsumexp(distances, dim=1))
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         return self.detect(images).anomaly_map
+
+    def can_leave_out(self, group: int = 1) -> bool:
+        """Whether each bank feature's training row is known (not after IVF's reordering, nor in checkpoints fitted
+        before adkit 0.5)."""
+        return 0 < self.memory_bank.shape[0] == self.bank_origin.shape[0]
+
+    @contextlib.contextmanager
+    def leaving_out(self, rows: Tensor, group: int = 1) -> Iterator[None]:
+        """``detect`` searches, for input row j, the bank without the features that came from rows[j]'s part
+        (the training rows with the same row // ``group``): the patch's nearest feature among the rest (the fitted
+        search's nearest candidates, exactly where they all came from the part) and the re-weighting's
+        neighbourhood among the rest. The score a training image gets from a bank selected without it, but for
+        the features the coreset left out because this image's stood near them (docs/thresholds.md measures
+        it)."""
+        if not self.can_leave_out():
+            raise AdkitError("patchcore: this bank does not know which training image each feature came from "
+                             "(search=ivf reorders it; checkpoints fitted before adkit 0.5): fit it again")
+        self._left_out = (rows.to(self.memory_bank.device).long(), int(group))
+        try:
+            yield
+        finally:
+            self._left_out = None
 
     def export_note(self) -> str | None:
         if self.search == "exact":

@@ -21,6 +21,7 @@ from adkit_plugins.patchcore.search import (
     knn_hnsw,
     knn_ivf,
     knn_projected,
+    squared_distances,
     tracing,
 )
 
@@ -29,16 +30,23 @@ from adkit_plugins.patchcore.search import (
 # of such a bank costs a few milliseconds an image
 IVF_MIN_CELL = 64
 INDEX_MIN_BANK = 4096
+# leaving a training image out (IndexedBank._nearest_outside): each patch's candidates from the fitted search, and
+# the rows searched exactly at once where all of them came from the image itself
+LEAVE_OUT_CANDIDATES = 16
+LEAVE_OUT_EXACT_ROWS = 1024
 
 
 class IndexedBank:
     """What PatchCore does with its bank once it is chosen: index it, search it, check the search. A mixin of
-    PatchCore (its buffers: memory_bank, bank_projected, search_projection, ivf_*, hnsw_graph, search_effort,
-    search_trail, check_*; its parameters: search, ef, probes, candidates, cells, links, recall, seed, dim)."""
+    PatchCore (its buffers: memory_bank, bank_origin, bank_projected, search_projection, ivf_*, hnsw_graph,
+    search_effort, search_trail, check_*; its parameters: search, ef, probes, candidates, cells, links, recall, seed,
+    dim)."""
 
-    def _index(self, bank: Tensor, extends: int = 0) -> None:
+    def _index(self, bank: Tensor, extends: int = 0, origin: Tensor | None = None) -> None:
         """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked.
-        ``extends``: the bank's first rows are the bank indexed now (an update), whose graph is extended."""
+        ``extends``: the bank's first rows are the bank indexed now (an update), whose graph is extended.
+        ``origin``: the training row each bank feature came from (kept for ``leaving_out``; not with IVF cells,
+        which reorder the bank)."""
         device = bank.device
         cells = self.ivf_cells(bank.shape[0])
         graph = self.hnsw_graph.cpu()
@@ -50,6 +58,8 @@ class IndexedBank:
             bank, self.ivf_centroids, self.ivf_offsets = ivf_index(bank, cells, generator)
             self._forget_check()  # the bank is stored cell by cell: its indices changed
         self.memory_bank = bank.contiguous()
+        known = origin is not None and not cells and origin.shape[0] == bank.shape[0]
+        self.bank_origin = origin.to(device) if known else torch.zeros(0, dtype=torch.long, device=device)
         self.bank_projected = (bank @ self.search_projection).contiguous()
         if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
             self.hnsw_graph = hnsw_build(self.memory_bank, self.links, graph if extend else None).to(device)
@@ -158,6 +168,29 @@ class IndexedBank:
         if effort and self.search == "projected":
             return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k, effort)
         return knn(patches, self.memory_bank, k)
+
+    def _nearest_outside(self, patches: Tensor, parts: Tensor, group: int) -> tuple[Tensor, Tensor]:
+        """Each patch's nearest bank feature that did not come from the patch's own part (``parts`` (M,): each
+        patch's training row // ``group``): distances (M,) and bank indices (M,). Taken from the fitted search's
+        LEAVE_OUT_CANDIDATES nearest (the graph at its checked effort, else exact); a patch whose candidates all
+        came from its own part is searched exactly over the rest of the bank."""
+        bank_parts = self.bank_origin // group
+        k = min(LEAVE_OUT_CANDIDATES, self.memory_bank.shape[0])
+        if self.effort and self.hnsw_graph.numel():
+            distance, index = knn_hnsw(patches, self._hnsw(), self.effort, k)
+        else:
+            distance, index = knn(patches, self.memory_bank, k)
+        own = (index < 0) | (bank_parts[index.clamp_min(0)] == parts[:, None])
+        first = (~own).int().argmax(1, keepdim=True)
+        nearest_distance, nearest = distance.gather(1, first)[:, 0], index.gather(1, first)[:, 0]
+        missing = own.all(1).nonzero()[:, 0]
+        for start in range(0, missing.numel(), LEAVE_OUT_EXACT_ROWS):
+            rows = missing[start:start + LEAVE_OUT_EXACT_ROWS]
+            squared = squared_distances(patches[rows].float(), self.memory_bank.float())
+            squared[bank_parts[None, :] == parts[rows, None]] = float("inf")
+            smallest, where = squared.min(1)
+            nearest_distance[rows], nearest[rows] = smallest.sqrt().to(nearest_distance.dtype), where
+        return nearest_distance, nearest
 
     def _hnsw(self) -> object:
         """The HNSW index of ``hnsw_graph``, deserialised once per graph (a restore or refit replaces it)."""

@@ -191,12 +191,13 @@ def hnsw_load(graph: Tensor) -> Any:
     return _faiss().deserialize_index(graph.cpu().numpy())
 
 
-def knn_hnsw(queries: Tensor, index: Any, ef: int) -> tuple[Tensor, Tensor]:
-    """The nearest bank feature of every query along the graph: distances (M, 1) and bank indices (M, 1)."""
+def knn_hnsw(queries: Tensor, index: Any, ef: int, k: int = 1) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest bank features of every query along the graph (at effort max(ef, k)): distances (M, k)
+    ascending and bank indices (M, k), -1 where the graph found fewer."""
     faiss = _faiss()
     faiss.omp_set_num_threads(torch.get_num_threads())
-    index.hnsw.efSearch = ef
-    squared, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), 1)
+    index.hnsw.efSearch = max(ef, k)
+    squared, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
     distance = torch.from_numpy(squared).clamp_min_(0).sqrt().to(queries.device)
     return distance, torch.from_numpy(found).long().to(queries.device)
 
