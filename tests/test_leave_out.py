@@ -76,7 +76,7 @@ def test_patchcore_bank_knows_each_features_training_row_through_fit_and_update(
 @pytest.mark.parametrize("candidates", [16, 1])  # 1: most patches' one candidate is their own: the exact fallback
 def test_patchcore_left_out_searches_the_bank_without_the_parts_own_features(tiny_catalog, tmp_path, monkeypatch,
                                                                             candidates):
-    import adkit_plugins.patchcore.index as index
+    from adkit_plugins.patchcore import index
 
     monkeypatch.setattr(index, "LEAVE_OUT_CANDIDATES", candidates)
     train = images(8, 0)
@@ -85,8 +85,11 @@ def test_patchcore_left_out_searches_the_bank_without_the_parts_own_features(tin
     for group in (1, 2):  # 2: rows 2k and 2k + 1 are one part (an image's two tiles)
         rows = torch.tensor([1, 2, 7])
         with torch.inference_mode():
-            with detector.leaving_out(rows, group):
-                detection = detector.detect(train[rows])
+            with detector.leaving_out(rows, group):  # the rows in order, call after call
+                first, rest = detector.detect(train[rows[:1]]), detector.detect(train[rows[1:]])
+                with pytest.raises(ValueError, match="3 rows"):
+                    detector.detect(train[:1])
+            detection = type(first)(None, torch.cat([first.image_scores, rest.image_scores]))
             patches = detector.embed(train[rows]).permute(0, 2, 3, 1).reshape(-1, 6)
         expected = brute_force_outside(detector, patches, (rows // group).repeat_interleave(256), group).view(3, 256)
         torch.testing.assert_close(detection.image_scores.double(), expected.max(1).values, rtol=1e-4, atol=1e-4)
@@ -117,7 +120,7 @@ def test_patchcore_left_out_reweighting_reads_the_bank_without_the_part(tiny_cat
 
 
 def test_patchcore_left_out_along_the_graph_matches_the_scan(tiny_catalog, tmp_path, monkeypatch):
-    import adkit_plugins.patchcore.index as index
+    from adkit_plugins.patchcore import index
 
     monkeypatch.setattr(index, "INDEX_MIN_BANK", 32)
     train = images(8, 0)

@@ -239,9 +239,10 @@ class Detector(nn.Module, Exportable, ABC):
         return False
 
     def leaving_out(self, rows: Tensor, group: int = 1) -> AbstractContextManager[None]:
-        """While the context is open, ``detect`` scores its input row j as if the training rows of ``rows[j]``'s
-        part had not been fitted on: rows are indices into the images ``fit`` took, in order, and a part is the
-        rows r with the same r // ``group`` (an image's tiles). Only where ``can_leave_out()``; eager mode only."""
+        """While the context is open, ``detect`` scores the input rows it is given, call after call, as the
+        training rows ``rows[0]``, ``rows[1]``, ... (indices into the images ``fit`` took, in order), each as if
+        its part had not been fitted on: the rows r with the same r // ``group`` (an image's tiles). Only where
+        ``can_leave_out(group)``; eager mode only."""
         raise NotImplementedError(f"{type(self).__name__} cannot leave its training images out")
 
     @abstractmethod

@@ -197,14 +197,11 @@ def left_out_scores(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, norma
     if n > LEAVE_OUT_IMAGES:
         generator = torch.Generator().manual_seed(derived_seed(plan_.config.seed, "leave-out", run_.category))
         chosen = torch.randperm(n, generator=generator)[:LEAVE_OUT_IMAGES].sort().values
-    batch, scores = plan_.scoring_batch, []
-    with console.progress() as progress:
+    # the training rows the pipeline gives the detector, in order (under torchrun: this rank's share of them)
+    mine = chosen[distributed.shard(len(chosen))] if distributed.world_size() > 1 else chosen
+    rows = (mine[:, None] * parts + torch.arange(parts)).flatten()
+    with console.progress() as progress, detector.leaving_out(rows, parts):
         task = progress.add_task(f"leave out {run_.category}", total=len(chosen), info="")
-        for start in range(0, len(chosen), batch):
-            images = chosen[start:start + batch]
-            rows = (images[:, None] * parts + torch.arange(parts)).flatten()
-            with detector.leaving_out(rows, parts):
-                scores.append(run_pipeline(pipeline, run_.train.images[images], batch, plan_.device,
-                                           precision=plan_.config.precision).scores)
-            progress.update(task, completed=start + len(images))
-    return torch.cat(scores)
+        return run_pipeline(pipeline, run_.train.images[chosen], plan_.scoring_batch, plan_.device,
+                            on_batch=lambda done: progress.update(task, completed=done),
+                            precision=plan_.config.precision).scores

@@ -110,7 +110,7 @@ class PatchCore(IndexedBank, Detector):
         # the training row (an image, or a tile of one) each bank feature came from: leaving_out() searches the bank
         # without a part's own features; empty where unknown (IVF's reordered cells, fitted before adkit 0.5)
         self.register_buffer("bank_origin", torch.zeros(0, dtype=torch.long))
-        self._left_out: tuple[Tensor, int] | None = None  # leaving_out's (rows, group) while it is open
+        self._left_out: list | None = None  # leaving_out's [rows, group, rows scored so far] while it is open
         # search=projected: candidates come from a scan on this projection of the bank, then exact re-ranking
         self.register_buffer("search_projection", torch.zeros(dim, search_dim))
         self.register_buffer("bank_projected", torch.zeros(0, search_dim))
@@ -273,10 +273,11 @@ class PatchCore(IndexedBank, Detector):
         patches = embedding.permute(0, 2, 3, 1).reshape(-1, self.dim)
         parts = None
         if self._left_out is not None:  # leaving_out: each row's own part's bank features are not searched
-            rows, group = self._left_out
-            if rows.shape[0] != b:
-                raise ValueError(f"patchcore.leaving_out was given {rows.shape[0]} rows for a batch of {b}")
-            parts = rows // group
+            rows, group, done = self._left_out
+            if done + b > rows.shape[0]:
+                raise ValueError(f"patchcore.leaving_out was given {rows.shape[0]} rows; {done + b} were scored")
+            parts = rows[done:done + b] // group
+            self._left_out[2] = done + b
             nearest_distance, nearest = self._nearest_outside(patches, parts.repeat_interleave(h * w), group)
             distance, index = nearest_distance[:, None], nearest[:, None]
         else:
@@ -319,16 +320,16 @@ class PatchCore(IndexedBank, Detector):
 
     @contextlib.contextmanager
     def leaving_out(self, rows: Tensor, group: int = 1) -> Iterator[None]:
-        """``detect`` searches, for input row j, the bank without the features that came from rows[j]'s part
-        (the training rows with the same row // ``group``): the patch's nearest feature among the rest (the fitted
-        search's nearest candidates, exactly where they all came from the part) and the re-weighting's
-        neighbourhood among the rest. The score a training image gets from a bank selected without it, but for
+        """``detect`` searches, for each input row (the training rows ``rows`` in order, call after call), the bank
+        without the features that came from the row's part (the training rows with the same row // ``group``):
+        the patch's nearest feature among the rest (the fitted search's nearest candidates, exactly where they all
+        came from the part) and the re-weighting's neighbourhood among the rest. The score a training image gets from a bank selected without it, but for
         the features the coreset left out because this image's stood near them (docs/thresholds.md measures
         it)."""
         if not self.can_leave_out():
             raise AdkitError("patchcore: this bank does not know which training image each feature came from "
                              "(search=ivf reorders it; checkpoints fitted before adkit 0.5): fit it again")
-        self._left_out = (rows.to(self.memory_bank.device).long(), int(group))
+        self._left_out = [rows.to(self.memory_bank.device).long(), int(group), 0]
         try:
             yield
         finally:
