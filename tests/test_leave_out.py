@@ -192,5 +192,38 @@ def test_run_pools_the_left_out_training_scores_and_says_so(invoke, tmp_path, ge
         assert metrics["val_left_out"] == 18 and metrics["val_normal"] == 24
         assert len(record["left_out_scores"]) == 18 and record["fit"]["left_out"].startswith("pooled")
         assert "6 normal validation images + 18 training images left out" in said
+        page = (out / "report.html").read_text()
+        assert "Left-out training scores: pooled (18 training images" in page
+        assert "6 normal validation images + 18 training images left out" in page
     else:
         assert "left_out_scores" not in record and record["fit"]["left_out"].startswith("not pooled")
+
+
+def test_test_and_update_keep_the_left_out_scores_of_the_fit(invoke, tmp_path):
+    import json
+
+    data = "synthetic:size=32,n_train=24,n_test=6,val_fraction=0.25"
+    run = tmp_path / "run"
+    code, _, err = invoke("run", "--detector", "patchcore", "--data", data, "--category", "tile", "--image-size", "32",
+                          "--out", str(run))
+    assert code == 0, err
+    fitted = json.loads((run / "tile" / "threshold.json").read_text())
+    if not fitted["fit"]["n_left_out"]:
+        pytest.skip("the check did not pool these left-out scores (what it does then is tested above)")
+    # adkit test reads no training images: the threshold it records pools the fit's left-out scores again
+    code, _, err = invoke("test", "--checkpoint", str(run / "tile" / "checkpoint.pt"), "--data", data,
+                          "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    tested = json.loads((run / "tile" / "threshold.json").read_text())
+    assert tested["left_out_scores"] == fitted["left_out_scores"] and tested["fit"]["n_left_out"] == 18
+    assert tested["threshold"] == fitted["threshold"]  # the same model, validation images and pool
+    # an update pools them with the new validation scores (measured against the parent: docs/update.md)
+    code, _, err = invoke("synth", "--out", str(tmp_path / "more"), "--category", "tile", "--size", "32", "--train", "4",
+                          "--test", "2", "--seed", "3")
+    assert code == 0, err
+    code, _, err = invoke("update", "--checkpoint", str(run / "tile" / "checkpoint.pt"),
+                          str(tmp_path / "more" / "tile" / "train" / "good"))
+    assert code == 0, err
+    updated = json.loads((run / "tile@2" / "threshold.json").read_text())
+    assert updated["left_out_scores"] == fitted["left_out_scores"]
+    assert updated["fit"]["n_normal"] == 6 + 1 + 18 and updated["fit"]["n_left_out"] == 18

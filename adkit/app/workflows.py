@@ -30,6 +30,7 @@ from adkit.stats import metrics, thresholds
 from adkit.stats.decisions import (
     decision_metrics,
     fit_threshold,
+    kept_left_out,
     record_threshold,
     validation_record,
 )
@@ -239,6 +240,8 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     if main:
         configure_log(out)
     pipeline, meta = load_trained(plan_.config, checkpoint, plan_.device, payload, plan_.pipeline)
+    # the training images' left-out scores its threshold pooled: the training images are not read here
+    kept = kept_left_out(checkpoint.parent, plan_.pipeline)
     results = []
     for category in plan_.categories:
         splits = plan_.dataset.load(category)
@@ -247,7 +250,7 @@ def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
                            load_split(splits.val, size, skip), load_split(splits.test, size, skip), 0.0, out)
         if not run_.val.samples:
             run_.train = load_split(splits.train, size, skip)
-        evaluation = evaluate(plan_, run_, pipeline)
+        evaluation = evaluate(plan_, run_, pipeline, left_out=kept if category == meta["category"] else None)
         if main:
             if meta.get("lineage"):  # the updates this model went through (adkit update)
                 evaluation.metrics["lineage"] = meta["lineage"]

@@ -149,8 +149,7 @@ def _category_section(page_folder: Path, rel: str, result: dict[str, Any], title
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
                f"image AUROC {fmt(result.get('image_auroc'))}, pixel AUROC {fmt(result.get('pixel_auroc'))}; "
                f"threshold {fmt(threshold, 4)}{_decision_text(result)}.{_defects_text(result)}</p>" +
-               _approximations_text(result) +
-               _lineage_text(result))
+               _left_out_text(validation) + _approximations_text(result) + _lineage_text(result))
     parts = [f"<h2 id='{html.escape(anchor or result['category'])}'>{category}</h2>", summary,
              "<div class='figures'>" + "".join(f"<img src='{html.escape(f)}' alt='{html.escape(f)}'>"
                                                for f in figures) + "</div>"]
@@ -168,6 +167,12 @@ def _defects_text(result: dict[str, Any]) -> str:
         return ""
     return (f" The model learned from {count} labelled defective images ({result.get('train_defects_masked', 0)} "
             "with masks), which are not among the test images.")
+
+
+def _left_out_text(validation: dict[str, Any] | None) -> str:
+    """Whether the threshold pooled training images scored as if left out, and what the check measured."""
+    verdict = ((validation or {}).get("fit") or {}).get("left_out")
+    return f"<p class='left-out'>Left-out training scores: {html.escape(verdict)}.</p>" if verdict else ""
 
 
 def _approximations_text(result: dict[str, Any]) -> str:

@@ -135,10 +135,12 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
 
 
-def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: PipelineSpec | None = None) -> Evaluation:
+def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: PipelineSpec | None = None,
+             left_out: Tensor | None = None) -> Evaluation:
     """Test metrics for one category and pipeline (built from ``spec``, by default the plan's); the threshold is
-    fitted on the validation split. Under torchrun every rank scores a shard of the images; rank 0 gets them all
-    and computes the metrics."""
+    fitted on the validation split, with the training images' left-out scores where the detector gives them
+    (``left_out_scores``) or, without the training images, ``left_out`` (the ones its threshold record kept).
+    Under torchrun every rank scores a shard of the images; rank 0 gets them all and computes the metrics."""
     device, batch = plan_.device, plan_.scoring_batch
     val_source = run_.threshold_split
     n_test, n_val = len(run_.test.samples), len(val_source.samples)
@@ -158,7 +160,8 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     if pipeline.own_scores and scorer != traits.default_scorer:
         console.warn(f"{plan_.detector.name} computes its own image scores; --scorer {scorer} is not used "
                     "(see its score= parameter)")
-    left_out = left_out_scores(plan_, run_, pipeline, val.scores[val_source.labels == 0])
+    computed = left_out_scores(plan_, run_, pipeline, val.scores[val_source.labels == 0])
+    left_out = computed if computed is not None else left_out
     fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category, left_out)
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
@@ -188,7 +191,7 @@ def left_out_scores(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, norma
     fpr, there are no normal validation images to check them against (thresholds.left_out_agree), or the
     training images are not the ones it was fitted on in this process."""
     detector = pipeline.detector
-    n = len(run_.train.samples)
+    n = len(run_.train.samples) if len(run_.val.samples) else 0  # without a validation split: nothing to check by
     tiling = plan_.geometry.tiling()
     parts = 1 if tiling is None else tiling.count  # the detector was fitted on each image's tiles, in order
     if plan_.threshold.kind != "fpr" or not len(normal_val) or not n or not detector.can_leave_out(parts):

@@ -78,6 +78,14 @@ def validation_record(fit: thresholds.ThresholdFit, scores: torch.Tensor, labels
     return record
 
 
+def kept_left_out(checkpoint_dir: Path, pipeline: PipelineSpec) -> torch.Tensor | None:
+    """The left-out training scores the threshold beside a checkpoint pooled, where it was fitted for ``pipeline``'s
+    post-processors and scorer (None otherwise, silently: ``adkit test`` fits a threshold of its own)."""
+    path = checkpoint_dir / THRESHOLD_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+    return left_out_of(recorded) if recorded is not None and _holds_for(recorded, pipeline) else None
+
+
 def left_out_of(record: dict[str, Any] | None) -> torch.Tensor | None:
     """The left-out training scores a threshold record pooled (None without any)."""
     stored = (record or {}).get("left_out_scores")
