@@ -227,3 +227,26 @@ def test_test_and_update_keep_the_left_out_scores_of_the_fit(invoke, tmp_path):
     updated = json.loads((run / "tile@2" / "threshold.json").read_text())
     assert updated["left_out_scores"] == fitted["left_out_scores"]
     assert updated["fit"]["n_normal"] == 6 + 1 + 18 and updated["fit"]["n_left_out"] == 18
+
+
+def test_an_ensemble_pools_its_members_combined_left_out_scores(invoke, tmp_path):
+    import json
+
+    out = tmp_path / "ens"
+    code, _, err = invoke("run", "--detector", "patchcore", "--detector", "padim:features=20", "--data",
+                          "synthetic:size=32,n_train=24,n_test=6,val_fraction=0.25", "--category", "tile",
+                          "--image-size", "32", "--out", str(out))
+    assert code == 0, err
+    said = " ".join(err.split())
+    members = [json.loads((out / name / "tile" / "metrics.json").read_text()) for name in ("patchcore", "padim")]
+    ensemble = json.loads((out / "ensemble" / "tile" / "metrics.json").read_text())
+    # the members' 18 left-out scores each, combined as their validation scores are, were offered to the check
+    assert said.count("18 training images' left-out scores against 6 normal validation images") == 3
+    assert ensemble["val_left_out"] in (0, 18) and all(m["val_left_out"] in (0, 18) for m in members)
+    assert ensemble["val_normal"] == 6 + ensemble["val_left_out"]
+    # an ensemble with a member that cannot leave images out fits on the validation images alone
+    code, _, err = invoke("run", "--detector", "patchcore", "--detector", "pixel-gauss", "--data",
+                          "synthetic:size=32,n_train=24,n_test=6,val_fraction=0.25", "--category", "tile",
+                          "--image-size", "32", "--out", str(tmp_path / "mixed"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "mixed" / "ensemble" / "tile" / "metrics.json").read_text())["val_left_out"] == 0

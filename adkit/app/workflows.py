@@ -186,8 +186,11 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
         ensemble = catalog["ensemble"].create(ensemble_spec)
         ensemble.fit([e.normal_val_scores for e in evaluations])
         combined = ensemble.combine([e.test_scores for e in evaluations]).float()
+        # the members' left-out scores of the same training images, combined, where every member gave them
+        left = [e.left_out for e in evaluations]
+        together = all(x is not None for x in left) and len({len(x) for x in left}) == 1
         fit = fit_threshold(plans[0].threshold, ensemble.combine([e.val_scores for e in evaluations]).float(),
-                            evaluations[0].val_labels, category)
+                            evaluations[0].val_labels, category, ensemble.combine(left).float() if together else None)
         result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
                   "train_defects": max(e.metrics["train_defects"] for e in evaluations),  # by its members that learn
                   **decision_metrics(fit, combined, labels, [s.defect for s in run_.test.samples]), **metrics.image_metrics(labels, combined.numpy())}

@@ -67,6 +67,7 @@ class Evaluation:
     pixel_level: bool = True  # the detector declares a pixel-level map (not image_level)
     validation: dict[str, Any] | None = None  # the threshold's record (decisions.validation_record), for its files
     decisions: Tensor | None = None  # (N_test,) 1 anomalous, 0 normal at the fitted threshold
+    left_out: Tensor | None = None  # training images' left-out scores offered to the threshold (pooled or not)
 
     @property
     def threshold(self) -> float | None:
@@ -181,7 +182,7 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     result["skipped"] = [str(p) for p, _ in run_.skipped]
     return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level,
                       validation_record(fit, val.scores, val_source.labels, left_out),
-                      thresholds.decide(test.scores, fit.threshold))
+                      thresholds.decide(test.scores, fit.threshold), left_out)
 
 
 def left_out_scores(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, normal_val: Tensor) -> Tensor | None:
