@@ -189,8 +189,8 @@ def left_out_scores(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, norma
     """The pipeline's scores of the training images, each as if the detector had not been fitted on it
     (``Detector.leaving_out``; at most LEAVE_OUT_IMAGES of them, a seeded sample), for an fpr threshold to pool
     with the normal validation images' scores: None where the detector cannot leave images out, the policy is not
-    fpr, there are no normal validation images to check them against (thresholds.left_out_agree), or the
-    training images are not the ones it was fitted on in this process."""
+    fpr, or there are no normal validation images to check them against (thresholds.left_out_agree). The training
+    images must be the ones the detector was fitted on, in order: train_category's (``adkit test`` reads none)."""
     detector = pipeline.detector
     n = len(run_.train.samples) if len(run_.val.samples) else 0  # without a validation split: nothing to check by
     tiling = plan_.geometry.tiling()

@@ -68,9 +68,8 @@ class PatchCore(IndexedBank, Detector):
     default_scorer = "max"
     consumes: ClassVar[frozenset[str]] = frozenset({"backbone"})
     fitted_buffers: ClassVar[tuple[str, ...]] = ("memory_bank", "bank_origin", "bank_projected", "ivf_centroids",
-                                                 "ivf_offsets",
-                                                 "hnsw_graph", "search_trail", "check_keys", "check_nearest",
-                                                 "defect_bank")
+                                                 "ivf_offsets", "hnsw_graph", "search_trail", "check_keys",
+                                                 "check_nearest", "defect_bank")
     fit_shards = True  # under torchrun each rank embeds its share; every rank selects the same coreset from all
     updatable = True  # new images' patches join the bank by the coreset rule, continuing the fitted selection
     uses_defects = True  # labelled defects' patches make a second bank that re-weights the distances (defects.py)
@@ -108,7 +107,7 @@ class PatchCore(IndexedBank, Detector):
         self.backbone: Backbone | None = None
         self.register_buffer("memory_bank", torch.zeros(0, dim))
         # the training row (an image, or a tile of one) each bank feature came from: leaving_out() searches the bank
-        # without a part's own features; empty where unknown (IVF's reordered cells, fitted before adkit 0.5)
+        # without a part's own features; empty where unknown (IVF's reordered cells, fitted before adkit 0.4)
         self.register_buffer("bank_origin", torch.zeros(0, dtype=torch.long))
         self._left_out: list | None = None  # leaving_out's [rows, group, rows scored so far] while it is open
         # search=projected: candidates come from a scan on this projection of the bank, then exact re-ranking
@@ -260,7 +259,7 @@ class PatchCore(IndexedBank, Detector):
             state_dict[prefix + "check_bank"] = torch.zeros((), dtype=torch.long)
         if prefix + "defect_bank" not in state_dict:  # fitted before labelled defects (adkit < 0.4)
             state_dict[prefix + "defect_bank"] = torch.zeros(0, self.dim)
-        if prefix + "bank_origin" not in state_dict:  # fitted before leaving_out (adkit < 0.5): unknown
+        if prefix + "bank_origin" not in state_dict:  # fitted before leaving_out (adkit < 0.4): unknown
             state_dict[prefix + "bank_origin"] = torch.zeros(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.effort = int(self.search_effort)
@@ -315,7 +314,7 @@ class PatchCore(IndexedBank, Detector):
 
     def can_leave_out(self, group: int = 1) -> bool:
         """Whether each bank feature's training row is known (not after IVF's reordering, nor in checkpoints fitted
-        before adkit 0.5)."""
+        before adkit 0.4)."""
         return 0 < self.memory_bank.shape[0] == self.bank_origin.shape[0]
 
     @contextlib.contextmanager
@@ -323,12 +322,12 @@ class PatchCore(IndexedBank, Detector):
         """``detect`` searches, for each input row (the training rows ``rows`` in order, call after call), the bank
         without the features that came from the row's part (the training rows with the same row // ``group``):
         the patch's nearest feature among the rest (the fitted search's nearest candidates, exactly where they all
-        came from the part) and the re-weighting's neighbourhood among the rest. The score a training image gets from a bank selected without it, but for
-        the features the coreset left out because this image's stood near them (docs/thresholds.md measures
-        it)."""
+        came from the part) and the re-weighting's neighbourhood among the rest: the score a bank selected without
+        the image would give, but for the features the coreset left out because this image's stood near them
+        (docs/thresholds.md measures the difference)."""
         if not self.can_leave_out():
             raise AdkitError("patchcore: this bank does not know which training image each feature came from "
-                             "(search=ivf reorders it; checkpoints fitted before adkit 0.5): fit it again")
+                             "(search=ivf reorders it; checkpoints fitted before adkit 0.4): fit it again")
         self._left_out = [rows.to(self.memory_bank.device).long(), int(group), 0]
         try:
             yield
