@@ -250,3 +250,23 @@ def test_an_ensemble_pools_its_members_combined_left_out_scores(invoke, tmp_path
                           "--image-size", "32", "--out", str(tmp_path / "mixed"))
     assert code == 0, err
     assert json.loads((tmp_path / "mixed" / "ensemble" / "tile" / "metrics.json").read_text())["val_left_out"] == 0
+
+
+def test_patchcore_without_its_features_origins_cannot_leave_out(tiny_catalog, tmp_path):
+    from adkit.core.errors import AdkitError
+
+    # IVF stores the bank cell by cell: the rows' order is gone, and so is leaving out
+    ivf = fitted(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=ivf,cells=4", images(4, 0),
+                 tmp_path)
+    assert ivf.ivf_centroids.shape[0] and not ivf.can_leave_out()
+    with pytest.raises(AdkitError, match="fit it again"), ivf.leaving_out(torch.arange(4)):
+        pass
+    # a checkpoint from before bank_origin loads, scores, and cannot leave out
+    exact = fitted(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=exact", images(4, 0),
+                   tmp_path)
+    state = {k: v for k, v in exact.state_dict().items() if k != "bank_origin"}
+    old = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=exact")
+    old.load_state_dict(state, strict=False)
+    assert not old.can_leave_out() and exact.can_leave_out()
+    with torch.inference_mode():
+        torch.testing.assert_close(old.detect(images(2, 5)).image_scores, exact.detect(images(2, 5)).image_scores)
