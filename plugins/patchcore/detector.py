@@ -272,13 +272,7 @@ class PatchCore(IndexedBank, Detector):
         patches = embedding.permute(0, 2, 3, 1).reshape(-1, self.dim)
         parts = None
         if self._left_out is not None:  # leaving_out: each row's own part's bank features are not searched
-            rows, group, done = self._left_out
-            if done + b > rows.shape[0]:
-                raise ValueError(f"patchcore.leaving_out was given {rows.shape[0]} rows; {done + b} were scored")
-            parts = rows[done:done + b] // group
-            self._left_out[2] = done + b
-            nearest_distance, nearest = self._nearest_outside(patches, parts.repeat_interleave(h * w), group)
-            distance, index = nearest_distance[:, None], nearest[:, None]
+            parts, distance, index = self._next_left_out(patches, b)
         else:
             distance, index = self._nearest(patches, 1)
         patch_scores = distance[:, 0].view(b, h * w)
@@ -294,6 +288,18 @@ class PatchCore(IndexedBank, Detector):
         test_feature = patches.view(b, h * w, self.dim).gather(1, where[:, None, None].expand(-1, 1, self.dim))[:, 0]
         nearest_bank = index[:, 0].view(b, h * w).gather(1, where[:, None])[:, 0]
         return Detection(anomaly_map, top * self.reweighting(test_feature, nearest_bank, parts))
+
+    @torch.compiler.disable  # eager under --compile: it reads and advances leaving_out's rows
+    def _next_left_out(self, patches: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The next ``b`` rows of leaving_out: their parts (b,), and each patch's nearest bank feature outside its
+        part, distances (M, 1) and bank indices (M, 1)."""
+        rows, group, done = self._left_out
+        if done + b > rows.shape[0]:
+            raise ValueError(f"patchcore.leaving_out was given {rows.shape[0]} rows; {done + b} were scored")
+        parts = rows[done:done + b] // group
+        self._left_out[2] = done + b
+        distance, index = self._nearest_outside(patches, parts.repeat_interleave(patches.shape[0] // b), group)
+        return parts, distance[:, None], index[:, None]
 
     def reweighting(self, test_feature: Tensor, nearest_bank: Tensor, parts: Tensor | None = None) -> Tensor:
         """PatchCore's w = 1 - exp|m_test* - m*| / sum over N_b(m*) of exp|m_test* - m| (Eq. 7), with N_b(m*)
