@@ -250,3 +250,23 @@ def test_planning_joins_no_process_group_and_a_workflow_entry_does():
     """plan() only computes; the process group is joined in one place, the entry every workflow goes through."""
     for output in launch(PLAN_SCRIPT):
         assert "after plan False" in output and "after a workflow's entry True 2" in output
+
+
+LEAVE_OUT_SCRIPT = """
+import sys
+from adkit import api
+from adkit.run.config import RunConfig
+api.run(RunConfig(detector=["patchcore:coreset=0.2"], data="synthetic:size=32,n_train=16,n_test=4,val_fraction=0.25",
+                  category=["wood"], image_size=32, out=sys.argv[1]))
+"""
+
+
+def test_left_out_scores_under_torchrun_are_the_single_process_ones(tmp_path):
+    """Each rank scores its share of the training images left out of the fit, each as the training row it is; rank 0
+    gets them all back in order: the scores a single process gives, to float tolerance."""
+    launch(LEAVE_OUT_SCRIPT, str(tmp_path / "two"))
+    launch(LEAVE_OUT_SCRIPT, str(tmp_path / "one"), world=1)
+    two, one = (json.loads((tmp_path / name / "wood" / "validation.json").read_text()) for name in ("two", "one"))
+    assert two["fit"]["left_out"].split(":")[0] == one["fit"]["left_out"].split(":")[0]
+    if "left_out_scores" in one:  # pooled in both (the check decides alike on the same scores)
+        np.testing.assert_allclose(two["left_out_scores"], one["left_out_scores"], rtol=1e-4)

@@ -155,13 +155,14 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     pixel_maps = test.raw if plan_.config.pixel_map == "raw" else upsample(test.processed, test.raw.shape[-2:])
     traits = plan_.detector_info.traits
     pixel_level = not traits.image_level
+    # every rank scores its share of the left-out training images (the pipeline gathers them)
+    computed = left_out_scores(plan_, run_, pipeline, val.scores[val_source.labels == 0])
     if not distributed.is_main():
         return Evaluation({}, test.scores, val.scores, pixel_maps, None, val_source.labels, pixel_level)
     scorer = (spec or plan_.pipeline).scorer_text
     if pipeline.own_scores and scorer != traits.default_scorer:
         console.warn(f"{plan_.detector.name} computes its own image scores; --scorer {scorer} is not used "
                     "(see its score= parameter)")
-    computed = left_out_scores(plan_, run_, pipeline, val.scores[val_source.labels == 0])
     left_out = computed if computed is not None else left_out
     fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category, left_out)
     labels = run_.test.labels.numpy()
