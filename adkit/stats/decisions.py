@@ -25,12 +25,12 @@ THRESHOLD_FILE = "threshold.json"
 
 
 def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Tensor, category: str,
-                  left_out: Tensor | None = None) -> thresholds.ThresholdFit:
+                  left_out: Tensor | None = None, say: bool = True) -> thresholds.ThresholdFit:
     """The policy fitted on validation scores (normal and, where held out, defective images); a warning when the
     images are too few for the rate asked. ``category`` (or the record's file) starts its messages. ``left_out``:
     training images' scores as if left out of the fit (evaluation.left_out_scores), pooled with the normal
     validation images' for an fpr policy where the two-sample check finds them alike (thresholds.left_out_agree);
-    the fit says which, in ``left_out``."""
+    the fit says which, in ``left_out`` (and the terminal, unless ``say`` is False)."""
     scores_np, labels_np = scores.double().numpy(), labels.numpy()
     normal = scores_np[labels_np == 0]
     pooled, note = False, None
@@ -39,7 +39,8 @@ def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Te
         pooled, note = thresholds.left_out_agree(normal, extra)
         if pooled:
             normal = np.concatenate([normal, extra])
-        console.say(f"{category}: threshold: {note}")
+        if say:
+            console.say(f"{category}: threshold: {note}")
     try:
         fit = thresholds.fit(policy, normal, scores_np[labels_np == 1])
     except thresholds.PolicyError as exc:
@@ -147,7 +148,8 @@ def chosen_threshold(record: dict[str, Any] | None, policy: str | None, where: s
                          "--checkpoint CKPT to store them (then export again), or give --threshold value:X")
     scores = torch.tensor(record["val_scores"] if stored else [], dtype=torch.float64)
     labels = torch.tensor(record["val_labels"] if stored else [], dtype=torch.long)
-    fit = fit_threshold(parsed, scores, labels, where, left_out_of(record) if parsed.kind == "fpr" else None)
+    fit = fit_threshold(parsed, scores, labels, where, left_out_of(record) if parsed.kind == "fpr" else None,
+                        say=False)  # the service decides a policy per request: the record says it
     return {**(record or {}), "threshold": fit.threshold, "policy": fit.policy, "fit": fit.as_dict()}
 
 
