@@ -207,6 +207,7 @@ def left_out_scores(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, norma
     rows = (mine[:, None] * parts + torch.arange(parts)).flatten()
     with console.progress() as progress, detector.leaving_out(rows, parts):
         task = progress.add_task(f"leave out {run_.category}", total=len(chosen), info="")
-        return run_pipeline(pipeline, run_.train.images[chosen], plan_.scoring_batch, plan_.device,
+        images = run_.train.images if len(chosen) == n else run_.train.images[chosen]  # no copy of them all
+        return run_pipeline(pipeline, images, plan_.scoring_batch, plan_.device,
                             on_batch=lambda done: progress.update(task, completed=done),
                             precision=plan_.config.precision).scores
