@@ -216,7 +216,15 @@ def test_test_and_update_keep_the_left_out_scores_of_the_fit(invoke, tmp_path):
     assert code == 0, err
     tested = json.loads((run / "tile" / "threshold.json").read_text())
     assert tested["left_out_scores"] == fitted["left_out_scores"] and tested["fit"]["n_left_out"] == 18
-    assert tested["threshold"] == fitted["threshold"]  # the same model, validation images and pool
+    # the same model, validation images and pool (scored again: to rounding)
+    assert tested["threshold"] == pytest.approx(fitted["threshold"], rel=1e-5)
+    # adkit train records the same threshold as run
+    code, _, err = invoke("train", "--detector", "patchcore", "--data", data, "--category", "tile", "--image-size",
+                          "32", "--out", str(tmp_path / "train"))
+    assert code == 0, err
+    trained = json.loads((tmp_path / "train" / "tile" / "threshold.json").read_text())
+    np.testing.assert_allclose(trained["left_out_scores"], fitted["left_out_scores"], rtol=1e-5)
+    assert trained["threshold"] == pytest.approx(fitted["threshold"], rel=1e-5)
     # an update pools them with the new validation scores (measured against the parent: docs/update.md)
     code, _, err = invoke("synth", "--out", str(tmp_path / "more"), "--category", "tile", "--size", "32", "--train", "4",
                           "--test", "2", "--seed", "3")

@@ -24,7 +24,7 @@ from adkit.run.assembly import (
 from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint
 from adkit.run.engine import predict as run_pipeline
-from adkit.run.evaluation import CategoryRun, evaluate, train_category
+from adkit.run.evaluation import CategoryRun, evaluate, left_out_scores, train_category
 from adkit.run.planning import RunPlan, claim_output, configure_log, dataset_spec, output_dir, plan
 from adkit.stats import metrics, thresholds
 from adkit.stats.decisions import (
@@ -219,12 +219,15 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     main = claim_output(out, resume, plan_.config.to_toml())
     for category in plan_.categories:
         run_ = train_category(plan_, category, out / category, resume=resume, load_test=False)
-        # so that predict can decide right after train: the threshold on held-out validation images
+        # so that predict can decide right after train: the threshold on held-out validation images (and the
+        # training images left out, where the detector can), as run fits it
         split = run_.threshold_split
-        scores = run_pipeline(build_pipeline(plan_, run_.detector), split.images,
-                              plan_.scoring_batch, plan_.device, precision=plan_.config.precision).scores
-        fit = fit_threshold(plan_.threshold, scores, split.labels, category)
-        record_threshold(out / category, validation_record(fit, scores, split.labels), plan_.pipeline,
+        pipeline = build_pipeline(plan_, run_.detector)
+        scores = run_pipeline(pipeline, split.images, plan_.scoring_batch, plan_.device,
+                              precision=plan_.config.precision).scores
+        left_out = left_out_scores(plan_, run_, pipeline, scores[split.labels == 0])
+        fit = fit_threshold(plan_.threshold, scores, split.labels, category, left_out)
+        record_threshold(out / category, validation_record(fit, scores, split.labels, left_out), plan_.pipeline,
                          _source(plan_, category, "train"))
         if main:
             console.say(f"{category}: {render.threshold_line(fit)}")
