@@ -29,24 +29,30 @@ def fitted(catalog, spec: str, train: torch.Tensor, tmp_path):
     return detector
 
 
-@pytest.mark.parametrize("n", [7, 4])  # 4: fewer images than features, the regularisation holds the covariance
-def test_padim_left_out_is_the_distance_to_the_other_images_gaussians(tiny_catalog, tmp_path, n):
+@pytest.mark.parametrize(("n", "precision"), [(7, "fp32"), (4, "fp32"), (7, "bf16")])
+def test_padim_left_out_is_the_distance_to_the_other_images_gaussians(tiny_catalog, tmp_path, n, precision):
+    """4 images: fewer than features, the regularisation holds the covariance. bf16: the backbone's precision check
+    chose bf16 after the fit, so an image is scored from other features than those it gave the fit."""
     spec = "padim:backbone=tiny,layers=0+1,features=5"
     train = images(n, 0)
     detector = fitted(tiny_catalog, spec, train, tmp_path)
     assert detector.can_leave_out() and not detector.can_leave_out(group=3)  # tiles: not exact, refused
     with torch.inference_mode():
+        embeddings = detector.embed(train).flatten(2).double()  # (N, d, P) as fitted, in float32
+        detector.backbone.precision = precision
+        scored = detector.embed(train).flatten(2).double()  # as scored now
         with detector.leaving_out(torch.arange(n)):
             left_out = detector.anomaly_map(train)
         in_bank = detector.anomaly_map(train)
-        embeddings = detector.embed(train).flatten(2).double()  # (N, d, P)
+    if precision == "bf16":
+        assert not torch.equal(scored, embeddings)
     for i in (0, n // 2, n - 1):
-        others = torch.cat([embeddings[:i], embeddings[i + 1:]])  # the Gaussians of the other six, in float64
+        others = torch.cat([embeddings[:i], embeddings[i + 1:]])  # the Gaussians of the others, in float64
         mean = others.mean(0)  # (d, P)
         centred = others - mean
         covariance = torch.einsum("nip,njp->pij", centred, centred) / (others.shape[0] - 1)
         covariance = covariance + 0.01 * torch.eye(5, dtype=torch.float64)
-        delta = (embeddings[i] - mean).T[:, :, None]  # (P, d, 1)
+        delta = (scored[i] - mean).T[:, :, None]  # (P, d, 1)
         squared = (delta.mT @ torch.linalg.inv(covariance) @ delta)[:, 0, 0]
         reference = squared.sqrt().reshape(1, 1, 16, 16).float()
         expected = torch.nn.functional.interpolate(reference, size=(32, 32), mode="bilinear", align_corners=False)

@@ -179,8 +179,9 @@ class PaDiM(Detector):
         """``anomaly_map`` gives each training image its distance to the Gaussians of the other n - 1 images,
         exactly (no refit): with u = x - mean and B = S / (n - 2) + regularisation I (S the scatter), the others'
         covariance is B - c u u^T with c = n / ((n - 1)(n - 2)) and x - their mean is n / (n - 1) u, so by
-        Sherman-Morrison the squared distance is (n / (n - 1))^2 m / (1 - c m) with m = u^T B^-1 u. B's inverses
-        are computed once for the context. The rows need not be named: an image's own values say it all."""
+        Sherman-Morrison the squared distance is (n / (n - 1))^2 m / (1 - c m) with m = u^T B^-1 u (with a bf16
+        backbone, x as scored and u as fitted differ: _left_out_squared). B's inverses are computed once for the
+        context. The rows need not be named: an image's own values say it all."""
         if not self.can_leave_out(group):
             raise AdkitError(f"padim leaves out whole images of a fit with moments on at least 3 images (group "
                              f"{group}, {int(self.count)} images)")
@@ -193,6 +194,31 @@ class PaDiM(Detector):
         finally:
             self._left_out = None
 
+    def _left_out_squared(self, images: Tensor, delta: Tensor) -> Tensor:
+        """leaving_out's squared distances (positions, B) of the images' embeddings (``delta``: minus the mean) to
+        the Gaussians of the other training images. The sample each image gave the fit, u (minus the mean), is its
+        embedding as the fit computed it: with the backbone in float32, which it ran in before its precision check,
+        so that a bf16 backbone's scores are still exact. With w = delta + u / (n - 1) (delta from the others' mean)
+        and the others' inverse covariance by Sherman-Morrison: w^T B^-1 w + c (w^T B^-1 u)^2 / (1 - c u^T B^-1 u)."""
+        n, inverse = int(self.count), self._left_out
+        backbone = self.backbone
+        if backbone.precision == "fp32":
+            fitted = delta
+        else:
+            backbone.precision = "fp32"
+            try:
+                embedding = self.embed(images)
+            finally:
+                backbone.precision = "bf16"
+            b, d, h, w = embedding.shape
+            fitted = (embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None, :]).contiguous()
+        c = n / ((n - 1) * (n - 2))
+        others = delta + fitted / (n - 1)
+        inverse_fitted = torch.einsum("pij,pbj->pbi", inverse, fitted)
+        shrink = (1 - c * (fitted * inverse_fitted).sum(-1)).clamp_min(torch.finfo(delta.dtype).eps)
+        squared = torch.einsum("pbi,pij,pbj->pb", others, inverse, others)
+        return (squared + c * (others * inverse_fitted).sum(-1).pow(2) / shrink).clamp_min(0)
+
     def anomaly_map(self, images: Tensor) -> Tensor:
         if self.mean.shape[0] == 0:
             raise RuntimeError("padim: fit() must run before anomaly_map()")
@@ -203,12 +229,10 @@ class PaDiM(Detector):
                              "use the image size it was fitted with")
         # (positions, B, d), row-major: the batched products run several times slower on a strided operand
         delta = (embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None, :]).contiguous()
-        inverse = self.inverse_covariance if self._left_out is None else self._left_out
-        squared = torch.einsum("pbi,pij,pbj->pb", delta, inverse, delta).clamp_min(0)
-        if self._left_out is not None:  # leaving_out: the distance to the other images' Gaussian (Sherman-Morrison)
-            n = int(self.count)
-            shrink = (1 - n / ((n - 1) * (n - 2)) * squared).clamp_min(torch.finfo(squared.dtype).eps)
-            squared = (n / (n - 1)) ** 2 * squared / shrink
+        if self._left_out is None:
+            squared = torch.einsum("pbi,pij,pbj->pb", delta, self.inverse_covariance, delta).clamp_min(0)
+        else:
+            squared = self._left_out_squared(images, delta)
         distance = squared.sqrt().T.reshape(b, 1, h, w)
         anomaly_map = F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return anomaly_map
