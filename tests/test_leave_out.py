@@ -36,7 +36,7 @@ def test_padim_left_out_is_the_distance_to_the_other_images_gaussians(tiny_catal
     spec = "padim:backbone=tiny,layers=0+1,features=5"
     train = images(n, 0)
     detector = fitted(tiny_catalog, spec, train, tmp_path)
-    assert detector.can_leave_out() and not detector.can_leave_out(group=3)  # tiles: not exact, refused
+    assert detector.can_leave_out() and not detector.can_leave_out(group=n - 1)  # one image would be left
     with torch.inference_mode():
         embeddings = detector.embed(train).flatten(2).double()  # (N, d, P) as fitted, in float32
         detector.backbone.precision = precision
@@ -58,6 +58,38 @@ def test_padim_left_out_is_the_distance_to_the_other_images_gaussians(tiny_catal
         expected = torch.nn.functional.interpolate(reference, size=(32, 32), mode="bilinear", align_corners=False)
         torch.testing.assert_close(left_out[i:i + 1], expected, rtol=2e-4, atol=2e-4)
     assert (left_out > in_bank).float().mean() > 0.95  # an image is farther from the Gaussians without it
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_padim_left_out_parts_of_tiles_are_the_distance_to_the_other_parts_gaussians(tiny_catalog, tmp_path,
+                                                                                     precision):
+    """Rows 2k and 2k + 1 are one part (an image's two tiles): both leave the Gaussians together (Woodbury)."""
+    train = images(10, 0)
+    detector = fitted(tiny_catalog, "padim:backbone=tiny,layers=0+1,features=5", train, tmp_path)
+    rows = torch.tensor([2, 3, 8, 9])
+    with torch.inference_mode():
+        embeddings = detector.embed(train).flatten(2).double()  # (N, d, P) as fitted
+        detector.backbone.precision = precision
+        scored = detector.embed(train).flatten(2).double()
+        with detector.leaving_out(rows, 2):
+            first = detector.anomaly_map(train[rows[:2]])  # a call holds whole parts
+            with pytest.raises(ValueError, match="whole parts"):
+                detector.anomaly_map(train[rows[2:3]])
+        with detector.leaving_out(rows, 2):
+            left_out = detector.anomaly_map(train[rows])
+    torch.testing.assert_close(first, left_out[:2])
+    for j, row in enumerate(rows.tolist()):
+        part = {row // 2 * 2, row // 2 * 2 + 1}
+        others = embeddings[[i for i in range(10) if i not in part]]
+        mean = others.mean(0)
+        centred = others - mean
+        covariance = torch.einsum("nip,njp->pij", centred, centred) / (others.shape[0] - 1)
+        covariance = covariance + 0.01 * torch.eye(5, dtype=torch.float64)
+        delta = (scored[row] - mean).T[:, :, None]
+        squared = (delta.mT @ torch.linalg.inv(covariance) @ delta)[:, 0, 0]
+        expected = torch.nn.functional.interpolate(squared.sqrt().reshape(1, 1, 16, 16).float(), size=(32, 32),
+                                                   mode="bilinear", align_corners=False)
+        torch.testing.assert_close(left_out[j:j + 1], expected, rtol=2e-4, atol=2e-4)
 
 
 def brute_force_outside(detector, patches: torch.Tensor, parts: torch.Tensor, group: int) -> torch.Tensor:
@@ -180,12 +212,13 @@ def test_the_record_carries_the_left_out_scores_to_other_policies():
     assert decisions.chosen_threshold(bare, "fpr:0.05", "threshold.json")["fit"]["n_normal"] == 40
 
 
-@pytest.mark.parametrize("geometry", [[], ["--image-size", "64", "--tile", "32"]])
-def test_run_pools_the_left_out_training_scores_and_says_so(invoke, tmp_path, geometry):
+@pytest.mark.parametrize(("detector", "geometry"), [("patchcore", []), ("patchcore", ["--image-size", "64", "--tile", "32"]),
+                                                    ("padim:features=20", ["--image-size", "64", "--tile", "32"])])
+def test_run_pools_the_left_out_training_scores_and_says_so(invoke, tmp_path, detector, geometry):
     import json
 
     out = tmp_path / "run"
-    code, out_text, err = invoke("run", "--detector", "patchcore", "--data",
+    code, out_text, err = invoke("run", "--detector", detector, "--data",
                                  "synthetic:size=64,n_train=24,n_test=6,val_fraction=0.25", "--category", "tile",
                                  *(geometry or ["--image-size", "32"]), "--out", str(out))
     assert code == 0, err

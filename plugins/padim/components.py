@@ -64,7 +64,7 @@ class PaDiM(Detector):
         self.register_buffer("scatter", torch.zeros(0, features, features))  # (positions, d, d): sum of (x - m)(x - m)^T
         # (positions, d, d), derived from count and scatter when they change (not stored: a checkpoint holds them)
         self.register_buffer("inverse_covariance", torch.zeros(0, features, features), persistent=False)
-        self._left_out: Tensor | None = None  # leaving_out's inverses while it is open
+        self._left_out: list | None = None  # leaving_out's [inverses, rows, group, rows scored so far]
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -170,37 +170,42 @@ class PaDiM(Detector):
             self._keep(Moments(int(self.count), self.mean.double(), self.scatter.double()))
 
     def can_leave_out(self, group: int = 1) -> bool:
-        """Exact for whole images (``group`` 1) of a fit that kept its moments on at least 3 images; not for tiles,
-        whose part is several samples of each position's Gaussian."""
-        return group == 1 and int(self.count) >= 3 and self.scatter.shape[0] == self.mean.shape[0] > 0
+        """Exact, for whole images or parts of ``group`` tiles, of a fit that kept its moments on at least
+        ``group`` + 2 images."""
+        return int(self.count) >= group + 2 and self.scatter.shape[0] == self.mean.shape[0] > 0
 
     @contextlib.contextmanager
     def leaving_out(self, rows: Tensor, group: int = 1) -> Iterator[None]:
-        """``anomaly_map`` gives each training image its distance to the Gaussians of the other n - 1 images,
-        exactly (no refit): with u = x - mean and B = S / (n - 2) + regularisation I (S the scatter), the others'
-        covariance is B - c u u^T with c = n / ((n - 1)(n - 2)) and x - their mean is n / (n - 1) u, so by
-        Sherman-Morrison the squared distance is (n / (n - 1))^2 m / (1 - c m) with m = u^T B^-1 u (with a bf16
-        backbone, x as scored and u as fitted differ: _left_out_squared). B's inverses are computed once for the
-        context. The rows need not be named: an image's own values say it all."""
+        """``anomaly_map`` gives each training row its distance to the Gaussians of the training rows outside its
+        part (the ``group`` consecutive rows of one image's tiles, all in one call), exactly and without a refit
+        (_left_out_squared). The inverses of B = S / (n - group - 1) + regularisation I (S the scatter) are
+        computed once for the context; the rows are read to check that each call holds whole parts."""
         if not self.can_leave_out(group):
-            raise AdkitError(f"padim leaves out whole images of a fit with moments on at least 3 images (group "
-                             f"{group}, {int(self.count)} images)")
-        n = int(self.count)
-        covariance = self.scatter.double().div(n - 2)
+            raise AdkitError(f"padim leaves out parts of {group} row(s) of a fit with moments on at least {group + 2} "
+                             f"images ({int(self.count)})")
+        covariance = self.scatter.double().div(int(self.count) - group - 1)
         covariance.diagonal(dim1=-2, dim2=-1).add_(self.regularisation)
-        self._left_out = torch.linalg.inv(covariance).mT.float().contiguous()
+        self._left_out = [torch.linalg.inv(covariance).mT.float().contiguous(), rows.long(), int(group), 0]
         try:
             yield
         finally:
             self._left_out = None
 
     def _left_out_squared(self, images: Tensor, delta: Tensor) -> Tensor:
-        """leaving_out's squared distances (positions, B) of the images' embeddings (``delta``: minus the mean) to
-        the Gaussians of the other training images. The sample each image gave the fit, u (minus the mean), is its
-        embedding as the fit computed it: with the backbone in float32, which it ran in before its precision check,
-        so that a bf16 backbone's scores are still exact. With w = delta + u / (n - 1) (delta from the others' mean)
-        and the others' inverse covariance by Sherman-Morrison: w^T B^-1 w + c (w^T B^-1 u)^2 / (1 - c u^T B^-1 u)."""
-        n, inverse = int(self.count), self._left_out
+        """leaving_out's squared distances (positions, B) of the rows' embeddings (``delta``: minus the mean) to the
+        Gaussians of the training rows outside their part. Per part of T rows, U (d x T) holds the samples the part
+        gave the fit minus the mean: its embeddings as the fit computed them, with the backbone in float32 (it ran so
+        before its precision check; a bf16 backbone's scores start from other features). The others' scatter is
+        S - U M U^T with M = I + 1 1^T / (n - T), their mean the mean - U 1 / (n - T), so their covariance is
+        B - U C U^T with C = M / (n - T - 1), and by Woodbury the squared distance of a row x, with w = x - their
+        mean, is w^T B^-1 w + r^T G^-1 r, r = U^T B^-1 w, G = (n - T - 1)(I - 1 1^T / n) - U^T B^-1 U."""
+        inverse, rows, group, done = self._left_out
+        positions, b, d = delta.shape
+        parts = rows[done:done + b] // group
+        if b % group or parts.shape[0] != b or (parts.view(-1, group) != parts.view(-1, group)[:, :1]).any():
+            raise ValueError(f"padim.leaving_out scores whole parts of {group} row(s) in order: {rows.shape[0]} rows "
+                             f"given, {done} scored, {b} now")
+        self._left_out[3] = done + b
         backbone = self.backbone
         if backbone.precision == "fp32":
             fitted = delta
@@ -210,14 +215,18 @@ class PaDiM(Detector):
                 embedding = self.embed(images)
             finally:
                 backbone.precision = "bf16"
-            b, d, h, w = embedding.shape
-            fitted = (embedding.permute(2, 3, 0, 1).reshape(h * w, b, d) - self.mean[:, None, :]).contiguous()
-        c = n / ((n - 1) * (n - 2))
-        others = delta + fitted / (n - 1)
-        inverse_fitted = torch.einsum("pij,pbj->pbi", inverse, fitted)
-        shrink = (1 - c * (fitted * inverse_fitted).sum(-1)).clamp_min(torch.finfo(delta.dtype).eps)
-        squared = torch.einsum("pbi,pij,pbj->pb", others, inverse, others)
-        return (squared + c * (others * inverse_fitted).sum(-1).pow(2) / shrink).clamp_min(0)
+            fitted = (embedding.flatten(2).permute(2, 0, 1) - self.mean[:, None, :]).contiguous()
+        n, t = int(self.count), group
+        samples = fitted.view(positions, b // t, t, d)  # U, per part
+        others = delta.view(positions, b // t, t, d) + samples.sum(2, keepdim=True) / (n - t)  # w
+        inverse_samples = torch.einsum("pij,pqtj->pqti", inverse, samples)  # B^-1 U
+        gram = torch.einsum("pqsi,pqti->pqst", samples, inverse_samples).double()  # U^T B^-1 U
+        ones = torch.ones(t, t, dtype=torch.float64, device=delta.device)
+        g = (n - t - 1) * (torch.eye(t, dtype=torch.float64, device=delta.device) - ones / n) - gram
+        r = torch.einsum("pqsi,pqti->pqst", inverse_samples, others).double()  # column t: U^T B^-1 w_t
+        correction = (r * torch.linalg.solve(g, r)).sum(2)  # r_t^T G^-1 r_t, (P, parts, T)
+        squared = torch.einsum("pqti,pij,pqtj->pqt", others, inverse, others)
+        return (squared + correction.to(squared.dtype)).clamp_min(0).reshape(positions, b)
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         if self.mean.shape[0] == 0:
