@@ -191,6 +191,7 @@ class PaDiM(Detector):
         finally:
             self._left_out = None
 
+    @torch.compiler.disable  # eager under --compile: it reads and advances leaving_out's rows
     def _left_out_squared(self, images: Tensor, delta: Tensor) -> Tensor:
         """leaving_out's squared distances (positions, B) of the rows' embeddings (``delta``: minus the mean) to the
         Gaussians of the training rows outside their part. Per part of T rows, U (d x T) holds the samples the part
