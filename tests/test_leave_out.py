@@ -317,3 +317,19 @@ def test_patchcore_without_its_features_origins_cannot_leave_out(tiny_catalog, t
     assert not old.can_leave_out() and exact.can_leave_out()
     with torch.inference_mode():
         torch.testing.assert_close(old.detect(images(2, 5)).image_scores, exact.detect(images(2, 5)).image_scores)
+
+
+def test_left_out_scores_whose_tail_runs_below_the_validation_images_are_not_pooled():
+    """Alike in the two-sample test, but at the pooled threshold 5 of 60 validation images are flagged, where 1 %
+    allows about one: the pooled threshold would flag too many new parts; the validation images decide alone."""
+    rng = np.random.default_rng(0)
+    validation = rng.normal(0, 1, 60)
+    validation[np.argsort(validation)[-5:]] += 10  # a heavier upper tail than the left-out scores have
+    left_out = rng.normal(0, 1, 500)
+    assert thresholds.left_out_agree(validation, left_out)[0]
+    fit = thresholds.fit_pooled("fpr:0.01", validation, None, left_out)
+    assert fit.n_left_out == 0 and fit.left_out.startswith("not pooled: at the pooled threshold 5 of the 60")
+    assert fit.threshold == thresholds.fit("fpr:0.01", validation).threshold and fit.n_normal == 60
+    # the same left-out scores with validation images like them are pooled
+    alike = thresholds.fit_pooled("fpr:0.01", rng.normal(0, 1, 60), None, left_out)
+    assert alike.n_left_out == 500 and alike.left_out.startswith("pooled")

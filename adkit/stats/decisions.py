@@ -6,7 +6,6 @@ all decide through here; adkit.stats.thresholds holds the policies' arithmetic."
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -29,24 +28,19 @@ def fit_threshold(policy: thresholds.ThresholdPolicy, scores: Tensor, labels: Te
     """The policy fitted on validation scores (normal and, where held out, defective images); a warning when the
     images are too few for the rate asked. ``category`` (or the record's file) starts its messages. ``left_out``:
     training images' scores as if left out of the fit (evaluation.left_out_scores), pooled with the normal
-    validation images' for an fpr policy where the two-sample check finds them alike (thresholds.left_out_agree);
-    the fit says which, in ``left_out`` (and the terminal, unless ``say`` is False)."""
+    validation images' for an fpr policy where the checks allow (thresholds.fit_pooled); the fit says which, in
+    ``left_out`` (and the terminal, unless ``say`` is False)."""
     scores_np, labels_np = scores.double().numpy(), labels.numpy()
-    normal = scores_np[labels_np == 0]
-    pooled, note = False, None
-    if left_out is not None and len(left_out):
-        extra = left_out.double().numpy()
-        pooled, note = thresholds.left_out_agree(normal, extra)
-        if pooled:
-            normal = np.concatenate([normal, extra])
-        if say:
-            console.say(f"{category}: threshold: {note}")
+    normal, anomalous = scores_np[labels_np == 0], scores_np[labels_np == 1]
     try:
-        fit = thresholds.fit(policy, normal, scores_np[labels_np == 1])
+        if left_out is not None and len(left_out) and policy.kind == "fpr":
+            fit = thresholds.fit_pooled(policy, normal, anomalous, left_out.double().numpy())
+            if say:
+                console.say(f"{category}: threshold: {fit.left_out}")
+        else:
+            fit = thresholds.fit(policy, normal, anomalous)
     except thresholds.PolicyError as exc:
         raise AdkitError(f"{category}: {exc}") from None
-    if note is not None:
-        fit = dataclasses.replace(fit, n_left_out=len(left_out) if pooled else 0, left_out=note)
     if fit.warning:
         console.warn(f"{category}: {fit.warning}")
     return fit

@@ -19,7 +19,7 @@ stored as a float32 value, the precision the models compare scores in, so every 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,28 @@ def left_out_agree(validation: np.ndarray, left_out: np.ndarray,
     if test.pvalue < level:
         return False, f"not pooled, they differ ({measured}; p < {level:g})"
     return True, f"pooled ({measured}; alike at the {level:g} level)"
+
+
+def fit_pooled(policy: ThresholdPolicy | str, normal: np.ndarray, anomalous: np.ndarray | None,
+               left_out: np.ndarray, level: float = LEFT_OUT_LEVEL) -> ThresholdFit:
+    """``fit`` on the normal validation scores pooled with training images' left-out scores, where both checks
+    pass: the two-sample test (``left_out_agree``), and at the pooled threshold the validation images' own false
+    alarms, which must not exceed what the rate allows at ``level`` (one-sided binomial: left-out scores whose upper
+    tail runs below the validation images' would put the threshold where these flag too many). Otherwise ``fit``
+    on the validation scores alone. The fit says which and why (``left_out``) and how many joined (``n_left_out``)."""
+    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    normal = np.asarray(normal, dtype=np.float64).ravel()
+    left_out = np.asarray(left_out, dtype=np.float64).ravel()
+    pooled, note = left_out_agree(normal, left_out, level)
+    if pooled:
+        fitted = fit(policy, np.concatenate([normal, left_out]), anomalous)
+        flagged = int((normal > fitted.threshold).sum())
+        chance = float(stats.binom.sf(flagged - 1, normal.size, policy.value)) if flagged else 1.0
+        if chance >= level:
+            return replace(fitted, n_left_out=left_out.size, left_out=note)
+        note = (f"not pooled: at the pooled threshold {flagged} of the {normal.size} normal validation images are "
+                f"flagged, more than {policy} allows (binomial p={chance:.3g} < {level:g}; {note})")
+    return replace(fit(policy, normal, anomalous), left_out=note)
 
 
 def _float32(value: float) -> float:
