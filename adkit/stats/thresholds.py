@@ -6,6 +6,8 @@ A decision is ``score > threshold``. Policies, written ``fpr:RATE``, ``f1`` or `
   false-alarm rate is at most RATE. The rate a few dozen images can promise is uncertain: the fit carries the
   one-sided 95 % Clopper-Pearson upper bound of the validation false-alarm rate, and the 95 % distribution-free
   confidence band of the (1 - RATE) quantile of normal scores (order statistics), where the threshold estimates it.
+  Training images scored as if left out of the fit join the validation images where two checks allow
+  (``fit_pooled``; docs/thresholds.md).
 - ``f1``: the best F1 on labelled validation images (normal and defective); it needs defective validation images.
 - ``value:X``: a threshold set by hand.
 
@@ -28,7 +30,8 @@ from scipy import stats
 
 DEFAULT_POLICY = "fpr:0.01"
 CONFIDENCE = 0.95
-# the two-sample test's level below which left-out training scores are not pooled with the validation images'
+# the level of the two checks (fit_pooled) below which left-out training scores are not pooled with the validation
+# images'
 LEFT_OUT_LEVEL = 0.01
 POLICY_HELP = "fpr:RATE (0 < RATE < 1, e.g. fpr:0.01), f1 (needs defective validation images) or value:X"
 
