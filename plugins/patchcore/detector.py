@@ -166,14 +166,14 @@ class PatchCore(IndexedBank, Detector):
             raise AdkitError("patchcore: no training images to fit on")
         device = self.memory_bank.device
         count = max(1, round(self.coreset * features.shape[0]))
+        on_device = features.to(device)
         if count < features.shape[0]:
             generator = torch.Generator(device=device).manual_seed(derived_seed(self.seed, "patchcore-coreset"))
-            on_device = features.to(device)
             projected = on_device @ random_projection(self.dim, self.projection_dim, generator, device)
             chosen = partitioned_greedy_coreset(projected, count, generator, self.partition)
+            bank = on_device[chosen]
         else:
-            chosen = torch.arange(features.shape[0], device=device)
-        bank = features.to(device)[chosen]
+            chosen, bank = torch.arange(features.shape[0], device=device), on_device
         self.feature_count = torch.tensor(features.shape[0], device=device)
         self._forget_check()
         self._index(bank, origin=chosen // per_row)
