@@ -148,14 +148,17 @@ class PaDiM(Detector):
         self.count = torch.tensor(stats.count, device=self.channels.device)
         self.mean = stats.mean.float()
         self.scatter = stats.scatter.float()
-        covariance = self.scatter.double().div_(stats.count - 1)
+        self.inverse_covariance = self._inverses(stats.count - 1)
+
+    def _inverses(self, divisor: int) -> Tensor:
+        """(scatter / ``divisor`` + regularisation I)^-1 per position, float32, row-major (computed in float64).
+        LAPACK returns the batch column-major, which made every Mahalanobis product (and so PaDiM's inference)
+        several times slower; the inverse of a symmetric matrix is its own transpose, and the transposed view is
+        row-major, so one conversion to float32 lays it out."""
+        covariance = self.scatter.double().div_(divisor)
         covariance.diagonal(dim1=-2, dim2=-1).add_(self.regularisation)
-        # row-major: LAPACK returns the batch column-major, which made every Mahalanobis product (and so PaDiM's
-        # inference) several times slower; the inverse of a symmetric matrix is its own transpose, and the
-        # transposed view is row-major, so one conversion to float32 lays it out
-        self.inverse_covariance = torch.linalg.inv(covariance).mT.float()
-        if not self.inverse_covariance.is_contiguous():  # a LAPACK that returns row-major batches
-            self.inverse_covariance = self.inverse_covariance.contiguous()
+        inverse = torch.linalg.inv(covariance).mT.float()
+        return inverse if inverse.is_contiguous() else inverse.contiguous()  # a LAPACK that returns row-major batches
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "inverse_covariance" in state_dict and prefix + "scatter" not in state_dict
@@ -183,9 +186,7 @@ class PaDiM(Detector):
         if not self.can_leave_out(group):
             raise AdkitError(f"padim leaves out parts of {group} row(s) of a fit with moments on at least {group + 2} "
                              f"images ({int(self.count)})")
-        covariance = self.scatter.double().div(int(self.count) - group - 1)
-        covariance.diagonal(dim1=-2, dim2=-1).add_(self.regularisation)
-        self._left_out = [torch.linalg.inv(covariance).mT.float().contiguous(), rows.long(), int(group), 0]
+        self._left_out = [self._inverses(int(self.count) - group - 1), rows.long(), int(group), 0]
         try:
             yield
         finally:
