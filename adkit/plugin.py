@@ -26,7 +26,7 @@ from adkit import PLUGIN_API, PLUGIN_API_SINCE, hookimpl
 # name -> the internal module that defines it (imported on first use)
 _WHERE = {
     # component contracts (docs/architecture.md) and what passes between components
-    **dict.fromkeys(("Detector", "Detection", "DetectorContext", "LabelledDefects", "Backbone", "Loss",
+    **dict.fromkeys(("Detector", "Detection", "DetectorContext", "LeftOutRows", "LabelledDefects", "Backbone", "Loss",
                      "PostProcessor", "Scorer", "Sampler", "Ensemble", "EnergyNetwork", "check_images", "check_map",
                      "upsample"), "adkit.core.components"),
     **dict.fromkeys(("ExportFormat", "ExportedRun", "Exportable", "exporting", "is_exporting"), "adkit.core.exporting"),

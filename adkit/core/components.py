@@ -84,6 +84,25 @@ class Detection:
     image_scores: Tensor | None = None
 
 
+class LeftOutRows:
+    """``Detector.leaving_out``'s training rows, read call after call: ``take(b)`` gives the parts (row // group)
+    of the next ``b`` input rows and moves on. ValueError naming ``name`` when more rows are scored than were
+    given, or, with ``whole_parts``, when a call holds part of a part."""
+
+    def __init__(self, rows: Tensor, group: int, name: str):
+        self.rows, self.group, self.name, self.done = rows.long(), int(group), name, 0
+
+    def take(self, b: int, whole_parts: bool = False) -> Tensor:
+        if self.done + b > self.rows.shape[0]:
+            raise ValueError(f"{self.name}.leaving_out was given {self.rows.shape[0]} rows; {self.done + b} were scored")
+        parts = self.rows[self.done:self.done + b] // self.group
+        if whole_parts and (b % self.group or (parts.view(-1, self.group) != parts.view(-1, self.group)[:, :1]).any()):
+            raise ValueError(f"{self.name}.leaving_out scores whole parts of {self.group} row(s) in order: "
+                             f"{self.rows.shape[0]} rows given, {self.done} scored, {b} now")
+        self.done += b
+        return parts
+
+
 class Backbone(nn.Module, ABC):
     """A frozen, pretrained feature extractor. ``forward(images, stages)`` maps images (B, 3, H, W) in [0, 1]
     (the backbone normalises them itself) to one feature map per requested stage, (B, C_i, H / s_i, W / s_i)

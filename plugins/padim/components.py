@@ -23,6 +23,7 @@ from adkit.plugin import (
     Backbone,
     Detector,
     DetectorContext,
+    LeftOutRows,
     Moments,
     align_stages,
     all_reduce_sum,
@@ -64,7 +65,7 @@ class PaDiM(Detector):
         self.register_buffer("scatter", torch.zeros(0, features, features))  # (positions, d, d): sum of (x - m)(x - m)^T
         # (positions, d, d), derived from count and scatter when they change (not stored: a checkpoint holds them)
         self.register_buffer("inverse_covariance", torch.zeros(0, features, features), persistent=False)
-        self._left_out: list | None = None  # leaving_out's [inverses, rows, group, rows scored so far]
+        self._left_out: tuple[Tensor, LeftOutRows] | None = None  # leaving_out's inverses and rows
 
     def setup(self, context: DetectorContext) -> None:
         self.backbone = build_backbone(context, self.backbone_spec)
@@ -186,7 +187,7 @@ class PaDiM(Detector):
         if not self.can_leave_out(group):
             raise AdkitError(f"padim leaves out parts of {group} row(s) of a fit with moments on at least {group + 2} "
                              f"images ({int(self.count)})")
-        self._left_out = [self._inverses(int(self.count) - group - 1), rows.long(), int(group), 0]
+        self._left_out = (self._inverses(int(self.count) - group - 1), LeftOutRows(rows, group, "padim"))
         try:
             yield
         finally:
@@ -201,13 +202,9 @@ class PaDiM(Detector):
         S - U M U^T with M = I + 1 1^T / (n - T), their mean the mean - U 1 / (n - T), so their covariance is
         B - U C U^T with C = M / (n - T - 1), and by Woodbury the squared distance of a row x, with w = x - their
         mean, is w^T B^-1 w + r^T G^-1 r, r = U^T B^-1 w, G = (n - T - 1)(I - 1 1^T / n) - U^T B^-1 U."""
-        inverse, rows, group, done = self._left_out
+        inverse, rows = self._left_out
         positions, b, d = delta.shape
-        parts = rows[done:done + b] // group
-        if b % group or parts.shape[0] != b or (parts.view(-1, group) != parts.view(-1, group)[:, :1]).any():
-            raise ValueError(f"padim.leaving_out scores whole parts of {group} row(s) in order: {rows.shape[0]} rows "
-                             f"given, {done} scored, {b} now")
-        self._left_out[3] = done + b
+        rows.take(b, whole_parts=True)
         backbone = self.backbone
         if backbone.precision == "fp32":
             fitted = delta
@@ -218,7 +215,7 @@ class PaDiM(Detector):
             finally:
                 backbone.precision = "bf16"
             fitted = (embedding.flatten(2).permute(2, 0, 1) - self.mean[:, None, :]).contiguous()
-        n, t = int(self.count), group
+        n, t = int(self.count), rows.group
         samples = fitted.view(positions, b // t, t, d)  # U, per part
         others = delta.view(positions, b // t, t, d) + samples.sum(2, keepdim=True) / (n - t)  # w
         inverse_samples = torch.einsum("pij,pqtj->pqti", inverse, samples)  # B^-1 U

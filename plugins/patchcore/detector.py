@@ -28,6 +28,7 @@ from adkit.plugin import (
     Detector,
     DetectorContext,
     LabelledDefects,
+    LeftOutRows,
     build_backbone,
     check_layers,
     derived_seed,
@@ -109,7 +110,7 @@ class PatchCore(IndexedBank, Detector):
         # the training row (an image, or a tile of one) each bank feature came from: leaving_out() searches the bank
         # without a part's own features; empty where unknown (IVF's reordered cells, fitted before adkit 0.4)
         self.register_buffer("bank_origin", torch.zeros(0, dtype=torch.long))
-        self._left_out: list | None = None  # leaving_out's [rows, group, rows scored so far] while it is open
+        self._left_out: LeftOutRows | None = None  # leaving_out's rows while it is open
         # search=projected: candidates come from a scan on this projection of the bank, then exact re-ranking
         self.register_buffer("search_projection", torch.zeros(dim, search_dim))
         self.register_buffer("bank_projected", torch.zeros(0, search_dim))
@@ -293,12 +294,9 @@ class PatchCore(IndexedBank, Detector):
     def _next_left_out(self, patches: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
         """The next ``b`` rows of leaving_out: their parts (b,), and each patch's nearest bank feature outside its
         part, distances (M, 1) and bank indices (M, 1)."""
-        rows, group, done = self._left_out
-        if done + b > rows.shape[0]:
-            raise ValueError(f"patchcore.leaving_out was given {rows.shape[0]} rows; {done + b} were scored")
-        parts = rows[done:done + b] // group
-        self._left_out[2] = done + b
-        distance, index = self._nearest_outside(patches, parts.repeat_interleave(patches.shape[0] // b), group)
+        parts = self._left_out.take(b)
+        distance, index = self._nearest_outside(patches, parts.repeat_interleave(patches.shape[0] // b),
+                                                self._left_out.group)
         return parts, distance[:, None], index[:, None]
 
     def reweighting(self, test_feature: Tensor, nearest_bank: Tensor, parts: Tensor | None = None) -> Tensor:
@@ -309,7 +307,7 @@ class PatchCore(IndexedBank, Detector):
             _, support = knn(self.memory_bank[nearest_bank], self.memory_bank, self.neighbours)
         else:
             squared = squared_distances(self.memory_bank[nearest_bank], self.memory_bank)
-            squared[self.bank_origin[None, :] // self._left_out[1] == parts[:, None]] = float("inf")
+            squared[self.bank_origin[None, :] // self._left_out.group == parts[:, None]] = float("inf")
             support = squared.topk(min(self.neighbours, squared.shape[1]), dim=1, largest=False).indices
         distances = (test_feature[:, None, :] - self.memory_bank[support]).pow(2).sum(-1).sqrt()
         own = (test_feature - self.memory_bank[nearest_bank]).pow(2).sum(-1).sqrt()
@@ -334,7 +332,7 @@ class PatchCore(IndexedBank, Detector):
         if not self.can_leave_out():
             raise AdkitError("patchcore: this bank does not know which training image each feature came from "
                              "(search=ivf reorders it; checkpoints fitted before adkit 0.4): fit it again")
-        self._left_out = [rows.to(self.memory_bank.device).long(), int(group), 0]
+        self._left_out = LeftOutRows(rows.to(self.memory_bank.device), group, "patchcore")
         try:
             yield
         finally:
