@@ -230,14 +230,21 @@ def update(config: RunConfig, checkpoint: str, from_feedback: str | None, defect
 @click.option("--scorer", help="Scorer (default: the checkpoint's); its threshold must have been fitted (adkit test).")
 @click.option("--threshold", help="Threshold policy for model.json (default: the recorded one): fpr:RATE, f1 or "
                                   "value:X, fitted on the validation scores stored beside the checkpoint.")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: quantize the pretrained backbone (onnx), calibrated on training images; refused unless "
+                   "the validation images' scores and decisions hold (docs/deploy.md).")
+@click.option("--data", help="With --quantize: the dataset the checkpoint was trained on (default: the one it "
+                             "records).")
+@click.option("--root", type=click.Path(), help="With --quantize: that dataset's root folder.")
 def export(checkpoint: str, fmt: str, out: str | None, post: tuple[str, ...], scorer: str | None,
-           threshold: str | None) -> None:
+           threshold: str | None, quantize: str, data: str | None, root: str | None) -> None:
     """Export a checkpoint's pipeline to one file of a registered format (ONNX, TorchScript or a plugin's: images,
     threshold -> map, score, decision), with its threshold and validation scores in model.json."""
     from adkit import api
 
-    config = build_config({}, {"post": list(post), "scorer": scorer, "threshold": threshold})
-    api.export(config, checkpoint=Path(checkpoint), fmt=fmt, out=Path(out) if out else None)
+    config = build_config({}, {"post": list(post), "scorer": scorer, "threshold": threshold, "data": data,
+                               "root": root})
+    api.export(config, checkpoint=Path(checkpoint), fmt=fmt, out=Path(out) if out else None, quantize=quantize)
 
 
 @cli.command()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -77,6 +78,7 @@ def test_exported_models_reproduce_the_checkpoint(invoke, trained, tmp_path, nam
     size = PIPELINES[name][1]
     assert card["input"]["shape"] == ["batch", 3, size, size] and card["format"] == fmt
     assert card["decision"]["threshold"] == card["threshold"] and card["threshold_policy"] == "fpr:0.01"
+    assert card["quantization"] == {"scheme": "none"}
     pipeline, _ = load_trained(RunConfig(), checkpoint, torch.device("cpu"))
     reference = Deployed(pipeline).eval()
     exported = load_runner(file, fmt, torch.device("cpu"))
@@ -213,3 +215,111 @@ def test_an_export_format_from_a_plugin_exports_checks_and_predicts(trained, tmp
     with pytest.raises(AdkitError, match="format 'torch-export' is not a registered export format .* install the "
                                          "plugin that provides it"):
         read_model(out)
+
+
+# PaDiM with enough validation images for the int8 check: 12 good and 2 defective
+QUANTIZE_DATA = "synthetic:size=64,n_train=30,n_test=6,val_fraction=0.4,val_defects=0.5"
+
+
+@pytest.fixture(scope="module")
+def quantizable(tmp_path_factory):
+    from adkit.testing import invoke
+
+    root = tmp_path_factory.mktemp("quantize")
+    code, _, err = invoke("run", "--detector", "padim", "--data", QUANTIZE_DATA, "--category", "tile",
+                          "--image-size", "64", "--out", str(root / "padim"))
+    assert code == 0, err
+    return root / "padim" / "tile" / "checkpoint.pt"
+
+
+def test_an_int8_export_quantizes_the_backbone_alone_records_its_check_and_predicts(invoke, quantizable, tmp_path,
+                                                                                   monkeypatch):
+    """With the check's bounds opened (whether int8 holds on these tiny textures is not this test's question):
+    the backbone's convolutions take quantized inputs and nothing else does, model.json says what was quantized,
+    how it was calibrated and what the check measured, and predict --model runs the file unchanged."""
+    import onnx
+
+    from adkit.deploy import quantize
+
+    monkeypatch.setattr(quantize, "MAX_NOISE", 1e9)
+    monkeypatch.setattr(quantize, "MAX_AUROC_DROP", 1.0)
+    code, _, err = invoke("export", "--checkpoint", str(quantizable), "--format", "onnx", "--quantize", "int8",
+                          "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    file, card = read_model(tmp_path / "m")
+    record = card["quantization"]
+    assert record["scheme"] == "int8" and record["quantized"]["scopes"] == ["pipeline.detector.backbone"]
+    assert record["quantized"]["nodes"]["Conv"] > 0 and record["check"]["ok"]
+    assert record["check"]["images"] == 14 and record["check"]["defects"] == 2 and "auroc_quantized" in record["check"]
+    assert record["calibration"].startswith("18 training images of tile")
+    graph = onnx.load(str(file)).graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        scopes = next(p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes")
+        quantized = producers.get(node.input[0]) == "DequantizeLinear"
+        assert quantized == ("pipeline.detector.backbone" in scopes), (node.name, scopes)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(images_for(64)):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(images / f"{i}.png")
+    code, _, err = invoke("predict", "--model", str(tmp_path / "m"), str(images), "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    assert len(read_scores(tmp_path / "p" / "scores.csv")) == 5
+
+
+def test_an_int8_export_whose_quantization_breaks_the_scores_is_refused_and_not_written(quantizable, tmp_path,
+                                                                                        monkeypatch):
+    """Calibrated on images a thousand times brighter than any, the first convolution's input quantizes every real
+    image to zero: every int8 score is the same, so they move by at least the good scores' spread (bound 0.3)."""
+    import dataclasses
+
+    from adkit import api
+    from adkit.app import deployment
+
+    real = deployment._quantization
+    monkeypatch.setattr(deployment, "_quantization", lambda *args: dataclasses.replace(
+        (request := real(*args)), calibration=request.calibration * 1000))
+    with pytest.raises(AdkitError, match=r"^--quantize int8: on 14 validation images the int8 onnx model moves the "
+                                         r"scores by .* of the good images' spread \(bound 0.3\).*not written; export "
+                                         r"with --quantize none$"):
+        api.export(RunConfig(), checkpoint=quantizable, fmt="onnx", out=tmp_path / "m", quantize="int8")
+    assert not (tmp_path / "m").exists()
+
+
+def test_quantize_requests_it_cannot_serve_fail_in_one_line_before_reading_images(invoke, trained, tmp_path):
+    code, _, err = invoke("export", "--checkpoint", str(trained["padim"]), "--format", "torchscript", "--quantize",
+                          "int8", "--out", str(tmp_path / "m"))
+    assert code == 2 and "--quantize int8: format torchscript cannot (it writes float32 only); use --format onnx" in err
+    code, _, err = invoke("export", "--checkpoint", str(trained["pixel-gauss"]), "--format", "onnx", "--quantize",
+                          "int8", "--out", str(tmp_path / "m"))
+    assert code == 2 and "frozen pretrained backbone and PixelGaussian has none; use --quantize none" in err
+    code, _, err = invoke("export", "--checkpoint", str(trained["padim"]), "--format", "onnx", "--quantize", "int8",
+                          "--data", "mvtec", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"))
+    assert code == 2 and "the checkpoint's training and validation images, which --quantize reads, cannot be read" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_int8_check_bounds_the_noise_the_decisions_and_the_auroc():
+    """Hand cases of adkit.deploy.quantize.drift: good scores 0..9 (standard deviation 2.87), threshold 9.5."""
+    from adkit.deploy.quantize import drift
+
+    good = np.arange(10.0)
+    labels = np.zeros(10, dtype=int)
+    assert drift(good, good, labels, 9.5)["ok"] and drift(good, good, labels, 9.5)["noise"] == 0
+    shifted = drift(good, good + 0.5, labels, 9.5)  # 0.17 of the spread; 9 (now 9.5) lies inside the margin
+    assert shifted["ok"] and shifted["noise"] == pytest.approx(0.5 / good.std(), abs=1e-4)
+    moved = drift(good, good + 1.0, labels, 9.5)  # 0.35 of the spread: over the bound
+    assert not moved["ok"] and "moves the scores by 0.35" in moved["summary"]
+    flipped = good.copy()
+    flipped[0] = 10.0  # one good image far below the threshold now above it; RMS 10 / sqrt(10) = 1.1 of the spread
+    assert "changes 1 of" in drift(good, flipped, labels, 9.5)["summary"]
+    scores = np.concatenate([good, [20.0, 21.0]])
+    defects = np.concatenate([labels, [1, 1]])
+    worse = scores.copy()
+    worse[-1] = 8.5  # a defect now ranked below one good image of ten: AUROC 1.0 -> 0.95
+    record = drift(scores, worse, defects, 30.0)
+    assert record["auroc"] == 1.0 and record["auroc_quantized"] == pytest.approx(0.95)
+    assert not record["ok"] and "drops the image AUROC from 1.0000 to 0.9500" in record["summary"]
+    assert "too few" in drift(good[:5], good[:5], labels[:5], 9.5)["summary"]

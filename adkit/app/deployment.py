@@ -5,6 +5,7 @@ disk)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,8 +20,9 @@ from adkit.data.loading import load_split
 from adkit.deploy import export as deploy
 from adkit.deploy.export import Deployed
 from adkit.deploy.models import open_checkpoint, open_model
+from adkit.deploy.quantize import CALIBRATION_IMAGES, Quantization, require
 from adkit.outputs import artifacts, pages
-from adkit.run.assembly import checkpoint_geometry
+from adkit.run.assembly import checkpoint_geometry, checkpoint_splits
 from adkit.run.config import RunConfig
 from adkit.run.engine import in_batches
 from adkit.stats.decisions import chosen_threshold
@@ -96,27 +98,51 @@ def _warn_resized(paths: list[Path], geometry: Geometry) -> None:
                     "the training images were; maps and overlays are at each image's own size")
 
 
-def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None) -> Path:
+def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None, quantize: str = "none") -> Path:
     """Export a checkpoint's pipeline in a registered format (adkit.deploy.export), its recorded threshold (or
-    ``config.threshold`` fitted anew on the stored validation scores) and those scores in model.json."""
-    deploy.export_format(fmt)  # an unknown format fails before anything is read
+    ``config.threshold`` fitted anew on the stored validation scores) and those scores in model.json. With
+    ``quantize`` (int8) the backbone is quantized, calibrated on training images and checked on the validation
+    images of the checkpoint's dataset (its recorded one, or ``config``'s --data/--root): adkit.deploy.quantize."""
+    writer = deploy.export_format(fmt)  # an unknown format fails before anything is read
     opened = open_checkpoint(checkpoint, config.replace(compile=False), torch.device("cpu"))
     record, spec, meta, pipeline = opened.decision, opened.spec, opened.meta, opened.pipeline
     if record is None:
         raise AdkitError(f"no threshold for post-processors {spec.post_texts} and scorer {spec.scorer_text} beside "
                          f"{checkpoint}: run adkit test --checkpoint {checkpoint} with these options first")
+    quantization = None
+    if quantize != "none":
+        require(writer, fmt, pipeline, quantize)  # before any image is read
+        quantization = _quantization(config, meta, quantize)
     chosen = chosen_threshold(record, config.threshold, str(opened.decision_source))
     decision = {k: v for k, v in chosen.items() if k not in ("posts", "scorer")}
-    out = out or checkpoint.parent / f"export-{fmt}"
+    out = out or checkpoint.parent / (f"export-{fmt}" if quantize == "none" else f"export-{fmt}-{quantize}")
     with exporting():  # what the exported graph computes, which may differ from the eager path
         approximations = pipeline.detector.all_approximations()
     info = {**spec.record(), "backbone": meta.get("backbone"),
             "category": meta["category"], "checkpoint": str(checkpoint),
             "threshold_fitted_on": record["fitted_on"], "approximations": approximations,
             "lineage": meta.get("lineage", [])}
-    deploy.export(Deployed(pipeline), fmt, out, checkpoint_geometry(meta), decision, info)
-    console.say(f"exported to {out} ({fmt}, threshold {decision['threshold']:.6g}, {decision['policy']})")
+    deploy.export(Deployed(pipeline), fmt, out, checkpoint_geometry(meta), decision, info, quantization)
+    quantized = "" if quantization is None else f", {quantize} backbone"
+    console.say(f"exported to {out} ({fmt}{quantized}, threshold {decision['threshold']:.6g}, {decision['policy']})")
     return out
+
+
+def _quantization(config: RunConfig, meta: dict[str, Any], scheme: str) -> Quantization:
+    """Calibration and check images for ``scheme``: a seeded sample of the checkpoint's training images and its
+    validation images, from the dataset it was trained on."""
+    plan_, splits = checkpoint_splits(config, meta, "training and validation images, which --quantize reads,")
+    category = meta["category"]
+    if not splits.val:
+        raise AdkitError(f"--quantize {scheme} checks the quantized model on the validation images and {category} has "
+                         "none; use --quantize none")
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
+    train = [splits.train[int(i)] for i in order[:CALIBRATION_IMAGES]]
+    calibration = load_split(train, plan_.geometry, config.skip_bad)
+    validation = load_split(splits.val, plan_.geometry, config.skip_bad)
+    return Quantization(scheme, calibration.images, validation.images, validation.labels,
+                        f"{len(calibration.samples)} training images of {category} (a sample, seed 0); checked on "
+                        f"{len(validation.samples)} validation images")
 
 
 def synth(out: Path, categories: list[str], seed: int = 0, size: int = 256, n_train: int = 60,

@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import shlex
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from adkit.core.grammar import split_spec
 from adkit.core.plugins import get_catalog
 from adkit.data.loading import LoadedSplit, load_defects, load_split
 from adkit.outputs.render import normal_images
-from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained, plan_from_checkpoint
+from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, checkpoint_splits, load_trained
 from adkit.run.config import RunConfig
 from adkit.run.engine import load_checkpoint, save_checkpoint, update_detector
 from adkit.run.engine import predict as run_pipeline
@@ -171,27 +170,11 @@ def _unique_samples(images: list[Path], label: int = 0, what: str = "images") ->
 def _validation(config: RunConfig, payload: dict[str, Any], held: LoadedSplit) -> LoadedSplit:
     """The old validation images (the checkpoint's dataset's split, rebuilt from its recorded configuration) and
     the held-out new ones, as one split."""
-    meta = payload["meta"]
-    try:
-        plan_ = plan_from_checkpoint(_data_of(config, meta), payload)
-        old = load_split(plan_.dataset.load(meta["category"]).val, plan_.geometry, config.skip_bad)
-    except AdkitError as exc:
-        raise AdkitError(f"the checkpoint's validation images cannot be read ({exc}); give --data and --root of the "
-                         "dataset it was trained on") from None
+    plan_, splits = checkpoint_splits(config, payload["meta"], "validation images")
+    old = load_split(splits.val, plan_.geometry, config.skip_bad)
     if not old.samples and not held.samples:
         raise AdkitError("no validation images: neither the checkpoint's dataset nor the new images (give two or "
                          "more) hold any for the threshold")
     return LoadedSplit(old.samples + held.samples, torch.cat([old.images, held.images]),
                        torch.cat([old.masks, held.masks]), torch.cat([old.labels, held.labels]),
                        old.skipped + held.skipped)
-
-
-def _data_of(config: RunConfig, meta: dict[str, Any]) -> RunConfig:
-    """``config`` with the dataset the checkpoint was trained on (its recorded configuration), unless ``config``
-    names one (--data, --root or the folders)."""
-    named = config.data is not None or any((config.root, config.normal, config.abnormal, config.masks))
-    if named or not meta.get("config"):
-        return config.replace(category=[])
-    recorded = tomllib.loads(meta["config"])
-    keys = ("data", "root", "normal", "abnormal", "masks")
-    return config.replace(category=[], **{key: recorded[key] for key in keys if key in recorded})

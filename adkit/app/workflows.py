@@ -240,7 +240,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
 def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
     """Evaluate a checkpoint on the test split of the configured dataset (its own category by default)."""
     payload = load_checkpoint(checkpoint)
-    plan_ = plan_from_checkpoint(config, payload)
+    plan_ = plan_from_checkpoint(config, payload["meta"])
     out = Path(config.out) if config.out else checkpoint.parent / "test"
     main = distributed.is_main()
     if main:

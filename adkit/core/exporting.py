@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,8 @@ class ExportFormat(ABC):
 
     # the model file's name inside the export folder (model.json names it too)
     file: ClassVar[str] = ""
+    # what ``adkit export --quantize`` may ask of this format besides float32, e.g. ("int8",)
+    quantizations: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def write(self, module: nn.Module, example: tuple[Tensor, Tensor], path: Path) -> None:
@@ -66,3 +68,13 @@ class ExportFormat(ABC):
     @abstractmethod
     def load(self, path: Path, device: torch.device) -> ExportedRun:
         """A function running the file at ``path`` on ``device``."""
+
+    def quantize(self, path: Path, out: Path, scheme: str, scopes: Sequence[str],
+                 calibration: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Any]:
+        """Write to ``out`` the file at ``path`` with the computations inside the modules ``scopes`` (qualified
+        names in the exported module, e.g. ``pipeline.detector.backbone``: the frozen pretrained backbones)
+        quantized by ``scheme``, one of ``quantizations``, calibrated on the module inputs (images, threshold)
+        that ``calibration`` yields; everything else stays float32. Returns what was quantized, for model.json.
+        adkit then checks the quantized file against the float one on the validation images (adkit.deploy.quantize)
+        and refuses it when the scores or decisions drift beyond the stated bounds."""
+        raise NotImplementedError(f"{type(self).__name__} declares no quantization")

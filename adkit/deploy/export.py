@@ -26,6 +26,8 @@ from adkit.core.files import atomic_dir, write_json
 from adkit.core.pipeline import Pipeline
 from adkit.core.plugins import get_catalog
 from adkit.data.geometry import Geometry
+from adkit.deploy import quantize
+from adkit.deploy.quantize import Quantization
 from adkit.run.engine import autocast
 from adkit.stats.thresholds import widest_gap
 
@@ -65,16 +67,19 @@ def export_format(name: str) -> ExportFormat:
 
 
 def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: dict[str, Any],
-           info: dict[str, Any]) -> Path:
+           info: dict[str, Any], quantization: Quantization | None = None) -> Path:
     """Write ``model`` in the registered format ``fmt`` to ``out`` with model.json beside it (with ``decision``:
     the threshold, its policy and the validation scores it was fitted on); the folder appears whole or not at
-    all. The exported file is run on check images at two batch sizes and must reproduce ``model``."""
+    all. The exported file is run on check images at two batch sizes and must reproduce ``model``; with
+    ``quantization`` its backbone is then quantized and must pass adkit.deploy.quantize's check."""
     writer = export_format(fmt)
     if out.exists():
         raise AdkitError(f"{out} exists: choose another --out (an export never overwrites)")
     blocked = model.pipeline.not_exportable()
     if blocked:
         raise AdkitError(f"cannot export: {', '.join(blocked)} declare(s) exportable = False")
+    if quantization is not None:
+        quantize.require(writer, fmt, model.pipeline, quantization.scheme)
     model = model.cpu().eval()
     with atomic_dir(out) as staging, exporting():
         path = staging / writer.file
@@ -94,10 +99,20 @@ def export(model: Deployed, fmt: str, out: Path, geometry: Geometry, decision: d
         runner = load_runner(path, fmt, torch.device("cpu"))
         for batch in (1, 3):  # another batch size than traced: the batch dimension must stay dynamic
             _compare(model, runner, _check_images(batch, geometry.size, seed=batch), fmt)
+        quantized = {"scheme": "none"}
+        if quantization is not None and quantization.scheme != "none":
+            staged = path.with_name(f"{quantization.scheme}-{path.name}")
+            scopes = quantize.quantized_scopes(model.pipeline)
+            how = writer.quantize(path, staged, quantization.scheme, scopes,
+                                  quantize.calibration_batches(quantization.calibration))
+            quantized = quantize.check(runner, load_runner(staged, fmt, torch.device("cpu")), quantization,
+                                       float(decision["threshold"]), how, fmt)
+            staged.replace(path)
         parts = (model.pipeline.detector, *model.pipeline.postprocessors, model.pipeline.scorer)
         notes = [note for part in parts if isinstance(part, Exportable) and (note := part.export_note())]
         write_json(staging / MODEL_JSON, {**model_card(fmt, writer.file, geometry, decision), **info,
-                                          "notes": notes, "adkit_version": adkit.__version__,
+                                          "notes": notes, "quantization": quantized,
+                                          "adkit_version": adkit.__version__,
                                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     return out
 

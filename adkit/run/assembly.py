@@ -3,12 +3,15 @@ trained checkpoint into both."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adkit.core.components import Detector, DetectorContext
+from adkit.core.datasets import CategorySplits
+from adkit.core.errors import AdkitError
 from adkit.core.grammar import NO_POSTPROCESSING, ComponentSpec, PipelineSpec, split_spec
 from adkit.core.pipeline import Pipeline
 from adkit.core.plugins import Catalog, get_catalog
@@ -67,10 +70,9 @@ def checkpoint_pipeline(config: RunConfig, meta: dict[str, Any]) -> PipelineSpec
                         catalog.checked("scorer", config.scorer or meta.get("scorer", "max")))
 
 
-def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
-    """The plan that evaluates a checkpoint: its detector, image size and backbone, on ``config``'s data (the
-    checkpoint's own category unless ``config`` names others)."""
-    meta = payload["meta"]
+def plan_from_checkpoint(config: RunConfig, meta: dict[str, Any]) -> RunPlan:
+    """The plan that evaluates a checkpoint (its ``meta``): its detector, image size and backbone, on ``config``'s
+    data (the checkpoint's own category unless ``config`` names others)."""
     spec = checkpoint_pipeline(config, meta)
     geometry = checkpoint_geometry(meta)
     return plan(config.replace(detector=[meta["detector"]], image_size=f"{geometry.width}x{geometry.height}",
@@ -78,6 +80,23 @@ def plan_from_checkpoint(config: RunConfig, payload: dict[str, Any]) -> RunPlan:
                                post=spec.post_texts or [NO_POSTPROCESSING],
                                backbone=config.backbone or meta.get("backbone"), scorer=spec.scorer_text,
                                category=list(config.category) or [meta["category"]]))
+
+
+
+def checkpoint_splits(config: RunConfig, meta: dict[str, Any], what: str) -> tuple[RunPlan, CategorySplits]:
+    """The plan of ``plan_from_checkpoint`` on the dataset the checkpoint was trained on (its recorded
+    configuration, unless ``config`` names one: --data, --root or the folders) and the checkpoint's category's
+    splits there; one line naming ``what`` was to be read and --data/--root when they cannot be read."""
+    named = config.data is not None or any((config.root, config.normal, config.abnormal, config.masks))
+    recorded = {} if named or not meta.get("config") else tomllib.loads(meta["config"])
+    keys = ("data", "root", "normal", "abnormal", "masks")
+    config = config.replace(category=[], **{key: recorded[key] for key in keys if key in recorded})
+    try:
+        plan_ = plan_from_checkpoint(config, meta)
+        return plan_, plan_.dataset.load(meta["category"])
+    except AdkitError as exc:
+        raise AdkitError(f"the checkpoint's {what} cannot be read ({exc}); give --data and --root of the dataset it "
+                         "was trained on") from None
 
 
 def load_trained(config: RunConfig, checkpoint: Path, device: torch.device, payload: dict[str, Any] | None = None,
