@@ -4,9 +4,9 @@ split's image AUROC and the two files' images per second at batch 8.
 
     python benchmarks/quantize.py RUN_DIR/CATEGORY/checkpoint.pt [...]
 
-Each checkpoint is exported twice into a temporary folder: float32 (``--quantize none``) and int8 with the check's
-bounds opened, so that its figures are printed whether or not it would refuse; "passes" says what the real bounds
-decide. The checkpoint's recorded dataset is read (its configuration in the checkpoint). Prints one JSON line per
+Each checkpoint is exported twice into a temporary folder: float32 (``--quantize none``) and int8 with the check
+measured as always but not enforced, so that its figures are printed whether or not it would refuse; "passes" says
+what the check decides. The checkpoint's recorded dataset is read (its configuration in the checkpoint). Prints one JSON line per
 checkpoint and a markdown table.
 """
 
@@ -35,17 +35,22 @@ def measure(checkpoint: Path, folder: Path) -> dict:
     plan_, splits = checkpoint_splits(RunConfig(), meta, "images")
     test = load_split(splits.test, plan_.geometry)
     float_dir = api.export(RunConfig(), checkpoint=checkpoint, fmt="onnx", out=folder / "fp32")
-    bounds = quantize.MAX_NOISE, quantize.MAX_AUROC_DROP
-    quantize.MAX_NOISE, quantize.MAX_AUROC_DROP = float("inf"), 1.0
+    measured = []
+    real_drift = quantize.drift
+
+    def lenient(*arguments):  # the real check's figures and verdict kept; the file written either way
+        measured.append(real_drift(*arguments))
+        return {**measured[-1], "ok": True}
+
+    quantize.drift = lenient
     try:
         int8_dir = api.export(RunConfig(), checkpoint=checkpoint, fmt="onnx", out=folder / "int8", quantize="int8")
     finally:
-        quantize.MAX_NOISE, quantize.MAX_AUROC_DROP = bounds
-    check = read_model(int8_dir)[1]["quantization"]["check"]
+        quantize.drift = real_drift
+    check = measured[-1]
     row = {"checkpoint": str(checkpoint), "detector": meta["detector"], "category": meta["category"],
            "val_images": check["images"], "noise": check["noise"], "decisions_changed": check["decisions_changed"],
-           "passes": check["noise"] <= bounds[0] and check["decisions_changed"] == 0
-           and check.get("auroc", 0) - check.get("auroc_quantized", 0) <= bounds[1]}
+           "passes": check["ok"], "summary": check["summary"]}
     labels = test.labels.numpy()
     for name, path in (("fp32", float_dir), ("int8", int8_dir)):
         file, card = read_model(path)

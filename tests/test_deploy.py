@@ -234,15 +234,15 @@ def quantizable(tmp_path_factory):
 
 def test_an_int8_export_quantizes_the_backbone_alone_records_its_check_and_predicts(invoke, quantizable, tmp_path,
                                                                                    monkeypatch):
-    """With the check's bounds opened (whether int8 holds on these tiny textures is not this test's question):
+    """With the check measured but not enforced (whether int8 holds on these tiny textures is not this test's question):
     the backbone's convolutions take quantized inputs and nothing else does, model.json says what was quantized,
     how it was calibrated and what the check measured, and predict --model runs the file unchanged."""
     import onnx
 
     from adkit.deploy import quantize
 
-    monkeypatch.setattr(quantize, "MAX_NOISE", 1e9)
-    monkeypatch.setattr(quantize, "MAX_AUROC_DROP", 1.0)
+    real = quantize.drift
+    monkeypatch.setattr(quantize, "drift", lambda *args: {**real(*args), "ok": True})
     code, _, err = invoke("export", "--checkpoint", str(quantizable), "--format", "onnx", "--quantize", "int8",
                           "--out", str(tmp_path / "m"))
     assert code == 0, err
