@@ -178,3 +178,34 @@ def test_register_backbones_hook_adds_a_backbone(catalog):
 
 def test_digest_changes_with_the_weights():
     assert TinyBackbone(seed=0).digest() == TinyBackbone(seed=0).digest() != TinyBackbone(seed=1).digest()
+
+
+def test_a_cpu_batch_runs_in_chunks_of_the_pixel_budget_and_gives_the_whole_batchs_features(monkeypatch):
+    """Inference on a CPU: at most ADKIT_CPU_BATCH_PIXELS input pixels a forward pass (twice as many in bf16), the
+    features those of the whole batch; with gradients (a sampler climbing the input) and at 0, whole batches."""
+    backbone = TinyBackbone()
+    seen = []
+    forward = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda images, stages: seen.append(len(images)) or forward(images, stages))
+    images = torch.rand(5, 3, 16, 16)
+    monkeypatch.setenv("ADKIT_CPU_BATCH_PIXELS", "0")
+    with torch.no_grad():
+        whole = backbone(images, (0, 1))
+    monkeypatch.setenv("ADKIT_CPU_BATCH_PIXELS", str(2 * 16 * 16))
+    with torch.no_grad():
+        chunked = backbone(images, (0, 1))
+    assert seen == [5, 2, 2, 1]
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+    backbone.precision = "bf16"
+    seen.clear()
+    with torch.inference_mode():
+        backbone(images, (0, 1))
+    assert seen == [4, 1]
+    backbone.precision = "fp32"
+    seen.clear()
+    backbone(images.requires_grad_(), (0, 1))
+    assert seen == [5]
+    monkeypatch.setenv("ADKIT_CPU_BATCH_PIXELS", "many")
+    with torch.no_grad(), pytest.raises(AdkitError, match="ADKIT_CPU_BATCH_PIXELS=many: give a whole number"):
+        backbone(images, (0, 1))

@@ -12,6 +12,7 @@ what export declares and writes is adkit.core.exporting. docs/architecture.md de
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -25,6 +26,10 @@ from torch import Tensor, nn
 from adkit.core.builder import ComponentBuilder
 from adkit.core.errors import AdkitError
 from adkit.core.exporting import Exportable, is_exporting
+
+# a frozen backbone's inference on a CPU runs in chunks of at most this many input pixels (twice as many in bf16):
+# a larger batch's activations outgrow the caches and run slower per image (docs/benchmarks.md, session 18)
+CPU_BATCH_PIXELS = 4 * 256 * 256
 
 
 def check_images(images: Tensor, who: str = "detector") -> None:
@@ -124,11 +129,32 @@ class Backbone(nn.Module, ABC):
         self.precision_check: dict[str, Any] | None = None  # what that check measured
 
     def __call__(self, images: Tensor, stages: Sequence[int]) -> list[Tensor]:
+        chunk = self._chunk(images)
+        if chunk is not None and chunk < len(images):
+            parts = [self._forward(images[start:start + chunk], stages) for start in range(0, len(images), chunk)]
+            return [torch.cat(stage) for stage in zip(*parts)]
+        return self._forward(images, stages)
+
+    def _forward(self, images: Tensor, stages: Sequence[int]) -> list[Tensor]:
         if self.precision != "bf16" or is_exporting():
             return super().__call__(images, stages)
         with torch.autocast(images.device.type, dtype=torch.bfloat16):
             features = super().__call__(images, stages)
         return [f.float() for f in features]
+
+    def _chunk(self, images: Tensor) -> int | None:
+        """Images per forward pass: on a CPU, without gradients, a batch of more than CPU_BATCH_PIXELS input pixels
+        (twice as many in bf16) runs in chunks; ADKIT_CPU_BATCH_PIXELS overrides the budget (0: whole batches).
+        None: the batch whole (and while exporting, where the batch size is symbolic, nothing compares it)."""
+        if is_exporting() or torch.compiler.is_compiling() or images.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        text = os.environ.get("ADKIT_CPU_BATCH_PIXELS", str(CPU_BATCH_PIXELS))
+        if not text.strip().isdigit():
+            raise AdkitError(f"ADKIT_CPU_BATCH_PIXELS={text}: give a whole number of input pixels (0: whole batches)")
+        budget = int(text)
+        if budget <= 0:
+            return None
+        return max(1, budget * (2 if self.precision == "bf16" else 1) // (images.shape[-2] * images.shape[-1]))
 
     def freeze(self) -> None:
         """Turn off gradients of every parameter and switch to eval mode; call at the end of ``__init__``."""
