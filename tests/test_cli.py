@@ -264,3 +264,21 @@ def test_predict_finds_the_threshold_after_train_and_test_and_refuses_one_fitted
     assert json.loads((run / "tile" / "threshold.json").read_text())["scorer"] == "mean"  # test refits it
     rows, _ = decisions("--scorer", "mean")
     assert rows and all(decision in ("0", "1") for _, decision in rows)
+
+
+def test_test_reads_the_data_the_checkpoint_was_trained_on_unless_told_otherwise(invoke, tmp_path):
+    """adkit test --checkpoint without --data evaluates on the dataset the run recorded (not the default dataset,
+    whose synthetic textures here would be other images at another size); --data still names another."""
+    run = tmp_path / "run"
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", TINY, "--category", "tile", "--out", str(run))
+    assert code == 0, err
+    trained = json.loads((run / "tile" / "metrics.json").read_text())
+    code, _, err = invoke("test", "--checkpoint", str(run / "tile" / "checkpoint.pt"), "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    tested = json.loads((tmp_path / "t" / "tile" / "metrics.json").read_text())
+    assert tested["n_test"] == trained["n_test"] and tested["image_auroc"] == trained["image_auroc"]
+    other = "synthetic:size=32,n_train=8,n_test=10"
+    code, _, err = invoke("test", "--checkpoint", str(run / "tile" / "checkpoint.pt"), "--data", other, "--out",
+                          str(tmp_path / "o"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "tile" / "metrics.json").read_text())["n_test"] != trained["n_test"]

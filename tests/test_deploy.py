@@ -297,7 +297,8 @@ def test_quantize_requests_it_cannot_serve_fail_in_one_line_before_reading_image
     assert code == 2 and "frozen pretrained backbone and PixelGaussian has none; use --quantize none" in err
     code, _, err = invoke("export", "--checkpoint", str(trained["padim"]), "--format", "onnx", "--quantize", "int8",
                           "--data", "mvtec", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"))
-    assert code == 2 and "the checkpoint's training and validation images, which --quantize reads, cannot be read" in err
+    assert code == 2 and "the checkpoint's training and validation images (--quantize calibrates and checks on them) " \
+                         "cannot be read" in err
     assert not (tmp_path / "m").exists()
 
 

@@ -131,7 +131,7 @@ def export(config: RunConfig, checkpoint: Path, fmt: str, out: Path | None, quan
 def _quantization(config: RunConfig, meta: dict[str, Any], scheme: str) -> Quantization:
     """Calibration and check images for ``scheme``: a seeded sample of the checkpoint's training images and its
     validation images, from the dataset it was trained on."""
-    plan_, splits = checkpoint_splits(config, meta, "training and validation images, which --quantize reads,")
+    plan_, splits = checkpoint_splits(config, meta, "training and validation images (--quantize calibrates and checks on them)")
     category = meta["category"]
     if not splits.val:
         raise AdkitError(f"--quantize {scheme} checks the quantized model on the validation images and {category} has "

@@ -18,6 +18,7 @@ from adkit.data.loading import load_split
 from adkit.outputs import artifacts, pages, render
 from adkit.run.assembly import (
     build_pipeline,
+    checkpoint_data,
     load_trained,
     plan_from_checkpoint,
 )
@@ -238,9 +239,10 @@ def train(config: RunConfig, resume: bool = False) -> Path:
 
 @joined
 def test(config: RunConfig, checkpoint: Path) -> list[dict[str, Any]]:
-    """Evaluate a checkpoint on the test split of the configured dataset (its own category by default)."""
+    """Evaluate a checkpoint on the test split of the dataset it was trained on (its recorded configuration)
+    or of the one ``config`` names, its own category by default."""
     payload = load_checkpoint(checkpoint)
-    plan_ = plan_from_checkpoint(config, payload["meta"])
+    plan_ = plan_from_checkpoint(checkpoint_data(config, payload["meta"]), payload["meta"])
     out = Path(config.out) if config.out else checkpoint.parent / "test"
     main = distributed.is_main()
     if main:

@@ -81,18 +81,21 @@ def plan_from_checkpoint(config: RunConfig, meta: dict[str, Any]) -> RunPlan:
                                backbone=config.backbone or meta.get("backbone"), scorer=spec.scorer_text,
                                category=list(config.category) or [meta["category"]]))
 
-
-
-def checkpoint_splits(config: RunConfig, meta: dict[str, Any], what: str) -> tuple[RunPlan, CategorySplits]:
-    """The plan of ``plan_from_checkpoint`` on the dataset the checkpoint was trained on (its recorded
-    configuration, unless ``config`` names one: --data, --root or the folders) and the checkpoint's category's
-    splits there; one line naming ``what`` was to be read and --data/--root when they cannot be read."""
+def checkpoint_data(config: RunConfig, meta: dict[str, Any]) -> RunConfig:
+    """``config`` reading the dataset the checkpoint was trained on (its recorded configuration), unless
+    ``config`` names one (--data, --root or the folders)."""
     named = config.data is not None or any((config.root, config.normal, config.abnormal, config.masks))
     recorded = {} if named or not meta.get("config") else tomllib.loads(meta["config"])
     keys = ("data", "root", "normal", "abnormal", "masks")
-    config = config.replace(category=[], **{key: recorded[key] for key in keys if key in recorded})
+    return config.replace(**{key: recorded[key] for key in keys if key in recorded})
+
+
+def checkpoint_splits(config: RunConfig, meta: dict[str, Any], what: str) -> tuple[RunPlan, CategorySplits]:
+    """The plan of ``plan_from_checkpoint`` on the dataset the checkpoint was trained on (``checkpoint_data``) and
+    the checkpoint's category's splits there; one line naming ``what`` was to be read and --data/--root when they
+    cannot be read."""
     try:
-        plan_ = plan_from_checkpoint(config, meta)
+        plan_ = plan_from_checkpoint(checkpoint_data(config, meta).replace(category=[]), meta)
         return plan_, plan_.dataset.load(meta["category"])
     except AdkitError as exc:
         raise AdkitError(f"the checkpoint's {what} cannot be read ({exc}); give --data and --root of the dataset it "
