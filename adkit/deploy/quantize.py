@@ -93,7 +93,8 @@ def drift(reference: np.ndarray, quantized: np.ndarray, labels: np.ndarray, thre
     good = labels == 0
     if int(good.sum()) < MIN_IMAGES:
         return {"ok": False, "images": len(labels),
-                "summary": f"{int(good.sum())} good validation images are too few to check it (at least {MIN_IMAGES})"}
+                "summary": f"cannot be checked: {int(good.sum())} good validation images are too few (at least "
+                           f"{MIN_IMAGES})"}
     spread = float(reference[good].std())
     change = float(np.sqrt(np.mean((quantized[good] - reference[good]) ** 2)))
     noise = change / spread if spread > 0 else (0.0 if change == 0 else float("inf"))
