@@ -49,7 +49,7 @@ _WHERE = {
     # fitting under torchrun (fit_shards)
     **dict.fromkeys(("world_size", "rank", "is_main", "gather_sharded", "all_reduce_sum"), "adkit.core.distributed"),
     # statistics
-    **dict.fromkeys(("ledoit_wolf", "whitening"), "adkit.stats.covariance"),
+    **dict.fromkeys(("ledoit_wolf", "whitening", "spd_inverse"), "adkit.stats.covariance"),
     **dict.fromkeys(("Moments", "moments", "merge", "merge_into", "ledoit_wolf_from"), "adkit.stats.moments"),
     **dict.fromkeys(("clopper_pearson_upper", "CONFIDENCE"), "adkit.stats.thresholds"),
     # a plugin's tests

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
-from adkit.stats.covariance import ledoit_wolf
+from adkit.stats.covariance import ledoit_wolf, spd_inverse
 from adkit.stats.moments import Moments, ledoit_wolf_from, merge, merge_into, moments
 
 
@@ -65,3 +65,33 @@ def test_covariance_and_refused_mixtures():
         merge(stats, moments(x, fourth=True))
     with pytest.raises(ValueError, match="fourth-order"):
         ledoit_wolf_from(stats)
+
+
+@pytest.mark.parametrize("count", [1, 3, 257, 600])  # one chunk, several, and chunks shared out among threads
+def test_spd_inverse_is_the_inverse_of_the_scaled_and_ridged_matrices(count):
+    g = torch.Generator().manual_seed(count)
+    x = torch.randn(count, 30, 12, generator=g, dtype=torch.float64)
+    scatter = (x.mT @ x).float()  # float32 as PaDiM stores it; rank 12 of 12: the ridge is what makes it invertible
+    scatter = scatter.reshape(count, 1, 12, 12) if count == 3 else scatter  # leading dimensions kept
+    reference = scatter.double() / 29
+    reference.diagonal(dim1=-2, dim2=-1).add_(0.01)
+    reference = torch.linalg.inv(reference)
+    inverse = spd_inverse(scatter, 1 / 29, 0.01, torch.float64)
+    assert inverse.shape == scatter.shape and inverse.dtype == torch.float64 and inverse.is_contiguous()
+    torch.testing.assert_close(inverse, reference, rtol=1e-9, atol=1e-9)
+    single = spd_inverse(scatter, 1 / 29, 0.01, torch.float32)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single, reference.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_spd_inverse_on_one_thread_equals_the_shared_out_one():
+    x = torch.randn(600, 20, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scatter = x.mT @ x + torch.eye(8, dtype=torch.float64)
+    shared = spd_inverse(scatter)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = spd_inverse(scatter)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(shared, alone)  # each matrix by the same LAPACK call either way

@@ -4,8 +4,16 @@ Euclidean norm. No method is named here."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor
+
+# matrices inverted by one call of numpy's LAPACK loop: the unit spd_inverse shares out among threads (256 of
+# 100 x 100 float64: 20 MB)
+INVERSE_CHUNK = 256
 
 
 def ledoit_wolf(samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,3 +52,41 @@ def whitening(covariance: Tensor, floor: float = 1e-6) -> Tensor:
         values = torch.maximum(values, floor * values.amax(-1, keepdim=True).clamp_min(1e-30))
         factor = torch.linalg.cholesky((vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2))
     return torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
+
+
+def spd_inverse(matrices: Tensor, scale: float = 1.0, ridge: float = 0.0, dtype: torch.dtype | None = None) -> Tensor:
+    """The inverses of ``scale`` x M + ``ridge`` x I for a batch M (..., d, d) of symmetric matrices that make them
+    positive definite, computed in float64, returned row-major in ``dtype`` (M's when None).
+
+    On a CPU, LAPACK (numpy's) inverts the matrices a chunk at a time, the chunks shared out among torch's threads
+    with one BLAS thread each, every chunk scaled in float64 and its inverse written straight into the result.
+    torch's batched inverse gives each small matrix to all the threads, and for PaDiM's 4,096 matrices of 100 x 100
+    spends most of its time synchronising them: 0.59 s against 0.29 s on 2 cores (docs/benchmarks.md, "PaDiM's
+    inverse covariances"). Elsewhere (a GPU, or with gradients) torch's batched inverse. Both factorise by LU with
+    partial pivoting."""
+    dtype = dtype or matrices.dtype
+    d = matrices.shape[-1]
+    if matrices.device.type != "cpu" or matrices.requires_grad:
+        shifted = matrices.double() * scale
+        shifted.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        return torch.linalg.inv(shifted).to(dtype)
+    shape = matrices.shape
+    stacked = matrices.detach().reshape(-1, d, d).numpy()
+    result = torch.empty(stacked.shape, dtype=dtype)
+    out = result.numpy()
+
+    def invert(start: int) -> None:
+        chunk = stacked[start:start + INVERSE_CHUNK].astype(np.float64) * scale
+        chunk.reshape(-1, d * d)[:, ::d + 1] += ridge
+        out[start:start + INVERSE_CHUNK] = np.linalg.inv(chunk)
+
+    starts = range(0, stacked.shape[0], INVERSE_CHUNK)
+    workers = min(torch.get_num_threads(), len(starts))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers == 1:
+            for start in starts:
+                invert(start)
+        else:  # numpy releases the GIL in its loops
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(invert, starts))
+    return result.reshape(shape)

@@ -31,6 +31,7 @@ from adkit.plugin import (
     check_layers,
     derived_seed,
     merge_into,
+    spd_inverse,
     world_size,
 )
 
@@ -152,14 +153,10 @@ class PaDiM(Detector):
         self.inverse_covariance = self._inverses(stats.count - 1)
 
     def _inverses(self, divisor: int) -> Tensor:
-        """(scatter / ``divisor`` + regularisation I)^-1 per position, float32, row-major (computed in float64).
-        LAPACK returns the batch column-major, which made every Mahalanobis product (and so PaDiM's inference)
-        several times slower; the inverse of a symmetric matrix is its own transpose, and the transposed view is
-        row-major, so one conversion to float32 lays it out."""
-        covariance = self.scatter.double().div_(divisor)
-        covariance.diagonal(dim1=-2, dim2=-1).add_(self.regularisation)
-        inverse = torch.linalg.inv(covariance).mT.float()
-        return inverse if inverse.is_contiguous() else inverse.contiguous()  # a LAPACK that returns row-major batches
+        """(scatter / ``divisor`` + regularisation I)^-1 per position, float32, row-major, computed in float64
+        (spd_inverse: on a CPU one chunk of matrices at a time on each thread, twice as fast as torch's batched
+        inverse)."""
+        return spd_inverse(self.scatter, 1.0 / divisor, self.regularisation, torch.float32)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "inverse_covariance" in state_dict and prefix + "scatter" not in state_dict
