@@ -45,7 +45,8 @@ _WHERE = {
     **dict.fromkeys(("build_backbone", "check_layers", "align_stages", "pool_channels", "locally_aware_patches",
                      "read_state_dict", "load_exact"), "adkit.core.features"),
     # engine: precision and seeds
-    **dict.fromkeys(("in_float32", "derived_seed"), "adkit.run.engine"),
+    "in_float32": "adkit.run.precision",
+    "derived_seed": "adkit.run.engine",
     # fitting under torchrun (fit_shards)
     **dict.fromkeys(("world_size", "rank", "is_main", "gather_sharded", "all_reduce_sum"), "adkit.core.distributed"),
     # statistics

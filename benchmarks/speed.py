@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from adkit.core.components import DetectorContext
 from adkit.core.distributed import resolve_device
 from adkit.core.plugins import get_catalog
-from adkit.run.engine import autocast, uses_bf16
+from adkit.run.precision import autocast, uses_bf16
 from adkit_plugins.draem.synthesis import synthesize
 
 

@@ -138,7 +138,7 @@ def test_precision_flag(invoke, tmp_path):
     import torch
 
     from adkit.core.errors import AdkitError
-    from adkit.run.engine import autocast
+    from adkit.run.precision import autocast
 
     a = torch.rand(4, 4)
     with autocast(torch.device("cpu"), "bf16"):

@@ -106,7 +106,7 @@ def test_focal_loss_under_bf16_autocast(loss):
 
 
 def test_in_float32_decorates_a_forward_method_too():
-    from adkit.run.engine import in_float32
+    from adkit.run.precision import in_float32
 
     class Difference(torch.nn.Module):
         @in_float32

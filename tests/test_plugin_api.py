@@ -141,8 +141,10 @@ def test_the_default_dataset_is_a_registry_trait(catalog):
     ("adkit.data.datasets", "FolderDataset", "the dataset registered as 'folder'"),
     ("adkit.data.datasets", "load_split", "adkit.data.loading.load_split"),
     ("adkit.data.synthetic", "write_dataset", "adkit.plugin.write_textures"),
+    ("adkit.run.engine", "in_float32", "adkit.plugin.in_float32"),  # precision's names moved to their own room
+    ("adkit.run.engine", "uses_bf16", "adkit.run.precision.uses_bf16"),
 ])
-def test_the_moved_dataset_names_still_resolve_with_a_warning_naming_the_new_one(module, name, says):
+def test_the_moved_names_still_resolve_with_a_warning_naming_the_new_one(module, name, says):
     with pytest.warns(DeprecationWarning, match=f"{name}.*use {says}"):
         value = getattr(importlib.import_module(module), name)
     assert value is not None

@@ -267,7 +267,7 @@ class Loss(nn.Module):
     ``weight`` is applied by the detector that sums its losses. What detectors pass: reconstruction losses
     (DRAEM's l2, ssim, color, psnr) get the reconstruction and the clean image, both (B, 3, H, W) in [0, 1];
     segmentation losses (focal) get logits (B, 2, H, W) and a mask (B, 1, H, W) in {0, 1}. Compute in float32
-    (decorate ``forward`` with ``adkit.run.engine.in_float32``): networks may run under bf16 autocast. What a loss
+    (decorate ``forward`` with ``adkit.run.precision.in_float32``): networks may run under bf16 autocast. What a loss
     factory builds must derive from it (plugin API 3)."""
 
 

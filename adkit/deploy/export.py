@@ -28,7 +28,7 @@ from adkit.core.plugins import get_catalog
 from adkit.data.geometry import Geometry
 from adkit.deploy import quantize
 from adkit.deploy.quantize import Quantization
-from adkit.run.engine import autocast
+from adkit.run.precision import autocast
 from adkit.stats.thresholds import widest_gap
 
 MODEL_JSON = "model.json"

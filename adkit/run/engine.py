@@ -8,13 +8,12 @@ the previous checkpoint intact; a non-finite loss stops training before anything
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from adkit.core.components import Detector, LabelledDefects
 from adkit.core.errors import AdkitError
 from adkit.core.files import atomic_path
 from adkit.core.pipeline import Pipeline
-from adkit.run.precision import choose_backbone_precision, precision_here
+from adkit.run.precision import autocast, choose_backbone_precision, precision_here
 
 CHECKPOINT_FORMAT = 1
 
@@ -42,42 +41,6 @@ def seed_everything(seed: int) -> None:
 def derived_seed(*key: object) -> int:
     digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU's pipeline
-    in float32: bf16 is slow on CPUs without bf16 instructions; on those with them (AVX512-BF16, AMX) a fitted
-    detector's backbone alone runs bf16 where a check allows it (adkit.run.precision)."""
-    if uses_bf16(device, precision):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """Whether ``precision`` on ``device`` means bf16 autocast (see ``autocast``)."""
-    if precision not in PRECISIONS:
-        raise AdkitError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Decorate a loss of two tensors, a function ``f(a, b, ...)`` or a method ``forward(self, a, b, ...)``, to
-    compute in float32 with autocast off, whatever precision the network ran in; floating inputs are cast, others
-    (integer masks) kept. Under bf16 autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2
-    cancels catastrophically: the SSIM denominator reaches zero and the loss is NaN from the first step."""
-
-    @functools.wraps(loss)
-    def wrapper(*args, **kwargs) -> Tensor:
-        lead = 0 if isinstance(args[0], Tensor) else 1  # a method's self comes first
-        first, second = args[lead], args[lead + 1]
-        with torch.autocast(first.device.type, enabled=False):
-            pair = tuple(t.float() if t.is_floating_point() else t for t in (first, second))
-            return loss(*args[:lead], *pair, *args[lead + 2:], **kwargs)
-
-    return wrapper
 
 
 @dataclass
@@ -352,3 +315,19 @@ def predict(pipeline: Pipeline, images: Tensor, batch_size: int, device: torch.d
     if distributed.world_size() > 1:
         seconds = max(distributed.all_gather_objects(seconds))  # the slowest rank sets the pace
     return Predictions(raw, processed, score, seconds)
+
+
+# moved to adkit.run.precision in adkit 0.3 (precision is one concern): the old names keep working until 0.4, each
+# warning (DeprecationWarning) with the import to use instead
+_MOVED = {"in_float32": "adkit.plugin.in_float32", "uses_bf16": "adkit.run.precision.uses_bf16",
+          "PRECISIONS": "adkit.run.precision.PRECISIONS"}  # (autocast: engine uses it, so it is still here)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module 'adkit.run.engine' has no attribute {name!r}")
+    warnings.warn(f"adkit.run.engine.{name} moved in adkit 0.3 and goes in 0.4: use {_MOVED[name]}",
+                  DeprecationWarning, stacklevel=2)
+    from adkit.run import precision
+
+    return getattr(precision, name)

@@ -1,4 +1,5 @@
-"""bf16 backbones for fitted detectors on CPUs with bf16 instructions (``--precision auto``).
+"""Numerical precision: what ``--precision`` means for a run (``autocast``), losses kept in float32 under it
+(``in_float32``), and bf16 backbones for fitted detectors on CPUs with bf16 instructions (``--precision auto``).
 
 A fitted detector's frozen backbone (PatchCore, PaDiM) can run its forward pass under bf16 autocast, about twice as
 fast on CPUs with AVX512-BF16 or AMX, while the banks, Gaussians and searches stay float32. Whether a model does is
@@ -19,9 +20,11 @@ ADKIT_CPU_BF16=0 (or 1) overrides what the CPU's flags say.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,43 @@ import torch
 from torch import Tensor
 
 from adkit.core.components import Detector
+from adkit.core.errors import AdkitError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU's pipeline
+    in float32: bf16 is slow on CPUs without bf16 instructions; on those with them (AVX512-BF16, AMX) a fitted
+    detector's backbone alone runs bf16 where a check allows it (adkit.run.precision)."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether ``precision`` on ``device`` means bf16 autocast (see ``autocast``)."""
+    if precision not in PRECISIONS:
+        raise AdkitError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def in_float32(loss: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Decorate a loss of two tensors, a function ``f(a, b, ...)`` or a method ``forward(self, a, b, ...)``, to
+    compute in float32 with autocast off, whatever precision the network ran in; floating inputs are cast, others
+    (integer masks) kept. Under bf16 autocast the blurs inside SSIM run in bf16, where var = E[x^2] - E[x]^2
+    cancels catastrophically: the SSIM denominator reaches zero and the loss is NaN from the first step."""
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs) -> Tensor:
+        lead = 0 if isinstance(args[0], Tensor) else 1  # a method's self comes first
+        first, second = args[lead], args[lead + 1]
+        with torch.autocast(first.device.type, enabled=False):
+            pair = tuple(t.float() if t.is_floating_point() else t for t in (first, second))
+            return loss(*args[:lead], *pair, *args[lead + 2:], **kwargs)
+
+    return wrapper
+
 
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
 MAX_NOISE = 0.3

@@ -28,22 +28,18 @@ from torch import Tensor, nn
 
 from adkit.core.components import Backbone, Detector, DetectorContext, EnergyNetwork, Ensemble, Sampler
 from adkit.core.datasets import AnomalyDataset
-from adkit.core.plugins import Catalog, get_catalog, reset_catalog
+from adkit.core.plugins import Catalog, reset_catalog
 from adkit.data.loading import load_split
 from adkit.run.engine import TrainSettings, load_checkpoint, restore, seed_everything, train_detector
-from adkit.stats.thresholds import widest_gap
+from adkit.testing.contract import ContractError, _catalog, _check_map, _expect
+from adkit.testing.exporters import check_exporter
+
+__all__ = ["TINY_DATA", "ContractError", "check_backbone", "check_dataset", "check_detector", "check_ensemble",
+           "check_exporter", "check_loss", "check_postprocessor", "check_sampler", "check_scorer", "invoke",
+           "tiny_dataset", "tiny_defects", "tiny_images"]
 
 # a --data spec for end-to-end tests: 32 px synthetic textures, 8 training and 6 test images per category
 TINY_DATA = "synthetic:size=32,n_train=8,n_test=6"
-
-
-class ContractError(AssertionError):
-    """A component breaks the contract of its kind (docs/plugins.md)."""
-
-
-def _expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise ContractError(message)
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -86,18 +82,6 @@ def tiny_dataset(root: Path, categories: tuple[str, ...] = ("wood",), size: int 
 
     write_textures(Path(root), list(categories), size, seed=0, n_train=n_train, n_test=n_test)
     return Path(root)
-
-
-def _catalog(catalog: Catalog | None) -> Catalog:
-    return catalog if catalog is not None else get_catalog()
-
-
-def _check_map(anomaly_map: Any, batch: int, who: str) -> None:
-    _expect(isinstance(anomaly_map, Tensor), f"{who} must return a tensor, got {type(anomaly_map).__name__}")
-    _expect(anomaly_map.ndim == 4 and anomaly_map.shape[:2] == (batch, 1),
-            f"{who} must return an anomaly map (B={batch}, 1, h, w), got {tuple(anomaly_map.shape)}")
-    _expect(anomaly_map.is_floating_point(), f"{who} must return floats, got {anomaly_map.dtype}")
-    _expect(bool(torch.isfinite(anomaly_map).all()), f"{who} returned non-finite values")
 
 
 def _build_detector(catalog: Catalog, spec: str, image_size: int, options: dict[str, Any]) -> Detector:
@@ -211,7 +195,7 @@ def check_loss(spec: str, catalog: Catalog | None = None, size: int = 32) -> nn.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = loss(prediction.detach().bfloat16(), target.bfloat16())
     _expect(low.dtype == torch.float32, f"{spec}: under bf16 autocast it returns {low.dtype}; decorate forward "
-                                        "with adkit.run.engine.in_float32")
+                                        "with adkit.run.precision.in_float32")
     return loss
 
 
@@ -294,68 +278,3 @@ def check_dataset(spec: str, catalog: Catalog | None = None, image_size: int = 3
         loaded = load_split(split, image_size)
         _expect(not loaded.skipped, f"{spec}: unreadable images {loaded.skipped[:2]}")
     return dataset
-
-
-
-class _TinyDeployed(nn.Module):
-    """The shape of what ``adkit export`` hands an export format: images and threshold in; map, score and
-    decision out (a smoothed grey map, its maximum, score > threshold)."""
-
-    def __init__(self):
-        super().__init__()
-        self.smooth = nn.Conv2d(1, 1, 3, padding=1, bias=False)
-        nn.init.constant_(self.smooth.weight, 1 / 9)
-
-    def forward(self, images: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        maps = self.smooth(images.mean(1, keepdim=True))
-        scores = maps.flatten(1).amax(1)
-        return maps, scores, scores > threshold
-
-
-def check_exporter(spec: str, catalog: Catalog | None = None, size: int = 32) -> Any:
-    """An export format writes one plain file (``file``: a name, not a path, not model.json) that loads back
-    into a function reproducing the module at other batch sizes than the one it was written with: maps and
-    scores within 1e-4, decisions equal, CPU tensors of the documented shapes."""
-    exporter = _catalog(catalog)["exporter"].create(spec)
-    name = getattr(exporter, "file", "")
-    _expect(bool(name) and Path(name).name == name and name != "model.json",
-            f"{spec}: file must be a plain file name other than model.json, got {name!r}")
-    module = _TinyDeployed().eval()
-    generator = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / name
-        example = (torch.rand(2, 3, size, size, generator=generator), torch.tensor(0.5))
-        with torch.no_grad():
-            exporter.write(module, example, path)
-        _expect(path.is_file(), f"{spec}: write() left no file at {path.name}")
-        run = exporter.load(path, torch.device("cpu"))
-        for batch in (1, 3):
-            images = torch.rand(batch, 3, size, size, generator=generator)
-            with torch.no_grad():
-                scores = module(images, torch.tensor(0.5))[1]
-            # thresholds well away from every score (the file's scores may differ from the module's by 1e-4):
-            # below all, above all, and in the middle of the widest gap between them (decisions on both sides)
-            cut, half_gap = widest_gap(scores)
-            margin = 0.1 + 0.1 * float(scores.abs().max())
-            cuts = [float(scores.min()) - margin, float(scores.max()) + margin] + ([cut] if half_gap > 1e-3 else [])
-            for threshold in cuts:
-                with torch.no_grad():
-                    expected = module(images, torch.tensor(threshold))
-                got = run(images, torch.tensor(threshold))
-                _check_export_outputs(spec, got, expected, batch, size)
-    return exporter
-
-
-def _check_export_outputs(spec: str, got: Any, expected: tuple[Tensor, Tensor, Tensor], batch: int, size: int) -> None:
-    _expect(isinstance(got, tuple) and len(got) == 3, f"{spec}: load()'s function must return (maps, scores, "
-                                                      "decisions)")
-    maps, scores, decisions = got
-    _expect(all(isinstance(t, Tensor) and t.device.type == "cpu" for t in got), f"{spec}: outputs must be CPU tensors")
-    _expect(tuple(maps.shape) == (batch, 1, size, size) and tuple(scores.shape) == (batch,) and
-            tuple(decisions.shape) == (batch,) and decisions.dtype == torch.bool,
-            f"{spec}: at batch {batch} outputs must be (B, 1, H, W), (B,), (B,) bool; got "
-            f"{tuple(maps.shape)}, {tuple(scores.shape)}, {tuple(decisions.shape)} {decisions.dtype}")
-    _expect(torch.allclose(maps, expected[0], atol=1e-4) and torch.allclose(scores, expected[1], atol=1e-4)
-            and torch.equal(decisions, expected[2]),
-            f"{spec}: the loaded file differs from the module at batch {batch} (the batch dimension must stay "
-            "dynamic)")
