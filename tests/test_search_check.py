@@ -40,7 +40,10 @@ def test_the_check_makes_a_failing_graph_search_equal_exact_search(invoke, tmp_p
     assert exact["approximations"]["search"]["used"] == "exact"
     first = unchecked["approximations"]["search"]["trail"]
     assert len(first) == 1 and first[0]["recall_held_out"] < 0.99  # measured, recorded, not acted on
-    assert abs(unchecked["image_auroc"] - exact["image_auroc"]) > 0.005  # the failure the check exists for
+    # the failure the check exists for, in the map: the walk's image scores are exact search's (the highest patch
+    # of each image is searched again until exact), its maps are not
+    assert exact["aupro"] - unchecked["aupro"] > 0.01, (unchecked["aupro"], exact["aupro"])  # 0.850 / 0.872 here
+    assert abs(unchecked["image_auroc"] - exact["image_auroc"]) <= 1e-3
     search = checked["approximations"]["search"]
     assert search["trail"][0]["ef"] == 1 and search["trail"][0]["recall_held_out"] < 0.999
     assert search["used"] == "exact" or (search["recall_held_out"] >= 0.999 and search["recall_bank"] >= 0.999)
@@ -169,3 +172,73 @@ def test_a_graph_extended_by_an_update_finds_every_feature_as_a_rebuilt_one_does
     assert index.ntotal == 3000
     _, found_index = knn_hnsw(bank, index, 64)
     assert (found_index[:, 0] == torch.arange(3000)).float().mean() >= 0.999  # every feature, old and added
+
+
+@pytest.mark.parametrize("spec", ["", ",score=max"])
+def test_an_approximate_search_gives_each_image_exact_search_s_score(tiny_catalog, tmp_path, monkeypatch, spec):
+    """A graph walk at ef=1 (unchecked) misses many patches' nearest bank features; the images' scores are still
+    exact search's (the highest patch searched again until exact), while the rest of the map is the walk's."""
+    from test_feature_detectors import fit, images, set_up
+
+    import adkit_plugins.patchcore.index as module
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
+    base = "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=1.0" + spec
+    walk = set_up(tiny_catalog, base + ",ef=1,recall=0")
+    fit(walk, images(6, 0), tmp_path)
+    assert walk.effort == 1 and walk.hnsw_graph.numel()
+    exact = set_up(tiny_catalog, base + ",search=exact")
+    fit(exact, images(6, 0), tmp_path / "exact")
+    test = torch.cat([images(6, 3), images(2, 4) * 0.2])  # two dark images: far from every bank feature
+    with torch.inference_mode():
+        a, b = walk.detect(test), exact.detect(test)
+        raw = walk._search(walk.embed(test).permute(0, 2, 3, 1).reshape(-1, walk.dim), 1, walk.effort)[0]
+    exact_raw = knn(walk.embed(test).permute(0, 2, 3, 1).reshape(-1, walk.dim), walk.memory_bank, 1)[0]
+    assert (raw > exact_raw * (1 + 1e-4) + 1e-6).float().mean() > 0.05  # the walk misses: the test is not vacuous
+    torch.testing.assert_close(a.image_scores, b.image_scores, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a.anomaly_map, b.anomaly_map)  # the map away from the top is the walk's
+
+
+def test_the_exact_top_searches_until_the_highest_exact_score_bounds_the_rest(monkeypatch):
+    """A hand case of the rounds: approximate distances are upper bounds; the first round's exact values fall
+    below the next patches' bounds, so a second round is searched, and the result is the exact maximum."""
+    import adkit_plugins.patchcore.index as module
+
+    class Bank(module.IndexedBank):
+        effort = 1
+        memory_bank = torch.zeros(1, 1)  # bank = {0}: a patch's exact distance is |x|
+
+    exact_values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 0.5, 9.5])
+    distance = exact_values.clone()
+    distance[:8] = 20.0  # eight patches' bounds far above the true maximum
+    index = torch.zeros(12, dtype=torch.long)
+    rounds = []
+
+    def counting_knn(queries, bank, k):
+        rounds.append(queries.shape[0])
+        return knn(queries, bank, k)
+
+    monkeypatch.setattr(module, "knn", counting_knn)
+    Bank()._exact_at_the_top(exact_values[:, None], distance, index, 1, lambda d: d)
+    assert rounds == [8, 4]  # the eight bounds at 20; then the four left (10 beats 9.5, 9 and 0.5's bounds)
+    assert float(distance.max()) == pytest.approx(10.0)
+    torch.testing.assert_close(distance, exact_values)  # everything searched is exact
+
+
+@pytest.mark.parametrize(("enough_from", "chosen", "efforts"), [(48, 48, [32, 64, 48]), (50, 64, [32, 48, 64]),
+                                                                 (32, 32, [32]), (100, 128, [32, 64, 96, 128])])
+def test_a_raised_effort_is_tried_halfway_back_and_the_chosen_one_ends_the_trail(enough_from, chosen, efforts):
+    from adkit_plugins.patchcore.check import measure
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 4, generator=g)
+    held_out = bank.repeat(10, 1) + 0.001 * torch.randn(3000, 4, generator=g)  # 3,000 patches: bound >= 0.999
+    nearest = knn(held_out, bank, 1)[1][:, 0]
+
+    def search(queries, effort):  # exact from ``enough_from`` on, else every query's neighbour one off
+        index = knn(queries, bank, 1)[1][:, 0]
+        return index if effort >= enough_from else (index + 1) % bank.shape[0]
+
+    trail, effort, passed = measure(search, held_out, nearest, bank, 32, 512, 0.999, lambda e: False)
+    assert passed and effort == chosen
+    assert [int(row[0]) for row in trail] == efforts

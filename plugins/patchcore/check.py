@@ -71,24 +71,38 @@ def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, nearest_h
     """Search ``held_out`` patches (whose exact nearest bank features are ``nearest_held``, ``exact_nearest``) and
     the bank's own features with ``search(queries, effort)`` (the index of each query's nearest bank feature) from
     ``effort`` up, doubling it to ``ceiling``, until the held-out recall's lower 95 % bound and the bank's recall
-    (its bound when the bank is sampled) reach ``target``. Returns the trail (one row per effort: effort, held-out
-    recall, bank recall, held-out queries, bank queries), the last effort and whether it passed."""
+    (its bound when the bank is sampled) reach ``target``; an effort raised so is then tried halfway back to the
+    last that missed, and kept if it reaches the target too. Returns the trail (one row per effort: effort,
+    held-out recall, bank recall, held-out queries, bank queries; the effort chosen last), the effort chosen and
+    whether it passed."""
     step = max(1, -(-bank.shape[0] // CHECK_QUERIES))
     own = torch.arange(0, bank.shape[0], step, device=bank.device)  # each bank feature is its own nearest
-    trail: list[tuple[float, ...]] = []
-    passed = False
-    for _ in range(EFFORT_DOUBLINGS + 1):
+
+    def tried(effort: int) -> tuple[tuple[float, ...], bool]:
         held = found(held_out, bank, search(held_out, effort), nearest_held)
         itself = found(bank[own], bank, search(bank[own], effort), own)
-        trail.append((effort, float(held.double().mean()), float(itself.double().mean()), held.numel(),
-                      itself.numel()))
         # held-out patches sample what test images will ask; the bank is searched whole up to CHECK_QUERIES
         # features (its recall is then exact), else as a sample too
         on_bank = float(itself.double().mean()) if step == 1 else recall_bound(itself)
-        passed = exact_at(effort) or (recall_bound(held) >= target and on_bank >= target)
+        row = (effort, float(held.double().mean()), float(itself.double().mean()), held.numel(), itself.numel())
+        return row, exact_at(effort) or (recall_bound(held) >= target and on_bank >= target)
+
+    trail: list[tuple[float, ...]] = []
+    passed = False
+    for _ in range(EFFORT_DOUBLINGS + 1):
+        row, passed = tried(effort)
+        trail.append(row)
         if passed or effort >= ceiling:
             break
         effort = min(2 * effort, ceiling)
+    if passed and len(trail) > 1 and (trail[-2][0] + effort) // 2 > trail[-2][0]:
+        middle = int(trail[-2][0] + effort) // 2
+        row, enough = tried(middle)
+        if enough:
+            trail.append(row)
+            effort = middle
+        else:
+            trail.insert(len(trail) - 1, row)  # the effort chosen stays last
     return trail, effort, passed
 
 

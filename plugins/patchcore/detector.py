@@ -276,9 +276,13 @@ class PatchCore(IndexedBank, Detector):
             parts, distance, index = self._next_left_out(patches, b)
         else:
             distance, index = self._nearest(patches, 1)
-        patch_scores = distance[:, 0].view(b, h * w)
-        if self.defect_bank.shape[0]:
-            patch_scores = weighted_by_defects(patch_scores, knn(patches, self.defect_bank, 1)[0][:, 0].view(b, h * w))
+        defect = knn(patches, self.defect_bank, 1)[0][:, 0].view(b, h * w) if self.defect_bank.shape[0] else None
+
+        def score(d: Tensor) -> Tensor:
+            return d if defect is None else weighted_by_defects(d, defect)
+
+        self._exact_at_the_top(patches, distance[:, 0], index[:, 0], b, score, parts)  # an approximate search's
+        patch_scores = score(distance[:, 0].view(b, h * w))
         anomaly_map = F.interpolate(patch_scores.view(b, 1, h, w), size=images.shape[-2:], mode="bilinear",
                                     align_corners=False)
         top, where = patch_scores.max(dim=1)

@@ -4,7 +4,7 @@ patches (check.py measures, this keeps what it chose)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,6 +34,9 @@ INDEX_MIN_BANK = 4096
 # the rows searched exactly at once where all of them came from the image itself
 LEAVE_OUT_CANDIDATES = 16
 LEAVE_OUT_EXACT_ROWS = 1024
+# an approximate search's patches searched again exactly per image and round, highest scores first, until the
+# image's highest score is exact (IndexedBank._exact_at_the_top)
+EXACT_TOP = 8
 
 
 class IndexedBank:
@@ -184,13 +187,60 @@ class IndexedBank:
         first = (~own).int().argmax(1, keepdim=True)
         nearest_distance, nearest = distance.gather(1, first)[:, 0], index.gather(1, first)[:, 0]
         missing = own.all(1).nonzero()[:, 0]
-        for start in range(0, missing.numel(), LEAVE_OUT_EXACT_ROWS):
-            rows = missing[start:start + LEAVE_OUT_EXACT_ROWS]
-            squared = squared_distances(patches[rows].float(), self.memory_bank.float())
-            squared[bank_parts[None, :] == parts[rows, None]] = float("inf")
-            smallest, where = squared.min(1)
-            nearest_distance[rows], nearest[rows] = smallest.sqrt().to(nearest_distance.dtype), where
+        if missing.numel():
+            nearest_distance[missing], nearest[missing] = self._exact_outside(patches, parts, missing, group)
         return nearest_distance, nearest
+
+    def _exact_outside(self, patches: Tensor, parts: Tensor, rows: Tensor, group: int) -> tuple[Tensor, Tensor]:
+        """The exact nearest bank feature outside its own part of each patch ``rows`` (indices into ``patches``,
+        whose parts are ``parts``): distances (R,) and bank indices (R,)."""
+        bank_parts = self.bank_origin // group
+        distance = patches.new_empty(rows.numel())
+        nearest = torch.empty(rows.numel(), dtype=torch.long, device=patches.device)
+        for start in range(0, rows.numel(), LEAVE_OUT_EXACT_ROWS):
+            chunk = rows[start:start + LEAVE_OUT_EXACT_ROWS]
+            squared = squared_distances(patches[chunk].float(), self.memory_bank.float())
+            squared[bank_parts[None, :] == parts[chunk, None]] = float("inf")
+            smallest, where = squared.min(1)
+            distance[start:start + chunk.numel()], nearest[start:start + chunk.numel()] = smallest.sqrt(), where
+        return distance, nearest
+
+    def _exact_at_the_top(self, patches: Tensor, distance: Tensor, index: Tensor, images: int,
+                          score: Callable[[Tensor], Tensor], parts: Tensor | None = None) -> None:
+        """Make each image's highest patch score that of exact search, in place, where the search that gave
+        ``distance`` and ``index`` (M,: each patch's nearest bank feature, ``images`` images of M / images patches;
+        under leaving_out outside the patch's row's part, ``parts`` (images,)) is approximate and eager. ``score``
+        maps distances (images, M / images) to patch scores, never lower for a larger distance. A found neighbour
+        is never nearer than the nearest, so a patch's approximate score bounds its exact score from above: the
+        EXACT_TOP highest unchecked patches of an image are searched exactly, round after round, until its highest
+        exact score is at least every unchecked patch's bound. Its image score, the nearest bank feature that
+        PatchCore's re-weighting starts from, and so its decisions, are then exact search's; the rest of the map
+        stays the approximate search's (its recall checked by calibrate)."""
+        if not self.effort or is_exporting() or tracing():
+            return
+        per_image = distance.numel() // images
+        if parts is None:
+            def exact(rows: Tensor) -> tuple[Tensor, Tensor]:
+                found, where = knn(patches[rows], self.memory_bank, 1)
+                return found[:, 0], where[:, 0]
+        else:
+            def exact(rows: Tensor) -> tuple[Tensor, Tensor]:
+                return self._exact_outside(patches, parts.repeat_interleave(per_image), rows, self._left_out.group)
+        checked = torch.zeros(images, per_image, dtype=torch.bool, device=distance.device)
+        while True:
+            scores = score(distance.view(images, per_image))
+            highest_checked = scores.masked_fill(~checked, float("-inf")).amax(1)
+            unchecked = scores.masked_fill(checked, float("-inf"))
+            open_ = (unchecked.amax(1) > highest_checked).nonzero()[:, 0]
+            if not open_.numel():
+                return
+            top = unchecked[open_].topk(min(EXACT_TOP, per_image), dim=1).indices  # checked ones rank last
+            rows = (open_[:, None] * per_image + top).reshape(-1)
+            rows = rows[~checked.view(-1)[rows]]
+            if not rows.numel():
+                return
+            distance[rows], index[rows] = exact(rows)
+            checked.view(-1)[rows] = True
 
     def _hnsw(self) -> object:
         """The HNSW index of ``hnsw_graph``, deserialised once per graph (a restore or refit replaces it)."""
