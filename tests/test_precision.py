@@ -116,3 +116,26 @@ def test_an_explicit_precision_is_not_second_guessed(tiny_catalog, tmp_path, mon
     detector = padim(tiny_catalog)
     fit(detector, tmp_path, settings=TrainSettings(steps=1, batch_size=4, precision=asked))
     assert detector.backbone.precision == "fp32" and "precision" not in detector.all_approximations()
+
+
+def test_the_speed_is_a_paired_measurement_each_batch_at_both_precisions_in_turn():
+    from types import SimpleNamespace
+
+    backbone = SimpleNamespace(precision="fp32", precision_check=None)
+    calls = []
+
+    class Fake:
+        def backbones(self):
+            return {"b": backbone}
+
+        def detect(self, images):
+            calls.append((backbone.precision, int(images[0, 0])))
+            scale = 1.0 if backbone.precision == "fp32" else 1.001
+            return SimpleNamespace(image_scores=images[:, 0] * scale, anomaly_map=None)
+
+    batches = [torch.full((2, 1), float(i)) for i in range(4)]
+    fp32, bf16, fp32_s, bf16_s = precision._paired_scores(Fake(), batches)
+    assert calls == [("fp32", 0), ("bf16", 0), ("bf16", 1), ("fp32", 1), ("fp32", 2), ("bf16", 2), ("bf16", 3),
+                     ("fp32", 3)]  # each batch at both in turn, the first alternating
+    assert fp32.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and bf16 == pytest.approx(fp32 * 1.001)
+    assert fp32_s > 0 and bf16_s > 0
