@@ -282,3 +282,29 @@ def test_test_reads_the_data_the_checkpoint_was_trained_on_unless_told_otherwise
                           str(tmp_path / "o"))
     assert code == 0, err
     assert json.loads((tmp_path / "o" / "tile" / "metrics.json").read_text())["n_test"] != trained["n_test"]
+
+
+def test_a_checkpoint_trained_on_relative_paths_is_tested_from_another_folder(invoke, tmp_path, monkeypatch):
+    """The recorded --root and the dataset's folder parameters are relative to where the training ran; adkit test
+    started elsewhere finds them there (the checkpoint records that folder)."""
+    from adkit.testing import tiny_dataset
+
+    trained_in, elsewhere = tmp_path / "lab", tmp_path / "line"
+    elsewhere.mkdir()
+    tiny_dataset(trained_in / "data", ("tile",), n_train=8, n_test=6)
+    monkeypatch.chdir(trained_in)
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", "mvtec", "--root", "data", "--category", "tile",
+                          "--out", "run")
+    assert code == 0, err
+    good = trained_in / "data" / "tile" / "train" / "good"
+    code, _, err = invoke("run", "--detector", "pixel-gauss", "--data", "folder:normal=data/tile/train/good,name=f",
+                          "--out", "folder-run")
+    assert code == 0, err
+    trained = json.loads((trained_in / "run" / "tile" / "metrics.json").read_text())
+    monkeypatch.chdir(elsewhere)  # ./data does not exist here
+    code, _, err = invoke("test", "--checkpoint", str(trained_in / "run" / "tile" / "checkpoint.pt"), "--out", "t")
+    assert code == 0, err
+    assert json.loads((elsewhere / "t" / "tile" / "metrics.json").read_text())["n_test"] == trained["n_test"]
+    code, _, err = invoke("test", "--checkpoint", str(trained_in / "folder-run" / "f" / "checkpoint.pt"), "--out", "u")
+    assert code == 0, err
+    assert good.is_dir() and (elsewhere / "u" / "f" / "metrics.json").is_file()

@@ -83,11 +83,33 @@ def plan_from_checkpoint(config: RunConfig, meta: dict[str, Any]) -> RunPlan:
 
 def checkpoint_data(config: RunConfig, meta: dict[str, Any]) -> RunConfig:
     """``config`` reading the dataset the checkpoint was trained on (its recorded configuration), unless
-    ``config`` names one (--data, --root or the folders)."""
+    ``config`` names one (--data, --root or the folders). A relative path recorded there (--root, a folder, a
+    path among the dataset's parameters) that does not exist from here is taken from the folder the training ran
+    in (``meta["cwd"]``), where it does."""
     named = config.data is not None or any((config.root, config.normal, config.abnormal, config.masks))
     recorded = {} if named or not meta.get("config") else tomllib.loads(meta["config"])
+    base = meta.get("cwd")
+    for key in ("root", "normal", "abnormal", "masks"):
+        if isinstance(recorded.get(key), str):
+            recorded[key] = _relocated(recorded[key], base)
+    if isinstance(recorded.get("data"), str) and ":" in recorded["data"]:
+        name, params = split_spec(recorded["data"], "dataset")
+        moved = {key: _relocated(value, base) for key, value in params.items()}
+        if moved != params:
+            recorded["data"] = f"{name}:" + ",".join(
+                f"{key}=({value})" if "," in value or "(" in value else f"{key}={value}" for key, value in moved.items())
     keys = ("data", "root", "normal", "abnormal", "masks")
     return config.replace(**{key: recorded[key] for key in keys if key in recorded})
+
+
+def _relocated(value: str, base: str | None) -> str:
+    """``value`` as a path seen from here: unchanged when it is absolute, exists here or no training folder was
+    recorded (``base``); ``base`` / ``value`` where that exists and ``value`` does not."""
+    path = Path(value)
+    if base is None or not value or path.is_absolute() or path.exists():
+        return value
+    there = Path(base) / path
+    return str(there) if there.exists() else value
 
 
 def checkpoint_splits(config: RunConfig, meta: dict[str, Any], what: str) -> tuple[RunPlan, CategorySplits]:

@@ -111,7 +111,7 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
                              precision=cfg.precision)
     meta = {**plan_.pipeline.record(), "backbone": cfg.backbone, "category": category,
             "image_size": plan_.image_size, "geometry": geometry.as_dict(),
-            "config": cfg.to_toml(),
+            "config": cfg.to_toml(), "cwd": str(Path.cwd()),  # the folder relative paths in config start from
             "declared_pipeline": True}  # posts as run, defaults resolved: [] is an empty chain (adkit >= 0.2)
     with console.progress() as progress:
         task = progress.add_task(f"train {plan_.detector.name} {category}", total=steps, info="")
