@@ -216,7 +216,7 @@ class IndexedBank:
         exact score is at least every unchecked patch's bound. Its image score, the nearest bank feature that
         PatchCore's re-weighting starts from, and so its decisions, are then exact search's; the rest of the map
         stays the approximate search's (its recall checked by calibrate)."""
-        if not self.effort or is_exporting() or tracing():
+        if not self.effort or not distance.numel() or is_exporting() or tracing():
             return
         per_image = distance.numel() // images
         if parts is None:
