@@ -42,7 +42,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; float32 otherwise. ``auto`` keeps the CPU's pipeline
     in float32: bf16 is slow on CPUs without bf16 instructions; on those with them (AVX512-BF16, AMX) a fitted
-    detector's backbone alone runs bf16 where a check allows it (adkit.run.precision)."""
+    detector's backbone alone runs bf16 where a check allows it (choose_backbone_precision)."""
     if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

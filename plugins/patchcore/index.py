@@ -224,8 +224,10 @@ class IndexedBank:
                 found, where = knn(patches[rows], self.memory_bank, 1)
                 return found[:, 0], where[:, 0]
         else:
+            patch_parts = parts.repeat_interleave(per_image)
+
             def exact(rows: Tensor) -> tuple[Tensor, Tensor]:
-                return self._exact_outside(patches, parts.repeat_interleave(per_image), rows, self._left_out.group)
+                return self._exact_outside(patches, patch_parts, rows, self._left_out.group)
         checked = torch.zeros(images, per_image, dtype=torch.bool, device=distance.device)
         while True:
             scores = score(distance.view(images, per_image))
