@@ -95,3 +95,22 @@ def test_spd_inverse_on_one_thread_equals_the_shared_out_one():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(shared, alone)  # each matrix by the same LAPACK call either way
+
+
+def test_spd_inverse_of_matrices_that_are_not_positive_definite_falls_back_to_lu():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, 6, generator=g, dtype=torch.float64)
+    symmetric = x + x.mT  # indefinite, invertible: the Cholesky factor fails, LU does not
+    symmetric[2] = torch.eye(6, dtype=torch.float64) * 2  # one of them positive definite, in the same chunk
+    torch.testing.assert_close(spd_inverse(symmetric), torch.linalg.inv(symmetric), rtol=1e-9, atol=1e-9)
+
+
+def test_spd_inverse_by_cholesky_equals_lu_on_positive_definite_matrices():
+    from adkit.stats import covariance
+
+    x = torch.randn(40, 50, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    scatter = (x.mT @ x).numpy()
+    chunk = scatter.copy()
+    assert covariance._cholesky_inverse(chunk)  # scipy exports LAPACK on every supported install
+    np.testing.assert_allclose(chunk, np.linalg.inv(scatter), rtol=1e-9, atol=1e-12)
+    assert np.array_equal(chunk, chunk.transpose(0, 2, 1))  # mirrored: exactly symmetric
