@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from adkit.plugin import check_detector
+from adkit.run.engine import load_checkpoint
 from adkit_plugins.supersimplenet.model import binary_focal, perlin_masks, synthetic_anomalies, truncated_l1
 
 
@@ -72,6 +73,27 @@ def test_labelled_defects_reach_training_and_leave_the_test_split(invoke, tmp_pa
     result = json.loads((tmp_path / "run" / "tile" / "metrics.json").read_text())
     assert result["train_defects"] == 3 and result["train_defects_masked"] == (3 if masks else 0)
     assert result["n_test"] == 16 - 3 and result["n_anomalous"] == 8 - 3  # tested on the remaining images only
+    # score=auto: the classification head scores where labelled defects trained it
+    assert load_checkpoint(tmp_path / "run" / "tile" / "checkpoint.pt")["model"]["head_score"].item() is True
+
+
+def test_without_labelled_defects_the_map_scores_and_the_choice_survives_a_checkpoint(invoke, tmp_path):
+    from adkit_plugins.supersimplenet.detector import SuperSimpleNet
+
+    code, _, err = invoke("run", "--detector", "supersimplenet:hidden=16,dec=8", "--data",
+                          "synthetic:size=64,n_train=10,n_test=16", "--category", "tile", "--image-size", "64",
+                          "--steps", "3", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    state = load_checkpoint(tmp_path / "run" / "tile" / "checkpoint.pt")["model"]
+    assert state["head_score"].item() is False  # score=auto, unsupervised: the map's largest value
+    restored = SuperSimpleNet()
+    restored.load_state_dict({"head_score": state["head_score"]}, strict=False)
+    assert restored.scored_by_head is False
+    # a checkpoint from before the choice was stored: scored as it was then, by the head unless told map
+    for score, by_head in (("auto", True), ("head", True), ("map", False)):
+        old = SuperSimpleNet(score=score)
+        old.load_state_dict({}, strict=False)
+        assert old.scored_by_head is by_head and bool(old.head_score) is by_head
 
 
 def test_train_defects_errors_are_one_line_and_write_nothing(invoke, tmp_path):

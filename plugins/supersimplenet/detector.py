@@ -44,7 +44,8 @@ class SuperSimpleNet(Detector):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # the paper's: features at twice the stride-8 grid, wide heads, 300 epochs of batch 32 (a GPU's budget)
         "paper": {"image_size": 256, "batch_size": 32, "epochs": 300,
-                  "params": {"upscale": 2, "hidden": 1024, "dec": 128, "noise": 0.015, "lr": 2e-4, "adapt_lr": 1e-4}},
+                  "params": {"upscale": 2, "hidden": 1024, "dec": 128, "noise": 0.015, "lr": 2e-4, "adapt_lr": 1e-4,
+                             "score": "head"}},
     }
 
     # noise 0.3 of the features' spread and lr 1e-3 for a CPU's 1,000 steps: at the paper's 0.015 (of WRN-50's
@@ -53,7 +54,7 @@ class SuperSimpleNet(Detector):
     def __init__(self, backbone: str = "efficientnet-lite0", layers: tuple[int, ...] = (2, 3), upscale: int = 1,
                  hidden: int = 256, dec: int = 32, noise: float = 0.3, perlin: float = 0.2, lr: float = 1e-3,
                  adapt_lr: float = 5e-4, weight_decay: float = 1e-5, stop_grad: bool = True,
-                 defect_share: float = 0.25, gamma: float = 0.4, score: Literal["head", "map"] = "head"):
+                 defect_share: float = 0.25, gamma: float = 0.4, score: Literal["auto", "head", "map"] = "auto"):
         super().__init__()
         self.layers = check_layers(layers, "supersimplenet")
         if upscale < 1 or hidden < 1 or dec < 1 or noise <= 0 or lr <= 0 or adapt_lr <= 0 or weight_decay < 0:
@@ -64,7 +65,11 @@ class SuperSimpleNet(Detector):
         self.backbone_spec, self.upscale, self.hidden, self.dec = backbone, upscale, hidden, dec
         self.noise, self.perlin, self.lr, self.adapt_lr = noise, perlin, lr, adapt_lr
         self.weight_decay, self.stop_grad, self.defect_share, self.gamma = weight_decay, stop_grad, defect_share, gamma
-        self.score_mode = score  # the classification head's score, or the map's largest value (the paper's both)
+        # the classification head's score, or the map's largest value (the paper's both); auto: the head where
+        # labelled defects trained it, else the map (docs/methods/supersimplenet.md, "The image score")
+        self.score_mode = score
+        self.register_buffer("head_score", torch.tensor(score == "head"))  # the choice, kept in the checkpoint
+        self.scored_by_head = score == "head"  # the same as a Python bool: an export traces one branch
         self.backbone: Backbone | None = None
         self.heads: Heads | None = None
         # the features' per-channel mean and standard deviation over the training images: the heads see features
@@ -113,6 +118,9 @@ class SuperSimpleNet(Detector):
             grid = features.shape[-2:]
             masks = (F.interpolate(defects.masks.float(), size=grid, mode="bilinear", align_corners=False) >= 0.5)
             self.defects = (features, masks.float(), defects.masked.bool())
+        learned = self.score_mode == "head" or (self.score_mode == "auto" and self.defects is not None)
+        self.head_score = torch.tensor(learned, device=self.feature_mean.device)
+        self.scored_by_head = learned
 
     def _draw(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """A training batch from the caches: features (B, C, h, w) standardised, masks (B, 1, h, w), labels (B,),
@@ -166,9 +174,15 @@ class SuperSimpleNet(Detector):
     def detect(self, images: Tensor) -> Detection:
         grid_map, score = self.heads(self.heads.adapt(self.features(images)))
         anomaly_map = F.interpolate(grid_map.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        if self.score_mode == "map":
+        if not self.scored_by_head:
             score = grid_map.flatten(1).amax(1)
         return Detection(anomaly_map, score.float())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "head_score" not in state_dict:  # trained before adkit 0.4: scored by the head unless told map
+            state_dict[prefix + "head_score"] = torch.tensor(self.score_mode != "map")
+        self.scored_by_head = bool(state_dict[prefix + "head_score"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def anomaly_map(self, images: Tensor) -> Tensor:
         return self.detect(images).anomaly_map
