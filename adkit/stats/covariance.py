@@ -115,8 +115,8 @@ def spd_inverse(matrices: Tensor, scale: float = 1.0, ridge: float = 0.0, dtype:
     On a CPU, LAPACK (numpy's) inverts the matrices a chunk at a time, the chunks shared out among torch's threads
     with one BLAS thread each, every chunk scaled in float64 and its inverse written straight into the result.
     torch's batched inverse gives each small matrix to all the threads, and for PaDiM's 4,096 matrices of 100 x 100
-    spends most of its time synchronising them: 0.59 s against 0.29 s on 2 cores (docs/benchmarks.md, "PaDiM's
-    inverse covariances"). Each matrix is inverted by its Cholesky factor (LAPACK's potrf and potri, called without
+    spends most of its time synchronising them: 0.59 s against 0.29 s on 2 cores with LU, 0.23 s by Cholesky
+    (docs/benchmarks.md, "PaDiM's inverse covariances"). Each matrix is inverted by its Cholesky factor (LAPACK's potrf and potri, called without
     the GIL); a chunk that holds a matrix that is not positive definite, or a machine whose scipy does not export
     LAPACK, by LU with partial pivoting. Elsewhere (a GPU, or with gradients) torch's batched inverse (LU)."""
     dtype = dtype or matrices.dtype

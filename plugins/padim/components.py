@@ -154,8 +154,8 @@ class PaDiM(Detector):
 
     def _inverses(self, divisor: int) -> Tensor:
         """(scatter / ``divisor`` + regularisation I)^-1 per position, float32, row-major, computed in float64
-        (spd_inverse: on a CPU one chunk of matrices at a time on each thread, twice as fast as torch's batched
-        inverse)."""
+        (spd_inverse: on a CPU by their Cholesky factors, one chunk of matrices at a time on each thread, 2.5x as fast
+        as torch's batched inverse)."""
         return spd_inverse(self.scatter, 1.0 / divisor, self.regularisation, torch.float32)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
