@@ -14,7 +14,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-# matrices inverted by one call of numpy's LAPACK loop: the unit spd_inverse shares out among threads (256 of
+# matrices a thread inverts as one unit: the unit spd_inverse shares out among threads (256 of
 # 100 x 100 float64: 20 MB)
 INVERSE_CHUNK = 256
 
@@ -112,13 +112,14 @@ def spd_inverse(matrices: Tensor, scale: float = 1.0, ridge: float = 0.0, dtype:
     """The inverses of ``scale`` x M + ``ridge`` x I for a batch M (..., d, d) of symmetric matrices that make them
     positive definite, computed in float64, returned row-major in ``dtype`` (M's when None).
 
-    On a CPU, LAPACK (numpy's) inverts the matrices a chunk at a time, the chunks shared out among torch's threads
-    with one BLAS thread each, every chunk scaled in float64 and its inverse written straight into the result.
-    torch's batched inverse gives each small matrix to all the threads, and for PaDiM's 4,096 matrices of 100 x 100
-    spends most of its time synchronising them: 0.59 s against 0.29 s on 2 cores with LU, 0.23 s by Cholesky
-    (docs/benchmarks.md, "PaDiM's inverse covariances"). Each matrix is inverted by its Cholesky factor (LAPACK's potrf and potri, called without
-    the GIL); a chunk that holds a matrix that is not positive definite, or a machine whose scipy does not export
-    LAPACK, by LU with partial pivoting. Elsewhere (a GPU, or with gradients) torch's batched inverse (LU)."""
+    On a CPU, LAPACK inverts the matrices a chunk at a time, the chunks shared out among torch's threads with one
+    BLAS thread each, every chunk scaled in float64 and its inverse written straight into the result: each matrix
+    by its Cholesky factor (potrf then potri, called without the GIL; ``_cholesky_inverse``), or, for a chunk that
+    holds a matrix that is not positive definite or where scipy exports no LAPACK, by numpy's LU with partial
+    pivoting. torch's batched inverse gives each small matrix to all the threads, and for PaDiM's 4,096 matrices
+    of 100 x 100 spends most of its time synchronising them: 0.59 s on 2 cores, against 0.29-0.33 s by LU in
+    chunks and 0.23 s by Cholesky (docs/benchmarks.md, "PaDiM's inverse covariances"). Elsewhere (a GPU, or with
+    gradients) torch's batched inverse (LU)."""
     dtype = dtype or matrices.dtype
     d = matrices.shape[-1]
     if matrices.device.type != "cpu" or matrices.requires_grad:
