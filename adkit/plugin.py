@@ -57,8 +57,8 @@ _WHERE = {
     **dict.fromkeys(("check_detector", "check_postprocessor", "check_scorer", "check_loss", "check_sampler",
                      "check_backbone", "check_ensemble", "check_dataset", "check_exporter", "ContractError", "invoke",
                      "tiny_images", "tiny_defects", "tiny_dataset"), "adkit.testing"),
-    **dict.fromkeys(("TrainSettings", "train_detector", "update_detector", "load_checkpoint", "restore"),
-                    "adkit.run.engine"),
+    **dict.fromkeys(("TrainSettings", "train_detector", "update_detector"), "adkit.run.engine"),
+    **dict.fromkeys(("load_checkpoint", "restore"), "adkit.core.checkpoints"),
     **dict.fromkeys(("load_catalog", "get_catalog"), "adkit.core.plugins"),
 }
 

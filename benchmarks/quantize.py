@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from adkit import api
+from adkit.core.checkpoints import load_checkpoint
 from adkit.data.loading import load_split
 from adkit.deploy import quantize
 from adkit.deploy.export import load_runner, read_model
 from adkit.run.assembly import checkpoint_splits
 from adkit.run.config import RunConfig
-from adkit.run.engine import load_checkpoint
 from adkit.stats import metrics
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from adkit.core.bf16 import BF16_FLAGS, cpu_flags
 from adkit.data.loading import load_split
 from adkit.run.assembly import build_pipeline
 from adkit.run.config import RunConfig
 from adkit.run.engine import predict
 from adkit.run.evaluation import train_category
 from adkit.run.planning import plan
-from adkit.run.precision import BF16_FLAGS, cpu_flags
 from adkit.stats import metrics
 
 

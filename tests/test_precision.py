@@ -1,4 +1,4 @@
-"""bf16 backbones on CPUs with bf16 instructions (adkit.run.precision): the check's rule, its record through the
+"""bf16 backbones on CPUs with bf16 instructions (adkit.core.bf16): the check's rule, its record through the
 checkpoint and the model card, float32 on a CPU without them, float32 while exporting."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_backbones import TinyBackbonePlugin
 
+from adkit.core import bf16 as precision
 from adkit.core.components import DetectorContext
 from adkit.core.exporting import exporting
-from adkit.run import precision
 from adkit.run.engine import TrainSettings, load_checkpoint, restore, train_detector
 
 
@@ -125,16 +125,13 @@ def test_the_speed_is_a_paired_measurement_each_batch_at_both_precisions_in_turn
     calls = []
 
     class Fake:
-        def backbones(self):
-            return {"b": backbone}
-
         def detect(self, images):
             calls.append((backbone.precision, int(images[0, 0])))
             scale = 1.0 if backbone.precision == "fp32" else 1.001
             return SimpleNamespace(image_scores=images[:, 0] * scale, anomaly_map=None)
 
     batches = [torch.full((2, 1), float(i)) for i in range(4)]
-    fp32, bf16, fp32_s, bf16_s = precision._paired_scores(Fake(), batches)
+    fp32, bf16, fp32_s, bf16_s = precision._paired_scores(Fake().detect, [backbone], batches)
     assert calls == [("fp32", 0), ("bf16", 0), ("bf16", 1), ("fp32", 1), ("fp32", 2), ("bf16", 2), ("bf16", 3),
                      ("fp32", 3)]  # each batch at both in turn, the first alternating
     assert fp32.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and bf16 == pytest.approx(fp32 * 1.001)

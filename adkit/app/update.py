@@ -27,6 +27,7 @@ import torch
 import adkit
 from adkit.app.deployment import image_paths
 from adkit.core import console, distributed, files
+from adkit.core.checkpoints import load_checkpoint, save_checkpoint
 from adkit.core.datasets import Sample, split_validation
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import split_spec
@@ -35,8 +36,8 @@ from adkit.data.loading import LoadedSplit, load_defects, load_split
 from adkit.outputs.render import normal_images
 from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, checkpoint_splits, load_trained
 from adkit.run.config import RunConfig
-from adkit.run.engine import load_checkpoint, save_checkpoint, update_detector
 from adkit.run.engine import predict as run_pipeline
+from adkit.run.engine import update_detector
 from adkit.serve.feedback import read_feedback
 from adkit.stats import decisions
 from adkit.stats.thresholds import DEFAULT_POLICY, parse_policy

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adkit.core import console, distributed, files, threads
+from adkit.core import console, distributed, threads
+from adkit.core.checkpoints import load_checkpoint
 from adkit.core.errors import AdkitError
 from adkit.core.plugins import get_catalog
 from adkit.data.loading import load_split
@@ -23,7 +24,6 @@ from adkit.run.assembly import (
     plan_from_checkpoint,
 )
 from adkit.run.config import RunConfig
-from adkit.run.engine import load_checkpoint
 from adkit.run.engine import predict as run_pipeline
 from adkit.run.evaluation import CategoryRun, evaluate, left_out_scores, train_category
 from adkit.run.planning import RunPlan, claim_output, configure_log, dataset_spec, output_dir, plan
@@ -77,10 +77,9 @@ def run(config: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
 
 
 def _finish(out: Path, header: dict[str, Any], results: list[dict[str, Any]], title: str) -> None:
-    """The end of ``run`` and ``test`` on rank 0: summary files, the page, the table, and where they are."""
-    artifacts.write_summary(out, header, results)
-    pages.build(out)
+    """The end of ``run`` and ``test`` on rank 0: the table, the summary files and the page, and where they are."""
     render.print_summary(results, title)
+    artifacts.write_summary(out, header, results)
     console.say(f"results in {out} (open {out / pages.PAGE})")
 
 
@@ -89,9 +88,9 @@ def _run_category(plan_: RunPlan, category: str, folder: Path, resume: bool) -> 
     run_ = train_category(plan_, category, folder, resume=resume)
     evaluation = evaluate(plan_, run_, build_pipeline(plan_, run_.detector))
     if distributed.is_main():  # under torchrun rank 0 reports; the other ranks helped train and score
-        artifacts.write_category(run_.test, category, evaluation, folder)
-        record_threshold(folder, evaluation.validation,
-                         plan_.pipeline, _source(plan_, category, "run"))
+        # the threshold predict reads beside the checkpoint, written with the category's other files
+        artifacts.write_category(run_.test, category, evaluation, folder,
+                                 (plan_.pipeline, _source(plan_, category, "run")))
     return evaluation.metrics
 
 
@@ -195,9 +194,8 @@ def run_ensemble(config: RunConfig, resume: bool = False) -> list[dict[str, Any]
         result = {"category": category, "n_test": int(labels.size), "n_anomalous": int(labels.sum()),
                   "train_defects": max(e.metrics["train_defects"] for e in evaluations),  # by its members that learn
                   **decision_metrics(fit, combined, labels, [s.defect for s in run_.test.samples]), **metrics.image_metrics(labels, combined.numpy())}
-        files.write_json(out / "ensemble" / category / "metrics.json", result)
-        artifacts.write_test_scores(out / "ensemble" / category / "scores.csv", run_.test, combined,
-                                    thresholds.decide(combined, fit.threshold))
+        artifacts.write_scored(out / "ensemble" / category, run_.test, combined,
+                               thresholds.decide(combined, fit.threshold), result)
         rows.append({"configuration": f"ensemble {ensemble_spec}", **result})
     if main:
         render.print_bench(rows)

@@ -37,7 +37,7 @@ class Backbone(nn.Module, ABC):
         super().__init__()
         self._digest: str | None = None
         # "bf16": the forward pass runs under bf16 autocast and returns float32 features (chosen per fitted model
-        # by a check against float32, adkit.run.precision); never while exporting
+        # by a check against float32, adkit.core.bf16); never while exporting
         self.precision = "fp32"
         self.precision_check: dict[str, Any] | None = None  # what that check measured
 

@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_bytes_atomic(path, text.encode())
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -72,8 +72,49 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_torch(path: Path, payload: Any) -> None:
+    """``torch.save`` atomically, synced to the disk before the rename (a checkpoint survives a crash whole)."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV file's content: a header row of ``columns``, then ``rows``; a row's keys outside ``columns`` are left
+    out, and the columns a row lacks are empty."""
+
+    columns: list[str]
+    rows: list[dict[str, Any]]
+
+
+def encode(content: Any) -> bytes:
+    """A file's bytes: bytes as they are, text as UTF-8, a Table as CSV, anything else as indented JSON."""
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode()
+    if isinstance(content, Table):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=content.columns, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(content.rows)
+        return buffer.getvalue().encode()
+    return (json.dumps(content, indent=2, default=_jsonable) + "\n").encode()
+
+
+def write_files(folder: Path, contents: Mapping[str, Any]) -> None:
+    """Every file of ``contents`` (its path under ``folder`` -> what ``encode`` takes), each written atomically,
+    in order: a folder's outputs are rendered first and written by this one call."""
+    for name, content in contents.items():
+        write_bytes_atomic(folder / name, encode(content))
+
+
 def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    write_bytes_atomic(path, encode(data))
 
 
 def _jsonable(value: Any) -> Any:
@@ -84,22 +125,22 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+SCORE_COLUMNS = ["path", "label", "score", "prediction"]
+
+
 def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    """A table with a header row, written atomically; a row's keys outside ``columns`` are left out, and the
-    columns a row lacks are empty."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+    """A table with a header row, written atomically (see Table)."""
+    write_bytes_atomic(path, encode(Table(columns, rows)))
 
 
-def write_scores_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One row per image: path, label (empty without labels), score, prediction (0/1)."""
-    write_csv(path, ["path", "label", "score", "prediction"], rows)
+def scores_table(rows: list[dict[str, Any]]) -> Table:
+    """scores.csv: one row per image: path, label (empty without labels), score, prediction (0/1)."""
+    return Table(SCORE_COLUMNS, rows)
 
 
-def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+
+
+def history_table(history: list[dict[str, float]]) -> Table:
     """The training log: one row per logged step, a column per logged value (``loss`` and what the detector
     adds, e.g. an EBM's ``f_data`` / ``f_sample``)."""
-    write_csv(path, list(dict.fromkeys(key for row in history for key in row)) or ["step"], history)
+    return Table(list(dict.fromkeys(key for row in history for key in row)) or ["step"], history)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from adkit.core.checkpoints import load_checkpoint
 from adkit.core.errors import AdkitError
 from adkit.core.grammar import PipelineSpec
 from adkit.core.pipeline import Pipeline
@@ -19,7 +20,6 @@ from adkit.data.geometry import Geometry
 from adkit.deploy.export import MODEL_JSON, Deployed, Runner, eager_runner, load_runner, read_model
 from adkit.run.assembly import checkpoint_geometry, checkpoint_pipeline, load_trained
 from adkit.run.config import RunConfig
-from adkit.run.engine import load_checkpoint
 from adkit.stats.decisions import THRESHOLD_FILE, threshold_record
 
 CHECKPOINT = "checkpoint.pt"

@@ -5,7 +5,7 @@ is written only when, on the validation images, it decides as the float export d
 
 - its scores move by at most MAX_NOISE of the good validation images' spread (the root mean square of the
   change over the float scores' standard deviation): the bound and the measure of the bf16 check of
-  ``--precision auto`` (adkit.run.precision), since the threshold was fitted on the float scores and a defect's
+  ``--precision auto`` (adkit.core.bf16), since the threshold was fitted on the float scores and a defect's
   distance from it is measured in that spread; at least MIN_IMAGES good validation images;
 - every validation image whose float score lies farther from the threshold than that margin (MAX_NOISE of the
   spread) keeps its decision;
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adkit.core.bf16 import MAX_NOISE, MIN_IMAGES
 from adkit.core.errors import AdkitError
 from adkit.core.exporting import ExportFormat
 from adkit.core.pipeline import Pipeline
-from adkit.run.precision import MAX_NOISE, MIN_IMAGES
 from adkit.stats.metrics import auroc
 
 SCHEMES = ("none", "int8")

@@ -74,40 +74,56 @@ def build(folder: Path) -> Path:
     """Write ``folder``/report.html for the run, test, bench or predict results the folder holds."""
     folder = Path(folder)
     if (folder / "bench.json").is_file():
-        body = _bench_page(folder)
+        body, figures = _bench_page(folder)
     elif (folder / "summary.json").is_file():
-        body = _run_page(folder)
+        return _write(folder, run_page_files(folder, json.loads((folder / "summary.json").read_text())))
     elif (folder / "scores.csv").is_file():
-        body = _predict_page(folder)
+        body, figures = _predict_page(folder), {}
     else:
         raise AdkitError(f"{folder} holds no adkit results (summary.json, bench.json or scores.csv): give the "
                          "--out folder of adkit run, test, bench or predict")
+    return _write(folder, {**figures, PAGE: _page(folder, body)})
+
+
+def run_page_files(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """report.html of a run or test folder whose summary (summary.json's content) is ``summary``, and the figures
+    it draws: their paths in the folder -> content, the page last."""
+    body, figures = _run_page(folder, summary)
+    return {**figures, PAGE: _page(folder, body)}
+
+
+def _page(folder: Path, body: str) -> str:
     title = html.escape(f"adkit report: {folder.name}")
-    page = (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
             f"</head><body>\n<h1>{title}</h1>\n{body}\n<script>{SORT_SCRIPT}</script>\n</body></html>\n")
-    files.write_text_atomic(folder / PAGE, page)
+
+
+def _write(folder: Path, contents: dict[str, Any]) -> Path:
+    files.write_files(folder, contents)  # the figures the page draws, then the page
     return folder / PAGE
 
 
-def _run_page(folder: Path) -> str:
-    summary = json.loads((folder / "summary.json").read_text())
+def _run_page(folder: Path, summary: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
     results = summary["results"]
     parts = ["<h2>Metrics (test split; thresholds fitted on the validation split)</h2>",
              table(["category", *[label for _, label in METRICS]],
                     [[html.escape(r["category"]), *[html.escape(fmt(r.get(k), DIGITS.get(k, 3))) for k, _ in METRICS]]
                      for r in results], sortable=True)]
+    figures: dict[str, bytes] = {}
     for result in results:
-        parts.append(category_section(folder, result["category"], result))
+        section, drawn = category_section(folder, result["category"], result)
+        parts.append(section)
+        figures.update(drawn)
     config = summary.get("config", {})
     if (folder / "config.toml").is_file():
         config_text = (folder / "config.toml").read_text()
     else:
         config_text = json.dumps(config, indent=1, default=str)
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_text)}</pre>")
-    return "\n".join(parts)
+    return "\n".join(parts), figures
 
 
-def _bench_page(folder: Path) -> str:
+def _bench_page(folder: Path) -> tuple[str, dict[str, bytes]]:
     rows = json.loads((folder / "bench.json").read_text())
     configurations = list(dict.fromkeys(r["configuration"] for r in rows))
     first = {r["category"]: r for r in rows if r["configuration"] == configurations[0]}
@@ -126,8 +142,10 @@ def _bench_page(folder: Path) -> str:
         values = [r["image_auroc"] for r in rows if r["configuration"] == c and "image_auroc" in r]
         means.append([html.escape(c), fmt(float(np.mean(values)) if values else None)])
     with_files = [r for r in rows if r.get("folder") and (folder / r["folder"] / "metrics.json").is_file()]
-    sections = [category_section(folder, r["folder"], r, title=f"{r['configuration']}: {r['category']}",
-                                  anchor=_anchor(r)) for r in with_files]
+    drawn = [category_section(folder, r["folder"], r, title=f"{r['configuration']}: {r['category']}",
+                              anchor=_anchor(r)) for r in with_files]
+    sections = [section for section, _ in drawn]
+    figures = {path: picture for _, pictures in drawn for path, picture in pictures.items()}
     trainings: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in with_files:  # the re-scoring combinations of one trained model
         if r.get("trained_in"):
@@ -139,7 +157,7 @@ def _bench_page(folder: Path) -> str:
         table(["configuration", "category", "image AUROC", "delta", "pixel AUROC", "AUPRO@0.3", "train s", "img/s"],
                table_rows, sortable=True),
         "<h2>Mean image AUROC per configuration</h2>", table(["configuration", "mean image AUROC"], means),
-        *side, *sections])
+        *side, *sections]), figures
 
 
 def round_robin(defects: list[str], count: int) -> list[int]:

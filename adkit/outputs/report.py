@@ -1,17 +1,14 @@
-"""Pictures of results: heatmap overlays, PNG and .npy files, figures and curve plots (written atomically)."""
+"""Pictures of results, rendered to bytes: heatmap overlays, PNG, JPEG and .npy contents, figures and curve plots
+(adkit.core.files writes them, with the rest of a folder's outputs, in one call)."""
 
 from __future__ import annotations
 
-import csv
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-
-from adkit.core.files import atomic_path
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -40,15 +37,17 @@ def overlay_panel(image: torch.Tensor, anomaly_map: torch.Tensor, threshold: flo
     return Image.fromarray((np.clip(row, 0, 1) * 255 + 0.5).astype(np.uint8))
 
 
-def save_png_atomic(picture: Image.Image, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        picture.save(tmp, format="PNG")
+def png_bytes(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def save_npy_atomic(array: np.ndarray, path: Path) -> None:
+def npy_bytes(array: np.ndarray) -> bytes:
     """An array as .npy (no pickling: numbers only)."""
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, array, allow_pickle=False)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def new_figure(width: int, height: int) -> tuple[Any, Any]:
@@ -72,11 +71,6 @@ def figure_png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure_atomic(figure: Any, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        tmp.write_bytes(figure_png(figure))
-
-
 def curve_plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, x_label: str, y_label: str,
                x_marker: float | None = None, size: int = 420) -> Image.Image:
     """A matplotlib line plot of ``curves`` (label, x, y) with x and y in [0, 1], a legend and an optional
@@ -92,8 +86,8 @@ def curve_plot(curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, x_l
     return Image.open(io.BytesIO(figure_png(figure))).convert("RGB")
 
 
-def score_histogram(rows: list[dict[str, str]], threshold: float, band: tuple[float | None, ...], path: Path,
-                     category: str) -> None:
+def score_histogram(rows: list[dict[str, str]], threshold: float, band: tuple[float | None, ...],
+                    category: str) -> bytes:
     """Scores of normal and defective test images, the threshold and (fpr policies) its 95 % band."""
     figure, axes = new_figure(420, 320)
     scores = np.array([float(r["score"]) for r in rows])
@@ -109,15 +103,11 @@ def score_histogram(rows: list[dict[str, str]], threshold: float, band: tuple[fl
                      label="95 % band" + ("" if band[1] is not None else " (open above)"))
     axes.set(title=f"test scores, {category}", xlabel="image score", ylabel="images")
     axes.legend(fontsize=8)
-    save_figure_atomic(figure, path)
+    return figure_png(figure)
 
 
-def history_plot(source: Path, path: Path, category: str) -> bool:
-    """Every logged training value against the step (False when the log is empty)."""
-    with source.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        return False
+def history_plot(rows: list[dict[str, str]], category: str) -> bytes:
+    """Every logged training value (history.csv's rows, at least one) against the step."""
     figure, axes = new_figure(420, 320)
     steps = [float(r["step"]) for r in rows]
     for key in rows[0]:
@@ -125,12 +115,12 @@ def history_plot(source: Path, path: Path, category: str) -> bool:
             axes.plot(steps, [float(r[key]) if r[key] else np.nan for r in rows], label=key)
     axes.set(title=f"training, {category}", xlabel="step")
     axes.legend(fontsize=8)
-    save_figure_atomic(figure, path)
-    return True
+    return figure_png(figure)
 
 
-def write_thumbnail(panel: Any, path: Path, height: int = 96) -> None:
+def thumbnail(panel: Any, height: int = 96) -> bytes:
     """A small JPEG of an overlay panel for the report's gallery."""
     width = max(1, round(panel.width * height / panel.height))
-    with atomic_path(path, suffix=".jpg") as tmp:
-        panel.convert("RGB").resize((width, height)).save(tmp, format="JPEG", quality=85)
+    buffer = io.BytesIO()
+    panel.convert("RGB").resize((width, height)).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()

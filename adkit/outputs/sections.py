@@ -33,26 +33,25 @@ def _numeric(cell: str) -> bool:
 
 
 def read_scores(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows (scores.csv, history.csv) as dicts of text."""
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
 def category_section(page_folder: Path, rel: str, result: dict[str, Any], title: str | None = None,
-                      anchor: str | None = None) -> str:
-    """One category's results: ``rel`` is its folder relative to the page's."""
+                     anchor: str | None = None) -> tuple[str, dict[str, bytes]]:
+    """One category's results: ``rel`` is its folder relative to the page's. Returns the section's HTML and the
+    figures it draws (their paths relative to the page's folder -> PNG bytes), for the page's writer."""
     folder = page_folder / rel
     category = html.escape(title or result["category"])
     rows = read_scores(folder / "scores.csv") if (folder / "scores.csv").is_file() else []
     threshold = result.get("threshold")
     validation = read_json(folder / "validation.json")
     band = tuple((validation or {}).get("fit", {}).get(k) for k in ("band_low", "band_high"))
+    history = read_scores(folder / "history.csv") if (folder / "history.csv").is_file() else []
+    histogram = bool(rows) and threshold is not None
     figures = [f"{rel}/{name}" for name in ("roc.png", "pro.png") if (folder / name).is_file()]
-    if rows and threshold is not None:
-        report.score_histogram(rows, float(threshold), band, folder / "scores.png", result["category"])
-        figures.append(f"{rel}/scores.png")
-    if (folder / "history.csv").is_file() and report.history_plot(folder / "history.csv", folder / "history.png",
-                                                             result["category"]):
-        figures.append(f"{rel}/history.png")
+    figures += [f"{rel}/scores.png"] * histogram + [f"{rel}/history.png"] * bool(history)
     summary = (f"<p>{result.get('n_test', len(rows))} test images, {result.get('n_anomalous', '?')} defective; "
                f"image AUROC {fmt(result.get('image_auroc'))}, pixel AUROC {fmt(result.get('pixel_auroc'))}; "
                f"threshold {fmt(threshold, 4)}{_decision_text(result)}.{_defects_text(result)}</p>" +
@@ -64,7 +63,12 @@ def category_section(page_folder: Path, rel: str, result: dict[str, Any], title:
         parts.append(_slider(folder, rows, validation))
     if rows:
         parts.append(gallery(folder, rel, rows, threshold))
-    return "\n".join(parts)
+    drawn: dict[str, bytes] = {}  # the figures this section draws (roc.png and pro.png are the run's)
+    if histogram:
+        drawn[f"{rel}/scores.png"] = report.score_histogram(rows, float(threshold), band, result["category"])
+    if history:
+        drawn[f"{rel}/history.png"] = report.history_plot(history, result["category"])
+    return "\n".join(parts), drawn
 
 
 def _defects_text(result: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from adkit.core.checkpoints import load_checkpoint, restore
 from adkit.core.components import Detector, DetectorContext
 from adkit.core.datasets import CategorySplits
 from adkit.core.errors import AdkitError
@@ -17,7 +18,6 @@ from adkit.core.pipeline import Pipeline
 from adkit.core.plugins import Catalog, get_catalog
 from adkit.data.geometry import Geometry
 from adkit.run.config import RunConfig
-from adkit.run.engine import load_checkpoint, restore
 from adkit.run.planning import RunPlan, plan
 
 

@@ -9,7 +9,6 @@ the previous checkpoint intact; a non-finite loss stops training before anything
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import time
 import warnings
@@ -23,13 +22,18 @@ import torch
 from torch import Tensor
 
 from adkit.core import distributed, threads
+from adkit.core.bf16 import choose_backbone_precision
+from adkit.core.checkpoints import (  # noqa: F401 - load_checkpoint, restore: their home before adkit 0.4
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    write_checkpoint,
+)
 from adkit.core.components import Detector, LabelledDefects
 from adkit.core.errors import AdkitError
-from adkit.core.files import atomic_path
 from adkit.core.pipeline import Pipeline
-from adkit.run.precision import autocast, choose_backbone_precision, precision_here
-
-CHECKPOINT_FORMAT = 1
+from adkit.run.precision import autocast
 
 
 def seed_everything(seed: int) -> None:
@@ -71,33 +75,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
     return torch.randint(0, n, (batch_size,), generator=torch.Generator().manual_seed(derived_seed(seed, "step", step)))
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise AdkitError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file raises many kinds; all mean unreadable
-        raise AdkitError(f"checkpoint {path} cannot be read ({type(exc).__name__}); is it an adkit checkpoint?") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise AdkitError(f"checkpoint {path} is not an adkit checkpoint of format {CHECKPOINT_FORMAT}")
-    return payload
-
-
-def restore(detector: Detector, payload: dict[str, Any], where: Path | str) -> None:
-    """Load a checkpoint's trained or fitted state into ``detector`` (built and set up for the same run); its
-    backbones must have the weights the checkpoint was made with."""
-    detector.load_checkpoint_state(payload["model"], payload.get("backbones", {}), where=f"checkpoint {where}")
-    precision_here(detector)
-
-
 def _finite_or_stop(losses: dict[str, Tensor], step: int, checkpoint: Path) -> dict[str, float]:
     values = {k: float(v.detach()) for k, v in losses.items()}
     if not distributed.all_finite(losses["loss"]):
@@ -132,25 +109,21 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
                 detector.fit(_batches(mine, settings.batch_size, device))
             checked = images if held_out is None else held_out
             detector.calibrate(_batches(checked, settings.batch_size, device))
-            choose_backbone_precision(detector, lambda: _batches(checked, settings.batch_size, device),
+            backbones = list(detector.backbones().values())
+            choose_backbone_precision(backbones, detector.detect, lambda: _batches(checked, settings.batch_size, device),
                                       settings.precision, device)
         if distributed.is_main():
-            save_checkpoint(checkpoint, _payload(detector, None, None, 0, settings, meta, []))
+            write_checkpoint(checkpoint, detector, None, None, 0, settings.steps, meta, None)
         distributed.barrier()
         return TrainResult(steps=0, seconds=time.perf_counter() - start)
 
     detector.train()
+    n = images.shape[0]
+    if n == 0:
+        raise AdkitError("no training images")
     optimizer, scheduler = detector.configure_optimizer(settings.steps)
-    world, rank = distributed.world_size(), distributed.rank()
-    # under torchrun, gradients are averaged across ranks by DistributedDataParallel
-    step_module = _TrainingStep(detector)
-    if world > 1:
-        step_module = torch.nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    if settings.compile:
-        step_module = torch.compile(step_module)
     first_step, history = 0, []
-    if checkpoint.exists():
+    if checkpoint.exists():  # resumed: the detector and the optimizer as they were, before anything wraps them
         if not resume:
             raise AdkitError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
         payload = load_checkpoint(checkpoint)
@@ -159,25 +132,29 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         first_step, history = payload["step"], payload.get("history", [])
-    n = images.shape[0]
-    if n == 0:
-        raise AdkitError("no training images")
+    world, rank = distributed.world_size(), distributed.rank()
+    # under torchrun, gradients are averaged across ranks by DistributedDataParallel
+    step_module = _TrainingStep(detector, device, settings.precision)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        step_module = torch.compile(step_module)
+    resident = _resident(images, device)
     starting = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "start"))
     if detector.uses_defects:  # labelled defective images, for the detectors that learn from them
         detector.on_train_start(images, starting, defects=defects)
     else:
         detector.on_train_start(images, starting)
-    images = _resident(images, device)
     for step in range(first_step, settings.steps):
         threads.rebalance()
         idx = batch_indices(step * world + rank, n, settings.batch_size, settings.seed)
-        x = images[idx.to(images.device, non_blocking=True)].to(device, non_blocking=True)
+        x = resident[idx.to(resident.device, non_blocking=True)].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         rank_key = (rank,) if world > 1 else ()  # single-process seeds stay as they were
         generator = torch.Generator(device=device).manual_seed(derived_seed(settings.seed, "train", step, *rank_key))
-        with autocast(device, settings.precision):
-            losses = step_module(x, generator)
+        losses = step_module(x, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         logged = None
@@ -195,8 +172,8 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
         if at_checkpoint or step + 1 == settings.steps:
             if logged is None:
                 _finite_or_stop(losses, step, checkpoint)
-            if distributed.is_main():
-                save_checkpoint(checkpoint, _payload(detector, optimizer, scheduler, step + 1, settings, meta, history))
+            if distributed.is_main():  # with history.csv beside it, up to this step
+                write_checkpoint(checkpoint, detector, optimizer, scheduler, step + 1, settings.steps, meta, history)
             distributed.barrier()
     distributed.broadcast_state(detector)
     return TrainResult(steps=settings.steps - first_step, seconds=time.perf_counter() - start, history=history)
@@ -233,29 +210,16 @@ def _resident(images: Tensor, device: torch.device) -> Tensor:
 
 
 class _TrainingStep(torch.nn.Module):
-    """Makes ``training_step`` the forward of a module, so DistributedDataParallel can wrap it."""
+    """Makes ``training_step`` the forward of a module, so DistributedDataParallel can wrap it; the forward runs
+    at the run's ``--precision`` (``autocast``)."""
 
-    def __init__(self, detector: Detector):
+    def __init__(self, detector: Detector, device: torch.device, precision: str):
         super().__init__()
-        self.detector = detector
+        self.detector, self.device, self.precision = detector, device, precision
 
     def forward(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        return self.detector.training_step(images, generator)
-
-
-def _payload(detector: Detector, optimizer: Any, scheduler: Any, step: int, settings: TrainSettings,
-             meta: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "total_steps": settings.steps,
-        "model": detector.checkpoint_state(),  # frozen pretrained weights are named, not stored
-        "backbones": detector.backbone_identities(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "history": history,
-        "meta": meta,
-    }
+        with autocast(self.device, self.precision):
+            return self.detector.training_step(images, generator)
 
 
 def _batches(images: Tensor, batch_size: int, device: torch.device):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adkit.core import console, distributed, files
+from adkit.core import console, distributed
 from adkit.core.components import Detector, upsample
 from adkit.core.datasets import CategorySplits
 from adkit.core.errors import AdkitError
@@ -130,8 +130,6 @@ def train_category(plan_: RunPlan, category: str, folder: Path, resume: bool = F
         log.info("%s: %s: %s", category, name, record["summary"])
         if distributed.is_main() and (record.get("trail") or "noise" in record):  # a check ran: say what it chose
             console.say(f"{category}: {name}: {record['summary']}")
-    if distributed.is_main() and detector.trainable:
-        files.write_history_csv(folder / "history.csv", result.history)
     skipped = train.skipped + val.skipped + test.skipped
     return CategoryRun(category, detector, splits, train, val, test, result.seconds, folder, skipped)
 
@@ -165,11 +163,13 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
                     "(see its score= parameter)")
     left_out = computed if computed is not None else left_out
     fit = fit_threshold(plan_.threshold, val.scores, val_source.labels, run_.category, left_out)
+    validation = validation_record(fit, val.scores, val_source.labels, left_out)
     labels = run_.test.labels.numpy()
     result: dict[str, Any] = {"category": run_.category, "n_test": int(labels.size),
                               "n_anomalous": int(labels.sum()),
                               "image_score": "detector" if pipeline.own_scores else scorer}
     result.update(decision_metrics(fit, test.scores, labels, [s.defect for s in run_.test.samples]))
+    decided = thresholds.decide(test.scores, fit.threshold)
     result.update(metrics.image_metrics(labels, test.scores.numpy()))
     masks = run_.test.masks[:, 0].numpy()
     if masks.any() and pixel_level:
@@ -181,9 +181,8 @@ def evaluate(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, spec: Pipeli
     result["train_s"] = run_.train_seconds
     result["approximations"] = pipeline.detector.all_approximations()
     result["skipped"] = [str(p) for p, _ in run_.skipped]
-    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level,
-                      validation_record(fit, val.scores, val_source.labels, left_out),
-                      thresholds.decide(test.scores, fit.threshold), left_out)
+    return Evaluation(result, test.scores, val.scores, pixel_maps, fit, val_source.labels, pixel_level, validation,
+                      decided, left_out)
 
 
 def left_out_scores(plan_: RunPlan, run_: CategoryRun, pipeline: Pipeline, normal_val: Tensor) -> Tensor | None:

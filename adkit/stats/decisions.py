@@ -87,13 +87,18 @@ def left_out_of(record: dict[str, Any] | None) -> torch.Tensor | None:
     return torch.tensor(stored, dtype=torch.float64) if stored else None
 
 
+def threshold_file(validation: dict[str, Any], pipeline: PipelineSpec, source: str) -> dict[str, Any]:
+    """threshold.json's content: the threshold fitted on validation data (a ``validation_record``), with the
+    post-processors and scorer it holds for and where it was fitted."""
+    return {**validation, "posts": pipeline.post_texts, "scorer": pipeline.scorer_text, "fitted_on": source}
+
+
 def record_threshold(checkpoint_dir: Path, validation: dict[str, Any], pipeline: PipelineSpec, source: str) -> None:
     """Write the threshold fitted on validation data (a ``validation_record``) beside the checkpoint, with the
     post-processors and scorer it holds for: ``predict`` and ``export`` read it after ``train``, ``test`` or ``run``
-    alike."""
+    alike (``run`` writes it with the category's other files: adkit.outputs.artifacts.write_category)."""
     if distributed.is_main():
-        files.write_json(checkpoint_dir / THRESHOLD_FILE, {**validation, "posts": pipeline.post_texts,
-                                                             "scorer": pipeline.scorer_text, "fitted_on": source})
+        files.write_json(checkpoint_dir / THRESHOLD_FILE, threshold_file(validation, pipeline, source))
 
 
 def threshold_record(checkpoint_dir: Path, pipeline: PipelineSpec) -> dict[str, Any] | None:

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adkit.core.checkpoints import load_checkpoint, restore
 from adkit.core.components import Backbone, Detector, DetectorContext, EnergyNetwork, Ensemble, Sampler
 from adkit.core.datasets import AnomalyDataset
 from adkit.core.plugins import Catalog, reset_catalog
 from adkit.data.loading import load_split
-from adkit.run.engine import TrainSettings, load_checkpoint, restore, seed_everything, train_detector
+from adkit.run.engine import TrainSettings, seed_everything, train_detector
 from adkit.testing.contract import ContractError, _catalog, _check_map, _expect
 from adkit.testing.exporters import check_exporter
 
