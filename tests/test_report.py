@@ -74,9 +74,9 @@ def test_a_trained_detectors_checkpoint_has_its_history_beside_it_up_to_that_ste
             return images[:, :1] * self.weight
 
     history = [{"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.25, "extra": 1.0}]
-    write_checkpoint(tmp_path / "checkpoint.pt", Tiny(), None, None, 20, 40, {"category": "x"}, history)
+    write_checkpoint(tmp_path / "checkpoint.pt", Tiny(), {}, None, None, 20, 40, {"category": "x"}, history)
     assert (tmp_path / "history.csv").read_text().splitlines() == ["step,loss,extra", "10,0.5,", "20,0.25,1.0"]
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["history"] == history and payload["step"] == 20 and payload["total_steps"] == 40
-    write_checkpoint(tmp_path / "fitted" / "checkpoint.pt", Tiny(), None, None, 0, 1, {}, None)  # a fitted one: none
+    write_checkpoint(tmp_path / "fitted" / "checkpoint.pt", Tiny(), {}, None, None, 0, 1, {}, None)  # a fitted one: none
     assert sorted(p.name for p in (tmp_path / "fitted").iterdir()) == ["checkpoint.pt"]

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from adkit.core.backbone import Backbone
-from adkit.core.components import Detection
 
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
 MAX_NOISE = 0.3
@@ -59,7 +58,7 @@ def cpu_has_bf16() -> bool:
     return bool(BF16_FLAGS & cpu_flags())
 
 
-Detect = Callable[[Tensor], Detection]  # a fitted detector's detect
+Detect = Callable[[Tensor], Any]  # a fitted detector's detect: images -> its Detection
 
 
 def _set(backbones: list[Backbone], precision: str, record: dict[str, Any] | None) -> None:

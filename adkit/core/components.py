@@ -21,9 +21,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from adkit.core import checkpoints
 from adkit.core.backbone import Backbone  # the backbone contract, imported from here as before
 from adkit.core.builder import ComponentBuilder
-from adkit.core.errors import AdkitError
 from adkit.core.exporting import Exportable, is_exporting
 
 
@@ -210,10 +210,8 @@ class Detector(nn.Module, Exportable, ABC):
 
     def backbone_identities(self) -> dict[str, dict[str, Any]]:
         """Per backbone: the spec it was built from and the digest of its weights, and the precision its forward
-        pass runs at with what the check measured (stored in checkpoints)."""
-        return {name: {"spec": b.spec, "sha256": b.digest(), "precision": b.precision,
-                       **({"precision_check": b.precision_check} if b.precision_check else {})}
-                for name, b in self.backbones().items()}
+        pass runs at with what the check measured (stored in checkpoints: adkit.core.checkpoints.identities)."""
+        return checkpoints.identities(self.backbones())
 
     def all_approximations(self) -> dict[str, Any]:
         """``approximations`` and, where a check chose it, the backbones' precision (``precision``)."""
@@ -227,30 +225,14 @@ class Detector(nn.Module, Exportable, ABC):
         return {**self.approximations(), "precision": check}
 
     def checkpoint_state(self) -> dict[str, Tensor]:
-        """The state dict without the frozen backbones' tensors, on the CPU."""
-        frozen = tuple(name + "." for name in self.backbones())
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(frozen)}
+        """The state dict without the frozen backbones' tensors, on the CPU (adkit.core.checkpoints.frozen_state)."""
+        return checkpoints.frozen_state(self, self.backbones())
 
     def load_checkpoint_state(self, state: dict[str, Tensor], identities: dict[str, dict[str, Any]],
                               where: str = "checkpoint") -> None:
         """Load ``checkpoint_state`` output after checking that this detector's backbones are the ones it was
-        fitted with (same weights digest); anything else missing or unexpected is an error."""
-        mine = self.backbone_identities()
-        for name, saved in identities.items():
-            current = mine.get(name)
-            if current is None or current["sha256"] != saved["sha256"]:
-                now = f"{current['spec']} (sha256 {current['sha256'][:12]})" if current else "no backbone"
-                raise AdkitError(f"{where} was fitted with backbone {saved['spec']} (sha256 {saved['sha256'][:12]}), "
-                                 f"but this run builds {now}: use the same weights (--backbone); a checkpoint "
-                                 "fitted before adkit fed EfficientNet-Lite its own input scale must be fitted again")
-        for name, backbone in self.backbones().items():  # the precision its check chose (float32 before adkit 0.4)
-            backbone.precision = identities.get(name, {}).get("precision", "fp32")
-            backbone.precision_check = identities.get(name, {}).get("precision_check")
-        frozen = tuple(name + "." for name in mine)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(frozen)]
-        if missing or unexpected:
-            raise AdkitError(f"{where} does not fit this detector: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        fitted with (adkit.core.checkpoints.load_state)."""
+        checkpoints.load_state(self, self.backbones(), state, identities, where)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a fitted buffer takes the saved shape (its size depends on the data, unknown before fit)

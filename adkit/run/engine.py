@@ -109,11 +109,11 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
                 detector.fit(_batches(mine, settings.batch_size, device))
             checked = images if held_out is None else held_out
             detector.calibrate(_batches(checked, settings.batch_size, device))
-            backbones = list(detector.backbones().values())
-            choose_backbone_precision(backbones, detector.detect, lambda: _batches(checked, settings.batch_size, device),
-                                      settings.precision, device)
+            backbones = detector.backbones()
+            choose_backbone_precision(list(backbones.values()), detector.detect,
+                                      lambda: _batches(checked, settings.batch_size, device), settings.precision, device)
         if distributed.is_main():
-            write_checkpoint(checkpoint, detector, None, None, 0, settings.steps, meta, None)
+            write_checkpoint(checkpoint, detector, backbones, None, None, 0, settings.steps, meta, None)
         distributed.barrier()
         return TrainResult(steps=0, seconds=time.perf_counter() - start)
 
@@ -122,12 +122,13 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
     if n == 0:
         raise AdkitError("no training images")
     optimizer, scheduler = detector.configure_optimizer(settings.steps)
+    backbones = detector.backbones()  # frozen ones: named in the checkpoints, never stored
     first_step, history = 0, []
     if checkpoint.exists():  # resumed: the detector and the optimizer as they were, before anything wraps them
         if not resume:
             raise AdkitError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
         payload = load_checkpoint(checkpoint)
-        restore(detector, payload, checkpoint)
+        restore(detector, payload, checkpoint, backbones)
         optimizer.load_state_dict(payload["optimizer"])
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
@@ -173,7 +174,8 @@ def train_detector(detector: Detector, images: Tensor, settings: TrainSettings, 
             if logged is None:
                 _finite_or_stop(losses, step, checkpoint)
             if distributed.is_main():  # with history.csv beside it, up to this step
-                write_checkpoint(checkpoint, detector, optimizer, scheduler, step + 1, settings.steps, meta, history)
+                write_checkpoint(checkpoint, detector, backbones, optimizer, scheduler, step + 1, settings.steps, meta,
+                                 history)
             distributed.barrier()
     distributed.broadcast_state(detector)
     return TrainResult(steps=settings.steps - first_step, seconds=time.perf_counter() - start, history=history)
