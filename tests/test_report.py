@@ -53,6 +53,8 @@ def test_write_files_writes_each_content_by_its_kind(tmp_path, umask_022):
     assert (out / "metrics.json").read_text() == json.dumps({"auroc": 0.5, "where": str(tmp_path)}, indent=2) + "\n"
     assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o644}
     assert not [p for p in out.rglob(".*")]  # no temporary left
+    files.write_json(tmp_path / "string.json", "text")  # write_json writes JSON whatever the value
+    assert (tmp_path / "string.json").read_text() == '"text"\n'
 
 
 def test_a_failing_content_leaves_what_came_before_it_whole_and_no_temporary(tmp_path):

@@ -138,8 +138,8 @@ def choose_backbone_precision(backbones: list[Backbone], detect: Detect, batches
 
 
 def precision_here(backbones: list[Backbone]) -> None:
-    """A restored detector's frozen ``backbones``: those were checked into bf16 runs float32 on a CPU without bf16 instructions
-    (bf16 there is emulated and slow); its record says so."""
+    """A restored detector's frozen ``backbones``: one that its check put in bf16 runs float32 on a CPU without bf16
+    instructions (bf16 there is emulated and slow), and its record says so."""
     for backbone in backbones:
         on_cpu = all(p.device.type == "cpu" for p in backbone.parameters())
         if backbone.precision == "bf16" and on_cpu and not cpu_has_bf16():

@@ -103,7 +103,11 @@ def encode(content: Any) -> bytes:
         writer.writeheader()
         writer.writerows(content.rows)
         return buffer.getvalue().encode()
-    return (json.dumps(content, indent=2, default=_jsonable) + "\n").encode()
+    return _json(content)
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, default=_jsonable) + "\n").encode()
 
 
 def write_files(folder: Path, contents: Mapping[str, Any]) -> None:
@@ -114,7 +118,7 @@ def write_files(folder: Path, contents: Mapping[str, Any]) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_bytes_atomic(path, encode(data))
+    write_bytes_atomic(path, _json(data))  # a string too is written as JSON here
 
 
 def _jsonable(value: Any) -> Any:
@@ -136,8 +140,6 @@ def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Non
 def scores_table(rows: list[dict[str, Any]]) -> Table:
     """scores.csv: one row per image: path, label (empty without labels), score, prediction (0/1)."""
     return Table(SCORE_COLUMNS, rows)
-
-
 
 
 def history_table(history: list[dict[str, float]]) -> Table:

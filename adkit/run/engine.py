@@ -23,7 +23,7 @@ from torch import Tensor
 
 from adkit.core import distributed, threads
 from adkit.core.bf16 import choose_backbone_precision
-from adkit.core.checkpoints import (  # noqa: F401 - load_checkpoint, restore: their home before adkit 0.4
+from adkit.core.checkpoints import (  # noqa: F401 - the checkpoint's names, importable from here as before 0.4
     CHECKPOINT_FORMAT,
     load_checkpoint,
     restore,
