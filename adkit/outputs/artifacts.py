@@ -33,9 +33,7 @@ def write_category(test: LoadedSplit, category: str, evaluation: Evaluation, fol
     threshold holds for, and where it was fitted) the threshold.json that predict reads beside a checkpoint in this
     folder (decisions.threshold_file), too."""
     rows = test_score_rows(test, evaluation.test_scores, evaluation.decisions)
-    contents = category_files(test, category, evaluation)
-    if threshold_for is not None and evaluation.validation is not None:
-        contents[THRESHOLD_FILE] = threshold_file(evaluation.validation, *threshold_for)
+    contents = category_files(test, category, evaluation, threshold_for)
     files.write_files(folder, {"scores.csv": files.scores_table(rows), **contents})
 
 
@@ -46,9 +44,10 @@ def write_scored(folder: Path, test: LoadedSplit, scores: torch.Tensor, decision
                                "metrics.json": result})
 
 
-def category_files(test: LoadedSplit, category: str, evaluation: Evaluation) -> dict[str, Any]:
-    """A category's pictures and records (its path in the folder -> content; see files.encode), the records last,
-    so that a folder with metrics.json holds the rest."""
+def category_files(test: LoadedSplit, category: str, evaluation: Evaluation,
+                   threshold_for: tuple[PipelineSpec, str] | None = None) -> dict[str, Any]:
+    """A category's pictures and records (its path in the folder -> content; see files.encode), metrics.json last,
+    so that a folder with metrics.json holds the rest (``threshold_for``: write_category's)."""
     maps = evaluation.pixel_maps
     contents = curve_files(test, category, evaluation)
     sampled = set(pages.round_robin([sample.defect for sample in test.samples], OVERLAY_SAMPLES))
@@ -62,6 +61,8 @@ def category_files(test: LoadedSplit, category: str, evaluation: Evaluation) -> 
             contents[f"overlays/{sample.defect}-{sample.path.stem}.png"] = report.png_bytes(panel)
     if evaluation.validation is not None:
         contents[VALIDATION_FILE] = evaluation.validation
+        if threshold_for is not None:
+            contents[THRESHOLD_FILE] = threshold_file(evaluation.validation, *threshold_for)
     contents["metrics.json"] = evaluation.metrics
     return contents
 
