@@ -18,28 +18,14 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from adkit.stats.covariance import spd_inverse
+from adkit.stats.covariance import lapack_function, spd_inverse
 from adkit.stats.moments import Moments, merge_into
 
 POSITIONS, FEATURES, ADDED, FITTED = 4096, 100, 51, 103
 
 
-def lapack(name: str):
-    from scipy.linalg import cython_lapack
-
-    api = ctypes.pythonapi
-    api.PyCapsule_GetName.restype = ctypes.c_char_p
-    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    integer = ctypes.POINTER(ctypes.c_int)
-    signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, integer, ctypes.c_void_p, integer, integer)
-    capsule = cython_lapack.__pyx_capi__[name]
-    return signature(api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)))
-
-
 def cholesky_inverse_one_thread(matrices: np.ndarray, prefix: str) -> float:
-    potrf, potri = lapack(f"{prefix}potrf"), lapack(f"{prefix}potri")
+    potrf, potri = lapack_function(f"{prefix}potrf"), lapack_function(f"{prefix}potri")
     a = matrices.copy()
     n, info = ctypes.c_int(a.shape[-1]), ctypes.c_int(0)
     started = time.perf_counter()

@@ -19,29 +19,30 @@ from torch import Tensor
 INVERSE_CHUNK = 256
 
 
+def lapack_function(name: str) -> Callable[..., None]:
+    """LAPACK routine ``name`` of the ``(char *uplo, int *n, T *a, int *lda, int *info)`` form (potrf, potri) as a
+    ctypes function, taken from scipy's Cython LAPACK (the function pointer its ``__pyx_capi__`` exports, as numba
+    takes them); ctypes releases the GIL for each call. Raises where scipy does not export it."""
+    from scipy.linalg import cython_lapack
+
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    integer = ctypes.POINTER(ctypes.c_int)
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, integer, ctypes.c_void_p, integer, integer)
+    capsule = cython_lapack.__pyx_capi__[name]
+    return signature(api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)))
+
+
 @functools.cache
 def _lapack_spd() -> tuple[Callable[..., None], Callable[..., None]] | None:
-    """LAPACK's dpotrf and dpotri (Cholesky factor, then the inverse from it) as ctypes functions, taken from
-    scipy's Cython LAPACK (the function pointers its ``__pyx_capi__`` exports, as numba takes them); ctypes
-    releases the GIL for each call, so threads factorise side by side, where scipy's Python wrappers hold it.
-    None where scipy does not export them: the callers fall back to numpy's LU inverse."""
+    """LAPACK's dpotrf and dpotri (Cholesky factor, then the inverse from it) as ctypes functions
+    (``lapack_function``), so threads factorise side by side, where scipy's Python wrappers hold the GIL. None
+    where scipy does not export them: the callers fall back to numpy's LU inverse."""
     try:
-        from scipy.linalg import cython_lapack
-
-        api = ctypes.pythonapi
-        api.PyCapsule_GetName.restype = ctypes.c_char_p
-        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        integer = ctypes.POINTER(ctypes.c_int)
-        # void (char *uplo, int *n, double *a, int *lda, int *info), both
-        signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, integer, ctypes.c_void_p, integer, integer)
-
-        def function(name: str) -> Callable[..., None]:
-            capsule = cython_lapack.__pyx_capi__[name]
-            return signature(api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule)))
-
-        return function("dpotrf"), function("dpotri")
+        return lapack_function("dpotrf"), lapack_function("dpotri")
     except Exception:  # noqa: BLE001 - any missing piece means: use the LU path
         return None
 
