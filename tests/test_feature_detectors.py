@@ -279,14 +279,27 @@ def test_patchcore_ivf_search_and_its_bad_parameters(tiny_catalog, tmp_path, mon
         fit(too_many, images(4, 0), tmp_path / "too-many")
     with pytest.raises(AdkitError, match="probes >= 1"):
         tiny_catalog["detector"].create("patchcore:search=ivf,probes=0")
-    # ef above the bank's size: every node is visited; recall=0: the graph is kept whatever its check measures
-    graph = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512,recall=0")
+    # ef above the bank's size: every node is visited; recall=0: the graph is kept whatever its check measures; a
+    # graph of float32 features then finds exact search's neighbours
+    spec = "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512,recall=0,graph=fp32"
+    graph = set_up(tiny_catalog, spec)
     checkpoint = fit(graph, images(4, 0), tmp_path / "hnsw")
     assert graph.hnsw_graph.numel() > 0
     with torch.inference_mode():
         c = graph.detect(test)
     torch.testing.assert_close(a.anomaly_map, c.anomaly_map)
-    restored = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,search=hnsw,ef=512,recall=0")
+    # float16 features (the default) may rank two nearly equidistant features the other way; the distances are
+    # the float32 bank's, so no patch comes out nearer than exact search's, and the image scores are exact's
+    half = set_up(tiny_catalog, spec.replace("graph=fp32", "graph=fp16"))
+    fit(half, images(4, 0), tmp_path / "hnsw-fp16")
+    with torch.inference_mode():
+        h = half.detect(test)
+    assert (h.anomaly_map >= a.anomaly_map - 1e-5).all()
+    torch.testing.assert_close(h.anomaly_map, a.anomaly_map, atol=1e-4, rtol=1e-2)
+    torch.testing.assert_close(h.image_scores, a.image_scores)
+    with pytest.raises(AdkitError, match="parameter 'graph' expects fp16|fp32, got 'int8'"):
+        tiny_catalog["detector"].create("patchcore:graph=int8")
+    restored = set_up(tiny_catalog, spec)
     restore(restored, checkpoint, "test")
     assert torch.equal(restored.hnsw_graph, graph.hnsw_graph)  # the graph travels in the checkpoint
     with torch.inference_mode():

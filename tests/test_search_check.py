@@ -33,9 +33,10 @@ def run(invoke, tmp_path, detector: str, category: str = "tile") -> dict:
 
 def test_the_check_makes_a_failing_graph_search_equal_exact_search(invoke, tmp_path, small_index):
     exact = run(invoke, tmp_path, "patchcore:search=exact")
-    # ef=1 is a greedy walk: here it misses the flat background's few bank features for most patches
-    unchecked = run(invoke, tmp_path, "patchcore:ef=1,recall=0")
-    checked = run(invoke, tmp_path, "patchcore:ef=1")
+    # ef=1 is a greedy walk: here it misses the flat background's few bank features for most patches (a float32
+    # graph: a float16 one's walk returns two candidates, which misses fewer)
+    unchecked = run(invoke, tmp_path, "patchcore:ef=1,recall=0,graph=fp32")
+    checked = run(invoke, tmp_path, "patchcore:ef=1,graph=fp32")
     default = run(invoke, tmp_path, "patchcore")
     assert exact["approximations"]["search"]["used"] == "exact"
     first = unchecked["approximations"]["search"]["trail"]
@@ -50,6 +51,8 @@ def test_the_check_makes_a_failing_graph_search_equal_exact_search(invoke, tmp_p
     assert abs(checked["image_auroc"] - exact["image_auroc"]) <= 0.005
     assert abs(default["image_auroc"] - exact["image_auroc"]) <= 0.005
     assert default["approximations"]["search"]["trail"], "the default search is checked"
+    assert default["approximations"]["search"]["graph"] == "float16 features in walk order"  # what it searched
+    assert default["approximations"]["search"]["summary"].endswith("; graph of float16 features in walk order")
 
 
 def test_the_check_falls_back_to_exact_search_and_the_checkpoint_says_so(tiny_catalog, tmp_path, monkeypatch):
@@ -170,8 +173,53 @@ def test_a_graph_extended_by_an_update_finds_every_feature_as_a_rebuilt_one_does
     assert torch.equal(extended, hnsw_build(bank, 16, first))  # deterministic
     index = hnsw_load(extended)
     assert index.ntotal == 3000
-    _, found_index = knn_hnsw(bank, index, 64)
+    _, found_index = knn_hnsw(bank, index, 64, bank)
     assert (found_index[:, 0] == torch.arange(3000)).float().mean() >= 0.999  # every feature, old and added
+
+
+@pytest.mark.parametrize("storage", ["fp16", "fp32"])
+def test_a_graph_stored_in_walk_order_returns_bank_rows_and_the_bank_s_own_distances(storage):
+    import faiss
+
+    from adkit_plugins.patchcore.search import hnsw_build, hnsw_load, knn_hnsw, walk_order
+
+    g = torch.Generator().manual_seed(4)
+    bank = torch.randn(3000, 16, generator=g)
+    index = hnsw_load(hnsw_build(bank, 16, storage=storage))
+    inner = faiss.downcast_index(index.index)
+    assert isinstance(inner, faiss.IndexHNSWSQ if storage == "fp16" else faiss.IndexHNSWFlat)
+    ids = faiss.vector_to_array(index.id_map)
+    assert sorted(ids.tolist()) == list(range(3000)) and not (ids == range(3000)).all()  # stored in walk order
+    assert sorted(walk_order(inner).tolist()) == list(range(3000))
+    _, itself = knn_hnsw(bank, index, 64, bank)
+    assert (itself[:, 0] == torch.arange(3000)).float().mean() >= 0.999  # the id map gives bank rows
+    queries = torch.randn(200, 16, generator=g)
+    distance, found = knn_hnsw(queries, index, 64, bank, k=5)
+    assert (distance[:, 1:] >= distance[:, :-1]).all()  # ascending, by the bank's own distances
+    torch.testing.assert_close(distance, (queries[:, None] - bank[found]).pow(2).sum(-1).sqrt(), rtol=0, atol=0)
+    exact = torch.cdist(queries.double(), bank.double()).min(1).values.float()
+    assert (distance[:, 0] >= exact * (1 - 1e-6)).all()  # never nearer than the nearest
+
+
+def test_a_graph_stored_before_the_id_map_searches_and_extends():
+    import faiss
+    import numpy as np
+
+    from adkit_plugins.patchcore.search import hnsw_build, hnsw_load, knn_hnsw
+
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(2500, 16, generator=g)
+    old = faiss.IndexHNSWFlat(16, 16)  # the graph as stored before the walk order: bank order, no id map
+    old.add(bank[:2000].numpy())
+    stored = torch.from_numpy(faiss.serialize_index(old).copy())
+    _, found = knn_hnsw(bank[:2000], hnsw_load(stored), 64, bank[:2000])
+    assert (found[:, 0] == torch.arange(2000)).float().mean() >= 0.999
+    extended = hnsw_load(hnsw_build(bank, 16, stored))
+    assert isinstance(extended, faiss.IndexIDMap) and extended.ntotal == 2500
+    assert isinstance(faiss.downcast_index(extended.index), faiss.IndexHNSWFlat)  # the stored graph's kind is kept
+    assert np.array_equal(np.sort(faiss.vector_to_array(extended.id_map)), np.arange(2500))
+    _, found = knn_hnsw(bank, extended, 64, bank)
+    assert (found[:, 0] == torch.arange(2500)).float().mean() >= 0.999
 
 
 @pytest.mark.parametrize("spec", ["", ",score=max"])

@@ -80,7 +80,7 @@ class PatchCore(IndexedBank, Detector):
                  score: Literal["reweighted", "max"] = "reweighted",
                  search: Literal["exact", "projected", "ivf", "hnsw"] = "hnsw", search_dim: int = 32,
                  candidates: int = 10, cells: int = 0, probes: int = 8, links: int = 16, ef: int = 32,
-                 recall: float = 0.999, seed: int = 0):
+                 graph: Literal["fp16", "fp32"] = "fp16", recall: float = 0.999, seed: int = 0):
         super().__init__()
         self.layers = check_layers(layers, "patchcore")
         if dim < len(self.layers):
@@ -99,6 +99,7 @@ class PatchCore(IndexedBank, Detector):
             raise ValueError(f"patchcore recall is the recall@1 an approximate search must show, in [0, 1] (0: not "
                              f"enforced), got {recall}")
         self.cells, self.probes, self.links, self.ef, self.recall = cells, probes, links, ef, recall
+        self.graph = graph  # the HNSW graph's stored copy of the bank (search.GRAPH_STORAGE)
         self._graph: tuple[int, object] | None = None  # the deserialised HNSW index, for the graph it came from
         # greedy coreset on random partitions of this many features (0: exact greedy over all; coreset.py)
         self.partition = partition

@@ -14,6 +14,7 @@ from adkit.plugin import AdkitError, derived_seed, is_exporting
 from adkit_plugins.patchcore import check
 from adkit_plugins.patchcore.check import CHECK_QUERIES, EFFORT, EFFORT_DOUBLINGS
 from adkit_plugins.patchcore.search import (
+    graph_kind,
     hnsw_build,
     hnsw_load,
     ivf_index,
@@ -42,7 +43,8 @@ EXACT_TOP = 8
 class IndexedBank:
     """What PatchCore does with its bank once it is chosen: index it, search it, check the search. A mixin of
     PatchCore (its buffers: memory_bank, bank_origin, bank_projected, search_projection, ivf_*, hnsw_graph,
-    search_effort, search_trail, check_*; its parameters: search, ef, probes, candidates, cells, links, recall, seed,
+    search_effort, search_trail, check_*; its parameters: search, ef, probes, candidates, cells, links, graph, recall,
+    seed,
     dim)."""
 
     def _index(self, bank: Tensor, extends: int = 0, origin: Tensor | None = None) -> None:
@@ -65,7 +67,8 @@ class IndexedBank:
         self.bank_origin = origin.to(device) if known else torch.zeros(0, dtype=torch.long, device=device)
         self.bank_projected = (bank @ self.search_projection).contiguous()
         if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
-            self.hnsw_graph = hnsw_build(self.memory_bank, self.links, graph if extend else None).to(device)
+            self.hnsw_graph = hnsw_build(self.memory_bank, self.links, graph if extend else None,
+                                         self.graph).to(device)
         indexed = self.hnsw_graph.numel() > 0 or self.ivf_centroids.shape[0] > 0 or self.search == "projected"
         self._set_effort(getattr(self, EFFORT[self.search]) if indexed else 0)
         self.search_trail = torch.zeros(0, 5, dtype=torch.float64, device=device)
@@ -142,6 +145,9 @@ class IndexedBank:
         if self.effort and self.search in ("hnsw", "ivf") and is_exporting():  # the graph and cells are eager-only
             record["used"] = "exact"
             record["summary"] = f"exact search in the exported graph (the checkpoint's: {record['summary']})"
+        elif self.effort and self.hnsw_graph.numel():
+            record["graph"] = graph_kind(self._hnsw())
+            record["summary"] += f"; graph of {record['graph']}"
         return {"search": record}
 
     def ivf_cells(self, bank: int) -> int:
@@ -165,7 +171,7 @@ class IndexedBank:
         The graph and the cells are eager-only: an exported graph searches exactly."""
         eager = k == 1 and not (is_exporting() or tracing())
         if effort and eager and self.hnsw_graph.numel():
-            return knn_hnsw(patches, self._hnsw(), effort)
+            return knn_hnsw(patches, self._hnsw(), effort, self.memory_bank)
         if effort and eager and self.ivf_centroids.shape[0]:
             return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, effort)
         if effort and self.search == "projected":
@@ -180,7 +186,7 @@ class IndexedBank:
         bank_parts = self.bank_origin // group
         k = min(LEAVE_OUT_CANDIDATES, self.memory_bank.shape[0])
         if self.effort and self.hnsw_graph.numel():
-            distance, index = knn_hnsw(patches, self._hnsw(), self.effort, k)
+            distance, index = knn_hnsw(patches, self._hnsw(), self.effort, self.memory_bank, k)
         else:
             distance, index = knn(patches, self.memory_bank, k)
         own = (index < 0) | (bank_parts[index.clamp_min(0)] == parts[:, None])

@@ -171,39 +171,130 @@ def _faiss() -> Any:
     return faiss
 
 
-def hnsw_build(bank: Tensor, links: int, graph: Tensor | None = None) -> Tensor:
-    """The HNSW graph of ``bank`` (K, d) with ``links`` neighbours a node, serialised to a uint8 tensor (what a
-    checkpoint stores). Built with one thread: the same bank gives the same graph. Given ``graph``, the serialised
-    graph of the bank's first rows, those keep their links and the rest are inserted into it, as HNSW builds (an
-    update's added features: a graph of the same kind at a fraction of a rebuild's cost)."""
+# the graph's stored copy of the bank: "fp16" halves the memory a walk reads, which bounds its speed on a CPU
+# (docs/benchmarks.md, "PatchCore's graph in half precision"); the distances a search returns are computed again
+# from the float32 bank
+GRAPH_STORAGE = ("fp16", "fp32")
+# a graph of rounded features may rank two nearly equidistant bank features the wrong way round (the synthetic
+# grid's repeated patches: recall@1 0.9994 at every effort): its walk returns this many, re-ranked by the bank's
+# own distances, which gives the float32 graph's recall
+ROUNDED_CANDIDATES = 2
+
+
+def hnsw_build(bank: Tensor, links: int, graph: Tensor | None = None, storage: str = "fp16") -> Tensor:
+    """The HNSW graph of ``bank`` (K, d) with ``links`` neighbours a node, its features stored in ``storage``
+    (GRAPH_STORAGE), serialised to a uint8 tensor (what a checkpoint stores). Built with one thread: the same bank
+    gives the same graph. Given ``graph``, the serialised graph of the bank's first rows (of whatever storage), those
+    keep their links and the rest are inserted into it, as HNSW builds (an update's added features: a graph of the
+    same kind at a fraction of a rebuild's cost). The nodes are stored in the order of a breadth-first walk of the
+    graph (``walk_order``), so that a search reads neighbours that lie near each other in memory; an id map gives
+    each node's bank row, which a search returns."""
     faiss = _faiss()
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
         if graph is None:
-            index = faiss.IndexHNSWFlat(bank.shape[1], links)
-            index.hnsw.efConstruction = max(BUILD_EFFORT, 2 * links)
+            if storage not in GRAPH_STORAGE:
+                raise ValueError(f"patchcore graph storage is one of {', '.join(GRAPH_STORAGE)}, got {storage!r}")
+            inner = faiss.IndexHNSWFlat(bank.shape[1], links) if storage == "fp32" else \
+                faiss.IndexHNSWSQ(bank.shape[1], faiss.ScalarQuantizer.QT_fp16, links)
+            inner.hnsw.efConstruction = max(BUILD_EFFORT, 2 * links)
+            index = faiss.IndexIDMap(inner)
         else:
             index = hnsw_load(graph)
-        index.add(np.ascontiguousarray(bank[index.ntotal:].detach().float().cpu().numpy()))
+            if not isinstance(index, faiss.IndexIDMap):  # a graph stored before the walk order: nodes in bank order
+                index = _mapped_in_bank_order(index)
+        first = index.ntotal
+        added = np.ascontiguousarray(bank[first:].detach().float().cpu().numpy())
+        hnsw = faiss.downcast_index(index.index)
+        if not hnsw.is_trained:
+            hnsw.train(added)  # float16 storage learns nothing from the data
+        index.add_with_ids(added, np.arange(first, bank.shape[0], dtype=np.int64))
+        order = walk_order(hnsw)
+        hnsw.permute_entries(order)
+        faiss.copy_array_to_vector(faiss.vector_to_array(index.id_map)[order], index.id_map)
     finally:
         faiss.omp_set_num_threads(threads)
     return torch.from_numpy(faiss.serialize_index(index).copy())
+
+
+def _mapped_in_bank_order(hnsw: Any) -> Any:
+    """An id map over a filled HNSW index whose node i is bank row i (faiss wraps only an empty index: the nodes
+    are set aside while it does)."""
+    faiss = _faiss()
+    count = hnsw.ntotal
+    hnsw.ntotal = 0
+    index = faiss.IndexIDMap(hnsw)
+    hnsw.ntotal = index.ntotal = count
+    faiss.copy_array_to_vector(np.arange(count, dtype=np.int64), index.id_map)
+    return index
+
+
+def walk_order(hnsw: Any) -> np.ndarray:
+    """The nodes of a faiss HNSW index in the order a breadth-first walk of its bottom layer visits them from the
+    entry point (then from each node not reached yet, in order): deterministic for a given graph."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    faiss = _faiss()
+    graph = hnsw.hnsw
+    n = hnsw.ntotal
+    bottom = faiss.vector_to_array(graph.cum_nneighbor_per_level).astype(np.int64)[:2]
+    starts = faiss.vector_to_array(graph.offsets).astype(np.int64)[:n] + bottom[0]
+    links = faiss.vector_to_array(graph.neighbors)[starts[:, None] + np.arange(bottom[1] - bottom[0])]
+    rows, present = np.repeat(np.arange(n), links.shape[1]), links.reshape(-1) >= 0
+    adjacency = csr_matrix((np.ones(int(present.sum()), dtype=np.int8), (rows[present], links.reshape(-1)[present])),
+                           shape=(n, n))
+    seen = np.zeros(n, dtype=bool)
+    parts = []
+    for start in [int(graph.entry_point) if n else 0] + list(range(n)):
+        if n == 0 or seen[start]:
+            continue
+        part = breadth_first_order(adjacency, start, directed=True, return_predecessors=False)
+        part = part[~seen[part]]
+        seen[part] = True
+        parts.append(part)
+        if seen.all():
+            break
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def graph_kind(index: Any) -> str:
+    """What a loaded graph stores and in which order, for the search's record: e.g. "float16 features in walk
+    order"."""
+    faiss = _faiss()
+    mapped = isinstance(index, faiss.IndexIDMap)
+    hnsw = faiss.downcast_index(index.index) if mapped else index
+    features = "float32" if isinstance(hnsw, faiss.IndexHNSWFlat) else "float16"
+    return f"{features} features in {'walk' if mapped else 'bank'} order"
 
 
 def hnsw_load(graph: Tensor) -> Any:
     return _faiss().deserialize_index(graph.cpu().numpy())
 
 
-def knn_hnsw(queries: Tensor, index: Any, ef: int, k: int = 1) -> tuple[Tensor, Tensor]:
+def knn_hnsw(queries: Tensor, index: Any, ef: int, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest bank features of every query along the graph (at effort max(ef, k)): distances (M, k)
-    ascending and bank indices (M, k), -1 where the graph found fewer."""
+    ascending and bank indices (M, k), -1 (at an infinite distance) where the graph found fewer. The distances are
+    computed from ``bank`` (K, d) itself, as |q - b| in float32: the graph's stored copy may be rounded (a rounded
+    graph's walk returns at least ROUNDED_CANDIDATES, re-ranked so)."""
     faiss = _faiss()
     faiss.omp_set_num_threads(torch.get_num_threads())
-    index.hnsw.efSearch = max(ef, k)
-    squared, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
-    distance = torch.from_numpy(squared).clamp_min_(0).sqrt().to(queries.device)
-    return distance, torch.from_numpy(found).long().to(queries.device)
+    hnsw = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    fetched = k if isinstance(hnsw, faiss.IndexHNSWFlat) else max(k, ROUNDED_CANDIDATES)
+    hnsw.hnsw.efSearch = max(ef, fetched)
+    _, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), fetched)
+    found = torch.from_numpy(found).long().to(queries.device)
+    distance = torch.empty(found.shape, device=queries.device)
+    rows = max(1, BLOCK_ELEMENTS // max(1, k * bank.shape[1]))
+    for start in range(0, found.shape[0], rows):
+        near = bank[found[start:start + rows].clamp_min(0)].float()
+        distance[start:start + rows] = (queries[start:start + rows, None, :].float() - near).pow(2).sum(-1).sqrt()
+    distance.masked_fill_(found < 0, float("inf"))
+    if fetched > 1:
+        distance, order = distance.sort(dim=1, stable=True)
+        found = found.gather(1, order)
+    return distance[:, :k], found[:, :k]
 
 
 # Recall of an approximate search against exact search. Distances are recomputed directly as |q - b| for the
