@@ -232,31 +232,25 @@ def _mapped_in_bank_order(hnsw: Any) -> Any:
 
 def walk_order(hnsw: Any) -> np.ndarray:
     """The nodes of a faiss HNSW index in the order a breadth-first walk of its bottom layer visits them from the
-    entry point (then from each node not reached yet, in order): deterministic for a given graph."""
+    entry point, then any node the walk did not reach, in index order: deterministic for a given graph."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import breadth_first_order
 
     faiss = _faiss()
     graph = hnsw.hnsw
     n = hnsw.ntotal
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
     bottom = faiss.vector_to_array(graph.cum_nneighbor_per_level).astype(np.int64)[:2]
     starts = faiss.vector_to_array(graph.offsets).astype(np.int64)[:n] + bottom[0]
     links = faiss.vector_to_array(graph.neighbors)[starts[:, None] + np.arange(bottom[1] - bottom[0])]
     rows, present = np.repeat(np.arange(n), links.shape[1]), links.reshape(-1) >= 0
     adjacency = csr_matrix((np.ones(int(present.sum()), dtype=np.int8), (rows[present], links.reshape(-1)[present])),
                            shape=(n, n))
-    seen = np.zeros(n, dtype=bool)
-    parts = []
-    for start in [int(graph.entry_point) if n else 0] + list(range(n)):
-        if n == 0 or seen[start]:
-            continue
-        part = breadth_first_order(adjacency, start, directed=True, return_predecessors=False)
-        part = part[~seen[part]]
-        seen[part] = True
-        parts.append(part)
-        if seen.all():
-            break
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    walked = breadth_first_order(adjacency, int(graph.entry_point), directed=True, return_predecessors=False)
+    unreached = np.ones(n, dtype=bool)
+    unreached[walked] = False
+    return np.concatenate([walked, np.flatnonzero(unreached)]).astype(np.int64)
 
 
 def graph_kind(index: Any) -> str:
@@ -286,7 +280,7 @@ def knn_hnsw(queries: Tensor, index: Any, ef: int, bank: Tensor, k: int = 1) -> 
     _, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), fetched)
     found = torch.from_numpy(found).long().to(queries.device)
     distance = torch.empty(found.shape, device=queries.device)
-    rows = max(1, BLOCK_ELEMENTS // max(1, k * bank.shape[1]))
+    rows = max(1, BLOCK_ELEMENTS // max(1, fetched * bank.shape[1]))
     for start in range(0, found.shape[0], rows):
         near = bank[found[start:start + rows].clamp_min(0)].float()
         distance[start:start + rows] = (queries[start:start + rows, None, :].float() - near).pow(2).sum(-1).sqrt()
