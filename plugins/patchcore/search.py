@@ -206,7 +206,7 @@ def hnsw_build(bank: Tensor, links: int, graph: Tensor | None = None, storage: s
                 index = _mapped_in_bank_order(index)
         first = index.ntotal
         added = np.ascontiguousarray(bank[first:].detach().float().cpu().numpy())
-        hnsw = faiss.downcast_index(index.index)
+        hnsw = _walked(index)
         if not hnsw.is_trained:
             hnsw.train(added)  # float16 storage learns nothing from the data
         index.add_with_ids(added, np.arange(first, bank.shape[0], dtype=np.int64))
@@ -257,10 +257,15 @@ def graph_kind(index: Any) -> str:
     """What a loaded graph stores and in which order, for the search's record: e.g. "float16 features in walk
     order"."""
     faiss = _faiss()
-    mapped = isinstance(index, faiss.IndexIDMap)
-    hnsw = faiss.downcast_index(index.index) if mapped else index
-    features = "float32" if isinstance(hnsw, faiss.IndexHNSWFlat) else "float16"
-    return f"{features} features in {'walk' if mapped else 'bank'} order"
+    features = "float32" if isinstance(_walked(index), faiss.IndexHNSWFlat) else "float16"
+    return f"{features} features in {'walk' if isinstance(index, faiss.IndexIDMap) else 'bank'} order"
+
+
+def _walked(index: Any) -> Any:
+    """The HNSW index a loaded graph walks: the one behind its id map (a graph stored before the walk order has
+    none)."""
+    faiss = _faiss()
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
 def hnsw_load(graph: Tensor) -> Any:
@@ -274,7 +279,7 @@ def knn_hnsw(queries: Tensor, index: Any, ef: int, bank: Tensor, k: int = 1) -> 
     graph's walk returns at least ROUNDED_CANDIDATES, re-ranked so)."""
     faiss = _faiss()
     faiss.omp_set_num_threads(torch.get_num_threads())
-    hnsw = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    hnsw = _walked(index)
     fetched = k if isinstance(hnsw, faiss.IndexHNSWFlat) else max(k, ROUNDED_CANDIDATES)
     hnsw.hnsw.efSearch = max(ef, fetched)
     _, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), fetched)
