@@ -5,6 +5,7 @@ mostly one flat background, whose few bank features a greedy graph walk does not
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -290,3 +291,59 @@ def test_a_raised_effort_is_tried_halfway_back_and_the_chosen_one_ends_the_trail
     trail, effort, passed = measure(search, held_out, nearest, bank, 32, 512, 0.999, lambda e: False)
     assert passed and effort == chosen
     assert [int(row[0]) for row in trail] == efforts
+
+
+def test_allowed_misses_is_the_most_a_passing_recall_has():
+    from adkit_plugins.patchcore.check import allowed_misses, lower_bound
+
+    for n in (1, 50, 2995, 3000, 10000, 60000):
+        def passes(recall, n=n):
+            return lower_bound(recall, n) >= 0.999
+
+        brute = max([m for m in range(0, min(n, 80) + 1) if passes((n - m) / n)], default=-1)
+        assert allowed_misses(n, passes) == brute
+    assert allowed_misses(10000, lambda recall: recall >= 0.999) == 10  # 9,990 of 10,000 found: exactly 0.999
+
+
+@pytest.mark.parametrize("beyond", [0, 1])
+def test_a_failing_effort_stops_at_the_first_block_that_fails_it_with_the_same_decision(monkeypatch, beyond):
+    from adkit_plugins.patchcore import check
+
+    monkeypatch.setattr(check, "CHECK_BLOCK", 1000)
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 4, generator=g)
+    held_out = bank.repeat(20, 1) + 0.001 * torch.randn(6000, 4, generator=g)  # 6,000 patches
+    nearest = knn(held_out, bank, 1)[1][:, 0]
+    allowed = check.allowed_misses(6000, lambda recall: check.lower_bound(recall, 6000) >= 0.999)
+    missed = allowed + beyond  # the most that pass, or one more
+    asked = []
+
+    def search(queries, effort):  # at effort 32, the first ``missed`` held-out patches find a neighbour one off
+        asked.append((effort, queries.shape[0]))
+        index = knn(queries, bank, 1)[1][:, 0]
+        if effort == 32 and len(asked) == 1:
+            index[:missed] = (index[:missed] + 1) % bank.shape[0]
+        return index
+
+    trail, effort, passed = check.measure(search, held_out, nearest, bank, 32, 512, 0.999, lambda e: False)
+    assert passed
+    if missed <= allowed:  # passes at 32: every held-out block, then the bank, searched
+        assert effort == 32 and [int(r[3]) for r in trail] == [6000] and int(trail[0][4]) == 300
+    else:  # fails at the first block, no other searched; 64 passes, then 48 halfway back
+        assert [int(r[0]) for r in trail] == [32, 64, 48] and effort == 48
+        assert int(trail[0][3]) == 1000 and int(trail[0][4]) == 0 and math.isnan(trail[0][2])
+        assert asked[:2] == [(32, 1000), (64, 1000)]
+        record = check.describe("hnsw", 32, effort, [list(r) for r in trail], 300, 0.999, 4096)
+        stopped = record["trail"][0]
+        assert stopped["held_out_patches"] == 1000 and stopped["recall_bank"] is None
+        assert stopped["recall_held_out"] == pytest.approx(1 - missed / 1000)
+
+
+def test_a_check_that_falls_back_after_stopped_tries_says_what_it_searched():
+    from adkit_plugins.patchcore import check
+
+    rows = [[32, 0.98, float("nan"), 8192, 0], [64, 0.99, float("nan"), 8192, 0]]
+    record = check.describe("hnsw", 32, 0, rows, 20000, 0.999, 4096)
+    assert record["used"] == "exact" and record["recall_bank"] is None
+    assert "on 8,192 held-out patches, the bank not searched" in record["summary"]
+    json.dumps(record, allow_nan=False)  # no NaN reaches metrics.json or /v1/models

@@ -15,6 +15,8 @@ from adkit_plugins.patchcore.search import direct_distances, found, knn
 
 # at most this many held-out patches (whole images, in order) and bank features as queries
 CHECK_QUERIES = 65536
+# queries searched at a time by the check: an effort stops at the first block after which its misses fail it
+CHECK_BLOCK = 8192
 # the search effort is doubled at most this many times before the check falls back to exact search
 EFFORT_DOUBLINGS = 4
 # what each approximate search's effort is called (its parameter)
@@ -25,11 +27,6 @@ KEY_SEED = 20261205  # row_keys' hash weights
 def lower_bound(recall: float, n: int) -> float:
     """The one-sided lower CONFIDENCE bound of a recall measured on ``n`` queries (Clopper-Pearson)."""
     return 1 - clopper_pearson_upper(round((1 - recall) * n), int(n), CONFIDENCE) if n else 0.0
-
-
-def recall_bound(hits: Tensor) -> float:
-    """``lower_bound`` of the share of true values in ``hits`` (M,) bool."""
-    return lower_bound(float(hits.double().mean()), hits.numel()) if hits.numel() else 0.0
 
 
 def row_keys(rows: Tensor) -> Tensor:
@@ -65,6 +62,19 @@ def exact_nearest(queries: Tensor, bank: Tensor, keys: Tensor, cached_keys: Tens
     return nearest
 
 
+def allowed_misses(n: int, passes: Callable[[float], bool]) -> int:
+    """The most misses among ``n`` queries whose recall, ``(n - misses) / n``, still ``passes`` (fewer misses
+    never fail); -1 when none passes."""
+    low, high = -1, n + 1  # passes with ``low`` misses (or none does), fails with ``high``
+    while high - low > 1:
+        middle = (low + high) // 2
+        if passes((n - middle) / n):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, nearest_held: Tensor, bank: Tensor,
             effort: int, ceiling: int, target: float,
             exact_at: Callable[[int], bool]) -> tuple[list[tuple[float, ...]], int, bool]:
@@ -72,20 +82,47 @@ def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, nearest_h
     the bank's own features with ``search(queries, effort)`` (the index of each query's nearest bank feature) from
     ``effort`` up, doubling it to ``ceiling``, until the held-out recall's lower 95 % bound and the bank's recall
     (its bound when the bank is sampled) reach ``target``; an effort raised so is then tried halfway back to the
-    last that missed, and kept if it reaches the target too. Returns the trail (one row per effort: effort,
-    held-out recall, bank recall, held-out queries, bank queries; the effort chosen last), the effort chosen and
+    last that missed, and kept if it reaches the target too. The queries are searched CHECK_BLOCK at a time, and an
+    effort whose misses already fail it stops there (its row counts the queries searched; the decision is the
+    one all of them would give). Returns the trail (one row per effort: effort, held-out recall, bank recall
+    (NaN where not reached), held-out queries, bank queries; the effort chosen last), the effort chosen and
     whether it passed."""
     step = max(1, -(-bank.shape[0] // CHECK_QUERIES))
     own = torch.arange(0, bank.shape[0], step, device=bank.device)  # each bank feature is its own nearest
+    # held-out patches sample what test images will ask; the bank is searched whole up to CHECK_QUERIES features
+    # (its recall is then exact), else as a sample too
+    def held_passes(recall: float) -> bool:
+        return lower_bound(recall, held_out.shape[0]) >= target
+
+    def bank_passes(recall: float) -> bool:
+        return (recall if step == 1 else lower_bound(recall, own.numel())) >= target
+
+    def misses(queries: Tensor, nearest: Tensor, effort: int, allowed: int) -> tuple[int, int]:
+        """(misses, queries searched) of ``search`` at ``effort``, stopped once the misses exceed ``allowed``."""
+        missed = searched = 0
+        for start in range(0, queries.shape[0], CHECK_BLOCK):
+            block = slice(start, start + CHECK_BLOCK)
+            missed += int((~found(queries[block], bank, search(queries[block], effort), nearest[block])).sum())
+            searched = min(queries.shape[0], start + CHECK_BLOCK)
+            if missed > allowed:
+                break
+        return missed, searched
 
     def tried(effort: int) -> tuple[tuple[float, ...], bool]:
-        held = found(held_out, bank, search(held_out, effort), nearest_held)
-        itself = found(bank[own], bank, search(bank[own], effort), own)
-        # held-out patches sample what test images will ask; the bank is searched whole up to CHECK_QUERIES
-        # features (its recall is then exact), else as a sample too
-        on_bank = float(itself.double().mean()) if step == 1 else recall_bound(itself)
-        row = (effort, float(held.double().mean()), float(itself.double().mean()), held.numel(), itself.numel())
-        return row, exact_at(effort) or (recall_bound(held) >= target and on_bank >= target)
+        exact = exact_at(effort)  # passes whatever it finds: searched whole, for the record
+        n_held, n_own = held_out.shape[0], own.numel()
+        held_missed, held_searched = misses(held_out, nearest_held, effort,
+                                            n_held if exact else allowed_misses(n_held, held_passes))
+        held_ok = exact or (held_searched == n_held and n_held > 0 and held_passes((n_held - held_missed) / n_held))
+        own_missed = own_searched = 0
+        if held_ok or exact:
+            own_missed, own_searched = misses(bank[own], own, effort,
+                                              n_own if exact else allowed_misses(n_own, bank_passes))
+        own_ok = exact or (own_searched == n_own and n_own > 0 and bank_passes((n_own - own_missed) / n_own))
+        row = (effort, (held_searched - held_missed) / held_searched if held_searched else float("nan"),
+               (own_searched - own_missed) / own_searched if own_searched else float("nan"),
+               held_searched, own_searched)
+        return row, held_ok and own_ok
 
     trail: list[tuple[float, ...]] = []
     passed = False
@@ -112,11 +149,15 @@ def describe(search: str, asked_effort: int | None, effort: int, rows: list[list
     ``rows`` (measure's), for a bank of ``bank`` features."""
     name = EFFORT.get(search)
     asked = search if name is None else f"{search} {name}={asked_effort}"
-    trail = [{name: int(tried), "recall_held_out": round(held, 6), "recall_bank": round(own, 6),
+    def rounded(value: float, n: float) -> float | None:  # None: no query searched
+        return round(value, 6) if n else None
+
+    # a try stopped once its held-out misses failed it searched no bank feature (measure)
+    trail = [{name: int(tried), "recall_held_out": rounded(held, n_held), "recall_bank": rounded(own, n_own),
               "held_out_patches": int(n_held), "bank_queries": int(n_own),
-              "recall_held_out_lower95": round(lower_bound(held, n_held), 6),
+              "recall_held_out_lower95": rounded(lower_bound(held, n_held), n_held),
               # a bank searched whole has its recall measured, not estimated
-              "recall_bank_lower95": round(own if n_own >= bank else lower_bound(own, n_own), 6)}
+              "recall_bank_lower95": rounded(own if n_own >= bank else lower_bound(own, n_own), n_own)}
              for tried, held, own, n_held, n_own in rows] if name else []
     used = "exact" if not effort else f"{search} {name}={effort}"
     record: dict[str, Any] = {"asked": asked, "used": used, "target_recall": target, "trail": trail}
@@ -129,8 +170,10 @@ def describe(search: str, asked_effort: int | None, effort: int, rows: list[list
         record["summary"] = f"{used}, recall not measured (fitted before adkit 0.4: fit again to check it)"
     else:
         last = trail[-1]
-        measured = (f"recall@1 {last['recall_held_out']:.4f} (>= {last['recall_held_out_lower95']:.4f} at 95 %) "
-                    f"on {last['held_out_patches']:,} held-out patches, {last['recall_bank']:.4f} on the bank")
+        on_bank = "the bank not searched" if last["recall_bank"] is None else f"{last['recall_bank']:.4f} on the bank"
+        measured = ("no held-out patch searched" if last["recall_held_out"] is None else
+                    f"recall@1 {last['recall_held_out']:.4f} (>= {last['recall_held_out_lower95']:.4f} at 95 %) "
+                    f"on {last['held_out_patches']:,} held-out patches") + f", {on_bank}"
         if not effort:
             record["summary"] = (f"exact search: {search} up to {name}={last[name]} reached only {measured} "
                                  f"(target {target})")
