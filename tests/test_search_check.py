@@ -300,7 +300,7 @@ def test_allowed_misses_is_the_most_a_passing_recall_has():
         def passes(recall, n=n):
             return lower_bound(recall, n) >= 0.999
 
-        brute = max([m for m in range(0, min(n, 80) + 1) if passes((n - m) / n)], default=-1)
+        brute = max([m for m in range(min(n, 80) + 1) if passes((n - m) / n)], default=-1)
         assert allowed_misses(n, passes) == brute
     assert allowed_misses(10000, lambda recall: recall >= 0.999) == 10  # 9,990 of 10,000 found: exactly 0.999
 
@@ -347,3 +347,28 @@ def test_a_check_that_falls_back_after_stopped_tries_says_what_it_searched():
     assert record["used"] == "exact" and record["recall_bank"] is None
     assert "on 8,192 held-out patches, the bank not searched" in record["summary"]
     json.dumps(record, allow_nan=False)  # no NaN reaches metrics.json or /v1/models
+
+
+@pytest.mark.parametrize(("missed", "passes"), [(3, True), (5, False)])
+def test_a_bank_above_the_check_size_is_sampled_evenly_and_its_recall_bounded(monkeypatch, missed, passes):
+    from adkit_plugins.patchcore import check
+
+    monkeypatch.setattr(check, "CHECK_BANK_QUERIES", 100)
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 4, generator=g)
+    held_out = bank.repeat(10, 1) + 0.001 * torch.randn(3000, 4, generator=g)
+    nearest = knn(held_out, bank, 1)[1][:, 0]
+    sampled = []
+
+    def search(queries, effort):  # the held-out patches all found; ``missed`` of the bank's sample find a neighbour
+        index = knn(queries, bank, 1)[1][:, 0]
+        if queries.shape[0] == 100:  # the bank's sample: every third feature
+            sampled.append(index.clone())
+            index[:missed] = (index[:missed] + 1) % bank.shape[0]
+        return index
+
+    # measured on the whole bank, 5 misses of 300 would pass 0.9; of a sample of 100 its lower bound is 0.898
+    trail, _, passed = check.measure(search, held_out, nearest, bank, 32, 32, 0.9, lambda e: False)
+    assert passed is passes and int(trail[0][4]) == 100
+    assert torch.equal(sampled[0], torch.arange(0, 300, 3))
+    assert trail[0][2] == pytest.approx(1 - missed / 100)
