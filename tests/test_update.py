@@ -224,3 +224,32 @@ def test_the_greedy_continued_from_upper_bounds_chooses_what_the_distances_choos
     assert sum(searched) < 2 * 3000  # two selections, each searching well under all 3,000 patches
     assert torch.equal(greedy_coreset(new, 50, torch.Generator(), distances),
                        greedy_coreset(new, 50, torch.Generator(), bounds, exact))
+
+
+def test_patchcore_update_bounds_hold_the_distances_and_tighten_with_more_candidates(tiny_catalog, tmp_path,
+                                                                                     monkeypatch):
+    """The bounds an update's greedy starts from: the least projected distance among the graph's BOUND_CANDIDATES
+    nearest features, plus the rounding margin; never below the exact projected distance to the bank, and tighter
+    than the bound from the graph's one nearest."""
+    import adkit_plugins.patchcore.detector as detector_module
+    import adkit_plugins.patchcore.index as module
+    from adkit_plugins.patchcore.coreset import random_projection
+    from adkit_plugins.patchcore.search import knn
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,ef=4,recall=0")
+    train_detector(detector, images(4, 0), TrainSettings(steps=1, batch_size=4), torch.device("cpu"),
+                   tmp_path / "fit.pt", meta={}, held_out=images(2, 5))
+    assert detector.hnsw_graph.numel() and detector.effort
+    with torch.inference_mode():
+        new = detector.embed(images(3, 1)).permute(0, 2, 3, 1).reshape(-1, 6)
+        projection = random_projection(6, 128, torch.Generator().manual_seed(1), torch.device("cpu"))
+        projected, bank_projected = new @ projection, detector.memory_bank @ projection
+        exact = knn(projected, bank_projected, 1)[0][:, 0].pow(2)
+        bounds = {}
+        for candidates in (1, 8):
+            monkeypatch.setattr(detector_module, "BOUND_CANDIDATES", candidates)
+            bounds[candidates], search = detector._distances_to_bank(new, projected, bank_projected)
+            torch.testing.assert_close(search(torch.arange(5)), exact[:5])
+    assert bool((bounds[1] >= exact).all()) and bool((bounds[8] >= exact).all())
+    assert float(bounds[8].sum()) < float(bounds[1].sum())  # tighter, taken together

@@ -39,7 +39,7 @@ from adkit_plugins.patchcore.check import EFFORT
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.defects import defect_patches, weighted_by_defects
 from adkit_plugins.patchcore.index import IndexedBank
-from adkit_plugins.patchcore.search import knn, squared_distances
+from adkit_plugins.patchcore.search import BLOCK_ELEMENTS, hnsw_candidates, knn, squared_distances
 
 # the upper bounds an update's greedy starts from exceed the graph's nearest feature's distance by this share of
 # the two squared norms: more than the rounding of the distances they stand in for
@@ -47,6 +47,9 @@ BOUND_MARGIN = 1e-4
 # the graph's search effort for those bounds: a bound need not be tight, and a loose one only costs the patch an
 # exact search should it come to lead
 BOUND_EFFORT = 16
+# the graph's nearest features whose projected distances the bound takes the least of: the projection ranks
+# features differently from the features themselves, and a tighter bound leaves fewer patches to search exactly
+BOUND_CANDIDATES = 8
 
 
 def memory_limit_bytes() -> int:
@@ -240,11 +243,18 @@ class PatchCore(IndexedBank, Detector):
 
         if not self.hnsw_graph.numel() or not self.effort:
             return exact(torch.arange(projected.shape[0], device=projected.device)), None
-        near = self._search(new, 1, min(self.effort, BOUND_EFFORT))[1][:, 0]
-        nearest = bank_projected[near]
-        # knn's |q|^2 - 2 q.b + |b|^2 errs by up to about d * eps * (|q|^2 + |b|^2): the margin covers it
-        margin = BOUND_MARGIN * (projected.pow(2).sum(1) + nearest.pow(2).sum(1))
-        return (projected - nearest).pow(2).sum(1) + margin, exact
+        candidates = min(BOUND_CANDIDATES, self.memory_bank.shape[0])
+        near = hnsw_candidates(new, self._hnsw(), min(self.effort, BOUND_EFFORT), candidates).clamp_min(0)
+        bound = torch.empty(new.shape[0], device=new.device)
+        rows = max(1, BLOCK_ELEMENTS // (candidates * projected.shape[1]))
+        for start in range(0, new.shape[0], rows):
+            mine = slice(start, start + rows)
+            squared = (projected[mine, None, :] - bank_projected[near[mine]]).pow(2).sum(-1)
+            least, which = squared.min(1)
+            nearest = bank_projected[near[mine].gather(1, which[:, None])[:, 0]]
+            # knn's |q|^2 - 2 q.b + |b|^2 errs by up to about d * eps * (|q|^2 + |b|^2): the margin covers it
+            bound[mine] = least + BOUND_MARGIN * (projected[mine].pow(2).sum(1) + nearest.pow(2).sum(1))
+        return bound, exact
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "feature_count" not in state_dict:  # fitted before updates (adkit < 0.4): update estimates it

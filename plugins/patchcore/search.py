@@ -272,18 +272,23 @@ def hnsw_load(graph: Tensor) -> Any:
     return _faiss().deserialize_index(graph.cpu().numpy())
 
 
+def hnsw_candidates(queries: Tensor, index: Any, ef: int, k: int) -> Tensor:
+    """The bank indices (M, k) of the ``k`` features the graph walk at effort max(ef, k) returns for each query,
+    nearest first by the graph's stored copy (which may be rounded); -1 where it found fewer."""
+    faiss = _faiss()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    _walked(index).hnsw.efSearch = max(ef, k)
+    _, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+    return torch.from_numpy(found).long().to(queries.device)
+
+
 def knn_hnsw(queries: Tensor, index: Any, ef: int, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest bank features of every query along the graph (at effort max(ef, k)): distances (M, k)
     ascending and bank indices (M, k), -1 (at an infinite distance) where the graph found fewer. The distances are
     computed from ``bank`` (K, d) itself, as |q - b| in float32: the graph's stored copy may be rounded (a rounded
     graph's walk returns at least ROUNDED_CANDIDATES, re-ranked so)."""
-    faiss = _faiss()
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    hnsw = _walked(index)
-    fetched = k if isinstance(hnsw, faiss.IndexHNSWFlat) else max(k, ROUNDED_CANDIDATES)
-    hnsw.hnsw.efSearch = max(ef, fetched)
-    _, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), fetched)
-    found = torch.from_numpy(found).long().to(queries.device)
+    fetched = k if isinstance(_walked(index), _faiss().IndexHNSWFlat) else max(k, ROUNDED_CANDIDATES)
+    found = hnsw_candidates(queries, index, ef, fetched)
     distance = torch.empty(found.shape, device=queries.device)
     rows = max(1, BLOCK_ELEMENTS // max(1, fetched * bank.shape[1]))
     for start in range(0, found.shape[0], rows):
