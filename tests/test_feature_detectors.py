@@ -246,6 +246,22 @@ def test_partitioned_coreset_takes_each_partitions_share_and_is_exact_on_one_par
         assert len(members & set(parts.tolist())) in (2, 3)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_partitions_on_threads_choose_what_one_at_a_time_chooses(monkeypatch, threads):
+    """The partitions' greedy runs on torch's threads on a CPU, each partition's first point drawn before in
+    partition order: the selection of one partition after another, each drawing its own first."""
+    from adkit_plugins.patchcore import coreset
+
+    features = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(coreset.torch, "get_num_threads", lambda: threads)
+    chosen = partitioned_greedy_coreset(features, 100, torch.Generator().manual_seed(7), partition=300)
+    generator = torch.Generator().manual_seed(7)
+    order = torch.randperm(1000, generator=generator)
+    one_at_a_time = [order[low:high][greedy_coreset(features[order[low:high]], 25, generator)]
+                     for low, high in ((0, 250), (250, 500), (500, 750), (750, 1000))]  # 4 partitions of 250
+    assert torch.equal(chosen, torch.cat(one_at_a_time))
+
+
 def test_patchcore_projected_search_with_every_candidate_equals_exact(tiny_catalog, tmp_path):
     exact = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.05")
     fit(exact, images(4, 0), tmp_path / "exact")

@@ -8,6 +8,7 @@ count x N x projection multiply-adds and one (N,) vector of running minimum dist
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -24,10 +25,11 @@ REFINE_BATCH = 256
 
 
 def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
-                   nearest: Tensor | None = None, exact: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Indices (count,) of a greedy k-centre subset of ``features`` (N, d), the first drawn with ``generator``;
-    or, given ``nearest`` (N,), the squared distances of the points to centres chosen before (a bank being
-    extended), the first is the point farthest from those and the selection continues theirs.
+                   nearest: Tensor | None = None, exact: Callable[[Tensor], Tensor] | None = None,
+                   first: int | None = None) -> Tensor:
+    """Indices (count,) of a greedy k-centre subset of ``features`` (N, d), the first drawn with ``generator``
+    (or given: ``first``); or, given ``nearest`` (N,), the squared distances of the points to centres chosen
+    before (a bank being extended), the first is the point farthest from those and the selection continues theirs.
 
     Each step computes the squared distance of every point to the newest centre as |x|^2 - 2 x.c + |c|^2 (one
     matrix-vector product) and keeps the running minimum over the centres; the next centre is its argmax.
@@ -47,7 +49,7 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
     known = torch.full((n,), exact is None, dtype=torch.bool, device=features.device)
     if nearest is None:
         nearest = torch.full((n,), float("inf"), device=features.device)
-        index = torch.randint(n, (1,), generator=generator, device=generator.device).to(features.device)[0]
+        index = first_index(n, generator) if first is None else torch.tensor(first, device=features.device)
     else:
         nearest = nearest.float().to(features.device).clone()
         index = torch.argmax(nearest)
@@ -69,6 +71,11 @@ def greedy_coreset(features: Tensor, count: int, generator: torch.Generator,
     return chosen
 
 
+def first_index(n: int, generator: torch.Generator) -> Tensor:
+    """The greedy's first point among ``n``, drawn with ``generator``."""
+    return torch.randint(n, (1,), generator=generator, device=generator.device)[0]
+
+
 def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Generator, partition: int,
                                nearest: Tensor | None = None,
                                exact: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -78,7 +85,11 @@ def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Ge
     less and runs from cache. The union of per-partition greedy k-centre sets is a composable coreset (Indyk et
     al., PODS 2014): a constant-factor approximation of the whole set's cover radius. ``partition >= N`` is the
     exact greedy. ``nearest`` (N,) and ``exact``: as in ``greedy_coreset``, each partition continuing the earlier
-    centres (``exact`` takes indices into ``features``)."""
+    centres (``exact`` takes indices into ``features``).
+
+    On a CPU the partitions run on torch's threads, one partition a thread: a step's matrix-vector product over a
+    partition runs on one core at the speed of its cache, so two partitions at once take about the time of one.
+    Each partition's first point is drawn before, in partition order: the selection is the one-at-a-time one."""
     n = features.shape[0]
     if partition <= 0 or partition >= n:
         return greedy_coreset(features, count, generator, nearest, exact)
@@ -86,14 +97,21 @@ def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Ge
     order = torch.randperm(n, generator=generator, device=generator.device).to(features.device)
     bounds = [round(i * n / groups) for i in range(groups + 1)]
     shares = [round(count * bounds[i + 1] / n) - round(count * bounds[i] / n) for i in range(groups)]
-    chosen = []
-    for i, share in enumerate(shares):
-        if share:
-            members = order[bounds[i]:bounds[i + 1]]
-            start = None if nearest is None else nearest[members]
-            mine = None if exact is None else (lambda rows, members=members: exact(members[rows]))
-            chosen.append(members[greedy_coreset(features[members], share, generator, start, mine)])
-    return torch.cat(chosen)
+    jobs = [(bounds[i], bounds[i + 1], share) for i, share in enumerate(shares) if share]
+    firsts = [None if nearest is not None else int(first_index(high - low, generator)) for low, high, _ in jobs]
+
+    def select(job: tuple[int, int, int], first: int | None) -> Tensor:
+        low, high, share = job
+        members = order[low:high]
+        start = None if nearest is None else nearest[members]
+        mine = None if exact is None else (lambda rows: exact(members[rows]))
+        return members[greedy_coreset(features[members], share, generator, start, mine, first)]
+
+    threads = min(torch.get_num_threads(), len(jobs)) if features.device.type == "cpu" else 1
+    if threads <= 1:
+        return torch.cat([select(job, first) for job, first in zip(jobs, firsts)])
+    with ThreadPoolExecutor(threads) as pool:
+        return torch.cat(list(pool.map(select, jobs, firsts)))
 
 
 def greedy_coreset_reference(features: Tensor, count: int, first: int | None,
