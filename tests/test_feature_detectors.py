@@ -255,6 +255,8 @@ def test_partitions_on_threads_choose_what_one_at_a_time_chooses(monkeypatch, th
     features = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(coreset.torch, "get_num_threads", lambda: threads)
     chosen = partitioned_greedy_coreset(features, 100, torch.Generator().manual_seed(7), partition=300)
+    assert torch.equal(chosen, partitioned_greedy_coreset(features, 100, torch.Generator().manual_seed(7), 300,
+                                                          threads=1))
     generator = torch.Generator().manual_seed(7)
     order = torch.randperm(1000, generator=generator)
     one_at_a_time = [order[low:high][greedy_coreset(features[order[low:high]], 25, generator)]

@@ -78,7 +78,7 @@ def first_index(n: int, generator: torch.Generator) -> Tensor:
 
 def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Generator, partition: int,
                                nearest: Tensor | None = None,
-                               exact: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                               exact: Callable[[Tensor], Tensor] | None = None, threads: int | None = None) -> Tensor:
     """Greedy coresets of random partitions of at most ``partition`` points, each keeping its share of ``count``;
     their union, indices (count,). Exact greedy costs count x N x d for N points, and each step streams all N
     projected features from memory; on partitions that fit the processor's cache it costs N / partition times
@@ -87,9 +87,10 @@ def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Ge
     exact greedy. ``nearest`` (N,) and ``exact``: as in ``greedy_coreset``, each partition continuing the earlier
     centres (``exact`` takes indices into ``features``).
 
-    On a CPU the partitions run on torch's threads, one partition a thread: a step's matrix-vector product over a
-    partition runs on one core at the speed of its cache, so two partitions at once take about the time of one.
-    Each partition's first point is drawn before, in partition order: the selection is the one-at-a-time one."""
+    On a CPU the partitions run on ``threads`` (default: torch's) threads, one partition a thread: a step's
+    matrix-vector product over a partition runs on one core at the speed of its cache, so two partitions at once
+    take about the time of one. Each partition's first point is drawn before, in partition order: the selection is
+    the one-at-a-time one, whatever the threads."""
     n = features.shape[0]
     if partition <= 0 or partition >= n:
         return greedy_coreset(features, count, generator, nearest, exact)
@@ -107,7 +108,7 @@ def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Ge
         mine = None if exact is None else (lambda rows: exact(members[rows]))
         return members[greedy_coreset(features[members], share, generator, start, mine, first)]
 
-    threads = min(torch.get_num_threads(), len(jobs)) if features.device.type == "cpu" else 1
+    threads = min(threads or torch.get_num_threads(), len(jobs)) if features.device.type == "cpu" else 1
     if threads <= 1:
         return torch.cat([select(job, first) for job, first in zip(jobs, firsts)])
     with ThreadPoolExecutor(threads) as pool:
