@@ -235,15 +235,16 @@ class PatchCore(IndexedBank, Detector):
     def _distances_to_bank(self, new: Tensor, projected: Tensor, bank_projected: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
         """The greedy continuation's start: each new patch's squared distance, in the projection, to its nearest
         bank feature (as ``knn`` computes it). With a graph over the bank, upper bounds and the exact distances
-        on demand (greedy_coreset's ``exact``): the projected distance to the feature the graph finds nearest
-        (any bank feature's distance bounds the nearest one's; a margin covers rounding) stands in until a patch
-        could be chosen, so only those patches are searched against the whole bank."""
+        on demand (greedy_coreset's ``exact``): the least projected distance among the BOUND_CANDIDATES features
+        the graph finds nearest (any bank feature's distance bounds the nearest one's; a margin covers rounding)
+        stands in until a patch could be chosen, so only those patches are searched against the whole bank."""
         def exact(rows: Tensor) -> Tensor:
             return knn(projected[rows], bank_projected, 1)[0][:, 0].pow(2)
 
         if not self.hnsw_graph.numel() or not self.effort:
             return exact(torch.arange(projected.shape[0], device=projected.device)), None
         candidates = min(BOUND_CANDIDATES, self.memory_bank.shape[0])
+        # -1 (the walk found fewer): bank row 0, whose distance bounds the nearest one's as any bank feature's does
         near = hnsw_candidates(new, self._hnsw(), min(self.effort, BOUND_EFFORT), candidates).clamp_min(0)
         bound = torch.empty(new.shape[0], device=new.device)
         rows = max(1, BLOCK_ELEMENTS // (candidates * projected.shape[1]))
