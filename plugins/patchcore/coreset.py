@@ -7,6 +7,7 @@ count x N x projection multiply-adds and one (N,) vector of running minimum dist
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,14 +102,23 @@ def partitioned_greedy_coreset(features: Tensor, count: int, generator: torch.Ge
     jobs = [(bounds[i], bounds[i + 1], share) for i, share in enumerate(shares) if share]
     firsts = [None if nearest is not None else int(first_index(high - low, generator)) for low, high, _ in jobs]
 
+    threads = min(threads or torch.get_num_threads(), len(jobs)) if features.device.type == "cpu" else 1
+    # ``exact`` searches the whole bank on all of torch's threads: one partition's search at a time, so that the
+    # threads that run partitions never multiply the threads that search
+    searching = threading.Lock()
+
     def select(job: tuple[int, int, int], first: int | None) -> Tensor:
         low, high, share = job
         members = order[low:high]
         start = None if nearest is None else nearest[members]
-        mine = None if exact is None else (lambda rows: exact(members[rows]))
-        return members[greedy_coreset(features[members], share, generator, start, mine, first)]
 
-    threads = min(threads or torch.get_num_threads(), len(jobs)) if features.device.type == "cpu" else 1
+        def mine(rows: Tensor) -> Tensor:
+            with searching:
+                return exact(members[rows])
+
+        return members[greedy_coreset(features[members], share, generator, start, None if exact is None else mine,
+                                         first)]
+
     if threads <= 1:
         return torch.cat([select(job, first) for job, first in zip(jobs, firsts)])
     with ThreadPoolExecutor(threads) as pool:
