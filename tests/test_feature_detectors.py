@@ -264,6 +264,31 @@ def test_partitions_on_threads_choose_what_one_at_a_time_chooses(monkeypatch, th
     assert torch.equal(chosen, torch.cat(one_at_a_time))
 
 
+def test_patchcore_keeps_its_bank_norms_for_the_bank_it_holds(tiny_catalog, tmp_path):
+    """The squared norms exact searches of a few patches use are computed once per bank, and again for a bank
+    loaded in place over one of the same shape; the scores are those of norms computed at every search."""
+    from adkit_plugins.patchcore import search
+
+    detector = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.2,search=exact")
+    fit(detector, images(4, 0), tmp_path / "a")
+    other = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.2,search=exact,seed=1")
+    fit(other, images(4, 1), tmp_path / "b")
+    assert other.memory_bank.shape == detector.memory_bank.shape
+    test = images(2, 2)
+    with torch.inference_mode():
+        kept = detector._bank_norms()
+        assert detector._bank_norms() is kept  # once per bank
+        torch.testing.assert_close(kept, search.norms(detector.memory_bank), rtol=0, atol=0)
+        scores = detector.detect(test).image_scores
+        address = detector.memory_bank.data_ptr()
+        detector.load_state_dict(other.state_dict())  # the other bank, copied into this one's tensors
+        assert detector.memory_bank.data_ptr() == address
+        torch.testing.assert_close(detector._bank_norms(), search.norms(other.memory_bank), rtol=0, atol=0)
+        torch.testing.assert_close(detector.detect(test).image_scores, other.detect(test).image_scores)
+        detector._norms = None
+        assert not torch.equal(scores, detector.detect(test).image_scores)  # the banks differ
+
+
 def test_patchcore_projected_search_with_every_candidate_equals_exact(tiny_catalog, tmp_path):
     exact = set_up(tiny_catalog, "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.05")
     fit(exact, images(4, 0), tmp_path / "exact")

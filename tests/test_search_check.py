@@ -263,9 +263,9 @@ def test_the_exact_top_searches_until_the_highest_exact_score_bounds_the_rest(mo
     index = torch.zeros(12, dtype=torch.long)
     rounds = []
 
-    def counting_knn(queries, bank, k):
+    def counting_knn(queries, bank, k, **kwargs):
         rounds.append(queries.shape[0])
-        return knn(queries, bank, k)
+        return knn(queries, bank, k, **kwargs)
 
     monkeypatch.setattr(module, "knn", counting_knn)
     Bank()._exact_at_the_top(exact_values[:, None], distance, index, 1, lambda d: d)

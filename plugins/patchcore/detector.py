@@ -205,7 +205,7 @@ class PatchCore(IndexedBank, Detector):
         (K, dim) on the bank's device, K = 0 without defects."""
         device = self.memory_bank.device
         chosen = defect_patches(defects, lambda images: self.embed(images.to(device)),
-                                lambda patches: knn(patches, self.memory_bank, 1)[0][:, 0])
+                                lambda patches: knn(patches, self.memory_bank, 1, bank_norms=self._bank_norms())[0][:, 0])
         return chosen.to(device) if chosen.numel() else torch.zeros(0, self.dim, device=device)
 
     def _add_normal(self, new: Tensor, per_row: int) -> None:
@@ -276,6 +276,7 @@ class PatchCore(IndexedBank, Detector):
             state_dict[prefix + "bank_origin"] = torch.zeros(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.effort = int(self.search_effort)
+        self._norms = None  # the bank may have been loaded in place
 
     def detect(self, images: Tensor) -> Detection:
         if self.memory_bank.shape[0] == 0:
@@ -320,9 +321,10 @@ class PatchCore(IndexedBank, Detector):
         the b nearest bank features of m* (m* itself among them): (B, d), (B,) bank indices -> (B,). ``parts``
         (leaving_out): N_b(m*) among the bank features not from each row's own part."""
         if parts is None:
-            _, support = knn(self.memory_bank[nearest_bank], self.memory_bank, self.neighbours)
+            _, support = knn(self.memory_bank[nearest_bank], self.memory_bank, self.neighbours,
+                             bank_norms=self._bank_norms())
         else:
-            squared = squared_distances(self.memory_bank[nearest_bank], self.memory_bank)
+            squared = squared_distances(self.memory_bank[nearest_bank], self.memory_bank, self._bank_norms())
             squared[self.bank_origin[None, :] // self._left_out.group == parts[:, None]] = float("inf")
             support = squared.topk(min(self.neighbours, squared.shape[1]), dim=1, largest=False).indices
         distances = (test_feature[:, None, :] - self.memory_bank[support]).pow(2).sum(-1).sqrt()

@@ -22,6 +22,7 @@ from adkit_plugins.patchcore.search import (
     knn_hnsw,
     knn_ivf,
     knn_projected,
+    norms,
     squared_distances,
     tracing,
 )
@@ -47,6 +48,8 @@ class IndexedBank:
     seed,
     dim)."""
 
+    _norms: tuple[tuple, Tensor] | None = None  # the bank's squared norms, for the bank they came from
+
     def _index(self, bank: Tensor, extends: int = 0, origin: Tensor | None = None) -> None:
         """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked.
         ``extends``: the bank's first rows are the bank indexed now (an update), whose graph is extended.
@@ -63,6 +66,7 @@ class IndexedBank:
             bank, self.ivf_centroids, self.ivf_offsets = ivf_index(bank, cells, generator)
             self._forget_check()  # the bank is stored cell by cell: its indices changed
         self.memory_bank = bank.contiguous()
+        self._norms = None
         known = origin is not None and not cells and origin.shape[0] == bank.shape[0]
         self.bank_origin = origin.to(device) if known else torch.zeros(0, dtype=torch.long, device=device)
         self.bank_projected = (bank @ self.search_projection).contiguous()
@@ -176,7 +180,7 @@ class IndexedBank:
             return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, effort)
         if effort and self.search == "projected":
             return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k, effort)
-        return knn(patches, self.memory_bank, k)
+        return knn(patches, self.memory_bank, k, bank_norms=self._bank_norms())
 
     def _nearest_outside(self, patches: Tensor, parts: Tensor, group: int) -> tuple[Tensor, Tensor]:
         """Each patch's nearest bank feature that did not come from the patch's own part (``parts`` (M,): each
@@ -188,7 +192,7 @@ class IndexedBank:
         if self.effort and self.hnsw_graph.numel():
             distance, index = knn_hnsw(patches, self._hnsw(), self.effort, self.memory_bank, k)
         else:
-            distance, index = knn(patches, self.memory_bank, k)
+            distance, index = knn(patches, self.memory_bank, k, bank_norms=self._bank_norms())
         own = (index < 0) | (bank_parts[index.clamp_min(0)] == parts[:, None])
         first = (~own).int().argmax(1, keepdim=True)
         nearest_distance, nearest = distance.gather(1, first)[:, 0], index.gather(1, first)[:, 0]
@@ -205,7 +209,7 @@ class IndexedBank:
         nearest = torch.empty(rows.numel(), dtype=torch.long, device=patches.device)
         for start in range(0, rows.numel(), LEAVE_OUT_EXACT_ROWS):
             chunk = rows[start:start + LEAVE_OUT_EXACT_ROWS]
-            squared = squared_distances(patches[chunk].float(), self.memory_bank.float())
+            squared = squared_distances(patches[chunk].float(), self.memory_bank.float(), self._bank_norms())
             squared[bank_parts[None, :] == parts[chunk, None]] = float("inf")
             smallest, where = squared.min(1)
             distance[start:start + chunk.numel()], nearest[start:start + chunk.numel()] = smallest.sqrt(), where
@@ -227,7 +231,7 @@ class IndexedBank:
         per_image = distance.numel() // images
         if parts is None:
             def exact(rows: Tensor) -> tuple[Tensor, Tensor]:
-                found, where = knn(patches[rows], self.memory_bank, 1)
+                found, where = knn(patches[rows], self.memory_bank, 1, bank_norms=self._bank_norms())
                 return found[:, 0], where[:, 0]
         else:
             patch_parts = parts.repeat_interleave(per_image)
@@ -249,6 +253,19 @@ class IndexedBank:
                 return
             distance[rows], index[rows] = exact(rows)
             checked.view(-1)[rows] = True
+
+    def _bank_norms(self) -> Tensor | None:
+        """``norms`` of the bank, computed once per bank (``_index`` and a checkpoint's load forget them): an exact
+        search of a few patches, as ``_exact_at_the_top`` and the re-weighting run for every image, otherwise
+        reads the whole bank twice more to get them. None while a graph is traced or compiled: the search then
+        computes them in the graph."""
+        if tracing():
+            return None
+        bank = self.memory_bank
+        key = (bank.data_ptr(), tuple(bank.shape), bank.device)
+        if self._norms is None or self._norms[0] != key:
+            self._norms = (key, norms(bank))
+        return self._norms[1]
 
     def _hnsw(self) -> object:
         """The HNSW index of ``hnsw_graph``, deserialised once per graph (a restore or refit replaces it)."""

@@ -30,9 +30,17 @@ def _blocks(queries: int, bank: int, block_elements: int) -> tuple[int, int]:
     return query_chunk, bank_chunk
 
 
-def squared_distances(queries: Tensor, bank: Tensor) -> Tensor:
-    """(M, d), (K, d) -> (M, K) squared Euclidean distances, clamped at 0 against rounding."""
-    return (queries.pow(2).sum(1, keepdim=True) - 2 * queries @ bank.T + bank.pow(2).sum(1)).clamp_min_(0)
+def squared_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor | None = None) -> Tensor:
+    """(M, d), (K, d) -> (M, K) squared Euclidean distances, clamped at 0 against rounding. ``bank_norms``: the
+    bank's |b|^2 (``norms``), when kept."""
+    bank_norms = norms(bank) if bank_norms is None else bank_norms
+    return (queries.pow(2).sum(1, keepdim=True) - 2 * queries @ bank.T + bank_norms).clamp_min_(0)
+
+
+def norms(bank: Tensor) -> Tensor:
+    """(K,) the squared norms |b|^2 of a bank's rows (K, d), in float32, as ``knn`` and ``squared_distances`` use
+    them: kept beside a bank, an exact search of a few queries reads the bank once instead of three times."""
+    return bank.float().pow(2).sum(1)
 
 
 def tracing() -> bool:
@@ -41,9 +49,11 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int = BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
+def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int = BLOCK_ELEMENTS,
+        bank_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact k nearest neighbours: Euclidean distances (M, k) ascending and bank indices (M, k). The loop over
-    bank chunks depends only on the bank; queries are chunked in eager mode only (one chunk in a traced graph)."""
+    bank chunks depends only on the bank; queries are chunked in eager mode only (one chunk in a traced graph).
+    ``bank_norms``: ``norms(bank)``, where the caller keeps them (eager only)."""
     n = bank.shape[0]
     k = min(k, n)
     if tracing():
@@ -52,7 +62,7 @@ def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int = BLOCK_E
     m = queries.shape[0]
     query_chunk, bank_chunk = _blocks(m, n, block_elements)
     queries, bank = queries.float(), bank.float()
-    bank_norms = bank.pow(2).sum(1)
+    bank_norms = norms(bank) if bank_norms is None else bank_norms
     out_d = torch.empty(m, k, device=queries.device)
     out_i = torch.empty(m, k, dtype=torch.long, device=queries.device)
     for q0 in range(0, m, query_chunk):
