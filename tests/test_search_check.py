@@ -303,6 +303,7 @@ def test_allowed_misses_is_the_most_a_passing_recall_has():
         brute = max([m for m in range(min(n, 80) + 1) if passes((n - m) / n)], default=-1)
         assert allowed_misses(n, passes) == brute
     assert allowed_misses(10000, lambda recall: recall >= 0.999) == 10  # 9,990 of 10,000 found: exactly 0.999
+    assert allowed_misses(0, lambda recall: True) == -1  # no held-out patch: nothing passes
 
 
 @pytest.mark.parametrize("beyond", [0, 1])

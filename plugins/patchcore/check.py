@@ -68,7 +68,9 @@ def exact_nearest(queries: Tensor, bank: Tensor, keys: Tensor, cached_keys: Tens
 
 def allowed_misses(n: int, passes: Callable[[float], bool]) -> int:
     """The most misses among ``n`` queries whose recall, ``(n - misses) / n``, still ``passes`` (fewer misses
-    never fail); -1 when none passes."""
+    never fail); -1 when none passes (or there are no queries)."""
+    if n <= 0:
+        return -1
     low, high = -1, n + 1  # passes with ``low`` misses (or none does), fails with ``high``
     while high - low > 1:
         middle = (low + high) // 2
@@ -112,16 +114,16 @@ def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, nearest_h
                 break
         return missed, searched
 
+    n_held, n_own = held_out.shape[0], own.numel()
+    held_allowed, own_allowed = allowed_misses(n_held, held_passes), allowed_misses(n_own, bank_passes)
+
     def tried(effort: int) -> tuple[tuple[float, ...], bool]:
         exact = exact_at(effort)  # passes whatever it finds: searched whole, for the record
-        n_held, n_own = held_out.shape[0], own.numel()
-        held_missed, held_searched = misses(held_out, nearest_held, effort,
-                                            n_held if exact else allowed_misses(n_held, held_passes))
+        held_missed, held_searched = misses(held_out, nearest_held, effort, n_held if exact else held_allowed)
         held_ok = exact or (held_searched == n_held and n_held > 0 and held_passes((n_held - held_missed) / n_held))
         own_missed = own_searched = 0
         if held_ok or exact:
-            own_missed, own_searched = misses(bank[own], own, effort,
-                                              n_own if exact else allowed_misses(n_own, bank_passes))
+            own_missed, own_searched = misses(bank[own], own, effort, n_own if exact else own_allowed)
         own_ok = exact or (own_searched == n_own and n_own > 0 and bank_passes((n_own - own_missed) / n_own))
         row = (effort, (held_searched - held_missed) / held_searched if held_searched else float("nan"),
                (own_searched - own_missed) / own_searched if own_searched else float("nan"),
