@@ -205,7 +205,7 @@ class PatchCore(IndexedBank, Detector):
         (K, dim) on the bank's device, K = 0 without defects."""
         device = self.memory_bank.device
         chosen = defect_patches(defects, lambda images: self.embed(images.to(device)),
-                                lambda patches: knn(patches, self.memory_bank, 1, bank_norms=self._bank_norms())[0][:, 0])
+                                lambda patches: self._exact(patches, 1)[0][:, 0])
         return chosen.to(device) if chosen.numel() else torch.zeros(0, self.dim, device=device)
 
     def _add_normal(self, new: Tensor, per_row: int) -> None:
@@ -321,8 +321,7 @@ class PatchCore(IndexedBank, Detector):
         the b nearest bank features of m* (m* itself among them): (B, d), (B,) bank indices -> (B,). ``parts``
         (leaving_out): N_b(m*) among the bank features not from each row's own part."""
         if parts is None:
-            _, support = knn(self.memory_bank[nearest_bank], self.memory_bank, self.neighbours,
-                             bank_norms=self._bank_norms())
+            _, support = self._exact(self.memory_bank[nearest_bank], self.neighbours)
         else:
             squared = squared_distances(self.memory_bank[nearest_bank], self.memory_bank, self._bank_norms())
             squared[self.bank_origin[None, :] // self._left_out.group == parts[:, None]] = float("inf")

@@ -180,7 +180,7 @@ class IndexedBank:
             return knn_ivf(patches, self.memory_bank, self.ivf_centroids, self.ivf_offsets, effort)
         if effort and self.search == "projected":
             return knn_projected(patches, self.memory_bank, self.search_projection, self.bank_projected, k, effort)
-        return knn(patches, self.memory_bank, k, bank_norms=self._bank_norms())
+        return self._exact(patches, k)
 
     def _nearest_outside(self, patches: Tensor, parts: Tensor, group: int) -> tuple[Tensor, Tensor]:
         """Each patch's nearest bank feature that did not come from the patch's own part (``parts`` (M,): each
@@ -192,7 +192,7 @@ class IndexedBank:
         if self.effort and self.hnsw_graph.numel():
             distance, index = knn_hnsw(patches, self._hnsw(), self.effort, self.memory_bank, k)
         else:
-            distance, index = knn(patches, self.memory_bank, k, bank_norms=self._bank_norms())
+            distance, index = self._exact(patches, k)
         own = (index < 0) | (bank_parts[index.clamp_min(0)] == parts[:, None])
         first = (~own).int().argmax(1, keepdim=True)
         nearest_distance, nearest = distance.gather(1, first)[:, 0], index.gather(1, first)[:, 0]
@@ -231,7 +231,7 @@ class IndexedBank:
         per_image = distance.numel() // images
         if parts is None:
             def exact(rows: Tensor) -> tuple[Tensor, Tensor]:
-                found, where = knn(patches[rows], self.memory_bank, 1, bank_norms=self._bank_norms())
+                found, where = self._exact(patches[rows], 1)
                 return found[:, 0], where[:, 0]
         else:
             patch_parts = parts.repeat_interleave(per_image)
@@ -253,6 +253,10 @@ class IndexedBank:
                 return
             distance[rows], index[rows] = exact(rows)
             checked.view(-1)[rows] = True
+
+    def _exact(self, patches: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``knn`` of ``patches`` in the bank, with the bank's kept norms."""
+        return knn(patches, self.memory_bank, k, bank_norms=self._bank_norms())
 
     def _bank_norms(self) -> Tensor | None:
         """``norms`` of the bank, computed once per bank (``_index`` and a checkpoint's load forget them): an exact
