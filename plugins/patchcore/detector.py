@@ -276,7 +276,8 @@ class PatchCore(IndexedBank, Detector):
             state_dict[prefix + "bank_origin"] = torch.zeros(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.effort = int(self.search_effort)
-        self._norms = None  # the bank may have been loaded in place
+        # a fitted buffer of the saved shape is loaded in place: what is kept for the tensors it replaced goes
+        self._norms = self._graph = None
 
     def detect(self, images: Tensor) -> Detection:
         if self.memory_bank.shape[0] == 0:
