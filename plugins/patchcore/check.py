@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from adkit.plugin import CONFIDENCE, clopper_pearson_upper
-from adkit_plugins.patchcore.search import direct_distances, found, knn
+from adkit_plugins.patchcore.search import direct_distances, found, found_slack, knn
 
 # at most this many held-out patches (whole images, in order) as queries
 CHECK_QUERIES = 65536
@@ -108,13 +108,15 @@ def measure(search: Callable[[Tensor, int], Tensor], held_out: Tensor, nearest_h
         missed = searched = 0
         for start in range(0, queries.shape[0], CHECK_BLOCK):
             block = slice(start, start + CHECK_BLOCK)
-            missed += int((~found(queries[block], bank, search(queries[block], effort), nearest[block])).sum())
+            missed += int((~found(queries[block], bank, search(queries[block], effort), nearest[block],
+                                  slack=slack)).sum())
             searched = min(queries.shape[0], start + CHECK_BLOCK)
             if missed > allowed:
                 break
         return missed, searched
 
     n_held, n_own = held_out.shape[0], own.numel()
+    slack = found_slack(bank)  # once per check: it reads the whole bank
     held_allowed, own_allowed = allowed_misses(n_held, held_passes), allowed_misses(n_own, bank_passes)
 
     def tried(effort: int) -> tuple[tuple[float, ...], bool]:

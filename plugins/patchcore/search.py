@@ -319,13 +319,19 @@ def knn_hnsw(queries: Tensor, index: Any, ef: int, bank: Tensor, k: int = 1) -> 
 
 def direct_distances(queries: Tensor, bank: Tensor, index: Tensor) -> Tensor:
     """|queries[i] - bank[index[i]]| for index (M,) or (M, 1): (M,) float64."""
-    return (queries.double() - bank.double()[index.reshape(-1)]).norm(dim=1)
+    return (queries.double() - bank[index.reshape(-1)].double()).norm(dim=1)  # the rows asked, not the whole bank
+
+
+def found_slack(bank: Tensor) -> float:
+    """``found``'s allowance for a distance of about zero: 1e-6 of the bank's mean norm."""
+    return 1e-6 * float(bank.double().norm(dim=1).mean()) if bank.shape[0] else 0.0
 
 
 def found(queries: Tensor, bank: Tensor, found_index: Tensor, exact_index: Tensor,
-          relative: float = 1e-4) -> Tensor:
+          relative: float = 1e-4, slack: float | None = None) -> Tensor:
     """(M,) bool: whether each query's found bank feature is as near as the exact nearest one (within
-    ``relative`` of its distance, or 1e-6 of the bank's mean norm for a distance of about zero)."""
-    slack = 1e-6 * float(bank.double().norm(dim=1).mean()) if bank.shape[0] else 0.0
+    ``relative`` of its distance, or ``slack``, ``found_slack(bank)`` unless given, for a distance of about
+    zero)."""
+    slack = found_slack(bank) if slack is None else slack
     found_d = direct_distances(queries, bank, found_index)
     return found_d <= direct_distances(queries, bank, exact_index) * (1 + relative) + slack
