@@ -373,3 +373,77 @@ def test_a_bank_above_the_check_size_is_sampled_evenly_and_its_recall_bounded(mo
     assert passed is passes and int(trail[0][4]) == 100
     assert torch.equal(sampled[0], torch.arange(0, 300, 3))
     assert trail[0][2] == pytest.approx(1 - missed / 100)
+
+
+def test_the_graph_is_built_beside_the_check_and_read_only_once_it_is_there(tiny_catalog, tmp_path, monkeypatch):
+    """The fit's graph is built on a worker thread while the check finds its held-out patches' exact nearest on
+    the other cores; the fitted state is the one a build at once gives, and whatever reads the graph before the
+    check (an attribute read, the state's save, a copy, a move, a load) builds it first."""
+    import copy
+    import threading
+
+    from test_feature_detectors import images, set_up
+
+    import adkit_plugins.patchcore.check as check_module
+    import adkit_plugins.patchcore.index as module
+    from adkit.run.engine import _batches
+
+    monkeypatch.setattr(module, "INDEX_MIN_BANK", 100)
+    spec = "patchcore:backbone=tiny,layers=0+1,dim=6,coreset=0.5,recall=0"  # the graph kept whatever it finds
+    release, built_on = threading.Event(), []
+
+    def build(*args):
+        built_on.append(threading.current_thread().name)
+        assert release.wait(60)
+        return original_build(*args)
+
+    original_build, original_knn = module.hnsw_build, check_module.knn
+    monkeypatch.setattr(module, "hnsw_build", build)
+    threads_seen = []
+
+    def knn(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        release.set()  # the build goes on once the check's exact search has started beside it
+        return original_knn(*args, **kwargs)
+
+    monkeypatch.setattr(check_module, "knn", knn)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def fitted(wait_at_once: bool):
+            detector = set_up(tiny_catalog, spec)
+            with torch.inference_mode():
+                detector.fit(_batches(images(4, 0), 4, torch.device("cpu")))
+                assert detector._unbuilt is not None and detector._building is None  # left to build
+                if wait_at_once:
+                    release.set()
+                    detector._graph_built()
+                detector.calibrate(_batches(images(2, 5), 4, torch.device("cpu")))
+            release.clear()
+            return detector
+
+        awaited, beside = fitted(True), fitted(False)
+        assert threads_seen == [2, 1]  # the check's exact search on the core the build leaves free
+        assert torch.get_num_threads() == 2 and beside._unbuilt is None and beside._building is None
+        assert built_on == ["MainThread", "adkit-hnsw_0"]
+        a, b = awaited.state_dict(), beside.state_dict()
+        assert beside.hnsw_graph.numel() > 0 and a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+        release.set()  # every read of the graph waits for it: as an attribute, the state's save, a copy, a move
+        for read in (lambda d: d.hnsw_graph, lambda d: d.state_dict()["hnsw_graph"],
+                     lambda d: copy.deepcopy(d)._buffers["hnsw_graph"], lambda d: d.to("cpu")._buffers["hnsw_graph"]):
+            detector = set_up(tiny_catalog, spec)
+            with torch.inference_mode():
+                detector.fit(_batches(images(4, 0), 4, torch.device("cpu")))
+            assert torch.equal(read(detector), a["hnsw_graph"]) and detector._unbuilt is None
+        detector = set_up(tiny_catalog, spec)
+        loaded = {**a, "hnsw_graph": a["hnsw_graph"].flip(0)}  # another graph of the same size
+        with torch.inference_mode():
+            detector.fit(_batches(images(4, 0), 4, torch.device("cpu")))
+            detector.load_state_dict(loaded)  # the graph left to build does not replace the one loaded
+        assert detector._unbuilt is None and torch.equal(detector._buffers["hnsw_graph"], loaded["hnsw_graph"])
+    finally:
+        release.set()
+        torch.set_num_threads(threads)

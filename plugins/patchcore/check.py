@@ -44,11 +44,19 @@ def row_keys(rows: Tensor) -> Tensor:
 
 
 def exact_nearest(queries: Tensor, bank: Tensor, keys: Tensor, cached_keys: Tensor, cached_nearest: Tensor,
-                  cached_bank: int) -> Tensor:
+                  cached_bank: int, between: Callable[[], None] = lambda: None) -> Tensor:
     """(M,) the index of each query's nearest bank feature, exactly. The last check's queries (``cached_keys``,
     ``row_keys``) had their nearest among the first ``cached_bank`` features of a bank that has only grown since
     (an update appends): a query found there keeps that one unless a feature added since is nearer, so only the
-    added features are searched for it; every other query searches the whole bank."""
+    added features are searched for it; every other query searches the whole bank. The queries are searched
+    CHECK_BLOCK at a time, ``between`` called before each block."""
+    def nearest_in(rows: Tensor, features: Tensor) -> Tensor:
+        found_ = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+        for start in range(0, rows.shape[0], CHECK_BLOCK):
+            between()
+            found_[start:start + CHECK_BLOCK] = knn(rows[start:start + CHECK_BLOCK], features, 1)[1][:, 0]
+        return found_
+
     nearest = torch.empty(queries.shape[0], dtype=torch.long, device=bank.device)
     hit = torch.zeros(queries.shape[0], dtype=torch.bool, device=bank.device)
     if cached_keys.numel() and 0 < cached_bank <= bank.shape[0]:
@@ -57,12 +65,12 @@ def exact_nearest(queries: Tensor, bank: Tensor, keys: Tensor, cached_keys: Tens
         hit = cached_keys[order][place] == keys
         before = cached_nearest[order[place[hit]]]
         if cached_bank < bank.shape[0]:
-            added = knn(queries[hit], bank[cached_bank:], 1)[1][:, 0] + cached_bank
+            added = nearest_in(queries[hit], bank[cached_bank:]) + cached_bank
             nearer = direct_distances(queries[hit], bank, added) < direct_distances(queries[hit], bank, before)
             before = torch.where(nearer, added, before)
         nearest[hit] = before
     if (~hit).any():
-        nearest[~hit] = knn(queries[~hit], bank, 1)[1][:, 0]
+        nearest[~hit] = nearest_in(queries[~hit], bank)
     return nearest
 
 

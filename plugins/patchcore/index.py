@@ -4,7 +4,9 @@ patches (check.py measures, this keeps what it chose)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -49,6 +51,28 @@ class IndexedBank:
     dim)."""
 
     _norms: tuple[tuple, Tensor] | None = None  # the bank's squared norms, for the bank they came from
+    # the HNSW graph of the bank ``_index`` kept, until it is built: the graph it extends (None: built anew) while
+    # nothing has started it, then the worker thread building it beside the check (``calibrate``); ``hnsw_graph``
+    # is read only once it is there (``_graph_built``)
+    _unbuilt: tuple[Tensor | None] | None = None
+    _building: Future | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "hnsw_graph" and (self.__dict__.get("_unbuilt") or self.__dict__.get("_building")):
+            self._graph_built()
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._graph_built()
+        super()._save_to_state_dict(*args, **kwargs)  # type: ignore[misc]
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        self._graph_built()
+        return super()._apply(*args, **kwargs)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._graph_built()
+        return super().__getstate__()  # type: ignore[misc]
 
     def _index(self, bank: Tensor, extends: int = 0, origin: Tensor | None = None) -> None:
         """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked.
@@ -70,10 +94,10 @@ class IndexedBank:
         known = origin is not None and not cells and origin.shape[0] == bank.shape[0]
         self.bank_origin = origin.to(device) if known else torch.zeros(0, dtype=torch.long, device=device)
         self.bank_projected = (bank @ self.search_projection).contiguous()
-        if self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK:
-            self.hnsw_graph = hnsw_build(self.memory_bank, self.links, graph if extend else None,
-                                         self.graph).to(device)
-        indexed = self.hnsw_graph.numel() > 0 or self.ivf_centroids.shape[0] > 0 or self.search == "projected"
+        building = self.search == "hnsw" and bank.shape[0] >= INDEX_MIN_BANK
+        if building:  # when first read, or beside the check that follows a fit or an update (calibrate)
+            self._unbuilt = (graph if extend else None,)
+        indexed = building or self.ivf_centroids.shape[0] > 0 or self.search == "projected"
         self._set_effort(getattr(self, EFFORT[self.search]) if indexed else 0)
         self.search_trail = torch.zeros(0, 5, dtype=torch.float64, device=device)
 
@@ -95,10 +119,15 @@ class IndexedBank:
         (check.py). Every effort tried stays in ``search_trail`` (checkpoint, model card, report)."""
         if not self.effort:  # exact search: asked for, or a bank too small for an index
             return
-        held_out = self._held_out_patches(batches)
         bank = self.memory_bank
+        # on every core, as a fit without a check embeds (the backbone's rounding depends on the threads)
+        held_out = self._held_out_patches(batches)
         keys = check.row_keys(held_out)
-        nearest = check.exact_nearest(held_out, bank, keys, self.check_keys, self.check_nearest, int(self.check_bank))
+        with self._beside_the_build() as cores_back:  # the exact nearest needs no graph (nor do its results
+            # depend on the threads: each distance is one product of the same length, whoever computes it)
+            nearest = check.exact_nearest(held_out, bank, keys, self.check_keys, self.check_nearest,
+                                          int(self.check_bank), between=cores_back)
+        self._graph_built()
         self.check_keys, self.check_nearest = keys, nearest
         self.check_bank = torch.tensor(bank.shape[0], device=bank.device)
         trail, effort, passed = check.measure(lambda queries, e: self._search(queries, 1, e)[1], held_out, nearest,
@@ -111,6 +140,48 @@ class IndexedBank:
         self.hnsw_graph = torch.zeros(0, dtype=torch.uint8, device=bank.device)
         self.ivf_centroids = bank.new_zeros(0, self.dim)
         self.ivf_offsets = torch.zeros(0, dtype=torch.long, device=bank.device)
+
+    def _graph_built(self) -> None:
+        """Build the graph ``_index`` left to build, or wait for the worker building it, and keep it in
+        ``hnsw_graph``; nothing when there is none. Every read of ``hnsw_graph`` comes here first (``__getattr__``,
+        the state's save, copy and load, a move to a device)."""
+        unbuilt, building = self.__dict__.get("_unbuilt"), self.__dict__.get("_building")
+        self._unbuilt = self._building = None
+        if building is not None:
+            graph = building.result()
+        elif unbuilt is not None:
+            graph = hnsw_build(self.memory_bank, self.links, unbuilt[0], self.graph)
+        else:
+            return
+        self.hnsw_graph = graph.to(self.memory_bank.device)
+
+    @contextlib.contextmanager
+    def _beside_the_build(self) -> Iterator[Callable[[], None]]:
+        """The graph ``_index`` left to build is built by a worker thread on one core (one thread: the same bank
+        gives the same graph) while torch's operations run on the others (one fewer thread), which get all the
+        cores back, through the callable this yields (called between blocks of work), once the build is done; at
+        the end, as many threads as before. Without a graph to build, or on fewer than two threads, or a bank on a
+        GPU: nothing changes."""
+        threads = torch.get_num_threads()
+        unbuilt = self.__dict__.get("_unbuilt")
+        if unbuilt is None or threads < 2 or self.memory_bank.device.type != "cpu":
+            yield lambda: None
+            return
+        worker = ThreadPoolExecutor(1, thread_name_prefix="adkit-hnsw")
+        self._building, self._unbuilt = worker.submit(hnsw_build, self.memory_bank, self.links, unbuilt[0],
+                                                      self.graph), None
+        worker.shutdown(wait=False)
+        building = self._building
+
+        def cores_back() -> None:
+            if building.done():
+                torch.set_num_threads(threads)
+
+        torch.set_num_threads(threads - 1)
+        try:
+            yield cores_back
+        finally:
+            torch.set_num_threads(threads)
 
     def _held_out_patches(self, batches: Iterable[Tensor]) -> Tensor:
         """The patch features of whole held-out images, in order, up to CHECK_QUERIES of them: (M, dim)."""
