@@ -123,8 +123,9 @@ class IndexedBank:
         # on every core, as a fit without a check embeds (the backbone's rounding depends on the threads)
         held_out = self._held_out_patches(batches)
         keys = check.row_keys(held_out)
-        with self._beside_the_build() as cores_back:  # the exact nearest needs no graph (nor do its results
-            # depend on the threads: each distance is one product of the same length, whoever computes it)
+        # the exact nearest needs no graph; the threads it runs on did not change its results where measured (each
+        # distance is one product of the features' length), and ``found`` compares distances with a tolerance
+        with self._beside_the_build() as cores_back:
             nearest = check.exact_nearest(held_out, bank, keys, self.check_keys, self.check_nearest,
                                           int(self.check_bank), between=cores_back)
         self._graph_built()
