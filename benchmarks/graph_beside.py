@@ -3,8 +3,8 @@ with its check (``train_detector``), then the line's updates (fit on the first 2
 both ways, alternated, and the two fitted states compared tensor for tensor.
 
     python benchmarks/graph_beside.py --data mvtec --root ../shared/data/magnetic-tile
-    python benchmarks/graph_beside.py --data mvtec --root ../shared/data/kolektorsdd --fits 1 --no-updates
-    python benchmarks/graph_beside.py --data folder:normal=../shared/data/elpv/normal,abnormal=../shared/data/elpv/abnormal,name=elpv --fits 1 --no-updates
+    python benchmarks/graph_beside.py --data mvtec --root ../shared/data/kolektorsdd --no-updates
+    python benchmarks/graph_beside.py --data folder:normal=../shared/data/elpv/normal,abnormal=../shared/data/elpv/abnormal,name=elpv --no-updates
 
 "At once" builds the graph as soon as the bank is kept (``IndexedBank._index`` followed by ``_graph_built``),
 before the check's held-out patches are searched exactly; "beside" is adkit's default. PatchCore's defaults; the
