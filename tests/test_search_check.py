@@ -378,7 +378,7 @@ def test_a_bank_above_the_check_size_is_sampled_evenly_and_its_recall_bounded(mo
 def test_the_graph_is_built_beside_the_check_and_read_only_once_it_is_there(tiny_catalog, tmp_path, monkeypatch):
     """The fit's graph is built on a worker thread while the check finds its held-out patches' exact nearest on
     the other cores; the fitted state is the one a build at once gives, and whatever reads the graph before the
-    check (an attribute read, the state's save, a copy, a move, a load) builds it first."""
+    check (an attribute read, the state's save, a copy, a move) builds it first; a load over it forgets it."""
     import copy
     import threading
 
@@ -442,8 +442,10 @@ def test_the_graph_is_built_beside_the_check_and_read_only_once_it_is_there(tiny
         loaded = {**a, "hnsw_graph": a["hnsw_graph"].flip(0)}  # another graph of the same size
         with torch.inference_mode():
             detector.fit(_batches(images(4, 0), 4, torch.device("cpu")))
-            detector.load_state_dict(loaded)  # the graph left to build does not replace the one loaded
-        assert detector._unbuilt is None and torch.equal(detector._buffers["hnsw_graph"], loaded["hnsw_graph"])
+            built = len(built_on)
+            detector.load_state_dict(loaded)  # the graph left to build is forgotten, not built, nor kept over it
+        assert len(built_on) == built and detector._unbuilt is None
+        assert torch.equal(detector._buffers["hnsw_graph"], loaded["hnsw_graph"])
     finally:
         release.set()
         torch.set_num_threads(threads)

@@ -258,7 +258,7 @@ class PatchCore(IndexedBank, Detector):
         return bound, exact
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._graph_built()  # a graph still being built must not replace the one loaded
+        self._forget_the_build()  # a graph left to build belongs to the bank the load replaces
         if prefix + "feature_count" not in state_dict:  # fitted before updates (adkit < 0.4): update estimates it
             state_dict[prefix + "feature_count"] = torch.zeros((), dtype=torch.long)
         if prefix + "search_effort" not in state_dict:  # fitted before the search check (adkit < 0.4)

@@ -58,7 +58,7 @@ class IndexedBank:
     _building: Future | None = None
 
     def __getattr__(self, name: str) -> Any:
-        if name == "hnsw_graph" and (self.__dict__.get("_unbuilt") or self.__dict__.get("_building")):
+        if name == "hnsw_graph" and (self._unbuilt is not None or self._building is not None):
             self._graph_built()
         return super().__getattr__(name)  # type: ignore[misc]
 
@@ -145,8 +145,8 @@ class IndexedBank:
     def _graph_built(self) -> None:
         """Build the graph ``_index`` left to build, or wait for the worker building it, and keep it in
         ``hnsw_graph``; nothing when there is none. Every read of ``hnsw_graph`` comes here first (``__getattr__``,
-        the state's save, copy and load, a move to a device)."""
-        unbuilt, building = self.__dict__.get("_unbuilt"), self.__dict__.get("_building")
+        the state's save and copy, a move to a device)."""
+        unbuilt, building = self._unbuilt, self._building
         self._unbuilt = self._building = None
         if building is not None:
             graph = building.result()
@@ -156,6 +156,13 @@ class IndexedBank:
             return
         self.hnsw_graph = graph.to(self.memory_bank.device)
 
+    def _forget_the_build(self) -> None:
+        """The graph ``_index`` left to build, for a bank about to be replaced (a checkpoint's load): not built, or
+        waited for and dropped where a worker is building it."""
+        building, self._unbuilt, self._building = self._building, None, None
+        if building is not None:
+            building.exception()  # waits; whatever it built or raised belongs to the replaced bank
+
     @contextlib.contextmanager
     def _beside_the_build(self) -> Iterator[Callable[[], None]]:
         """The graph ``_index`` left to build is built by a worker thread on one core (one thread: the same bank
@@ -164,7 +171,7 @@ class IndexedBank:
         the end, as many threads as before. Without a graph to build, or on fewer than two threads, or a bank on a
         GPU: nothing changes."""
         threads = torch.get_num_threads()
-        unbuilt = self.__dict__.get("_unbuilt")
+        unbuilt = self._unbuilt
         if unbuilt is None or threads < 2 or self.memory_bank.device.type != "cpu":
             yield lambda: None
             return
