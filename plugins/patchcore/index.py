@@ -75,7 +75,8 @@ class IndexedBank:
         return super().__getstate__()  # type: ignore[misc]
 
     def _index(self, bank: Tensor, extends: int = 0, origin: Tensor | None = None) -> None:
-        """Keep ``bank`` and build the search's index over it (cells or graph), at the asked effort, unchecked.
+        """Keep ``bank`` and index it at the asked effort, unchecked: IVF's cells built now, an HNSW graph left to
+        build (beside the check that follows, or when first read: ``_graph_built``).
         ``extends``: the bank's first rows are the bank indexed now (an update), whose graph is extended.
         ``origin``: the training row each bank feature came from (kept for ``leaving_out``; not with IVF cells,
         which reorder the bank)."""
