@@ -175,7 +175,8 @@ def test_patchcore_updates_check_its_graph_from_the_last_checks_nearest(tiny_cat
     assert fitted_bank == detector.memory_bank.shape[0] and detector.check_keys.numel() == 2 * 256
     searched = []
     original = module.check.knn
-    monkeypatch.setattr(module.check, "knn", lambda q, b, k=1: searched.append(b.shape[0]) or original(q, b, k))
+    monkeypatch.setattr(module.check, "knn",
+                        lambda q, b, k=1, **kept: searched.append(b.shape[0]) or original(q, b, k, **kept))
     before = detector.memory_bank.clone()
     update_detector(detector, images(3, 1), 4, torch.device("cpu"), held_out=held)
     bank = detector.memory_bank

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from adkit.plugin import CONFIDENCE, clopper_pearson_upper
-from adkit_plugins.patchcore.search import direct_distances, found, found_slack, knn
+from adkit_plugins.patchcore.search import direct_distances, found, found_slack, knn, norms
 
 # at most this many held-out patches (whole images, in order) as queries
 CHECK_QUERIES = 65536
@@ -52,9 +52,11 @@ def exact_nearest(queries: Tensor, bank: Tensor, keys: Tensor, cached_keys: Tens
     CHECK_BLOCK at a time, ``between`` called before each block."""
     def nearest_in(rows: Tensor, features: Tensor) -> Tensor:
         found_ = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+        kept = norms(features)  # once for every block, as one search of all the rows computes them
         for start in range(0, rows.shape[0], CHECK_BLOCK):
             between()
-            found_[start:start + CHECK_BLOCK] = knn(rows[start:start + CHECK_BLOCK], features, 1)[1][:, 0]
+            found_[start:start + CHECK_BLOCK] = knn(rows[start:start + CHECK_BLOCK], features, 1,
+                                                    bank_norms=kept)[1][:, 0]
         return found_
 
     nearest = torch.empty(queries.shape[0], dtype=torch.long, device=bank.device)
