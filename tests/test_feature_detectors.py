@@ -38,6 +38,33 @@ def test_knn_matches_brute_force_in_small_blocks():
         torch.testing.assert_close(distance.double(), values, atol=1e-4, rtol=1e-4)
 
 
+def test_knn_on_a_cpu_searches_in_cache_sized_blocks_and_a_traced_graph_in_the_large_ones(monkeypatch):
+    from adkit_plugins.patchcore import search
+
+    g = torch.Generator().manual_seed(5)
+    queries, bank = torch.randn(90, 6, generator=g), torch.randn(70, 6, generator=g)
+    expected = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False)
+    asked, chunks = [], []
+    blocks, chunk = search._blocks, search._knn_chunk
+    monkeypatch.setattr(search, "_blocks", lambda m, n, elements: asked.append(elements) or blocks(m, n, elements))
+    monkeypatch.setattr(search, "_knn_chunk", lambda *args: chunks.append(args[-1]) or chunk(*args))
+    monkeypatch.setattr(search, "CPU_BLOCK_ELEMENTS", 128)  # the bank in many chunks
+    distance, index = search.knn(queries, bank, 3)
+    assert asked == [128] and chunks and max(chunks) < bank.shape[0]
+    assert torch.equal(index, expected.indices)
+    torch.testing.assert_close(distance.double(), expected.values, atol=1e-4, rtol=1e-4)
+    assert search.block_elements_on(torch.device("cpu")) == 128
+    assert search.block_elements_on(torch.device("meta")) == search.BLOCK_ELEMENTS
+    asked.clear()
+    search.knn(queries, bank, 3, block_elements=64)  # asked for: kept
+    assert asked == [64]
+    asked.clear()
+    chunks.clear()
+    monkeypatch.setattr(search, "tracing", lambda: True)  # an exported graph keeps the chunks it always had
+    search.knn(queries, bank, 3)
+    assert asked == [search.BLOCK_ELEMENTS] and chunks == [blocks(4096, 70, search.BLOCK_ELEMENTS)[1]]
+
+
 def test_projected_search_with_every_candidate_is_exact():
     g = torch.Generator().manual_seed(2)
     queries, bank, projection = torch.randn(20, 8, generator=g), torch.randn(30, 8, generator=g), torch.randn(8, 3, generator=g)

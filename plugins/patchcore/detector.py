@@ -39,7 +39,7 @@ from adkit_plugins.patchcore.check import EFFORT
 from adkit_plugins.patchcore.coreset import partitioned_greedy_coreset, random_projection
 from adkit_plugins.patchcore.defects import defect_patches, weighted_by_defects
 from adkit_plugins.patchcore.index import IndexedBank
-from adkit_plugins.patchcore.search import BLOCK_ELEMENTS, hnsw_candidates, knn, squared_distances
+from adkit_plugins.patchcore.search import block_elements_on, hnsw_candidates, knn, squared_distances
 
 # the upper bounds an update's greedy starts from exceed the graph's nearest feature's distance by this share of
 # the two squared norms: more than the rounding of the distances they stand in for
@@ -247,7 +247,7 @@ class PatchCore(IndexedBank, Detector):
         # -1 (the walk found fewer): bank row 0, whose distance bounds the nearest one's as any bank feature's does
         near = hnsw_candidates(new, self._hnsw(), min(self.effort, BOUND_EFFORT), candidates).clamp_min(0)
         bound = torch.empty(new.shape[0], device=new.device)
-        rows = max(1, BLOCK_ELEMENTS // (candidates * projected.shape[1]))
+        rows = max(1, block_elements_on(new.device) // (candidates * projected.shape[1]))
         for start in range(0, new.shape[0], rows):
             mine = slice(start, start + rows)
             squared = (projected[mine, None, :] - bank_projected[near[mine]]).pow(2).sum(-1)

@@ -16,8 +16,21 @@ from torch import Tensor
 
 from adkit.plugin import AdkitError
 
-# elements of one (queries x bank) distance block: 2^24 floats = 64 MiB
+# elements of one (queries x bank) distance block: 2^24 floats = 64 MiB (on a GPU: few launches; in a traced
+# graph, whose loop over bank chunks is unrolled: few chunks, as exports have always had)
 BLOCK_ELEMENTS = 1 << 24
+# ... and on a CPU in eager mode: 2^20 floats = 4 MiB, a block that stays in the cache while its minimum is taken,
+# where a 64 MiB one goes out to memory and back (the same results, the exact search 1.5x as fast on 2 cores;
+# docs/benchmarks.md, "Exact search in cache-sized blocks")
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def block_elements_on(device: torch.device) -> int:
+    """The elements of one block of distances (or of candidates' differences) computed at a time in eager mode on
+    ``device``: CPU_BLOCK_ELEMENTS on a CPU, BLOCK_ELEMENTS elsewhere."""
+    return CPU_BLOCK_ELEMENTS if device.type == "cpu" else BLOCK_ELEMENTS
+
+
 # the candidates each node's links are chosen from while the HNSW graph is built (hnswlib's default; faiss's is
 # 40): a graph built with more reaches the check's recall at half the search effort (docs/benchmarks.md,
 # "PatchCore's graph")
@@ -49,16 +62,19 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int = BLOCK_ELEMENTS,
+def knn(queries: Tensor, bank: Tensor, k: int = 1, block_elements: int | None = None,
         bank_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact k nearest neighbours: Euclidean distances (M, k) ascending and bank indices (M, k). The loop over
     bank chunks depends only on the bank; queries are chunked in eager mode only (one chunk in a traced graph).
-    ``bank_norms``: ``norms(bank)``, where the caller keeps them (eager only)."""
+    ``block_elements``: the distances computed at a time (default: CPU_BLOCK_ELEMENTS on a CPU in eager mode,
+    else BLOCK_ELEMENTS). ``bank_norms``: ``norms(bank)``, where the caller keeps them (eager only)."""
     n = bank.shape[0]
     k = min(k, n)
     if tracing():
         return _knn_chunk(queries.float(), bank.float(), bank.float().pow(2).sum(1), k,
-                          _blocks(4096, n, block_elements)[1])
+                          _blocks(4096, n, block_elements or BLOCK_ELEMENTS)[1])
+    if block_elements is None:
+        block_elements = block_elements_on(queries.device)
     m = queries.shape[0]
     query_chunk, bank_chunk = _blocks(m, n, block_elements)
     queries, bank = queries.float(), bank.float()
@@ -90,7 +106,7 @@ def _knn_chunk(q: Tensor, bank: Tensor, bank_norms: Tensor, k: int, bank_chunk: 
 
 
 def knn_projected(queries: Tensor, bank: Tensor, projection: Tensor, bank_projected: Tensor, k: int = 1,
-                  candidates: int = 10, block_elements: int = BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
+                  candidates: int = 10, block_elements: int | None = None) -> tuple[Tensor, Tensor]:
     """Approximate k nearest neighbours: the ``candidates`` nearest in the projected space (queries @ projection
     against ``bank_projected``), re-ranked exactly. Distances (M, k) ascending and indices (M, k)."""
     _, index = knn(queries.float() @ projection, bank_projected, max(k, candidates), block_elements)
@@ -300,7 +316,7 @@ def knn_hnsw(queries: Tensor, index: Any, ef: int, bank: Tensor, k: int = 1) -> 
     fetched = k if isinstance(_walked(index), _faiss().IndexHNSWFlat) else max(k, ROUNDED_CANDIDATES)
     found = hnsw_candidates(queries, index, ef, fetched)
     distance = torch.empty(found.shape, device=queries.device)
-    rows = max(1, BLOCK_ELEMENTS // max(1, fetched * bank.shape[1]))
+    rows = max(1, block_elements_on(queries.device) // max(1, fetched * bank.shape[1]))
     for start in range(0, found.shape[0], rows):
         near = bank[found[start:start + rows].clamp_min(0)].float()
         distance[start:start + rows] = (queries[start:start + rows, None, :].float() - near).pow(2).sum(-1).sqrt()
