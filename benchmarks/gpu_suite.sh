@@ -52,4 +52,29 @@ have_anomalib && bench anomalib-patchcore 150 "$py" benchmarks/compare_anomalib.
     --size 256 --batch 8 --device cuda --env "$env_dir" --json
 bench padim 150 "$py" benchmarks/speed.py --detector padim --size 256 --batch 8 --json
 bench draem-bf16-compile 240 "$py" benchmarks/speed.py --size 256 --batch 8 --compile --json
+# issue #39's GPU checks (PatchCore's first call after a fit: "first_call_s" of patchcore-10 above)
+bench draem-bf16-cudagraphs 300 "$py" benchmarks/speed.py --size 256 --batch 8 --compile-mode reduce-overhead --json
+bench padim-export 300 "$py" benchmarks/speed.py --export --detector padim --size 256 --batch 8 --json
+bench patchcore-export 300 "$py" benchmarks/speed.py --export --detector patchcore --size 256 --batch 8 --json
+
+# adkit serve under load: PaDiM fitted on the synthetic carpet, exported to ONNX, the server on cores 0-1 and the
+# client on the others (a machine with at least 4 cores)
+serve_under_load() {
+    local run="$out/serve-run" models="$out/serve-models"
+    rm -rf "$run" "$models"
+    mkdir -p "$models"
+    ADKIT_CACHE="$out/serve-cache" "$py" -m adkit run --detector padim --data synthetic --category carpet \
+        --out "$run" > "$out/serve-fit.txt" 2>&1 || { echo "serve: the fit failed ($out/serve-fit.txt)"; return 1; }
+    "$py" -m adkit export --checkpoint "$run/carpet/checkpoint.pt" --format onnx --out "$models/padim-onnx" \
+        >> "$out/serve-fit.txt" 2>&1 || { echo "serve: the export failed ($out/serve-fit.txt)"; return 1; }
+    local images
+    images=$(find "$out/serve-cache/synthetic" -type d -path "*/carpet/test" | head -n 1)
+    "$py" benchmarks/serve_load.py "$models" padim-onnx "$images" --requests 300 --concurrency 1,8,32 \
+        --server-cores 0,1 --client-cores "2-$(($(nproc) - 1))"
+}
+if [ "$(nproc)" -ge 4 ]; then
+    export -f serve_under_load
+    export out py
+    bench serve-padim-onnx 600 bash -c serve_under_load
+fi
 rm -f "$out/.last"

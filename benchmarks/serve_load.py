@@ -11,6 +11,11 @@ requests at concurrency 8 follow, and the server's memory is read every 1,000. P
 the client's latency (p50/p90/p99/max), and from each answer's Server-Timing header the server's inference
 (infer_*) and the rest of the latency (rest_* = client - infer; decode_*, handler_* = the server's other work
 with the wait for a batch, outside_* = HTTP and the client).
+
+On a machine with cores to spare (Linux), --server-cores and --client-cores pin the server and this process to
+separate cores (lists such as 0,1 or 2-15), so the client's threads do not take the server's cores:
+
+    python benchmarks/serve_load.py models padim-onnx images/ --server-cores 0,1 --client-cores 2-15
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +40,15 @@ from test_serve import free_port, request
 
 from adkit.data.io import decode_image
 from adkit.serve.models import load_model
+
+
+def cores(text: str) -> set[int]:
+    """CPU numbers from a list such as ``0,1`` or ``2-15,20``."""
+    chosen: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        chosen.update(range(int(low), int(high or low) + 1))
+    return chosen
 
 
 def rss_mb(pid: int) -> float:
@@ -95,7 +110,12 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=0)
     parser.add_argument("--keep-alive", action="store_true", help="each client thread keeps one connection open (as "
                                                                    "a line's client would) instead of one per request")
+    parser.add_argument("--server-cores", type=cores, help="the server's CPUs, e.g. 0,1 (Linux)")
+    parser.add_argument("--client-cores", type=cores, help="this process's CPUs, e.g. 2-15 (Linux)")
     args = parser.parse_args()
+    server_cores = args.server_cores
+    if args.client_cores:
+        os.sched_setaffinity(0, args.client_cores)
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
     bodies = [(p.name, p.read_bytes()) for p in paths]
     kinds = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
@@ -104,6 +124,8 @@ def main() -> None:
     server = subprocess.Popen([str(adkit), "serve", str(args.models_dir), "--port", str(port), "--results",
                                str(args.models_dir.parent / "serve-load-results"), "--batch-size",
                                str(args.batch_size), "--max-wait", str(args.max_wait), "--queue-size", "1024"])
+    if server_cores:  # at once, while it imports: the threads it starts later take its cores
+        os.sched_setaffinity(server.pid, server_cores)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -186,7 +208,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(json.dumps({"server_rss_mb_start": round(started_rss)}), flush=True)
+    print(json.dumps({"server_rss_mb_start": round(started_rss),
+                      "server_cores": sorted(server_cores) if server_cores else None,
+                      "client_cores": sorted(args.client_cores) if args.client_cores else None}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Speed and memory of DRAEM training and inference, or of fitting a detector on pretrained features.
 
     python benchmarks/speed.py [--size 256] [--batch 8] [--device auto] [--recon-width 128] [--disc-width 64]
-                               [--steps 5] [--compile] [--precision auto|fp32|bf16] [--json]
+                               [--steps 5] [--compile [--compile-mode reduce-overhead]] [--precision auto|fp32|bf16]
+                               [--json]
     python benchmarks/speed.py --detector patchcore[:key=value,...] [--train-images 600] [--size 256] [--json]
     python benchmarks/speed.py --export --detector SPEC [--post SPEC ...] [--size 256] [--batch 8] [--json]
 
 With --detector SPEC (a fitted detector such as patchcore or padim): seconds to fit on --train-images random
 images (backbone features, then the rest: PatchCore's coreset), inference images per second at batch 1 and at
---batch, and peak memory.
+--batch, the first call's seconds after the fit (batch 1: what a service's first request waits for, lazy builds
+and a GPU's first kernels included), and peak memory.
 
 With --export: the deployed pipeline (detector, its default or --post post-processors, scorer, threshold) timed
 four ways, torch eager, torch.compile, TorchScript and onnxruntime, at batch 1 (latency) and --batch (images per
@@ -18,7 +20,8 @@ Median seconds per training step (anomaly synthesis + forward + backward + optim
 split into synthesis / forward / backward+update; inference images per second of the detector alone and followed
 by each built-in post-processor; peak memory (RSS on CPU, max allocated on GPU). With --json the last line is one
 JSON object with those figures and the machine. --compile runs the training step and the map through
-torch.compile (compilation happens in the warm-up steps, which are not timed).
+torch.compile (compilation happens in the warm-up steps, which are not timed); --compile-mode picks
+torch.compile's mode (reduce-overhead: CUDA graphs on a GPU, three warm-up steps).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def fitted_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
     on the pixel values; accuracy figures come from adkit run / bench)."""
     catalog = get_catalog()
     detector = catalog["detector"].create(spec)
-    detector.setup(DetectorContext(catalog=catalog, image_size=args.size, device=device))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=args.size, device=device))
     detector.to(device).eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -108,7 +111,7 @@ def fitted_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
         detector.fit(timed_batches())
         sync(device)
         fit_s = time.perf_counter() - t0
-    rates = {}
+    rates, first_call_s = {}, None
     with torch.inference_mode(), autocast(device, args.precision):
         for batch_size in (1, args.batch):
             x = torch.rand(batch_size, 3, args.size, args.size, generator=generator).to(device)
@@ -120,6 +123,8 @@ def fitted_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
                 sync(device)
                 if rep:
                     times.append(time.perf_counter() - t0)
+                elif first_call_s is None:
+                    first_call_s = time.perf_counter() - t0
             rates[batch_size] = batch_size / statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -127,7 +132,7 @@ def fitted_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
     return {"detector": spec, "size": args.size, "train_images": args.train_images, "batch": args.batch,
             "device": str(device), "precision": args.precision, "fit_s": fit_s,
             "fit_features_s": embed_s, "fit_rest_s": fit_s - embed_s,
-            "bank_size": None if bank is None else int(bank.shape[0]),
+            "bank_size": None if bank is None else int(bank.shape[0]), "first_call_s": first_call_s,
             "infer_img_s_batch1": rates[1], "infer_latency_ms_batch1": 1000 / rates[1],
             f"infer_img_s_batch{args.batch}": rates[args.batch], "peak_memory_mib": peak}
 
@@ -138,11 +143,12 @@ def export_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
     from pathlib import Path
 
     from adkit.core.pipeline import Pipeline
-    from adkit.deploy.export import Deployed, export, load_runner
+    from adkit.data.geometry import Geometry
+    from adkit.deploy.export import Deployed, export, load_runner, threshold_input
 
     catalog = get_catalog()
     detector = catalog["detector"].create(spec)
-    detector.setup(DetectorContext(catalog=catalog, image_size=args.size, device=torch.device("cpu")))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=args.size, device=torch.device("cpu")))
     generator = torch.Generator().manual_seed(0)
     if not detector.trainable:
         train = torch.rand(args.train_images, 3, args.size, args.size, generator=generator)
@@ -152,20 +158,22 @@ def export_speed(spec: str, args: argparse.Namespace, device: torch.device) -> d
     posts = args.post if args.post is not None else list(type(detector).default_postprocessors)
     pipeline = Pipeline(detector, [catalog["postprocessor"].create(p) for p in posts],
                         catalog["scorer"].create(type(detector).default_scorer))
-    model = Deployed(pipeline, 0.0).eval()
+    model = Deployed(pipeline).eval()
+    threshold = threshold_input(0.0)
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
         for fmt in ("torchscript", "onnx"):
-            export(model, fmt, Path(folder) / fmt, args.size, {})
-            runners[fmt] = load_runner(Path(folder) / fmt / ("model.pt" if fmt == "torchscript" else "model.onnx"),
-                                       fmt, device)
+            export(model, fmt, Path(folder) / fmt, Geometry(args.size, args.size), {"threshold": 0.0}, {})
+            loaded = load_runner(Path(folder) / fmt / ("model.pt" if fmt == "torchscript" else "model.onnx"),
+                                 fmt, device)
+            runners[fmt] = lambda images, loaded=loaded: loaded(images, 0.0)
         model.to(device)
         compiled = torch.compile(model)
 
         def eager_runner(module):
             def run(images):
                 with torch.inference_mode():
-                    return module(images.to(device))
+                    return module(images.to(device), threshold.to(device))
             return run
 
         runners = {"eager": eager_runner(model), "compile": eager_runner(compiled), **runners}
@@ -201,6 +209,8 @@ def main() -> None:
     parser.add_argument("--disc-width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps after one warm-up step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step and the map")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode (implies --compile); reduce-overhead: CUDA graphs on a GPU")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="bf16 autocast: auto = on GPUs only")
     parser.add_argument("--export", action="store_true", help="time eager, compile, TorchScript and onnxruntime")
@@ -208,6 +218,8 @@ def main() -> None:
                                                         "detector's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.compile = args.compile or args.compile_mode is not None
+    mode = None if args.compile_mode in (None, "default") else args.compile_mode
 
     device = resolve_device(args.device)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -232,7 +244,7 @@ def main() -> None:
         return
     catalog = get_catalog()
     detector = catalog["detector"].create(f"draem:recon_width={args.recon_width},disc_width={args.disc_width}")
-    detector.setup(DetectorContext(catalog=catalog, image_size=args.size, device=device))
+    detector.setup(DetectorContext(build=catalog.builder(), image_size=args.size, device=device))
     detector.to(device).train()
     if device.type == "cuda":
         detector.to(memory_format=torch.channels_last)
@@ -242,8 +254,9 @@ def main() -> None:
 
     training_step, anomaly_map = detector.training_step, detector.anomaly_map
     if args.compile:
-        training_step, anomaly_map = torch.compile(training_step), torch.compile(anomaly_map)
-    warmup = 2 if args.compile else 1
+        training_step, anomaly_map = torch.compile(training_step, mode=mode), torch.compile(anomaly_map, mode=mode)
+    # CUDA graphs are recorded after a warm-up run of their own
+    warmup = (3 if mode == "reduce-overhead" else 2) if args.compile else 1
 
     parts: dict[str, list[float]] = {"synthesis_s": [], "forward_s": [], "backward_update_s": [], "train_step_s": []}
     for step in range(args.steps + warmup):
@@ -296,7 +309,8 @@ def main() -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = {
         "size": args.size, "batch": args.batch, "recon_width": args.recon_width, "disc_width": args.disc_width,
-        "device": str(device), "compile": args.compile, "precision": args.precision,
+        "device": str(device), "compile": args.compile, "compile_mode": args.compile_mode or "default",
+        "precision": args.precision,
         **{k: statistics.median(v) for k, v in parts.items()},
         "infer_img_s": infer["detector"],
         "forward_gflop_per_img": flop / 1e9,
