@@ -37,17 +37,15 @@ def time_search(detector: torch.nn.Module, held_out: torch.Tensor, batch_size: i
     (a block of the check's exact nearest, or a batch of 8 images searched exactly), of 256 (a coreset
     continuation's refinement), and the graph's search of 8,192 at the effort the check chose (its candidates
     re-ranked in blocks of the same size)."""
-    with torch.inference_mode():
-        patches = torch.cat([detector.embed(held_out[i:i + batch_size]).permute(0, 2, 3, 1).reshape(-1, detector.dim)
-                             for i in range(0, held_out.shape[0], batch_size)])
+    with torch.inference_mode():  # as the check embeds them
+        patches = detector._held_out_patches(held_out[i:i + batch_size] for i in range(0, len(held_out), batch_size))
     bank = detector.memory_bank
     kept = search.norms(bank)
 
-    def exact(queries: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return search.knn(queries, bank, 1, block_elements=BLOCKS[mode], bank_norms=kept)
+    def exact(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return search.knn(queries, bank, 1, bank_norms=kept)
 
-    def graph(queries: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        WAYS[mode]()
+    def graph(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return detector._search(queries, 1, detector.effort)
 
     runs = [("exact search", patches[:8192], exact), ("exact search", patches[:256], exact)]
@@ -58,8 +56,9 @@ def time_search(detector: torch.nn.Module, held_out: torch.Tensor, batch_size: i
         found = {}
         for repeat in range(repeats + 1):
             for mode in in_pair_order(WAYS, repeat):
+                WAYS[mode]()
                 started = time.perf_counter()
-                found[mode] = run(queries, mode)
+                found[mode] = run(queries)
                 if repeat:  # the first pair warms up
                     seconds[mode].append(time.perf_counter() - started)
         first = found[next(iter(BLOCKS))]
